@@ -1,0 +1,48 @@
+# hf_qn developer commands. Each target bootstraps .venv on first use.
+#
+#   make demo    set up, then run the main job: the optimizer benchmark on real MNIST digits
+#   make test    set up, then run the test suite (what CI runs)
+#
+# TORCH_SPEC picks the torch build installed *before* anything else, so that no dependency can
+# pull a multi-GB CUDA wheel on a CPU machine. Override it for your hardware, e.g.
+#   make test TORCH_SPEC="torch==2.5.1" TORCH_INDEX="https://download.pytorch.org/whl/cu121"
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+EXTRAS      ?= dev,bench
+PYTEST_ARGS ?=
+DEMO_ARGS   ?=
+
+PY  := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.hf_qn-installed
+
+.PHONY: setup test test-fast lint demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --disable-pip-version-check $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(PY) -c "import torch; print('torch', torch.__version__)" > $(VENV)/torch-version.txt
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PIP) install --disable-pip-version-check -c $(VENV)/torch-constraint.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+test: lint
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hf_qn tests scripts
+	$(VENV)/bin/mypy hf_qn
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/benchmark_autoencoder.py $(DEMO_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

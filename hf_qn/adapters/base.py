@@ -1,0 +1,117 @@
+"""The layer-adapter interface: one module's gradient in the canonical ``(d_out, d_in [+1])`` layout.
+
+An adapter is the only code that knows how a module stores its weight. It
+
+* presents the layer's gradient as a ``(d_out, d_in)`` matrix, the bias (if any) folded in as a last,
+  homogeneous column (Goldfarb, Ren & Bahamou 2020, section 2; ``d_in`` counts that column);
+* turns the module's forward input into rows of homogeneous inputs ``ā`` (``(R, d_in)``; for an
+  Embedding, token ids, since its input factor is diagonal) and its output into rows of
+  pre-activations ``h`` (``(R, d_out)``), one row per sample, token or spatial position;
+* writes a direction given in the canonical layout back in the parameters' own shapes.
+
+Curvature code only ever sees canonical matrices; adapters never see damping, histories or ranks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LayerAdapter", "UnsupportedLayer"]
+
+
+class UnsupportedLayer(Exception):
+    """Raised by an adapter's ``check`` for a module configuration it cannot represent."""
+
+
+class LayerAdapter(ABC):
+    """Base class; subclasses set ``d_out``, ``d_in`` and ``has_bias`` in ``__init__``.
+
+    Args:
+        module: the layer.
+        name: its qualified name in the model (for reports and state keys).
+    """
+
+    #: True when the input-side factor is diagonal (held as a vector): Embedding.
+    input_diagonal: bool = False
+
+    def __init__(self, module: nn.Module, name: str = "") -> None:
+        self.check(module)
+        self.module = module
+        self.name = name
+        self.d_out: int = 0
+        self.d_in: int = 0
+        self.has_bias: bool = False
+
+    # ----------------------------------------------------------------- structure
+    @classmethod
+    def check(cls, module: nn.Module) -> None:
+        """Raise :class:`UnsupportedLayer` (with the reason) if this module cannot be adapted."""
+        return None
+
+    @property
+    def weight(self) -> nn.Parameter:
+        w = self.module.weight
+        assert isinstance(w, nn.Parameter)
+        return w
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        b = getattr(self.module, "bias", None)
+        return b if isinstance(b, nn.Parameter) else None
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters this adapter covers, weight first."""
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    # ----------------------------------------------------------------- matrices
+    @abstractmethod
+    def to_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Map weight-shaped and bias-shaped tensors to the canonical ``(d_out, d_in)`` matrix."""
+
+    @abstractmethod
+    def from_matrix(self, M: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Inverse of :meth:`to_matrix`: views/copies shaped like the weight and the bias."""
+
+    def grad_matrix(self) -> Tensor:
+        """The gradient in canonical layout (zeros for a parameter whose ``.grad`` is None)."""
+        w = self.weight
+        gw = w.grad if w.grad is not None else torch.zeros_like(w)
+        if gw.is_sparse:
+            raise ValueError(
+                f"Layer {self.name!r} produced a sparse gradient; hf_qn needs dense gradients "
+                "(construct the Embedding with sparse=False)"
+            )
+        gb = None
+        if self.bias is not None:
+            b = self.bias
+            gb = b.grad if b.grad is not None else torch.zeros_like(b)
+        return self.to_matrix(gw, gb)
+
+    def param_matrix(self) -> Tensor:
+        """The current parameters in canonical layout."""
+        return self.to_matrix(self.weight.detach(), None if self.bias is None else self.bias.detach())
+
+    # ----------------------------------------------------------------- captured rows
+    @abstractmethod
+    def input_rows(self, inputs: tuple[Any, ...]) -> Tensor:
+        """Homogeneous input rows ``ā`` ``(R, d_in)`` (for a diagonal layer: the ``(R,)`` indices)."""
+
+    @abstractmethod
+    def output_rows(self, output: Tensor) -> Tensor:
+        """Pre-activation rows ``(R, d_out)``; also applied to the gradient of the output."""
+
+    def output_group_size(self, output: Tensor) -> int:
+        """How many rows of :meth:`output_rows` belong to one sample (1, or the spatial size)."""
+        return 1
+
+    def _append_ones(self, rows: Tensor) -> Tensor:
+        if not self.has_bias:
+            return rows
+        return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, d_out={self.d_out}, d_in={self.d_in})"

@@ -1,0 +1,191 @@
+"""Forward/backward capture of the statistics Kronecker-factored curvature needs.
+
+For every adapted layer, between two commits by the optimizer, a :class:`Capture` accumulates sums
+over rows (samples, tokens or spatial positions) of
+
+* ``A_sum = Σ ā āᵀ`` and ``a_sum = Σ ā`` over homogeneous input rows (for an Embedding, the token
+  counts, i.e. the diagonal of ``Σ e eᵀ``);
+* ``h_sum = Σ h`` over pre-activation rows;
+* ``g_sum = Σ ∂L/∂h`` over the same rows, divided by the loss scale when one is in use.
+
+``g_sum`` is the gradient of the (batch-mean) loss with respect to a uniform shift of the layer's
+pre-activations; ``h_sum / rows`` is their mean. Those are the two ends of a K-BFGS output-side pair
+(Goldfarb, Ren & Bahamou 2020, Algorithm 1, line 9; the official code's ``mean(N·∂f/∂h)``).
+
+What the hooks survive:
+
+* in-place activations after the layer: the gradient is taken by a *tensor* hook on the output,
+  registered in a forward hook, never by ``register_full_backward_hook`` (pytorch#61519);
+* activation checkpointing: a forward re-run inside backward is recognised by the autograd graph
+  task id and not counted twice;
+* gradient accumulation: sums run over all micro-batches until the optimizer commits them; the first
+  forward of a new accumulation window (the layer's ``.grad`` is None again) drops what a step that
+  never happened (a GradScaler skip) left behind;
+* ``model.eval()``, ``torch.no_grad()``, and ``capture.enabled = False``: nothing is captured;
+* fp16 loss scaling: ``grad_scale`` (e.g. ``scaler.get_scale``) divides every captured gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .adapters.base import LayerAdapter
+
+__all__ = ["Capture", "LayerStats"]
+
+PRIMARY = "primary"
+SECOND = "second"
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. a checkpointed forward being recomputed)."""
+    fn = getattr(torch._C, "_current_graph_task_id", None)
+    return fn is not None and fn() != -1
+
+
+class LayerStats:
+    """Row sums of one layer since the last reset (float32, on the layer's device)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.A_sum: Tensor | None = None
+        self.a_sum: Tensor | None = None
+        self.a_rows = 0
+        self.h_sum: Tensor | None = None
+        self.h_rows = 0
+        self.samples = 0
+        self.g_sum: Tensor | None = None
+        self.forward_calls = 0
+        self.grad_calls = 0
+
+    @property
+    def pending(self) -> bool:
+        return self.forward_calls > 0
+
+    @staticmethod
+    def _add(acc: Tensor | None, x: Tensor) -> Tensor:
+        return x if acc is None else acc.add_(x)
+
+
+class Capture:
+    """Hooks on adapted layers that accumulate :class:`LayerStats`.
+
+    Args:
+        adapters: the adapted layers.
+        input_stats: capture the input side (``A_sum``, ``a_sum``). (default: True)
+        grad_scale: callable returning the current loss scale (fp16 with a GradScaler), or None.
+
+    ``enabled`` switches all capture on or off (the optimizer turns it on only for steps that
+    update curvature, so the others pay nothing). :meth:`second_pass` switches the hooks to a
+    separate set of sums for a re-evaluation of the same batch at new parameters; the input side is
+    not captured there.
+    """
+
+    def __init__(
+        self,
+        adapters: Sequence[LayerAdapter],
+        input_stats: bool = True,
+        grad_scale: Callable[[], float | Tensor] | None = None,
+    ) -> None:
+        self.adapters = list(adapters)
+        self.input_stats = input_stats
+        self.grad_scale = grad_scale
+        self.enabled = True
+        self.mode = PRIMARY
+        self.stats: dict[str, list[LayerStats]] = {
+            PRIMARY: [LayerStats() for _ in self.adapters],
+            SECOND: [LayerStats() for _ in self.adapters],
+        }
+        self._handles: list[RemovableHandle] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self) -> Capture:
+        if not self._handles:
+            for i, adapter in enumerate(self.adapters):
+                self._handles.append(adapter.module.register_forward_hook(self._make_hook(i)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def reset(self, mode: str = PRIMARY) -> None:
+        for st in self.stats[mode]:
+            st.reset()
+
+    @contextlib.contextmanager
+    def second_pass(self) -> Iterator[list[LayerStats]]:
+        """Route captures to the second-pass sums (reset on entry) for the duration of the block."""
+        prev_mode, prev_enabled = self.mode, self.enabled
+        self.reset(SECOND)
+        self.mode, self.enabled = SECOND, True
+        try:
+            yield self.stats[SECOND]
+        finally:
+            self.mode, self.enabled = prev_mode, prev_enabled
+
+    # ------------------------------------------------------------------ hooks
+    def _make_hook(self, index: int) -> Callable[[nn.Module, Any, Any], None]:
+        adapter = self.adapters[index]
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not (self.enabled and module.training and torch.is_grad_enabled()) or _in_backward():
+                return
+            if not isinstance(output, Tensor):
+                return
+            mode = self.mode
+            st = self.stats[mode][index]
+            if mode == PRIMARY and st.pending and adapter.weight.grad is None:
+                st.reset()  # a new accumulation window: the previous one was never committed
+            self._capture_forward(adapter, st, inputs, output, with_inputs=self.input_stats and mode == PRIMARY)
+            if output.requires_grad:
+                output.register_hook(self._make_grad_hook(adapter, st))
+
+        return hook
+
+    @torch.no_grad()
+    def _capture_forward(
+        self, adapter: LayerAdapter, st: LayerStats, inputs: tuple[Any, ...], output: Tensor, with_inputs: bool
+    ) -> None:
+        st.forward_calls += 1
+        if with_inputs:
+            rows = adapter.input_rows(inputs)
+            if adapter.input_diagonal:
+                mask = getattr(adapter, "input_mask")(rows)  # noqa: B009
+                ids = rows if mask is None else rows[mask]
+                counts = torch.bincount(ids, minlength=adapter.d_in).to(torch.float32)
+                st.A_sum = LayerStats._add(st.A_sum, counts)
+                st.a_rows += int(ids.numel())
+            else:
+                r = rows.detach().to(torch.float32)
+                st.A_sum = LayerStats._add(st.A_sum, r.T @ r)
+                st.a_sum = LayerStats._add(st.a_sum, r.sum(0))
+                st.a_rows += int(r.shape[0])
+        h = adapter.output_rows(output.detach()).to(torch.float32)
+        st.h_sum = LayerStats._add(st.h_sum, h.sum(0))
+        st.h_rows += int(h.shape[0])
+        st.samples += int(h.shape[0]) // max(adapter.output_group_size(output), 1)
+
+    def _make_grad_hook(self, adapter: LayerAdapter, st: LayerStats) -> Callable[[Tensor], None]:
+        def grad_hook(grad: Tensor) -> None:
+            with torch.no_grad():
+                g = adapter.output_rows(grad).to(torch.float32).sum(0)
+                if self.grad_scale is not None:
+                    g = g / float(self.grad_scale())
+                st.g_sum = LayerStats._add(st.g_sum, g)
+                st.grad_calls += 1
+
+        return grad_hook

@@ -1,0 +1,23 @@
+"""Pure linear algebra of the quasi-Newton methods: no modules, no optimizer state, no communication."""
+
+from __future__ import annotations
+
+from .bfgs import CurvatureCheck, bfgs_inverse_update, check_curvature, dot64
+from .damping import DampedPair, double_damping, lm_damping, mlbfgs_damping, powell_damping_inverse
+from .kron import damped_cholesky_inverse, kron_precondition
+from .lbfgs import LBFGSHistory
+
+__all__ = [
+    "CurvatureCheck",
+    "DampedPair",
+    "LBFGSHistory",
+    "bfgs_inverse_update",
+    "check_curvature",
+    "damped_cholesky_inverse",
+    "dot64",
+    "double_damping",
+    "kron_precondition",
+    "lm_damping",
+    "mlbfgs_damping",
+    "powell_damping_inverse",
+]

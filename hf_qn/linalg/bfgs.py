@@ -1,0 +1,81 @@
+"""Dense inverse-BFGS updates and their curvature tests.
+
+Notation follows Goldfarb, Ren & Bahamou (NeurIPS 2020), section 3: ``H`` approximates an *inverse*
+Hessian, ``(s, y)`` is a curvature pair with ``s`` a change of the variable and ``y`` the change of
+the gradient. Scalars that cancel (``sᵀy``, ``yᵀHy``, ``sᵀs``) are formed in float64 whatever the
+dtype of the vectors; the matrix itself keeps its own dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CurvatureCheck",
+    "bfgs_inverse_update",
+    "check_curvature",
+    "dot64",
+]
+
+
+def dot64(a: Tensor, b: Tensor) -> float:
+    """``aᵀb`` of two vectors, accumulated in float64 and returned as a Python float."""
+    return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
+
+
+@dataclass(frozen=True)
+class CurvatureCheck:
+    """Outcome of the curvature test of a pair; ``reason`` is ``"ok"`` or why the pair is skipped."""
+
+    ok: bool
+    reason: str
+    sy: float
+
+
+def check_curvature(s: Tensor, y: Tensor, eps: float = 0.0, grad_norm: float = 1.0) -> CurvatureCheck:
+    """The skip rules of K-BFGS (official code, ``Kron_BFGS_update_per_layer``).
+
+    A pair is used only if it is finite, ``sᵀy > 0`` and ``sᵀy > eps · sᵀs · grad_norm``. The second test
+    is relative: it rejects pairs whose curvature is negligible next to the step length and the size of
+    the gradient ``grad_norm`` (the official code passes ``‖mean ∂f/∂h‖``; ``eps`` there is 1e-4).
+    """
+    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(y).all())):
+        return CurvatureCheck(False, "nonfinite", float("nan"))
+    sy = dot64(s, y)
+    if not sy > 0.0:
+        return CurvatureCheck(False, "nonpositive", sy)
+    if eps > 0.0 and sy <= eps * dot64(s, s) * grad_norm:
+        return CurvatureCheck(False, "relative", sy)
+    return CurvatureCheck(True, "ok", sy)
+
+
+def bfgs_inverse_update(H: Tensor, s: Tensor, y: Tensor, Hy: Tensor | None = None) -> Tensor | None:
+    r"""One inverse-BFGS update, returned as a new matrix (``None`` if the result is not finite).
+
+    .. math::
+        H^+ = (I - \rho s y^\top) H (I - \rho y s^\top) + \rho s s^\top
+            = H + (\rho^2 y^\top H y + \rho) s s^\top - \rho (s (Hy)^\top + (Hy) s^\top),
+        \quad \rho = 1 / s^\top y.
+
+    ``H`` must be symmetric; the caller guarantees ``sᵀy > 0`` (see :func:`check_curvature`), under
+    which ``H⁺`` is symmetric positive definite whenever ``H`` is, and satisfies the secant condition
+    ``H⁺ y = s``. ``Hy`` may be passed when the caller already has it (damping computes it).
+
+    References: Nocedal & Wright, *Numerical Optimization*, eq. (6.17); K-BFGS official code
+    ``get_BFGS_formula``.
+    """
+    if Hy is None:
+        Hy = H @ y
+    sy = dot64(s, y)
+    yHy = dot64(y, Hy)
+    rho = 1.0 / sy
+    coef_ss = rho * rho * yHy + rho
+    s_ = s.to(H.dtype)
+    Hy_ = Hy.to(H.dtype)
+    H_new = H + coef_ss * torch.outer(s_, s_) - rho * (torch.outer(s_, Hy_) + torch.outer(Hy_, s_))
+    if not bool(torch.isfinite(H_new).all()):
+        return None
+    return H_new

@@ -1,0 +1,35 @@
+"""Kronecker-factored preconditioning in the canonical ``(d_out, d_in)`` layout.
+
+With row-major ``vec``, ``(H_g ⊗ H_a) vec(X) = vec(H_g X H_aᵀ)``; both factors are symmetric, so the
+K-BFGS direction of a layer is ``H_g X H_a`` (Goldfarb, Ren & Bahamou 2020, eq. 3).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["damped_cholesky_inverse", "kron_precondition"]
+
+
+def kron_precondition(H_g: Tensor | None, X: Tensor, H_a: Tensor | None) -> Tensor:
+    """``H_g @ X @ H_a`` where a 1-D ``H_a`` is a diagonal (Embedding) and ``None`` is the identity."""
+    out = X if H_g is None else H_g.to(X.dtype) @ X
+    if H_a is None:
+        return out
+    if H_a.dim() == 1:
+        return out * H_a.to(out.dtype)
+    return out @ H_a.to(out.dtype)
+
+
+def damped_cholesky_inverse(A: Tensor, damping: float) -> Tensor:
+    """``(A + damping·I)⁻¹`` by Cholesky, in float64 internally; symmetric by construction.
+
+    Raises ``torch.linalg.LinAlgError`` if the damped matrix is not positive definite (a caller
+    holding a non-finite factor must not get here).
+    """
+    n = A.shape[0]
+    M = A.double() + damping * torch.eye(n, dtype=torch.float64, device=A.device)
+    L = torch.linalg.cholesky(M)
+    inv = torch.cholesky_inverse(L)
+    return (0.5 * (inv + inv.T)).to(A.dtype)

@@ -1,0 +1,238 @@
+r"""Limited-memory BFGS: a ring buffer of curvature pairs, the two-loop recursion and the compact form.
+
+The inverse-Hessian approximation ``H`` defined by ``m`` pairs ``(s_i, y_i)`` (oldest first) is the
+result of ``m`` inverse-BFGS updates of ``H_0 = γ I``. Two ways to apply it are provided and tested to
+agree with the explicit matrix:
+
+* :meth:`LBFGSHistory.two_loop` – Nocedal & Wright, Algorithm 7.4, for one vector;
+* :meth:`LBFGSHistory.apply` – the compact representation of Byrd, Nocedal & Schnabel (1994),
+  Theorem 2.2, which applies ``H`` to a vector or to many right-hand sides at once with four matrix
+  products over the stored history instead of ``4m`` vector passes:
+
+  .. math::
+      H = γI + [S\;\; γY]
+          \begin{bmatrix} R^{-\top}(D + γ Y^\top Y) R^{-1} & -R^{-\top} \\ -R^{-1} & 0 \end{bmatrix}
+          \begin{bmatrix} S^\top \\ γ Y^\top \end{bmatrix},
+
+  with ``R`` the upper triangle of ``SᵀY`` (``R_ij = s_iᵀ y_j``, ``i ≤ j``) and ``D = diag(s_iᵀ y_i)``.
+
+The small ``m × m`` products ``SᵀY`` and ``YᵀY`` are maintained incrementally at each push (O(m·n)) and
+kept in float64; the history itself is kept in ``dtype`` (float32 by default, bfloat16 to halve it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .bfgs import dot64
+
+__all__ = ["LBFGSHistory"]
+
+# Chunk length (elements of a history row) for histories stored in a dtype other than the compute
+# dtype: limits the temporary up-cast copy to m * _CHUNK values.
+_CHUNK = 1 << 20
+
+
+class LBFGSHistory:
+    """The last ``history_size`` curvature pairs of vectors of length ``dim``.
+
+    Args:
+        history_size: number of pairs kept (``m``); the oldest is dropped when full.
+        dim: length of the vectors (``n``).
+        gamma: initial scaling ``H_0 = γ I``: a positive float, or ``"auto"`` for the newest pair's
+            ``sᵀy / yᵀy`` (Nocedal & Wright eq. 7.20); with no pair stored ``"auto"`` gives ``γ = 1``.
+        dtype: storage dtype of ``S`` and ``Y`` (default: float32).
+        compute_dtype: dtype of the matrix products (default: float32).
+        device: where the history lives.
+    """
+
+    def __init__(
+        self,
+        history_size: int,
+        dim: int,
+        gamma: float | str = "auto",
+        dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if history_size < 1:
+            raise ValueError(f"Invalid history_size: {history_size} (must be >= 1)")
+        if dim < 1:
+            raise ValueError(f"Invalid dim: {dim} (must be >= 1)")
+        if isinstance(gamma, str):
+            if gamma != "auto":
+                raise ValueError(f"Invalid gamma: {gamma!r} (must be 'auto' or a positive float)")
+        elif not gamma > 0:
+            raise ValueError(f"Invalid gamma: {gamma} (must be 'auto' or a positive float)")
+        self.m = int(history_size)
+        self.n = int(dim)
+        self.gamma_mode = gamma
+        self.compute_dtype = compute_dtype
+        self.S = torch.zeros(self.m, self.n, dtype=dtype, device=device)
+        self.Y = torch.zeros(self.m, self.n, dtype=dtype, device=device)
+        # Small matrices in ring order: SY[i, j] = s_i^T y_j, YY[i, j] = y_i^T y_j.
+        self.SY = torch.zeros(self.m, self.m, dtype=torch.float64, device=device)
+        self.YY = torch.zeros(self.m, self.m, dtype=torch.float64, device=device)
+        self.count = 0  # pairs stored
+        self.head = 0  # ring index the next pair is written to
+
+    # ------------------------------------------------------------------ bookkeeping
+    def __len__(self) -> int:
+        return self.count
+
+    def order(self) -> list[int]:
+        """Ring indices of the stored pairs, oldest first."""
+        return [(self.head - self.count + i) % self.m for i in range(self.count)]
+
+    def newest(self) -> int:
+        """Ring index of the newest pair (requires ``count > 0``)."""
+        return (self.head - 1) % self.m
+
+    def gamma(self) -> float:
+        """The initial scaling ``γ`` in use now."""
+        if isinstance(self.gamma_mode, str):
+            if self.count == 0:
+                return 1.0
+            j = self.newest()
+            return float(self.SY[j, j] / self.YY[j, j])
+        return float(self.gamma_mode)
+
+    def reset(self) -> None:
+        """Forget every pair."""
+        self.S.zero_()
+        self.Y.zero_()
+        self.SY.zero_()
+        self.YY.zero_()
+        self.count = 0
+        self.head = 0
+
+    def push(self, s: Tensor, y: Tensor) -> None:
+        """Store a pair (the caller has checked ``sᵀy > 0``), dropping the oldest if full."""
+        idx = self.head
+        self.S[idx].copy_(s.reshape(-1))
+        self.Y[idx].copy_(y.reshape(-1))
+        # Products with the *stored* (possibly rounded) vectors keep the compact form consistent.
+        s_st, y_st = self.S[idx], self.Y[idx]
+        valid = [i for i in range(self.m) if i == idx or i in self.order()]
+        Sy = self._rows_dot(self.S, y_st)  # s_i^T y_new
+        Ys = self._rows_dot(self.Y, s_st)  # y_i^T s_new
+        Yy = self._rows_dot(self.Y, y_st)  # y_i^T y_new
+        mask = torch.zeros(self.m, dtype=torch.bool, device=self.SY.device)
+        mask[valid] = True
+        self.SY[:, idx] = torch.where(mask, Sy, torch.zeros_like(Sy))
+        self.SY[idx, :] = torch.where(mask, Ys, torch.zeros_like(Ys))
+        self.YY[:, idx] = torch.where(mask, Yy, torch.zeros_like(Yy))
+        self.YY[idx, :] = self.YY[:, idx]
+        self.SY[idx, idx] = dot64(s_st, y_st)
+        self.YY[idx, idx] = dot64(y_st, y_st)
+        self.head = (self.head + 1) % self.m
+        self.count = min(self.count + 1, self.m)
+
+    def _rows_dot(self, M: Tensor, v: Tensor) -> Tensor:
+        """``M @ v`` in float64 output, computed in ``compute_dtype`` chunk by chunk."""
+        out = torch.zeros(M.shape[0], dtype=torch.float64, device=M.device)
+        for lo in range(0, self.n, _CHUNK):
+            hi = min(lo + _CHUNK, self.n)
+            out += (M[:, lo:hi].to(self.compute_dtype) @ v[lo:hi].to(self.compute_dtype)).double()
+        return out
+
+    # ------------------------------------------------------------------ products
+    def apply(self, V: Tensor) -> Tensor:
+        """``H @ V`` by the compact representation; ``V`` is ``(n,)`` or ``(n, k)``."""
+        Vm = V.reshape(self.n, -1).to(self.compute_dtype)
+        gamma = self.gamma()
+        c = self.count
+        if c == 0:
+            out = gamma * Vm
+            return out.reshape(V.shape).to(V.dtype)
+        ring = self.order()  # chronological ring indices; equal to range(c) until the buffer wraps
+        # Projections on the stored rows [0, c) (ring order), then re-ordered chronologically.
+        P1r, P2r = self._project(Vm, c)  # (c, k) each: S V, Y V (float64)
+        pos = torch.tensor([r for r in ring], device=P1r.device)  # chrono i -> ring row
+        P1, P2 = P1r[pos], P2r[pos]
+        SYc = self.SY[pos][:, pos]
+        YYc = self.YY[pos][:, pos]
+        R = torch.triu(SYc)
+        D = torch.diag(torch.diagonal(SYc))
+        X = torch.linalg.solve_triangular(R, P1, upper=True)  # R^{-1} S^T V
+        inner = (D + gamma * YYc) @ X - gamma * P2
+        Q1 = torch.linalg.solve_triangular(R.T, inner, upper=False)  # R^{-T}(...)
+        Q2 = -X
+        # Back to ring order for the reconstruction over the stored rows.
+        Q1r = torch.empty_like(Q1)
+        Q2r = torch.empty_like(Q2)
+        Q1r[pos] = Q1
+        Q2r[pos] = gamma * Q2
+        out = gamma * Vm + self._reconstruct(Q1r, Q2r, c, Vm.dtype)
+        return out.reshape(V.shape).to(V.dtype)
+
+    def _project(self, Vm: Tensor, c: int) -> tuple[Tensor, Tensor]:
+        S, Y = self.S[:c], self.Y[:c]
+        if S.dtype == self.compute_dtype:
+            return (S @ Vm).double(), (Y @ Vm).double()
+        P1 = torch.zeros(c, Vm.shape[1], dtype=torch.float64, device=Vm.device)
+        P2 = torch.zeros_like(P1)
+        for lo in range(0, self.n, _CHUNK):
+            hi = min(lo + _CHUNK, self.n)
+            P1 += (S[:, lo:hi].to(self.compute_dtype) @ Vm[lo:hi]).double()
+            P2 += (Y[:, lo:hi].to(self.compute_dtype) @ Vm[lo:hi]).double()
+        return P1, P2
+
+    def _reconstruct(self, Q1: Tensor, Q2: Tensor, c: int, dtype: torch.dtype) -> Tensor:
+        S, Y = self.S[:c], self.Y[:c]
+        q1, q2 = Q1.to(dtype), Q2.to(dtype)
+        if S.dtype == dtype:
+            return S.T @ q1 + Y.T @ q2
+        out = torch.empty(self.n, q1.shape[1], dtype=dtype, device=q1.device)
+        for lo in range(0, self.n, _CHUNK):
+            hi = min(lo + _CHUNK, self.n)
+            out[lo:hi] = S[:, lo:hi].to(dtype).T @ q1 + Y[:, lo:hi].to(dtype).T @ q2
+        return out
+
+    def two_loop(self, v: Tensor) -> Tensor:
+        """``H @ v`` by the two-loop recursion (Nocedal & Wright, Algorithm 7.4); ``v`` is ``(n,)``.
+
+        Slower than :meth:`apply` for large ``n`` (``4m`` passes over the history); kept as the
+        textbook reference and for very small histories.
+        """
+        q = v.reshape(-1).to(self.compute_dtype).clone()
+        ring = self.order()
+        alphas: list[float] = []
+        for i in reversed(ring):
+            s, y = self.S[i].to(q.dtype), self.Y[i].to(q.dtype)
+            a = dot64(s, q) / float(self.SY[i, i])
+            alphas.append(a)
+            q -= a * y
+        q *= self.gamma()
+        for i, a in zip(ring, reversed(alphas)):
+            s, y = self.S[i].to(q.dtype), self.Y[i].to(q.dtype)
+            b = dot64(y, q) / float(self.SY[i, i])
+            q += (a - b) * s
+        return q.reshape(v.shape).to(v.dtype)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors only (``weights_only``-safe); counters as int64 0-dim tensors."""
+        return {
+            "S": self.S,
+            "Y": self.Y,
+            "SY": self.SY,
+            "YY": self.YY,
+            "count": torch.tensor(self.count, dtype=torch.int64),
+            "head": torch.tensor(self.head, dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore from :meth:`state_dict`, keeping this history's own dtypes and device."""
+        for key in ("S", "Y", "SY", "YY"):
+            src = state[key]
+            dst = getattr(self, key)
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(
+                    f"L-BFGS history {key} has shape {tuple(src.shape)} in the state, expected "
+                    f"{tuple(dst.shape)}: history_size or the block layout changed since it was saved"
+                )
+            dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
+        self.count = int(state["count"])
+        self.head = int(state["head"])

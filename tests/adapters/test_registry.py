@@ -1,0 +1,97 @@
+"""Assignment policy: every trainable parameter exactly once, on tiny real architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hf_qn.adapters import LayerAdapter, LayerPolicy, LinearAdapter, assign_layers, register_adapter
+from tests._helpers.models import SmallCNN, tiny_bert, tiny_gpt2, tiny_resnet, tiny_vit
+
+
+def _check_exactly_once(model, asg):
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    covered = [id(p) for p in asg.adapted_parameters()] + [id(p) for p in asg.fallback_parameters()]
+    assert len(covered) == len(set(covered)), "a parameter is assigned twice"
+    assert set(covered) == trainable
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_bert, tiny_vit, tiny_resnet, SmallCNN])
+def test_every_parameter_assigned_exactly_once(build):
+    model = build()
+    asg = assign_layers(model)
+    _check_exactly_once(model, asg)
+    report = asg.report()
+    assert "adapted layers" in report and len(asg.adapters) > 0
+
+
+def test_gpt2_tied_embedding_goes_to_fallback_once():
+    model = tiny_gpt2()
+    asg = assign_layers(model)
+    kinds = {type(a).__name__ for a in asg.adapters}
+    assert "Conv1DAdapter" in kinds
+    tied = [f for f in asg.fallback if f.param is model.lm_head.weight]
+    assert len(tied) == 1 and "tied" in tied[0].reason
+    assert "transformer.wpe" in {a.name for a in asg.adapters}
+
+
+def test_vit_free_parameters_and_patch_conv():
+    model = tiny_vit()
+    asg = assign_layers(model)
+    names = {f.name for f in asg.fallback}
+    assert "vit.embeddings.cls_token" in names and "vit.embeddings.position_embeddings" in names
+    assert any(type(a).__name__ == "Conv2dAdapter" for a in asg.adapters)
+    assert all("layernorm" not in a.name for a in asg.adapters)
+
+
+def test_policy_include_exclude_and_max_dim():
+    model = tiny_bert()
+    asg = assign_layers(model, LayerPolicy(exclude=(r"attention",), max_dim=48))
+    assert all("attention" not in a.name for a in asg.adapters)
+    assert all(max(a.d_out, 0 if a.input_diagonal else a.d_in) <= 48 for a in asg.adapters)
+    assert any("max_dim" in f.reason for f in asg.fallback)
+    _check_exactly_once(model, asg)
+    only = assign_layers(model, LayerPolicy(include=(r"classifier",)))
+    assert [a.name for a in only.adapters] == ["classifier"]
+    _check_exactly_once(model, only)
+
+
+def test_frozen_and_partially_frozen_layers():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2), nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    model[1].bias.requires_grad_(False)
+    asg = assign_layers(model)
+    assert [a.name for a in asg.adapters] == ["2"]
+    assert [f.name for f in asg.fallback] == ["1.weight"]
+    assert set(asg.frozen) == {"0.weight", "0.bias", "1.bias"}
+
+
+def test_functionally_used_linear_subclass_is_not_adapted_unless_registered():
+    mha = nn.MultiheadAttention(8, 2)
+    asg = assign_layers(mha)
+    assert asg.adapters == []  # out_proj is a Linear subclass whose weight MHA uses functionally
+    _check_exactly_once(mha, asg)
+
+    class MyLinear(nn.Linear):
+        pass
+
+    register_adapter(MyLinear, LinearAdapter)
+    asg2 = assign_layers(nn.Sequential(MyLinear(3, 2)))
+    assert len(asg2.adapters) == 1
+    with pytest.raises(TypeError):
+        register_adapter(nn.Linear, object)  # type: ignore[arg-type]
+
+
+def test_policy_validation():
+    with pytest.raises(ValueError, match="max_dim"):
+        LayerPolicy(max_dim=0)
+    with pytest.raises(ValueError, match="pattern"):
+        LayerPolicy(exclude=("(",))
+    assert LayerPolicy(include=["a"]).include == ("a",)  # type: ignore[arg-type]
+
+
+def test_adapter_base_is_abstract():
+    with pytest.raises(TypeError):
+        LayerAdapter(nn.Linear(2, 2))  # type: ignore[abstract]
+    assert torch.is_tensor(LinearAdapter(nn.Linear(2, 2)).param_matrix())

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import torch
+
+from hf_qn.linalg import damped_cholesky_inverse, kron_precondition
+from tests._helpers.dense import random_spd
+
+
+def test_kron_identity_row_major_vec():
+    G, A = random_spd(4), random_spd(3)
+    X = torch.randn(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(torch.kron(G, A) @ X.reshape(-1), (G @ X @ A.T).reshape(-1))
+
+
+def test_kron_precondition_equals_dense_solve():
+    """H_g X H_a with H = (factor + sqrt(lam) I)^-1 equals the solve with the Kronecker product."""
+    lam = 0.3
+    Gf, Af = random_spd(5), random_spd(4)
+    X = torch.randn(5, 4, dtype=torch.float64)
+    H_g = damped_cholesky_inverse(Gf, lam**0.5)
+    H_a = damped_cholesky_inverse(Af, lam**0.5)
+    I5, I4 = torch.eye(5, dtype=torch.float64), torch.eye(4, dtype=torch.float64)
+    K = torch.kron(Gf + lam**0.5 * I5, Af + lam**0.5 * I4)
+    ref = torch.linalg.solve(K, X.reshape(-1)).reshape(5, 4)
+    torch.testing.assert_close(kron_precondition(H_g, X, H_a), ref, rtol=1e-9, atol=1e-10)
+
+
+def test_diagonal_input_factor_and_identity():
+    X = torch.randn(3, 6, dtype=torch.float64)
+    d = torch.rand(6, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(kron_precondition(None, X, d), X @ torch.diag(d))
+    assert torch.equal(kron_precondition(None, X, None), X)

@@ -1,0 +1,139 @@
+"""The capture hooks in real-world conditions: in-place ops, checkpointing, accumulation, AMP, eval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hf_qn.adapters import assign_layers
+from hf_qn.capture import Capture
+from tests._helpers.models import mlp
+
+
+def _capture(model):
+    asg = assign_layers(model)
+    return asg, Capture(asg.adapters).attach()
+
+
+def test_inplace_relu_gives_correct_gradient_statistics():
+    torch.manual_seed(0)
+    m_in, m_out = mlp(inplace=True), mlp(inplace=False)
+    m_out.load_state_dict(m_in.state_dict())
+    x = torch.randn(5, 6)
+    stats = []
+    for m in (m_in, m_out):
+        _, cap = _capture(m)
+        m(x).pow(2).sum().backward()
+        stats.append(cap.stats["primary"])
+    for a, b in zip(*stats):
+        torch.testing.assert_close(a.g_sum, b.g_sum)
+        torch.testing.assert_close(a.h_sum, b.h_sum)
+
+
+def test_activation_checkpointing_is_not_double_counted():
+    torch.manual_seed(0)
+    inner = nn.Linear(6, 6)
+    head = nn.Linear(6, 2)
+    model = nn.ModuleDict({"inner": inner, "head": head})
+    x = torch.randn(4, 6)
+
+    def run(use_ckpt):
+        asg, cap = _capture(model)
+        h = checkpoint(lambda z: torch.tanh(inner(z)), x, use_reentrant=False) if use_ckpt else torch.tanh(inner(x))
+        head(h).sum().backward()
+        cap.detach()
+        model.zero_grad(set_to_none=True)
+        return cap.stats["primary"]
+
+    plain, ck = run(False), run(True)
+    for a, b in zip(plain, ck):
+        assert a.forward_calls == b.forward_calls == 1
+        torch.testing.assert_close(a.A_sum, b.A_sum)
+        torch.testing.assert_close(a.g_sum, b.g_sum)
+
+
+def test_accumulation_2x4_equals_1x8_sums():
+    torch.manual_seed(0)
+    model = mlp()
+    x = torch.randn(8, 6)
+    _, cap = _capture(model)
+    model(x).pow(2).mean().backward()
+    full = [(s.A_sum.clone(), s.h_sum.clone(), s.g_sum.clone(), s.a_rows) for s in cap.stats["primary"]]
+    cap.reset()
+    model.zero_grad(set_to_none=True)
+    for chunk in x.split(4):
+        (model(chunk).pow(2).mean() / 2).backward()
+    for (A, h, g, r), s in zip(full, cap.stats["primary"]):
+        torch.testing.assert_close(s.A_sum, A)
+        torch.testing.assert_close(s.h_sum, h)
+        torch.testing.assert_close(s.g_sum, g)
+        assert s.a_rows == r == 8
+
+
+def test_new_window_drops_uncommitted_statistics():
+    """A step that never happened (GradScaler skip) leaves sums behind; grad=None marks a new window."""
+    model = mlp()
+    _, cap = _capture(model)
+    model(torch.randn(3, 6)).sum().backward()
+    model.zero_grad(set_to_none=True)  # the step was skipped; nothing committed
+    x = torch.randn(5, 6)
+    model(x).sum().backward()
+    assert cap.stats["primary"][0].a_rows == 5
+    torch.testing.assert_close(cap.stats["primary"][0].a_sum[:-1], x.sum(0))
+
+
+def test_eval_no_grad_and_disabled_capture_nothing():
+    model = mlp()
+    _, cap = _capture(model)
+    with torch.no_grad():
+        model(torch.randn(3, 6))
+    model.eval()
+    model(torch.randn(3, 6)).sum().backward()
+    model.train()
+    cap.enabled = False
+    model(torch.randn(3, 6)).sum().backward()
+    assert all(not s.pending for s in cap.stats["primary"])
+
+
+def test_grad_scale_divides_gradient_statistics():
+    torch.manual_seed(0)
+    model = mlp()
+    x = torch.randn(4, 6)
+    _, cap = _capture(model)
+    model(x).pow(2).sum().backward()
+    ref = [s.g_sum.clone() for s in cap.stats["primary"]]
+    cap.reset()
+    model.zero_grad(set_to_none=True)
+    cap.grad_scale = lambda: 1024.0
+    (model(x).pow(2).sum() * 1024.0).backward()
+    for r, s in zip(ref, cap.stats["primary"]):
+        torch.testing.assert_close(s.g_sum, r)
+
+
+def test_second_pass_uses_separate_sums_without_input_side():
+    model = mlp()
+    _, cap = _capture(model)
+    model(torch.randn(4, 6)).sum().backward()
+    with cap.second_pass() as second:
+        model(torch.randn(4, 6)).sum().backward()
+    assert cap.mode == "primary"
+    assert all(s.A_sum is None and s.h_rows == 4 and s.g_sum is not None for s in second)
+    assert all(s.a_rows == 4 for s in cap.stats["primary"])
+
+
+def test_detach_removes_hooks():
+    model = mlp()
+    _, cap = _capture(model)
+    cap.detach()
+    model(torch.randn(2, 6)).sum().backward()
+    assert not cap.attached and all(not s.pending for s in cap.stats["primary"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_low_precision_activations_give_float32_sums(dtype):
+    model = mlp().to(dtype)
+    _, cap = _capture(model)
+    model(torch.randn(4, 6, dtype=dtype)).float().sum().backward()
+    assert all(s.A_sum.dtype == torch.float32 and s.g_sum.dtype == torch.float32 for s in cap.stats["primary"])
