@@ -50,7 +50,8 @@ def _in_backward() -> bool:
 
 
 class LayerStats:
-    """Row sums of one layer since the last reset (float32, on the layer's device)."""
+    """Row sums of one layer since the last reset, on the layer's device: input side in float32,
+    output side (``h_sum``, ``g_sum``) in float64."""
 
     def __init__(self) -> None:
         self.reset()
@@ -174,15 +175,16 @@ class Capture:
                 st.A_sum = LayerStats._add(st.A_sum, r.T @ r)
                 st.a_sum = LayerStats._add(st.a_sum, r.sum(0))
                 st.a_rows += int(r.shape[0])
-        h = adapter.output_rows(output.detach()).to(torch.float32)
-        st.h_sum = LayerStats._add(st.h_sum, h.sum(0))
+        # Output-side sums in float64: K-BFGS pairs are differences of these means (cancellation).
+        h = adapter.output_rows(output.detach())
+        st.h_sum = LayerStats._add(st.h_sum, h.to(torch.float64).sum(0))
         st.h_rows += int(h.shape[0])
         st.samples += int(h.shape[0]) // max(adapter.output_group_size(output), 1)
 
     def _make_grad_hook(self, adapter: LayerAdapter, st: LayerStats) -> Callable[[Tensor], None]:
         def grad_hook(grad: Tensor) -> None:
             with torch.no_grad():
-                g = adapter.output_rows(grad).to(torch.float32).sum(0)
+                g = adapter.output_rows(grad).to(torch.float64).sum(0)
                 if self.grad_scale is not None:
                     g = g / float(self.grad_scale())
                 st.g_sum = LayerStats._add(st.g_sum, g)

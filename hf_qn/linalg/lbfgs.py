@@ -77,6 +77,27 @@ class LBFGSHistory:
         self.count = 0  # pairs stored
         self.head = 0  # ring index the next pair is written to
 
+    @classmethod
+    def from_state(
+        cls,
+        state: dict[str, Tensor],
+        gamma: float | str = "auto",
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> LBFGSHistory:
+        """A history that *shares* the tensors of :meth:`state_dict` output (no copy, no allocation).
+
+        Pushes write into those tensors in place; ``count``/``head`` must be read back from
+        :meth:`state_dict` afterwards.
+        """
+        self = cls.__new__(cls)
+        self.S, self.Y, self.SY, self.YY = state["S"], state["Y"], state["SY"], state["YY"]
+        self.m, self.n = int(self.S.shape[0]), int(self.S.shape[1])
+        self.gamma_mode = gamma
+        self.compute_dtype = compute_dtype
+        self.count = int(state["count"])
+        self.head = int(state["head"])
+        return self
+
     # ------------------------------------------------------------------ bookkeeping
     def __len__(self) -> int:
         return self.count

@@ -63,8 +63,8 @@ def test_linear_gradient_and_statistics(bias, shape):
     torch.testing.assert_close(ad.grad_matrix(), g.T @ a)  # hooks + bias folding reproduce autograd
     torch.testing.assert_close(st.A_sum, (a.T @ a).float())
     torch.testing.assert_close(st.a_sum, a.sum(0).float())
-    torch.testing.assert_close(st.h_sum, out.reshape(-1, 3).sum(0).float())
-    torch.testing.assert_close(st.g_sum, g.sum(0).float())
+    torch.testing.assert_close(st.h_sum, out.reshape(-1, 3).sum(0))
+    torch.testing.assert_close(st.g_sum, g.sum(0))
     assert st.a_rows == st.h_rows == a.shape[0]
     w, b = ad.from_matrix(ad.param_matrix())
     assert torch.equal(w, lin.weight) and (b is None or torch.equal(b, lin.bias))
@@ -93,8 +93,8 @@ def test_conv2d_against_explicit_unfold(cfg):
     g = gout.permute(0, 2, 3, 1).reshape(-1, 3)
     torch.testing.assert_close(ad.grad_matrix(), g.T @ a)
     torch.testing.assert_close(st.A_sum, (a.T @ a).float())
-    torch.testing.assert_close(st.h_sum, out.permute(0, 2, 3, 1).reshape(-1, 3).sum(0).float())
-    torch.testing.assert_close(st.g_sum, g.sum(0).float())
+    torch.testing.assert_close(st.h_sum, out.permute(0, 2, 3, 1).reshape(-1, 3).sum(0))
+    torch.testing.assert_close(st.g_sum, g.sum(0))
     assert st.samples == 2  # spatial positions grouped per sample
     assert ad.output_group_size(out) == out.shape[-1] * out.shape[-2]
     w, b = ad.from_matrix(ad.grad_matrix())

@@ -1,0 +1,126 @@
+"""What both hf_qn optimizers share: the state contract and the first-order fallback.
+
+State contract (tested in ``tests/optim/test_state_contract.py``):
+
+* tensors and primitives only, so ``torch.load(weights_only=True)`` reads a checkpoint;
+* every counter is a 0-dim tensor;
+* state is replicated: every rank holds all of it, so rank 0's ``state_dict()`` is complete and needs
+  no collective (the Trainer saves on rank 0 only);
+* curvature tensors keep the dtype they were saved in: ``torch.optim.Optimizer.load_state_dict``
+  casts floating state to the parameter dtype (bf16 models would silently get bf16 factors), so the
+  keys listed in ``_CURVATURE_KEYS`` are taken out before the cast and put back afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["QNOptimizerBase", "adamw_update_", "sgd_update_"]
+
+ROLE = "role"
+ROLE_QN = "qn"
+ROLE_FALLBACK = "fallback"
+FALLBACKS = ("adamw", "sgd")
+
+
+def adamw_update_(
+    p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, betas: tuple[float, float], eps: float, wd: float
+) -> None:
+    """AdamW exactly as ``torch.optim.AdamW(foreach=False)`` computes it (decoupled weight decay)."""
+    if "step" not in state:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    beta1, beta2 = betas
+    state["step"] += 1
+    step = float(state["step"])
+    p.mul_(1 - lr * wd)
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def sgd_update_(p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, momentum: float, wd: float) -> None:
+    """SGD with heavy-ball momentum and coupled weight decay, as ``torch.optim.SGD`` (dampening 0)."""
+    d = grad.add(p, alpha=wd) if wd != 0 else grad
+    if momentum != 0:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = d.clone().detach()
+        else:
+            buf.mul_(momentum).add_(d)
+        d = buf
+    p.add_(d, alpha=-lr)
+
+
+def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = False, hi_open: bool = True) -> None:
+    """Raise ``ValueError`` naming the argument unless ``value`` lies in the interval."""
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi) or (isinstance(value, float) and math.isnan(value)):
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ValueError(f"Invalid {name}: {value} (must be in {lb}{lo}, {hi}{rb})")
+
+
+class QNOptimizerBase(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` with the hf_qn state contract and a first-order fallback part."""
+
+    #: per-parameter state keys whose saved dtype is kept on load (curvature, histories, counters).
+    _CURVATURE_KEYS: frozenset[str] = frozenset()
+
+    def _fallback_step(self, group: dict[str, Any]) -> None:
+        """Update a fallback group (parameters no adapter/block takes) with AdamW or SGD."""
+        kind = group["fallback"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError("hf_qn's fallback does not take sparse gradients (use sparse=False)")
+            st = self.state[p]
+            if kind == "adamw":
+                adamw_update_(p, p.grad, st, group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"])
+            else:
+                sgd_update_(p, p.grad, st, group["lr"], group["momentum"], group["weight_decay"])
+
+    @staticmethod
+    def _all_grads_finite(params: Iterable[nn.Parameter]) -> bool:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+        return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, keeping curvature tensors in their saved dtype (see module docstring)."""
+        saved_state = state_dict.get("state", {})
+        kept: dict[Any, dict[str, Any]] = {}
+        stripped_state = {}
+        for pid, st in saved_state.items():
+            keep = {k: v for k, v in st.items() if k in self._CURVATURE_KEYS}
+            if keep:
+                kept[pid] = keep
+            stripped_state[pid] = {k: v for k, v in st.items() if k not in self._CURVATURE_KEYS}
+        stripped = dict(state_dict)
+        stripped["state"] = stripped_state
+        super().load_state_dict(stripped)
+        if not kept:
+            return
+        # Same id -> parameter mapping as torch's: saved groups' param ids in order.
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        id_map = dict(zip(saved_ids, params))
+        for pid, keep in kept.items():
+            p = id_map[pid]
+            for k, v in keep.items():
+                self.state[p][k] = v.to(device=p.device) if isinstance(v, Tensor) else v

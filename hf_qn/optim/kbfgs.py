@@ -1,0 +1,700 @@
+"""K-BFGS and K-BFGS(L): Kronecker-factored quasi-Newton (Goldfarb, Ren & Bahamou, NeurIPS 2020).
+
+Per adapted layer the inverse Hessian block is approximated by ``H_g ⊗ H_a`` and the step is
+
+    W̄ ← W̄ − α · H_g · ĝ · H_a                                   (paper, eq. 3; Algorithm 1 line 7)
+
+where ``ĝ`` is the momentum-averaged gradient (with L2), ``H_a`` approximates ``(A + √λ I)⁻¹`` for the
+input second moment ``A = E[ā āᵀ]`` and ``H_g`` approximates the inverse of the Hessian of the loss with
+respect to the layer's pre-activations, learned by BFGS (K-BFGS) or L-BFGS (K-BFGS(L)) from the pair
+
+    s = mean h(θ⁺) − mean h(θ),   y = Σ ∂L/∂h(θ⁺) − Σ ∂L/∂h(θ)    (same minibatch at both points)
+
+with "double damping" (Powell on ``H_g``, then Levenberg-Marquardt with ``μ₂ = √λ``).
+
+The contract of :meth:`KBFGS.step`: it is called after the user's backward (gradients are there); on
+curvature steps ``closure`` re-evaluates **the same batch** at the current parameters, calls backward
+and returns the loss. The closure's gradients never leak: ``.grad`` is restored after it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..adapters import LayerAdapter, LayerAssignment, LayerPolicy, assign_layers
+from ..capture import Capture, LayerStats
+from ..distributed import all_reduce_sum_, world_size
+from ..linalg import (
+    LBFGSHistory,
+    bfgs_inverse_update,
+    check_curvature,
+    damped_cholesky_inverse,
+    double_damping,
+    kron_precondition,
+)
+from ._base import FALLBACKS, ROLE, ROLE_FALLBACK, ROLE_QN, QNOptimizerBase, check_range
+
+__all__ = ["KBFGS", "KBFGSL"]
+
+logger = logging.getLogger(__name__)
+
+_LBFGS_KEYS = ("Hg_S", "Hg_Y", "Hg_SY", "Hg_YY", "Hg_count", "Hg_head")
+_COUNTERS = (
+    "pairs_accepted",
+    "pairs_skipped",
+    "powell_damped",
+    "lm_damped",
+    "input_updates_skipped",
+    "steps_skipped_nonfinite",
+    "steps_rejected",
+)
+
+
+class KBFGS(QNOptimizerBase):
+    """K-BFGS (``history_size=None``: dense BFGS ``H_g``) or K-BFGS(L) (``history_size=p``: L-BFGS ``H_g``).
+
+    Args:
+        model: the model; its Linear, Conv2d, Embedding and transformers Conv1D layers are adapted
+            according to ``policy`` and every other trainable parameter goes to the fallback.
+        lr: step size α of the K-BFGS part. (default: 0.3, the paper's MNIST autoencoder setting)
+        damping: total damping λ; each Kronecker factor gets √λ (input side: ``A + √λ I``; output side:
+            LM damping ``μ₂ = √λ``). (default: 0.3, the paper's MNIST setting; the official README says
+            to tune only ``lr`` and ``damping``)
+        momentum: ρ of the gradient momentum ``ĝ ← ρ ĝ + (1−ρ) g`` (no bias correction, as the
+            official code). (default: 0.9)
+        weight_decay: L2 coefficient τ added to the gradient of weights and biases before momentum,
+            as the paper (coupled, like ``torch.optim.SGD``). (default: 1e-5, the paper's)
+        stat_decay: β_A of the running average of ``A``. (default: 0.9, the paper's)
+        pair_decay: decay of the running averages of ``s`` and ``y``; 0 uses raw pairs (the paper
+            uses 0.9 for minibatches and 0 for full batch). (default: 0.9)
+        powell_mu: μ₁ of Powell damping on ``H_g``. (default: 0.2, the paper's)
+        lm_damping: ``"interpolate"`` (paper: ``y ← θy + (1−θ)s``, needs √λ < 1), ``"additive"``
+            (ASDL: ``y ← y + √λ s``) or ``"none"``. (default: ``"interpolate"``)
+        update_interval: curvature (statistics, pairs, factor updates, and the second pass) every this
+            many steps; other steps reuse the factors and cost about an SGD step. (default: 1, the
+            paper's; 10 amortizes the second pass as ASDL does with 100)
+        input_inverse: how ``H_a`` follows ``A``: ``"bfgs"`` (the paper's Hessian-action BFGS update, no
+            inversion after the first) or ``"cholesky"`` (re-inverted every ``inverse_interval``
+            curvature steps). (default: ``"bfgs"``)
+        inverse_interval: curvature steps between Cholesky re-inversions when
+            ``input_inverse="cholesky"``. (default: 20, the official code's KFAC setting)
+        history_size: ``None`` for a dense BFGS ``H_g`` (K-BFGS); an integer ``p`` for an L-BFGS
+            ``H_g`` with ``p`` pairs (K-BFGS(L); the paper uses 100). (default: None)
+        pairs: ``"same_batch"`` (the paper: a second pass on the same batch at the new point, given by
+            ``closure``) or ``"consecutive"`` (no second pass: pairs from the statistics of
+            consecutive curvature steps' batches, smoothed by ``pair_decay``). (default:
+            ``"same_batch"``)
+        curvature_eps: relative curvature test ``sᵀy > eps·sᵀs·‖ḡ‖`` of the official code.
+            (default: 1e-4)
+        kl_clip: if set, scales the step down so that ``α² Σ⟨D, ĝ⟩ ≤ kl_clip`` (kfac-pytorch's
+            KL clipping); None follows the paper. (default: None)
+        fallback: first-order rule for parameters no adapter takes: ``"adamw"`` or ``"sgd"``.
+            (default: ``"adamw"``)
+        fallback_lr: learning rate of the fallback. (default: 1e-3)
+        fallback_betas, fallback_eps: AdamW's. (default: (0.9, 0.999), 1e-8)
+        fallback_momentum: SGD's momentum when ``fallback="sgd"``. (default: 0.9)
+        fallback_weight_decay: decoupled (AdamW) or coupled (SGD) weight decay of the fallback.
+            (default: 0.0)
+        no_decay: names (as in ``model.named_parameters()``) of parameters that get no weight
+            decay, e.g. the Trainer's no-decay set. (default: none)
+        policy: which layers are adapted (:class:`~hf_qn.adapters.LayerPolicy`).
+        grad_scaler: a ``torch.amp.GradScaler`` (or anything with ``get_scale()``) when training in
+            fp16, so that captured output gradients are unscaled. (default: None)
+
+    Raises:
+        ValueError: for an out-of-range hyperparameter, or a model with no adaptable layer.
+    """
+
+    _CURVATURE_KEYS = frozenset(
+        {"A", "H_a", "H_g", "momentum_buffer", "s_avg", "y_avg", "h_prev", "g_prev"}
+        | {"qn_step", "first_stats", "has_prev"}
+        | set(_LBFGS_KEYS)
+        | set(_COUNTERS)
+    )
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.3,
+        damping: float = 0.3,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-5,
+        stat_decay: float = 0.9,
+        pair_decay: float = 0.9,
+        powell_mu: float = 0.2,
+        lm_damping: str = "interpolate",
+        update_interval: int = 1,
+        input_inverse: str = "bfgs",
+        inverse_interval: int = 20,
+        history_size: int | None = None,
+        pairs: str = "same_batch",
+        curvature_eps: float = 1e-4,
+        kl_clip: float | None = None,
+        fallback: str = "adamw",
+        fallback_lr: float = 1e-3,
+        fallback_betas: tuple[float, float] = (0.9, 0.999),
+        fallback_eps: float = 1e-8,
+        fallback_momentum: float = 0.9,
+        fallback_weight_decay: float = 0.0,
+        no_decay: Iterable[str] = (),
+        policy: LayerPolicy | None = None,
+        grad_scaler: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"KBFGS needs the model (an nn.Module) to find its layers, got {type(model).__name__}; "
+                "use hf_qn.MLBFGS for a plain iterable of parameters"
+            )
+        check_range("lr", lr, 0.0, math.inf)
+        check_range("damping", damping, 0.0, math.inf, lo_open=True)
+        check_range("momentum", momentum, 0.0, 1.0)
+        check_range("weight_decay", weight_decay, 0.0, math.inf)
+        check_range("stat_decay", stat_decay, 0.0, 1.0)
+        check_range("pair_decay", pair_decay, 0.0, 1.0)
+        check_range("powell_mu", powell_mu, 0.0, 1.0, lo_open=True)
+        check_range("curvature_eps", curvature_eps, 0.0, math.inf)
+        check_range("fallback_lr", fallback_lr, 0.0, math.inf)
+        check_range("fallback_eps", fallback_eps, 0.0, math.inf, lo_open=True)
+        check_range("fallback_momentum", fallback_momentum, 0.0, 1.0)
+        check_range("fallback_weight_decay", fallback_weight_decay, 0.0, math.inf)
+        for i, b in enumerate(fallback_betas):
+            check_range(f"fallback_betas[{i}]", b, 0.0, 1.0)
+        if lm_damping not in ("interpolate", "additive", "none"):
+            raise ValueError(f"Invalid lm_damping: {lm_damping!r} (must be 'interpolate', 'additive' or 'none')")
+        if lm_damping == "interpolate" and math.sqrt(damping) >= 1.0:
+            raise ValueError(
+                f"Invalid damping: {damping} gives mu2 = sqrt(damping) = {math.sqrt(damping):.3g} >= 1, which the "
+                "interpolating LM damping cannot use; pass damping < 1 or lm_damping='additive'"
+            )
+        if int(update_interval) != update_interval or update_interval < 1:
+            raise ValueError(f"Invalid update_interval: {update_interval} (must be an integer >= 1)")
+        if input_inverse not in ("bfgs", "cholesky"):
+            raise ValueError(f"Invalid input_inverse: {input_inverse!r} (must be 'bfgs' or 'cholesky')")
+        if int(inverse_interval) != inverse_interval or inverse_interval < 1:
+            raise ValueError(f"Invalid inverse_interval: {inverse_interval} (must be an integer >= 1)")
+        if history_size is not None and (int(history_size) != history_size or history_size < 1):
+            raise ValueError(f"Invalid history_size: {history_size} (must be None for dense BFGS, or an integer >= 1)")
+        if pairs not in ("same_batch", "consecutive"):
+            raise ValueError(f"Invalid pairs: {pairs!r} (must be 'same_batch' or 'consecutive')")
+        if kl_clip is not None:
+            check_range("kl_clip", kl_clip, 0.0, math.inf, lo_open=True)
+        if fallback not in FALLBACKS:
+            raise ValueError(f"Invalid fallback: {fallback!r} (must be one of {FALLBACKS})")
+
+        assignment = assign_layers(model, policy)
+        if not assignment.adapters:
+            raise ValueError(
+                "The model has no adaptable layer (nn.Linear, nn.Conv2d, nn.Embedding, transformers Conv1D) "
+                "under the given policy; K-BFGS has nothing to precondition. Assignment:\n" + assignment.report()
+            )
+        no_decay_set = set(no_decay)
+        names = assignment.param_names
+
+        def split(params: list[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+            dec = [p for p in params if names.get(id(p)) not in no_decay_set]
+            nod = [p for p in params if names.get(id(p)) in no_decay_set]
+            return dec, nod
+
+        qn_dec, qn_nod = split(assignment.adapted_parameters())
+        fb_dec, fb_nod = split(assignment.fallback_parameters())
+        groups: list[dict[str, Any]] = []
+        for ps, wd in ((qn_dec, weight_decay), (qn_nod, 0.0)):
+            if ps:
+                groups.append({"params": ps, ROLE: ROLE_QN, "lr": lr, "weight_decay": wd})
+        for ps, wd in ((fb_dec, fallback_weight_decay), (fb_nod, 0.0)):
+            if ps:
+                groups.append(
+                    {
+                        "params": ps,
+                        ROLE: ROLE_FALLBACK,
+                        "fallback": fallback,
+                        "lr": fallback_lr,
+                        "betas": tuple(fallback_betas),
+                        "eps": fallback_eps,
+                        "momentum": fallback_momentum,
+                        "weight_decay": wd,
+                    }
+                )
+        defaults = dict(
+            lr=lr,
+            damping=damping,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            stat_decay=stat_decay,
+            pair_decay=pair_decay,
+            powell_mu=powell_mu,
+            lm_damping=lm_damping,
+            update_interval=int(update_interval),
+            input_inverse=input_inverse,
+            inverse_interval=int(inverse_interval),
+            history_size=None if history_size is None else int(history_size),
+            pairs=pairs,
+            curvature_eps=curvature_eps,
+            kl_clip=kl_clip,
+        )
+        super().__init__(groups, defaults)
+        self.assignment: LayerAssignment = assignment
+        self.adapters: list[LayerAdapter] = assignment.adapters
+        self.grad_scaler = grad_scaler
+        self.capture = Capture(self.adapters, grad_scale=self._current_scale if grad_scaler is not None else None)
+        self.capture.attach()
+        self._training = True
+        self._schedule_capture()
+
+    # ------------------------------------------------------------------ public helpers
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The K-BFGS hyperparameters in use (from the first K-BFGS param group)."""
+        g = next(g for g in self.param_groups if g[ROLE] == ROLE_QN)
+        return {k: g.get(k, v) for k, v in self.defaults.items()}
+
+    def train(self, mode: bool = True) -> KBFGS:
+        """Enable statistic capture (the Trainer and Accelerate call this before each training step)."""
+        self._training = mode
+        self._schedule_capture()
+        return self
+
+    def eval(self) -> KBFGS:
+        """Disable statistic capture (called before evaluation)."""
+        return self.train(False)
+
+    def remove_hooks(self) -> None:
+        """Detach the capture hooks from the model (the optimizer cannot update curvature afterwards)."""
+        self.capture.detach()
+
+    def set_grad_scaler(self, scaler: Any) -> None:
+        """Unscale captured output gradients by ``scaler.get_scale()`` (fp16 training)."""
+        self.grad_scaler = scaler
+        self.capture.grad_scale = self._current_scale if scaler is not None else None
+
+    def curvature_step_next(self) -> bool:
+        """Whether the next call to :meth:`step` updates curvature (and so needs the closure)."""
+        return bool(self.capture.enabled)
+
+    def statistics(self) -> dict[str, float]:
+        """Counters and curvature norms for logging (keys prefixed ``qn/``)."""
+        out: dict[str, float] = dict.fromkeys((f"qn/{k}" for k in _COUNTERS), 0.0)
+        hg_norm = ha_norm = 0.0
+        for ad in self.adapters:
+            st = self.state.get(ad.weight, {})
+            for k in _COUNTERS:
+                if k in st:
+                    out[f"qn/{k}"] += float(st[k])
+            if "H_g" in st:
+                hg_norm = max(hg_norm, float(torch.linalg.matrix_norm(st["H_g"], ord=2)))
+            if "H_a" in st:
+                Ha = st["H_a"]
+                ha_norm = max(ha_norm, float(Ha.max() if Ha.dim() == 1 else torch.linalg.matrix_norm(Ha, ord=2)))
+        # Global counters live on the first layer only; per-layer ones are summed.
+        first = self.state.get(self.adapters[0].weight, {})
+        for k in ("steps_skipped_nonfinite", "steps_rejected"):
+            out[f"qn/{k}"] = float(first.get(k, 0))
+        out["qn/max_norm_H_g"] = hg_norm
+        out["qn/max_norm_H_a"] = ha_norm
+        n_fb = sum(p.numel() for p in self.assignment.fallback_parameters())
+        n_all = n_fb + sum(p.numel() for p in self.assignment.adapted_parameters())
+        out["qn/fallback_share"] = n_fb / max(n_all, 1)
+        return out
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One K-BFGS step; on curvature steps with ``pairs="same_batch"``, ``closure`` is required."""
+        hp = self.hparams
+        curvature = bool(self.capture.enabled)
+        if curvature and hp["pairs"] == "same_batch" and closure is None:
+            raise RuntimeError(
+                "KBFGS.step() needs a closure on curvature steps: a function that re-evaluates the same batch "
+                "at the current parameters, calls backward and returns the loss, e.g. "
+                "optimizer.step(lambda: compute_loss(model, batch).backward() or ...). Use hf_qn.QNTrainer with "
+                "the Trainer, pass the closure through accelerator's optimizer.step(closure), or construct "
+                "KBFGS(..., pairs='consecutive') for the no-second-pass mode."
+            )
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        first_state = self.state[self.adapters[0].weight]
+        if not self._all_grads_finite(all_params):
+            self._bump(first_state, "steps_skipped_nonfinite")
+            warnings.warn("KBFGS: non-finite gradient; step skipped, curvature untouched", RuntimeWarning, stacklevel=2)
+            self.capture.reset()
+            return None
+
+        layer_stats = self._commit_statistics() if curvature else None
+        directions = self._directions(layer_stats)
+        if directions is None:
+            self._bump(first_state, "steps_skipped_nonfinite")
+            warnings.warn("KBFGS: non-finite direction; step skipped", RuntimeWarning, stacklevel=2)
+            return None
+        scale = self._kl_scale(directions)
+        backup = self._apply(directions, scale)
+
+        loss = None
+        if curvature and layer_stats is not None:
+            if hp["pairs"] == "same_batch":
+                assert closure is not None
+                loss, plus = self._second_pass(closure)
+                if plus is None:
+                    self._undo(directions, scale, backup)
+                    self._bump(first_state, "steps_rejected")
+                    warnings.warn(
+                        "KBFGS: the loss at the new point is not finite; step undone, no curvature pair",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                else:
+                    self._update_output_factors(layer_stats, plus)
+            else:
+                self._update_output_factors_consecutive(layer_stats)
+            self._update_input_inverses(layer_stats)
+        for ad in self.adapters:
+            self.state[ad.weight]["qn_step"] += 1
+        self._schedule_capture()
+        return loss
+
+    # -- stage 1: statistics --------------------------------------------------------------
+    def _commit_statistics(self) -> list[dict[str, Tensor]]:
+        """Finalise captured sums (all-reduced across ranks) into means:
+        A = Σ ā āᵀ / R,  ā = Σ ā / R,  h̄ = Σ h / R_h,  ḡ = Σ ∂L/∂h (averaged over ranks)."""
+        stats = self.capture.stats["primary"]
+        out = self._reduce(stats, with_inputs=True, what="training forward/backward")
+        self.capture.reset()
+        return out
+
+    def _reduce(self, stats: list[LayerStats], with_inputs: bool, what: str) -> list[dict[str, Tensor]]:
+        for ad, st in zip(self.adapters, stats):
+            if ad.weight.grad is not None and (st.forward_calls == 0 or st.g_sum is None):
+                raise RuntimeError(
+                    f"KBFGS: the hooks of layer {ad.name!r} did not fire during the {what} although it has a "
+                    "gradient. Its weight is probably used functionally (e.g. nn.MultiheadAttention.out_proj) or "
+                    "the forward ran in eval mode / under no_grad. Exclude it: KBFGS(model, "
+                    f"policy=hf_qn.LayerPolicy(exclude=[r'{ad.name}']))"
+                )
+        tensors: list[Tensor] = []
+        for ad, st in zip(self.adapters, stats):
+            dev = ad.weight.device
+            if st.h_sum is None or st.g_sum is None:  # a layer that did not take part in this pass
+                st.h_sum = torch.zeros(ad.d_out, dtype=torch.float64, device=dev)
+                st.g_sum = torch.zeros(ad.d_out, dtype=torch.float64, device=dev)
+            counts = torch.tensor([float(st.a_rows), float(st.h_rows)], dtype=torch.float64, device=dev)
+            row = [st.h_sum, st.g_sum, counts]
+            if with_inputs:
+                if st.A_sum is None:
+                    shape = (ad.d_in,) if ad.input_diagonal else (ad.d_in, ad.d_in)
+                    st.A_sum = torch.zeros(shape, device=dev)
+                if st.a_sum is None:
+                    st.a_sum = torch.zeros(ad.d_in, device=dev)
+                row += [st.A_sum, st.a_sum]
+            tensors += row
+        all_reduce_sum_(tensors)
+        ws = float(world_size())
+        out = []
+        per = 5 if with_inputs else 3
+        for i in range(len(self.adapters)):
+            h_sum, g_sum, counts = tensors[per * i : per * i + 3]
+            d = {"h": h_sum / counts[1].clamp(min=1), "g": g_sum / ws, "h_rows": counts[1]}  # float64
+            if with_inputs:
+                A_sum, a_sum = tensors[per * i + 3 : per * i + 5]
+                d["A"] = A_sum / counts[0].clamp(min=1).float()
+                d["a"] = a_sum / counts[0].clamp(min=1).float()
+                d["a_rows"] = counts[0]
+            out.append(d)
+        return out
+
+    # -- stage 2: input factor, then direction ----------------------------------------------
+    def _directions(self, stats: list[dict[str, Tensor]] | None) -> list[Tensor] | None:
+        """A ← β_A A + (1−β_A) A_batch (first: A_batch; H_a = (A + √λ I)⁻¹);
+        ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄);  D = H_g ĝ H_a."""
+        hp = self.hparams
+        sqrt_lam = math.sqrt(hp["damping"])
+        out = []
+        for i, ad in enumerate(self.adapters):
+            st = self._layer_state(ad)
+            if stats is not None:
+                self._update_input_factor(ad, st, stats[i], sqrt_lam, hp)
+            G = self._grad_with_l2(ad)
+            buf = st["momentum_buffer"]
+            buf.mul_(hp["momentum"]).add_(G, alpha=1.0 - hp["momentum"])
+            D = kron_precondition(None, buf, st.get("H_a"))
+            D = self._apply_H_g(st, D)
+            if not bool(torch.isfinite(D).all()):
+                return None
+            out.append(D)
+        return out
+
+    def _update_input_factor(
+        self, ad: LayerAdapter, st: dict[str, Any], s: dict[str, Tensor], sqrt_lam: float, hp: dict[str, Any]
+    ) -> None:
+        if float(s["a_rows"]) == 0:
+            return
+        A_batch = s["A"]
+        if not bool(torch.isfinite(A_batch).all()):
+            self._bump(st, "input_updates_skipped")
+            return
+        if not bool(st["first_stats"]):
+            st["A"].copy_(A_batch)
+            st["first_stats"].fill_(True)
+            self._invert_input(ad, st, sqrt_lam)
+            return
+        st["A"].mul_(hp["stat_decay"]).add_(A_batch, alpha=1.0 - hp["stat_decay"])
+        st["a_mean"] = s["a"]  # consumed by _update_input_inverses after the step
+
+    def _invert_input(self, ad: LayerAdapter, st: dict[str, Any], sqrt_lam: float) -> None:
+        """H_a = (A + √λ I)⁻¹ (diagonal for an Embedding)."""
+        if ad.input_diagonal:
+            st["H_a"].copy_(1.0 / (st["A"] + sqrt_lam))
+        else:
+            st["H_a"].copy_(damped_cholesky_inverse(st["A"], sqrt_lam))
+
+    def _grad_with_l2(self, ad: LayerAdapter) -> Tensor:
+        G = ad.grad_matrix().to(torch.float32)
+        wds = [self._group_of(p)["weight_decay"] for p in ad.parameters()]
+        if any(wd != 0 for wd in wds):
+            W = ad.param_matrix().to(torch.float32)
+            if len(set(wds)) == 1:
+                G = G + wds[0] * W
+            else:  # weight and bias in different groups (the Trainer's no-decay split)
+                wd_cols = torch.full((ad.d_in,), wds[0], device=G.device)
+                wd_cols[-1] = wds[1]
+                G = G + W * wd_cols
+        return G
+
+    def _apply_H_g(self, st: dict[str, Any], X: Tensor) -> Tensor:
+        if "H_g" in st:
+            return st["H_g"] @ X
+        return self._history(st).apply(X)
+
+    # -- stage 3: apply the step ----------------------------------------------------------
+    def _kl_scale(self, directions: list[Tensor]) -> float:
+        """ν = min(1, √(κ / (α² Σ⟨D, ĝ⟩))) when ``kl_clip`` = κ is set, else 1."""
+        kl = self.hparams["kl_clip"]
+        if kl is None:
+            return 1.0
+        total = 0.0
+        for ad, D in zip(self.adapters, directions):
+            lr = self._group_of(ad.weight)["lr"]
+            total += lr * lr * float((D.double() * self.state[ad.weight]["momentum_buffer"].double()).sum())
+        if total <= 0:
+            return 1.0
+        return min(1.0, math.sqrt(kl / total))
+
+    def _apply(self, directions: list[Tensor], scale: float) -> dict[nn.Parameter, Tensor]:
+        """W̄ ← W̄ − α ν D; fallback parameters by their own rule. Returns fallback backups."""
+        for ad, D in zip(self.adapters, directions):
+            lr = self._group_of(ad.weight)["lr"] * scale
+            w, b = ad.from_matrix(D)
+            ad.weight.add_(w.to(ad.weight.dtype), alpha=-lr)
+            if b is not None and ad.bias is not None:
+                ad.bias.add_(b.to(ad.bias.dtype), alpha=-lr)
+        backup: dict[nn.Parameter, Tensor] = {}
+        needs_backup = self.capture.enabled and self.hparams["pairs"] == "same_batch"
+        for g in self.param_groups:
+            if g[ROLE] == ROLE_FALLBACK:
+                if needs_backup:
+                    backup.update({p: p.detach().clone() for p in g["params"] if p.grad is not None})
+                self._fallback_step(g)
+        return backup
+
+    def _undo(self, directions: list[Tensor], scale: float, backup: dict[nn.Parameter, Tensor]) -> None:
+        for ad, D in zip(self.adapters, directions):
+            lr = self._group_of(ad.weight)["lr"] * scale
+            w, b = ad.from_matrix(D)
+            ad.weight.add_(w.to(ad.weight.dtype), alpha=lr)
+            if b is not None and ad.bias is not None:
+                ad.bias.add_(b.to(ad.bias.dtype), alpha=lr)
+        for p, old in backup.items():
+            p.copy_(old)
+
+    # -- stage 4: second pass and output-side pairs ---------------------------------------
+    def _second_pass(self, closure: Callable[[], Any]) -> tuple[Any, list[dict[str, Tensor]] | None]:
+        """Re-evaluate the same batch at θ⁺ (gradients saved and restored around the closure)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            with torch.enable_grad(), self.capture.second_pass() as stats2:
+                loss = closure()
+            loss_ok = loss is None or bool(torch.isfinite(torch.as_tensor(loss)).all())
+            plus = self._reduce(stats2, with_inputs=False, what="second pass (closure)") if loss_ok else None
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+            self.capture.reset("second")
+        if plus is not None and not all(bool(torch.isfinite(d["g"]).all()) for d in plus):
+            plus = None
+        return loss, plus
+
+    def _update_output_factors(self, now: list[dict[str, Tensor]], plus: list[dict[str, Tensor]]) -> None:
+        """s = h̄(θ⁺) − h̄(θ), y = ḡ(θ⁺) − ḡ(θ) on the same batch, then the H_g update."""
+        for ad, a, b in zip(self.adapters, now, plus):
+            self._pair_update(ad, b["h"] - a["h"], b["g"] - a["g"], a["g"])
+
+    def _update_output_factors_consecutive(self, now: list[dict[str, Tensor]]) -> None:
+        """No second pass: s = h̄_k − h̄_{k−1}, y = ḡ_k − ḡ_{k−1} from consecutive curvature batches."""
+        for ad, a in zip(self.adapters, now):
+            st = self.state[ad.weight]
+            if bool(st["has_prev"]):
+                self._pair_update(ad, a["h"] - st["h_prev"], a["g"] - st["g_prev"], a["g"])
+            st["h_prev"].copy_(a["h"])
+            st["g_prev"].copy_(a["g"])
+            st["has_prev"].fill_(True)
+
+    def _pair_update(self, ad: LayerAdapter, s_raw: Tensor, y_raw: Tensor, g_now: Tensor) -> None:
+        """s̄ ← β s̄ + (1−β) s, ȳ likewise; double damping; BFGS (or L-BFGS push) if the pair passes."""
+        hp = self.hparams
+        st = self.state[ad.weight]
+        beta = hp["pair_decay"]
+        st["s_avg"].mul_(beta).add_(s_raw.to(torch.float32), alpha=1.0 - beta)
+        st["y_avg"].mul_(beta).add_(y_raw.to(torch.float32), alpha=1.0 - beta)
+        s, y = st["s_avg"].clone(), st["y_avg"].clone()
+        if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(y).all())) or float(s.abs().max()) == 0.0:
+            self._bump(st, "pairs_skipped")
+            return
+        Hy = self._apply_H_g(st, y)
+        damped = double_damping(
+            s,
+            y,
+            Hy,
+            mu1=hp["powell_mu"],
+            mu2=math.sqrt(hp["damping"]),
+            powell=True,
+            lm=hp["lm_damping"],
+        )
+        if damped.powell:
+            self._bump(st, "powell_damped")
+        if damped.lm:
+            self._bump(st, "lm_damped")
+            Hy = self._apply_H_g(st, damped.y)
+        check = check_curvature(damped.s, damped.y, hp["curvature_eps"], float(g_now.norm()))
+        if not check.ok:
+            self._bump(st, "pairs_skipped")
+            return
+        if "H_g" in st:
+            H_new = bfgs_inverse_update(st["H_g"], damped.s, damped.y, Hy=Hy)
+            if H_new is None:
+                self._bump(st, "pairs_skipped")
+                return
+            st["H_g"].copy_(H_new)
+        else:
+            hist = self._history(st)
+            hist.push(damped.s, damped.y)
+            self._store_history(st, hist)
+        self._bump(st, "pairs_accepted")
+
+    # -- stage 5: input-side inverse --------------------------------------------------------
+    def _update_input_inverses(self, stats: list[dict[str, Tensor]]) -> None:
+        """Hessian-action BFGS (paper, section 3.3): s_a = H_a ā, y_a = (A + √λ I) s_a, BFGS on H_a;
+        or a Cholesky re-inversion every ``inverse_interval`` curvature steps."""
+        hp = self.hparams
+        sqrt_lam = math.sqrt(hp["damping"])
+        for ad in self.adapters:
+            st = self.state[ad.weight]
+            a_mean = st.pop("a_mean", None)
+            if a_mean is None:
+                continue  # first statistics: H_a was just inverted exactly
+            if ad.input_diagonal:
+                self._invert_input(ad, st, sqrt_lam)
+                continue
+            if hp["input_inverse"] == "cholesky":
+                n_curv = int(st["qn_step"]) // hp["update_interval"]
+                if n_curv % hp["inverse_interval"] == 0:
+                    self._invert_input(ad, st, sqrt_lam)
+                continue
+            H_a = st["H_a"]
+            s_a = H_a @ a_mean
+            y_a = st["A"] @ s_a + sqrt_lam * s_a
+            check = check_curvature(s_a, y_a, hp["curvature_eps"], float(a_mean.norm()))
+            H_new = bfgs_inverse_update(H_a, s_a, y_a) if check.ok else None
+            if H_new is None:
+                self._bump(st, "input_updates_skipped")
+            else:
+                H_a.copy_(H_new)
+
+    # ------------------------------------------------------------------ state helpers
+    def _layer_state(self, ad: LayerAdapter) -> dict[str, Any]:
+        st = self.state[ad.weight]
+        if "qn_step" in st:
+            return st
+        dev = ad.weight.device
+        hp = self.hparams
+        st["qn_step"] = torch.tensor(0, dtype=torch.int64)
+        st["first_stats"] = torch.tensor(False)
+        st["has_prev"] = torch.tensor(False)
+        if ad.input_diagonal:
+            st["A"] = torch.zeros(ad.d_in, dtype=torch.float32, device=dev)
+            st["H_a"] = torch.ones(ad.d_in, dtype=torch.float32, device=dev)
+        else:
+            st["A"] = torch.zeros(ad.d_in, ad.d_in, dtype=torch.float32, device=dev)
+            st["H_a"] = torch.eye(ad.d_in, dtype=torch.float32, device=dev)
+        if hp["history_size"] is None:
+            st["H_g"] = torch.eye(ad.d_out, dtype=torch.float32, device=dev)
+        else:
+            self._store_history(st, LBFGSHistory(hp["history_size"], ad.d_out, gamma=1.0, device=dev))
+        st["momentum_buffer"] = torch.zeros(ad.d_out, ad.d_in, dtype=torch.float32, device=dev)
+        for k in ("s_avg", "y_avg", "h_prev", "g_prev"):
+            st[k] = torch.zeros(ad.d_out, dtype=torch.float32, device=dev)
+        for k in _COUNTERS:
+            st[k] = torch.tensor(0, dtype=torch.int64)
+        return st
+
+    def _history(self, st: dict[str, Any]) -> LBFGSHistory:
+        return LBFGSHistory.from_state({k[3:]: st[k] for k in _LBFGS_KEYS}, gamma=1.0)
+
+    @staticmethod
+    def _store_history(st: dict[str, Any], hist: LBFGSHistory) -> None:
+        for k, v in hist.state_dict().items():
+            st[f"Hg_{k}"] = v
+
+    @staticmethod
+    def _bump(st: dict[str, Any], key: str) -> None:
+        if key not in st:
+            st[key] = torch.tensor(0, dtype=torch.int64)
+        st[key] += 1
+
+    def _group_of(self, p: nn.Parameter) -> dict[str, Any]:
+        cache: dict[int, dict[str, Any]] | None = getattr(self, "_group_cache", None)
+        if cache is None or len(cache) != sum(len(g["params"]) for g in self.param_groups):
+            cache = {id(q): g for g in self.param_groups for q in g["params"]}
+            self._group_cache: dict[int, dict[str, Any]] | None = cache
+        return cache[id(p)]
+
+    def _schedule_capture(self) -> None:
+        """Capture statistics only for steps that update curvature: steps 0, k, 2k, ... (k = interval)."""
+        if not self.adapters:
+            return
+        st = self.state.get(self.adapters[0].weight, {})
+        t = int(st["qn_step"]) if "qn_step" in st else 0
+        self.capture.enabled = self._training and t % self.hparams["update_interval"] == 0
+
+    def _current_scale(self) -> float:
+        return float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._group_cache = None
+        self._schedule_capture()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero gradients and drop statistics captured since the last step (they were never committed)."""
+        super().zero_grad(set_to_none=set_to_none)
+        if self.capture.mode == "primary":
+            self.capture.reset()
+
+
+class KBFGSL(KBFGS):
+    """K-BFGS(L): :class:`KBFGS` with an L-BFGS output-side factor of ``history_size`` pairs.
+
+    Same arguments as :class:`KBFGS`; ``history_size`` defaults to 100 (the paper's).
+    """
+
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        kwargs.setdefault("history_size", 100)
+        if kwargs["history_size"] is None:
+            raise ValueError("Invalid history_size: None (KBFGSL needs an integer >= 1; use KBFGS for dense BFGS)")
+        super().__init__(model, **kwargs)

@@ -1,0 +1,482 @@
+"""mL-BFGS: block-wise momentum L-BFGS (Niu, Fabian, Lee, Soltanolkotabi & Avestimehr, TMLR 2023).
+
+Every step (nearly free: two axpys per parameter)
+
+    M^θ ← β_θ M^θ + (1−β_θ) θ,    M^g ← β_g M^g + (1−β_g) g                  (paper, eq. 5)
+
+every ``update_interval`` = T steps, per block, a curvature pair from the averages
+
+    s = M^θ_now − M^θ_{T steps ago},   y = M^g_now − M^g_{T steps ago}         (paper, eq. 6)
+
+damped so that ``σ_L ≤ sᵀy/sᵀs ≤ σ_H`` (eq. 7) and pushed into the block's history of ``m`` pairs; the
+direction ``d = H g`` is the block's L-BFGS product (compact form), first-order ``d = g`` until a block
+has its first pair, and the step is heavy-ball momentum with decoupled weight decay:
+
+    b ← μ b + d,    θ ← θ − α (b + λ_wd θ).
+
+Distributed: the pair pushes are replicated on every rank (cheap, every T steps) so rank 0 holds the
+complete state; the per-step L-BFGS products, the dominant cost, are computed only by each block's
+owner (greedy assignment by size) and exchanged with one all-reduce, so replicas take identical steps.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..distributed import all_reduce_sum_, greedy_assignment, rank, world_size
+from ..linalg import LBFGSHistory, check_curvature, mlbfgs_damping
+from ._base import QNOptimizerBase, check_range
+
+__all__ = ["MLBFGS", "Block", "build_blocks"]
+
+_HIST_KEYS = ("hist_S", "hist_Y", "hist_SY", "hist_YY", "hist_count", "hist_head")
+_BLOCK_COUNTERS = ("pairs_accepted", "pairs_skipped", "pairs_damped")
+_PARAM_KEYS = ("param_avg", "grad_avg", "param_avg_prev", "grad_avg_prev", "momentum_buffer")
+
+
+@dataclass(frozen=True)
+class Block:
+    """A set of whole parameters whose Hessian block is approximated by one L-BFGS history."""
+
+    name: str
+    params: tuple[nn.Parameter, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def build_blocks(
+    named_params: Sequence[tuple[str, nn.Parameter]],
+    blocks: str | int | Mapping[str, Sequence[str]] = "layer",
+    min_block_size: int = 0,
+) -> list[Block]:
+    """Partition parameters into blocks.
+
+    Args:
+        named_params: ``(name, parameter)`` in a fixed order (deduplicated).
+        blocks: ``"layer"`` (parameters of one module together: names sharing the prefix before the last
+            dot), ``"param"`` (one block per parameter), ``"model"`` (one block), an integer ``n`` (consecutive
+            parameters merged until a block holds at least ``n`` elements; a parameter is never split), or a
+            mapping ``{block name: [parameter names]}`` (parameters not named go to per-layer blocks).
+        min_block_size: consecutive blocks smaller than this are merged.
+    """
+    if isinstance(blocks, Mapping):
+        by_name = dict(named_params)
+        out: list[Block] = []
+        used: set[str] = set()
+        for bname, pnames in blocks.items():
+            missing = [n for n in pnames if n not in by_name]
+            if missing:
+                raise ValueError(f"Invalid blocks[{bname!r}]: unknown parameter names {missing}")
+            dup = [n for n in pnames if n in used]
+            if dup:
+                raise ValueError(f"Invalid blocks[{bname!r}]: parameters {dup} are already in another block")
+            used.update(pnames)
+            out.append(Block(bname, tuple(by_name[n] for n in pnames)))
+        rest = [(n, p) for n, p in named_params if n not in used]
+        return out + build_blocks(rest, "layer", min_block_size)
+    groups: list[tuple[str, list[nn.Parameter]]] = []
+    if blocks == "layer":
+        for n, p in named_params:
+            prefix = n.rsplit(".", 1)[0] if "." in n else n
+            if groups and groups[-1][0] == prefix:
+                groups[-1][1].append(p)
+            else:
+                groups.append((prefix, [p]))
+    elif blocks == "param":
+        groups = [(n, [p]) for n, p in named_params]
+    elif blocks == "model":
+        groups = [("model", [p for _, p in named_params])] if named_params else []
+    elif isinstance(blocks, int) and not isinstance(blocks, bool):
+        if blocks < 1:
+            raise ValueError(f"Invalid blocks: {blocks} (a chunk size must be >= 1)")
+        cur: list[nn.Parameter] = []
+        first = ""
+        for n, p in named_params:
+            if not cur:
+                first = n
+            cur.append(p)
+            if sum(q.numel() for q in cur) >= blocks:
+                groups.append((f"chunk:{first}", cur))
+                cur = []
+        if cur:
+            groups.append((f"chunk:{first}", cur))
+    else:
+        raise ValueError(
+            f"Invalid blocks: {blocks!r} (must be 'layer', 'param', 'model', a chunk size, or a mapping of names)"
+        )
+    if min_block_size > 0:
+        merged: list[tuple[str, list[nn.Parameter]]] = []
+        for name, ps in groups:
+            small = sum(p.numel() for p in ps) < min_block_size
+            if merged and small and sum(p.numel() for p in merged[-1][1]) < min_block_size:
+                merged[-1] = (merged[-1][0] + "+" + name, merged[-1][1] + ps)
+            else:
+                merged.append((name, list(ps)))
+        groups = merged
+    names = [g[0] for g in groups]
+    if len(set(names)) != len(names):  # e.g. non-consecutive parameters of one layer
+        groups = [(f"{n}#{i}", ps) for i, (n, ps) in enumerate(groups)]
+    return [Block(n, tuple(ps)) for n, ps in groups]
+
+
+class MLBFGS(QNOptimizerBase):
+    """Momentum-based block-wise L-BFGS; needs no closure and no hooks.
+
+    Args:
+        params: an ``nn.Module`` (blocks follow its layers and names), an iterable of parameters, or of
+            param-group dicts (torch.optim style; parameters named ``group{i}.{j}``).
+        lr: step size α. (default: 0.1, the official runs' initial lr)
+        momentum: heavy-ball momentum μ on the direction. (default: 0.9, the official runs')
+        weight_decay: decoupled weight decay, applied to the parameters (not mixed into the gradient or
+            into ``y``, unlike the official code). (default: 0.0)
+        history_size: pairs kept per block, ``m``. (default: 10, the official runs')
+        update_interval: steps between curvature pairs, ``T``. (default: 10: with β = 0.9 the averages
+            forget in about 10 steps, so pairs every 10 steps are nearly independent; the official runs use
+            50 with β = 0.999 over 150-epoch trainings, too slow for short fine-tuning)
+        param_beta, grad_beta: β_θ, β_g of the running averages (normalized EMAs started at the first
+            value). (default: 0.9)
+        sigma_low, sigma_high: damping bounds on ``sᵀy/sᵀs``. (default: 0.01, 1.5, the official code's)
+        damping: mixing cap: at most ``1 − damping`` of ``y`` is kept (``τ₀ = 1 − damping``).
+            (default: 0.01, the official runs')
+        damp: apply the bounds at all (off gives textbook pairs). (default: True)
+        pair_momentum: the official code's "double momentum" on pairs:
+            ``s ← (1−c) s + c s_prev``, same for ``y``. (default: 0.0; the official runs use 0.9)
+        normalize: scale the direction to unit global L2 norm before momentum, as the official code does
+            for all its results (then ``lr`` is the step length; use a decaying schedule). Unnormalized, the
+            first-order warm-up ``d = g`` and the quasi-Newton ``d = Hg`` differ in scale by up to
+            ``1/σ_L`` and one ``lr`` rarely suits both (measured on digits: unnormalized diverges for
+            lr ≥ 0.003 with σ_L = 0.01). (default: True)
+        grad_avg_reset: restart the gradient average from the current gradient after each pair (the
+            official "refresh-g"). (default: False)
+        gamma: initial scaling ``H₀ = γI``: ``"auto"`` (newest pair's ``sᵀy/yᵀy``) or a float.
+            (default: ``"auto"``)
+        curvature_eps: a pair is used only if ``sᵀy > curvature_eps · sᵀs``. (default: 1e-10)
+        history_dtype: storage dtype of the histories, float32 or bfloat16 (halves the dominant memory).
+            (default: torch.float32)
+        blocks: ``"layer"``, ``"param"``, ``"model"``, a chunk size, or ``{name: [param names]}``; see
+            :func:`build_blocks`. (default: ``"layer"``)
+        min_block_size: merge consecutive blocks smaller than this. (default: 0)
+    """
+
+    _CURVATURE_KEYS = frozenset(
+        {"mlbfgs_step", "steps_skipped_nonfinite", "has_prev", *_HIST_KEYS, *_BLOCK_COUNTERS, *_PARAM_KEYS}
+    )
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[nn.Parameter] | Iterable[dict[str, Any]],
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        history_size: int = 10,
+        update_interval: int = 10,
+        param_beta: float = 0.9,
+        grad_beta: float = 0.9,
+        sigma_low: float = 0.01,
+        sigma_high: float = 1.5,
+        damping: float = 0.01,
+        damp: bool = True,
+        pair_momentum: float = 0.0,
+        normalize: bool = True,
+        grad_avg_reset: bool = False,
+        gamma: float | str = "auto",
+        curvature_eps: float = 1e-10,
+        history_dtype: torch.dtype = torch.float32,
+        blocks: str | int | Mapping[str, Sequence[str]] = "layer",
+        min_block_size: int = 0,
+    ) -> None:
+        check_range("lr", lr, 0.0, math.inf)
+        check_range("momentum", momentum, 0.0, 1.0)
+        check_range("weight_decay", weight_decay, 0.0, math.inf)
+        check_range("param_beta", param_beta, 0.0, 1.0)
+        check_range("grad_beta", grad_beta, 0.0, 1.0)
+        check_range("damping", damping, 0.0, 1.0)
+        check_range("pair_momentum", pair_momentum, 0.0, 1.0)
+        check_range("curvature_eps", curvature_eps, 0.0, math.inf)
+        if int(history_size) != history_size or history_size < 1:
+            raise ValueError(f"Invalid history_size: {history_size} (must be an integer >= 1)")
+        if int(update_interval) != update_interval or update_interval < 1:
+            raise ValueError(f"Invalid update_interval: {update_interval} (must be an integer >= 1)")
+        if not 0.0 <= sigma_low < 1.0 < sigma_high:
+            raise ValueError(
+                f"Invalid sigma_low/sigma_high: {sigma_low}/{sigma_high} (need 0 <= sigma_low < 1 < sigma_high)"
+            )
+        if history_dtype not in (torch.float32, torch.bfloat16, torch.float64):
+            raise ValueError(f"Invalid history_dtype: {history_dtype} (must be torch.float32 or torch.bfloat16)")
+        if isinstance(gamma, str) and gamma != "auto":
+            raise ValueError(f"Invalid gamma: {gamma!r} (must be 'auto' or a positive float)")
+        if not isinstance(gamma, str) and not gamma > 0:
+            raise ValueError(f"Invalid gamma: {gamma} (must be 'auto' or a positive float)")
+
+        named, groups = self._named_params_and_groups(params)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            history_size=int(history_size),
+            update_interval=int(update_interval),
+            param_beta=param_beta,
+            grad_beta=grad_beta,
+            sigma_low=sigma_low,
+            sigma_high=sigma_high,
+            damping=damping,
+            damp=damp,
+            pair_momentum=pair_momentum,
+            normalize=normalize,
+            grad_avg_reset=grad_avg_reset,
+            gamma=gamma,
+            curvature_eps=curvature_eps,
+            history_dtype=str(history_dtype).replace("torch.", ""),
+        )
+        super().__init__(groups, defaults)
+        in_groups = {id(p) for g in self.param_groups for p in g["params"]}
+        named = [(n, p) for n, p in named if id(p) in in_groups]
+        if not named:
+            raise ValueError("MLBFGS got no trainable parameter")
+        self.blocks: list[Block] = build_blocks(named, blocks, min_block_size)
+        self._names = {id(p): n for n, p in named}
+        self._assign()
+        #: L-BFGS products computed by this rank (to show the distributed work split).
+        self.work_counter = 0
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _named_params_and_groups(
+        params: nn.Module | Iterable[nn.Parameter] | Iterable[dict[str, Any]],
+    ) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
+        if isinstance(params, nn.Module):
+            named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
+            return named, [{"params": [p for _, p in named]}]
+        items = list(params)
+        if not items:
+            raise ValueError("MLBFGS got an empty parameter list")
+        if isinstance(items[0], dict):
+            named: list[tuple[str, Any]] = []
+            groups = []
+            for i, g in enumerate(items):
+                assert isinstance(g, dict)
+                ps = [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])
+                names = g.get("param_names")
+                for j, p in enumerate(ps):
+                    named.append((names[j] if names else f"group{i}.{j}", p))
+                groups.append(dict(g, params=ps))
+            return named, groups
+        ps = [p for p in items if isinstance(p, Tensor)]
+        return [(f"param{j}", p) for j, p in enumerate(ps)], [{"params": ps}]
+
+    def _assign(self) -> None:
+        costs = {b.name: float(b.numel) for b in self.blocks}
+        self.owners = greedy_assignment(costs, world_size())
+
+    def block_map(self) -> str:
+        """A table of the blocks: name, parameters, size and owner rank."""
+        lines = [f"{'block':<40} {'numel':>10} {'owner':>5}  parameters"]
+        for b in self.blocks:
+            pn = ", ".join(self._names.get(id(p), "?") for p in b.params)
+            lines.append(f"{b.name:<40} {b.numel:>10} {self.owners[b.name]:>5}  {pn}")
+        return "\n".join(lines)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held now (all tensors in ``self.state``)."""
+        tensors = [v for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
+        return sum(v.numel() * v.element_size() for v in tensors)
+
+    def statistics(self) -> dict[str, float]:
+        """Counters for logging (keys prefixed ``qn/``)."""
+        out = {f"qn/{k}": 0.0 for k in _BLOCK_COUNTERS}
+        pairs_held = 0
+        for b in self.blocks:
+            st = self.state.get(b.params[0], {})
+            for k in _BLOCK_COUNTERS:
+                out[f"qn/{k}"] += float(st.get(k, 0))
+            pairs_held += int(st.get("hist_count", 0))
+        first = self.state.get(self.blocks[0].params[0], {})
+        out["qn/steps_skipped_nonfinite"] = float(first.get("steps_skipped_nonfinite", 0))
+        out["qn/pairs_held"] = float(pairs_held)
+        return out
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step. ``closure`` (optional, torch.optim semantics) computes loss and gradients first."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        anchor = self._block_state(self.blocks[0])
+        params = [p for b in self.blocks for p in b.params]
+        if not self._all_grads_finite(params):
+            anchor["steps_skipped_nonfinite"] += 1
+            warnings.warn("MLBFGS: non-finite gradient; step skipped, history untouched", RuntimeWarning, stacklevel=2)
+            return loss
+        anchor["mlbfgs_step"] += 1
+        t = int(anchor["mlbfgs_step"])
+        hp = self.defaults
+        for b in self.blocks:
+            self._update_averages(b, first=(t == 1))
+        if t % hp["update_interval"] == 0:
+            for b in self.blocks:
+                self._curvature_pair(b)
+        directions = self._directions()
+        self._apply(directions)
+        return loss
+
+    def _update_averages(self, b: Block, first: bool) -> None:
+        """M^θ ← β_θ M^θ + (1−β_θ) θ,  M^g ← β_g M^g + (1−β_g) g  (started at the first θ, g)."""
+        bp, bg = self.defaults["param_beta"], self.defaults["grad_beta"]
+        for p in b.params:
+            st = self._param_state(p)
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if first:
+                st["param_avg"].copy_(p)
+                st["grad_avg"].copy_(g)
+            else:
+                st["param_avg"].mul_(bp).add_(p.to(torch.float32), alpha=1 - bp)
+                st["grad_avg"].mul_(bg).add_(g.to(torch.float32), alpha=1 - bg)
+
+    def _curvature_pair(self, b: Block) -> None:
+        """s = M^θ − M^θ_prev, y = M^g − M^g_prev; pair momentum; damping (eq. 7); push if sᵀy > ε sᵀs."""
+        hp = self.defaults
+        bst = self._block_state(b)
+        first_pair_point = not bool(bst["has_prev"])
+        s_parts, y_parts = [], []
+        for p in b.params:
+            st = self._param_state(p)
+            if not first_pair_point:
+                s_parts.append((st["param_avg"] - st["param_avg_prev"]).reshape(-1))
+                y_parts.append((st["grad_avg"] - st["grad_avg_prev"]).reshape(-1))
+            st["param_avg_prev"].copy_(st["param_avg"])
+            st["grad_avg_prev"].copy_(st["grad_avg"])
+            if hp["grad_avg_reset"] and p.grad is not None:
+                st["grad_avg"].copy_(p.grad)
+        bst["has_prev"].fill_(True)
+        if first_pair_point:
+            return
+        s, y = torch.cat(s_parts), torch.cat(y_parts)
+        hist = self._history(b)
+        c = hp["pair_momentum"]
+        if c > 0 and len(hist) > 0:
+            j = hist.newest()
+            s = (1 - c) * s + c * hist.S[j].to(s.dtype)
+            y = (1 - c) * y + c * hist.Y[j].to(y.dtype)
+        if hp["damp"]:
+            y, fired = mlbfgs_damping(s, y, hp["sigma_low"], hp["sigma_high"], 1.0 - hp["damping"])
+            if fired:
+                bst["pairs_damped"] += 1
+        ss = float(torch.dot(s.double(), s.double()))
+        check = check_curvature(s, y)
+        if not check.ok or check.sy <= hp["curvature_eps"] * ss:
+            bst["pairs_skipped"] += 1
+            return
+        hist.push(s, y)
+        self._store_history(b, hist)
+        bst["pairs_accepted"] += 1
+
+    def _directions(self) -> list[Tensor]:
+        """d = H g per block on its owner rank (compact L-BFGS), d = g before the first pair; then one
+        all-reduce so every rank holds every block's direction (non-owners contribute zeros)."""
+        me = rank()
+        ws = world_size()
+        out = []
+        for b in self.blocks:
+            n = b.numel
+            if ws > 1 and self.owners[b.name] != me:
+                out.append(torch.zeros(n, dtype=torch.float32, device=b.params[0].device))
+                continue
+            g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in b.params])
+            g = g.to(torch.float32)
+            hist = self._history(b)
+            if len(hist) == 0:
+                out.append(g.clone())
+            else:
+                self.work_counter += 1
+                out.append(hist.apply(g))
+        if ws > 1:
+            all_reduce_sum_(out)
+        if self.defaults["normalize"]:
+            total = math.sqrt(sum(float(torch.dot(d.double(), d.double())) for d in out))
+            if total > 0:
+                out = [d / total for d in out]
+        return out
+
+    def _apply(self, directions: list[Tensor]) -> None:
+        """b ← μ b + d;  θ ← θ(1 − α λ_wd) − α b."""
+        for blk, d in zip(self.blocks, directions):
+            offset = 0
+            for p in blk.params:
+                n = p.numel()
+                dp = d[offset : offset + n].view_as(p)
+                offset += n
+                group = self._group_of(p)
+                st = self._param_state(p)
+                buf = st["momentum_buffer"]
+                mu = group["momentum"]
+                if mu > 0:
+                    buf.mul_(mu).add_(dp)
+                    upd = buf
+                else:
+                    upd = dp
+                if group["weight_decay"] != 0:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(upd.to(p.dtype), alpha=-group["lr"])
+
+    # ------------------------------------------------------------------ state helpers
+    def _param_state(self, p: nn.Parameter) -> dict[str, Any]:
+        st = self.state[p]
+        if "param_avg" not in st:
+            for k in _PARAM_KEYS:
+                st[k] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        return st
+
+    def _block_state(self, b: Block) -> dict[str, Any]:
+        st = self.state[b.params[0]]
+        if "hist_S" not in st:
+            st["mlbfgs_step"] = torch.tensor(0, dtype=torch.int64)
+            st["steps_skipped_nonfinite"] = torch.tensor(0, dtype=torch.int64)
+            st["has_prev"] = torch.tensor(False)
+            for k in _BLOCK_COUNTERS:
+                st[k] = torch.tensor(0, dtype=torch.int64)
+            dtype = getattr(torch, self.defaults["history_dtype"])
+            hist = LBFGSHistory(
+                self.defaults["history_size"], b.numel, gamma=self.defaults["gamma"], dtype=dtype,
+                device=b.params[0].device,
+            )
+            self._store_history(b, hist)
+        return st
+
+    def _history(self, b: Block) -> LBFGSHistory:
+        st = self._block_state(b)
+        return LBFGSHistory.from_state({k[5:]: st[k] for k in _HIST_KEYS}, gamma=self.defaults["gamma"])
+
+    def _store_history(self, b: Block, hist: LBFGSHistory) -> None:
+        st = self.state[b.params[0]]
+        st["hist_S"], st["hist_Y"], st["hist_SY"], st["hist_YY"] = hist.S, hist.Y, hist.SY, hist.YY
+        st["hist_count"] = torch.tensor(hist.count, dtype=torch.int64)
+        st["hist_head"] = torch.tensor(hist.head, dtype=torch.int64)
+
+    def _group_of(self, p: nn.Parameter) -> dict[str, Any]:
+        cache: dict[int, dict[str, Any]] | None = getattr(self, "_group_cache", None)
+        if cache is None:
+            cache = {id(q): g for g in self.param_groups for q in g["params"]}
+            self._group_cache: dict[int, dict[str, Any]] | None = cache
+        return cache[id(p)]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._group_cache = None
+        for b in self.blocks:
+            st = self.state.get(b.params[0], {})
+            if "hist_S" in st and st["hist_S"].shape[1] != b.numel:
+                raise ValueError(
+                    f"MLBFGS state for block {b.name!r} has {st['hist_S'].shape[1]} elements but the block has "
+                    f"{b.numel}: the block layout (blocks=, min_block_size=) differs from the saved run"
+                )

@@ -1,0 +1,54 @@
+"""Small training loops shared by optimizer tests."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def loop(model: nn.Module, opt, batches, loss_fn: Callable, closure: bool = True, scaler=None) -> list[float]:
+    """Plain loop: zero_grad, forward, backward, step(closure) where the closure re-runs the batch."""
+    losses = []
+    for batch in batches:
+        opt.zero_grad()
+        loss = loss_fn(model, batch)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        def cl(batch=batch):
+            out = loss_fn(model, batch)
+            (scaler.scale(out) if scaler is not None else out).backward()
+            return out
+
+        if scaler is not None:
+            scaler.step(opt, cl) if closure else scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step(cl) if closure else opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def roundtrip(state_dict) -> dict:
+    """torch.save then torch.load(weights_only=True), as the Trainer does."""
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def mse_loss(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def regression_batches(n: int, batch: int = 16, d_in: int = 6, d_out: int = 3, seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d_out, d_in, generator=g)
+    out = []
+    for _ in range(n):
+        x = torch.randn(batch, d_in, generator=g)
+        out.append((x.to(dtype), (torch.tanh(x @ W.T) + 0.1 * torch.randn(batch, d_out, generator=g)).to(dtype)))
+    return out

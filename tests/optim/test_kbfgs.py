@@ -1,0 +1,286 @@
+"""K-BFGS behaviour: the closure contract, real-world training conditions, validation, model families."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import hf_qn
+from tests._helpers.models import SmallCNN, digits_tensors, mlp, tiny_bert, tiny_gpt2, token_batch
+from tests._helpers.training import loop, mse_loss, regression_batches
+
+
+def test_closure_required_on_curvature_steps_with_clear_error():
+    model = mlp()
+    opt = hf_qn.KBFGS(model)
+    mse_loss(model, regression_batches(1)[0]).backward()
+    with pytest.raises(RuntimeError, match="needs a closure"):
+        opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before touching anything
+
+
+def test_closure_gradients_do_not_leak():
+    model = mlp()
+    opt = hf_qn.KBFGS(model)
+    batch = regression_batches(1)[0]
+    mse_loss(model, batch).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+
+    def closure():
+        loss = 100.0 * mse_loss(model, batch)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    for g, p in zip(grads, model.parameters()):
+        assert torch.equal(g, p.grad)
+
+
+def test_no_second_pass_mode_trains_without_closure():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = hf_qn.KBFGS(model, lr=0.3, pairs="consecutive")
+    losses = loop(model, opt, regression_batches(60), mse_loss, closure=False)
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    assert opt.statistics()["qn/pairs_accepted"] > 0
+
+
+def test_update_interval_captures_and_calls_closure_only_on_curvature_steps():
+    model = mlp()
+    opt = hf_qn.KBFGS(model, lr=0.1, update_interval=3)
+    calls = []
+    for i, batch in enumerate(regression_batches(7)):
+        opt.zero_grad()
+        assert opt.curvature_step_next() == (i % 3 == 0)
+        mse_loss(model, batch).backward()
+        if opt.curvature_step_next():
+            opt.step(lambda batch=batch: calls.append(1) or mse_loss(model, batch).backward())
+        else:
+            opt.step()  # no closure needed on the other steps
+    assert len(calls) == 3
+    assert opt.statistics()["qn/pairs_accepted"] == 3 * len(opt.adapters)
+
+
+def test_fallback_equals_torch_adamw_exactly():
+    """Parameters no adapter takes (here: LayerNorm) follow torch.optim.AdamW bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    ref = copy.deepcopy(model)
+    opt = hf_qn.KBFGS(model, lr=0.1, fallback_lr=1e-2, fallback_weight_decay=0.01)
+    ref_opt = torch.optim.AdamW(ref[1].parameters(), lr=1e-2, weight_decay=0.01, foreach=False)
+    for batch in regression_batches(5):
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        mse_loss(model, batch).backward()
+        mse_loss(ref, batch).backward()
+        # Same gradient on the LayerNorm as long as the other layers are equal: compare the update alone.
+        with torch.no_grad():
+            for p, q in zip(model[1].parameters(), ref[1].parameters()):
+                q.copy_(p)
+                q.grad = p.grad.clone()
+        opt.step(lambda batch=batch: mse_loss(model, batch).backward())
+        ref_opt.step()
+        for p, q in zip(model[1].parameters(), ref[1].parameters()):
+            assert torch.equal(p, q)
+        with torch.no_grad():  # keep the rest of the reference model in lockstep
+            for p, q in zip(model.parameters(), ref.parameters()):
+                q.copy_(p)
+
+
+def test_param_groups_cover_every_parameter_once_and_scheduler_scales_both_parts():
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    opt = hf_qn.KBFGS(model, lr=0.2, fallback_lr=1e-3)
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    assert sorted(g["lr"] for g in opt.param_groups) == [5e-4, 0.1]
+    assert sched.get_last_lr()
+
+
+def test_nonfinite_gradient_skips_step_and_keeps_curvature():
+    model = mlp()
+    opt = hf_qn.KBFGS(model, lr=0.1)
+    loop(model, opt, regression_batches(2), mse_loss)
+    snap_p = [p.detach().clone() for p in model.parameters()]
+    snap_s = {k: v.clone() for k, v in opt.state[model[0].weight].items() if torch.is_tensor(v)}
+    batch = regression_batches(1, seed=5)[0]
+    opt.zero_grad()
+    mse_loss(model, batch).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step(lambda: mse_loss(model, batch).backward())
+    assert all(torch.equal(a, b) for a, b in zip(snap_p, model.parameters()))
+    st = opt.state[model[0].weight]
+    for k, v in snap_s.items():
+        if k != "steps_skipped_nonfinite":
+            assert torch.equal(st[k], v), k
+    assert opt.statistics()["qn/steps_skipped_nonfinite"] == 1
+
+
+def test_gradscaler_skipped_step_commits_no_statistics_or_pair():
+    """A CPU GradScaler with a poisoned gradient skips step(); the next step sees only its own batch."""
+    torch.manual_seed(0)
+    model = mlp()
+    ref = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = hf_qn.KBFGS(model, lr=0.1, grad_scaler=scaler)
+    ref_opt = hf_qn.KBFGS(ref, lr=0.1)
+    good = regression_batches(3, seed=1)
+    # poisoned step: the model never moves, nothing is committed
+    opt.zero_grad()
+    loss = mse_loss(model, good[0])
+    scaler.scale(loss).backward()
+    model[2].bias.grad[0] = float("inf")
+    scaler.step(opt, lambda: scaler.scale(mse_loss(model, good[0])).backward())
+    scaler.update()
+    assert opt.state[model[0].weight] == {} or int(opt.state[model[0].weight]["qn_step"]) == 0
+    # following steps equal an unscaled run that never saw the poisoned batch (stats unscaled)
+    for batch in good[1:]:
+        opt.zero_grad()
+        scaler.scale(mse_loss(model, batch)).backward()
+        scaler.step(opt, lambda batch=batch: scaler.scale(mse_loss(model, batch)).backward())
+        scaler.update()
+        ref_opt.zero_grad()
+        mse_loss(ref, batch).backward()
+        ref_opt.step(lambda batch=batch: mse_loss(ref, batch).backward())
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[model[0].weight]["H_g"], ref_opt.state[ref[0].weight]["H_g"])
+
+
+def test_accumulation_2x4_equals_1x8():
+    torch.manual_seed(0)
+    model = mlp()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = hf_qn.KBFGS(model, lr=0.1), hf_qn.KBFGS(ref, lr=0.1)
+    for x, y in regression_batches(3, batch=8):
+        ref_opt.zero_grad()
+        mse_loss(ref, (x, y)).backward()
+        ref_opt.step(lambda x=x, y=y: mse_loss(ref, (x, y)).backward())
+        opt.zero_grad()
+        parts = list(zip(x.split(4), y.split(4)))
+        for part in parts:
+            (mse_loss(model, part) / 2).backward()
+
+        def closure(parts=parts):
+            for part in parts:
+                (mse_loss(model, part) / 2).backward()
+
+        opt.step(closure)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[model[0].weight]["H_g"], ref_opt.state[ref[0].weight]["H_g"])
+
+
+def test_eval_mode_and_optimizer_eval_capture_nothing():
+    model = mlp()
+    opt = hf_qn.KBFGS(model)
+    opt.eval()
+    model(torch.randn(3, 6)).sum().backward()
+    assert all(not s.pending for s in opt.capture.stats["primary"])
+    opt.train()
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(3, 6))
+    assert all(not s.pending for s in opt.capture.stats["primary"])
+
+
+def test_functionally_used_layer_gives_clear_error():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.lin.weight, self.lin.bias)
+
+    model = Functional()
+    opt = hf_qn.KBFGS(model)
+    x = torch.randn(3, 4)
+    model(x).sum().backward()
+    with pytest.raises(RuntimeError, match="did not fire.*exclude"):
+        opt.step(lambda: model(x).sum().backward())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"damping": 0.0}, "damping"),
+        ({"damping": 1.5}, "damping"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"stat_decay": -0.1}, "stat_decay"),
+        ({"pair_decay": 1.0}, "pair_decay"),
+        ({"powell_mu": 0.0}, "powell_mu"),
+        ({"history_size": 0}, "history_size"),
+        ({"update_interval": 0}, "update_interval"),
+        ({"lm_damping": "x"}, "lm_damping"),
+        ({"input_inverse": "eigh"}, "input_inverse"),
+        ({"pairs": "x"}, "pairs"),
+        ({"fallback": "lion"}, "fallback"),
+        ({"fallback_betas": (0.9, 1.0)}, "fallback_betas"),
+        ({"kl_clip": 0.0}, "kl_clip"),
+        ({"weight_decay": -1e-3}, "weight_decay"),
+    ],
+)
+def test_validation_names_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hf_qn.KBFGS(mlp(), **kwargs)
+
+
+def test_model_without_adaptable_layer_and_non_module():
+    with pytest.raises(ValueError, match="no adaptable layer"):
+        hf_qn.KBFGS(nn.Sequential(nn.LayerNorm(4)))
+    with pytest.raises(TypeError, match="MLBFGS"):
+        hf_qn.KBFGS(list(mlp().parameters()))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="history_size"):
+        hf_qn.KBFGSL(mlp(), history_size=None)  # type: ignore[arg-type]
+
+
+def test_large_lr_never_produces_nonfinite_parameters():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = hf_qn.KBFGS(model, lr=50.0, damping=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loop(model, opt, regression_batches(15), mse_loss)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _falls(model, opt, batches, loss_fn, steps_frac=0.5):
+    losses = loop(model, opt, batches, loss_fn)
+    k = max(2, int(len(losses) * 0.2))
+    assert sum(losses[-k:]) / k < steps_frac * sum(losses[:k]) / k, losses
+
+
+@pytest.mark.parametrize("cls", [hf_qn.KBFGS, hf_qn.KBFGSL])
+def test_loss_falls_mlp_and_cnn(cls):
+    torch.manual_seed(0)
+    x, y = digits_tensors(256)
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)] * 5
+    ce = nn.CrossEntropyLoss()
+    model = SmallCNN()
+    _falls(model, cls(model, lr=0.3), batches, lambda m, b: ce(m(b[0]), b[1]))
+    flat = [(a.flatten(1), b) for a, b in batches]
+    model2 = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    _falls(model2, cls(model2, lr=1.0), flat, lambda m, b: ce(m(b[0]), b[1]), 0.8)
+
+
+@pytest.mark.parametrize("cls", [hf_qn.KBFGS, hf_qn.KBFGSL])
+def test_loss_falls_gpt2_conv1d_tied_and_bert_embedding(cls):
+    torch.manual_seed(0)
+    gpt = tiny_gpt2()
+    batch = token_batch(8, 16)
+    opt = cls(gpt, lr=0.2, fallback_lr=3e-3)
+    assert any(type(a).__name__ == "Conv1DAdapter" for a in opt.adapters)
+    _falls(gpt, opt, [batch] * 15, lambda m, b: m(**b, labels=b["input_ids"]).loss, 0.85)
+    bert = tiny_bert()
+    labels = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0])
+    opt = cls(bert, lr=0.2, fallback_lr=3e-3)
+    assert any(type(a).__name__ == "EmbeddingAdapter" for a in opt.adapters)
+    _falls(bert, opt, [batch] * 15, lambda m, b: m(**b, labels=labels).loss, 0.85)

@@ -1,0 +1,109 @@
+"""The state contract of both optimizers: weights_only, dtypes, counters, exact lockstep resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hf_qn
+from tests._helpers.models import mlp
+from tests._helpers.training import loop, mse_loss, regression_batches, roundtrip
+
+OPTIMIZERS = {
+    "kbfgs": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3),
+    "kbfgsl": lambda m: hf_qn.KBFGSL(m, lr=0.1, damping=0.3, history_size=3),
+    "kbfgs_interval": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, update_interval=3, input_inverse="cholesky",
+                                            inverse_interval=2),
+    "kbfgs_consecutive": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, pairs="consecutive"),
+    "mlbfgs": lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=2, history_size=3),
+    "mlbfgs_bf16": lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=2, history_size=3,
+                                          history_dtype=torch.bfloat16),
+}
+
+
+def _all_tensors_or_primitives(obj) -> bool:
+    if isinstance(obj, dict):
+        return all(isinstance(k, (str, int)) and _all_tensors_or_primitives(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_all_tensors_or_primitives(v) for v in obj)
+    return obj is None or isinstance(obj, (torch.Tensor, int, float, str, bool))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_lockstep_resume_is_bitwise(name):
+    """Run 8 steps; separately run 4, save (weights_only), restore into fresh objects, run 4: identical."""
+    batches = regression_batches(8)
+    torch.manual_seed(0)
+    ref_model = mlp()
+    init = copy.deepcopy(ref_model.state_dict())
+    ref_opt = OPTIMIZERS[name](ref_model)
+    loop(ref_model, ref_opt, batches, mse_loss)
+
+    m1 = mlp()
+    m1.load_state_dict(init)
+    o1 = OPTIMIZERS[name](m1)
+    loop(m1, o1, batches[:4], mse_loss)
+    sd = roundtrip(o1.state_dict())
+    assert _all_tensors_or_primitives(sd)
+    msd = roundtrip(m1.state_dict())
+
+    m2 = mlp()
+    m2.load_state_dict(msd)
+    o2 = OPTIMIZERS[name](m2)
+    o2.load_state_dict(sd)
+    loop(m2, o2, batches[4:], mse_loss)
+    for a, b in zip(ref_model.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    for p_ref, p2 in zip(ref_model.parameters(), m2.parameters()):
+        for k, v in ref_opt.state[p_ref].items():
+            v2 = o2.state[p2][k]
+            assert (torch.equal(v, v2) if torch.is_tensor(v) else v == v2), k
+
+
+@pytest.mark.parametrize("name", ["kbfgs", "kbfgsl", "mlbfgs"])
+def test_curvature_stays_float32_on_bf16_model_after_load(name):
+    torch.manual_seed(0)
+    model = mlp().to(torch.bfloat16)
+    opt = OPTIMIZERS[name](model)
+    loop(model, opt, regression_batches(4, dtype=torch.bfloat16), mse_loss)
+    sd = roundtrip(opt.state_dict())
+    opt2 = OPTIMIZERS[name](model)
+    opt2.load_state_dict(sd)
+    for p in model.parameters():
+        for k, v in opt.state[p].items():
+            if torch.is_tensor(v):
+                assert opt2.state[p][k].dtype == v.dtype, k
+                assert torch.equal(opt2.state[p][k], v), k
+    keys = {k for st in opt2.state.values() for k in st}
+    curv = {"H_g", "A", "H_a"} if name.startswith("kbfgs") and name != "kbfgsl" else {"hist_S"} if name == "mlbfgs" else {"Hg_S"}
+    assert curv <= keys
+    for st in opt2.state.values():
+        for k in curv & set(st):
+            assert st[k].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_counters_are_tensors_and_empty_state_round_trips(name):
+    model = mlp()
+    opt = OPTIMIZERS[name](model)
+    opt.load_state_dict(opt.state_dict())  # Accelerate does this at prepare time, with empty state
+    loop(model, opt, regression_batches(3), mse_loss)
+    for st in opt.state.values():
+        for k, v in st.items():
+            assert torch.is_tensor(v), f"{k} is {type(v)}"
+    stats = opt.statistics()
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_mlbfgs_state_bytes_per_parameter():
+    """(2m + 5) x 4 bytes per parameter in float32; bf16 history halves the 2m part."""
+    m = 10
+    for dtype, per_param in ((torch.float32, (2 * m + 5) * 4), (torch.bfloat16, 2 * m * 2 + 5 * 4)):
+        model = torch.nn.Linear(200, 100)
+        opt = hf_qn.MLBFGS(model, history_size=m, history_dtype=dtype, blocks="model")
+        loop(model, opt, regression_batches(2, d_in=200, d_out=100), mse_loss)
+        n = sum(p.numel() for p in model.parameters())
+        assert opt.state_bytes() / n == pytest.approx(per_param, rel=0.01)
+        assert opt.state_bytes() / n <= (2 * m + 6) * 4
