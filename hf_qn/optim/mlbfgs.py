@@ -253,6 +253,7 @@ class MLBFGS(QNOptimizerBase):
     def _named_params_and_groups(
         params: nn.Module | Iterable[nn.Parameter] | Iterable[dict[str, Any]],
     ) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
+        named: list[tuple[str, Any]] = []
         if isinstance(params, nn.Module):
             named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
             return named, [{"params": [p for _, p in named]}]
@@ -260,7 +261,6 @@ class MLBFGS(QNOptimizerBase):
         if not items:
             raise ValueError("MLBFGS got an empty parameter list")
         if isinstance(items[0], dict):
-            named: list[tuple[str, Any]] = []
             groups = []
             for i, g in enumerate(items):
                 assert isinstance(g, dict)
@@ -340,8 +340,8 @@ class MLBFGS(QNOptimizerBase):
                 st["param_avg"].copy_(p)
                 st["grad_avg"].copy_(g)
             else:
-                st["param_avg"].mul_(bp).add_(p.to(torch.float32), alpha=1 - bp)
-                st["grad_avg"].mul_(bg).add_(g.to(torch.float32), alpha=1 - bg)
+                st["param_avg"].mul_(bp).add_(p, alpha=1 - bp)
+                st["grad_avg"].mul_(bg).add_(g, alpha=1 - bg)
 
     def _curvature_pair(self, b: Block) -> None:
         """s = M^θ − M^θ_prev, y = M^g − M^g_prev; pair momentum; damping (eq. 7); push if sᵀy > ε sᵀs."""
@@ -389,11 +389,12 @@ class MLBFGS(QNOptimizerBase):
         out = []
         for b in self.blocks:
             n = b.numel
+            dtype = self._state_dtype(b.params[0])
             if ws > 1 and self.owners[b.name] != me:
-                out.append(torch.zeros(n, dtype=torch.float32, device=b.params[0].device))
+                out.append(torch.zeros(n, dtype=dtype, device=b.params[0].device))
                 continue
             g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in b.params])
-            g = g.to(torch.float32)
+            g = g.to(dtype)
             hist = self._history(b)
             if len(hist) == 0:
                 out.append(g.clone())
@@ -430,11 +431,16 @@ class MLBFGS(QNOptimizerBase):
                 p.add_(upd.to(p.dtype), alpha=-group["lr"])
 
     # ------------------------------------------------------------------ state helpers
+    @staticmethod
+    def _state_dtype(p: Tensor) -> torch.dtype:
+        """Averages and buffers in float32 (float64 for a float64 model)."""
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
     def _param_state(self, p: nn.Parameter) -> dict[str, Any]:
         st = self.state[p]
         if "param_avg" not in st:
             for k in _PARAM_KEYS:
-                st[k] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                st[k] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.contiguous_format)
         return st
 
     def _block_state(self, b: Block) -> dict[str, Any]:
@@ -455,7 +461,10 @@ class MLBFGS(QNOptimizerBase):
 
     def _history(self, b: Block) -> LBFGSHistory:
         st = self._block_state(b)
-        return LBFGSHistory.from_state({k[5:]: st[k] for k in _HIST_KEYS}, gamma=self.defaults["gamma"])
+        compute = torch.float64 if st["hist_S"].dtype == torch.float64 else torch.float32
+        return LBFGSHistory.from_state(
+            {k[5:]: st[k] for k in _HIST_KEYS}, gamma=self.defaults["gamma"], compute_dtype=compute
+        )
 
     def _store_history(self, b: Block, hist: LBFGSHistory) -> None:
         st = self.state[b.params[0]]

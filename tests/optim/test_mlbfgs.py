@@ -1,0 +1,242 @@
+"""mL-BFGS: the textbook L-BFGS reduction, scipy, SGD equivalence, damping, blocks, validation, families."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import hf_qn
+from hf_qn.optim.mlbfgs import build_blocks
+from tests._helpers.dense import explicit_lbfgs_matrix, random_spd
+from tests._helpers.models import SmallCNN, digits_tensors, mlp, tiny_bert, tiny_gpt2, token_batch
+from tests._helpers.training import loop, mse_loss, regression_batches
+
+TEXTBOOK = dict(lr=1.0, momentum=0.0, param_beta=0.0, grad_beta=0.0, update_interval=1, damp=False,
+                normalize=False, gamma="auto", blocks="model", history_dtype=torch.float64)
+
+
+@pytest.mark.parametrize("m", [1, 3, 5])
+def test_reduces_to_textbook_lbfgs_on_a_quadratic(m):
+    n = 12
+    Q = random_spd(n, cond=20.0, generator=torch.Generator().manual_seed(0)) / 20.0
+    b = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+    opt = hf_qn.MLBFGS([x], history_size=m, **TEXTBOOK)
+    xr = torch.zeros(n, dtype=torch.float64)
+    pairs = []
+    prev = None
+    for _ in range(40):
+        opt.zero_grad()
+        (0.5 * x @ Q @ x - b @ x).backward()
+        opt.step()
+        # reference: explicit H from the last m pairs, gamma = s^T y / y^T y of the newest
+        g = Q @ xr - b
+        if prev is not None:
+            pairs.append((xr - prev[0], g - prev[1]))
+            pairs = pairs[-m:]
+        prev = (xr.clone(), g.clone())
+        if pairs:
+            s, y = pairs[-1]
+            H = explicit_lbfgs_matrix(pairs, float(s @ y / (y @ y)), n)
+            xr = xr - H @ g
+        else:
+            xr = xr - g
+        torch.testing.assert_close(x.detach(), xr, rtol=1e-8, atol=1e-10)
+    # and it converges to the minimizer
+    assert float((Q @ x.detach() - b).norm()) < 1e-4 * float(b.norm())
+
+
+def test_matches_scipy_lbfgs_on_logistic_regression():
+    from scipy.optimize import minimize
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    Xt, yt = torch.tensor(X), torch.tensor(y, dtype=torch.float64)
+    lam = 1e-2
+
+    def f_np(w):
+        z = X @ w[:-1] + w[-1]
+        return float(np.mean(np.logaddexp(0, z) - y * z) + 0.5 * lam * w[:-1] @ w[:-1])
+
+    ref = minimize(f_np, np.zeros(X.shape[1] + 1), method="L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-15})
+    w = nn.Parameter(torch.zeros(X.shape[1] + 1, dtype=torch.float64))
+    opt = hf_qn.MLBFGS([w], history_size=10, **TEXTBOOK)
+    for _ in range(100):
+        opt.zero_grad()
+        z = Xt @ w[:-1] + w[-1]
+        loss = torch.mean(torch.nn.functional.softplus(z) - yt * z) + 0.5 * lam * w[:-1] @ w[:-1]
+        loss.backward()
+        opt.step()
+    assert f_np(w.detach().numpy()) == pytest.approx(ref.fun, rel=1e-9)
+    np.testing.assert_allclose(w.detach().numpy(), ref.x, rtol=1e-4, atol=1e-4)
+
+
+def test_before_the_first_pair_it_is_torch_sgd_with_momentum_bitwise():
+    torch.manual_seed(0)
+    model = mlp()
+    ref = copy.deepcopy(model)
+    opt = hf_qn.MLBFGS(model, lr=0.05, momentum=0.9, normalize=False, update_interval=10**9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, foreach=False)
+    for batch in regression_batches(6):
+        for o, m in ((opt, model), (ref_opt, ref)):
+            o.zero_grad()
+            mse_loss(m, batch).backward()
+            o.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_decoupled_weight_decay_acts_on_parameters_not_gradients():
+    p = nn.Parameter(torch.ones(3))
+    opt = hf_qn.MLBFGS([p], lr=0.1, momentum=0.0, weight_decay=0.5, normalize=False)
+    p.grad = torch.zeros(3)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), 1 - 0.1 * 0.5))
+
+
+def test_damping_bounds_hold_for_every_stored_pair():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = hf_qn.MLBFGS(model, lr=0.05, update_interval=2, history_size=4, sigma_low=0.1, sigma_high=2.0)
+    loop(model, opt, regression_batches(30), mse_loss)
+    checked = 0
+    for b in opt.blocks:
+        st = opt.state[b.params[0]]
+        for i in range(int(st["hist_count"])):
+            s, y = st["hist_S"][i].double(), st["hist_Y"][i].double()
+            mu = float(s @ y / (s @ s))
+            assert 0.1 - 1e-5 <= mu <= 2.0 + 1e-5
+            checked += 1
+    assert checked > 0 and opt.statistics()["qn/pairs_damped"] > 0
+
+
+def test_nonfinite_gradient_never_enters_history():
+    model = mlp()
+    opt = hf_qn.MLBFGS(model, update_interval=1)
+    loop(model, opt, regression_batches(3), mse_loss)
+    snap = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    opt.zero_grad()
+    mse_loss(model, regression_batches(1)[0]).backward()
+    model[0].bias.grad[0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    for p in model.parameters():
+        for k, v in snap[id(p)].items():
+            if k != "steps_skipped_nonfinite":
+                assert torch.equal(opt.state[p][k], v), k
+    assert opt.statistics()["qn/steps_skipped_nonfinite"] == 1
+
+
+def test_rejected_pair_is_dropped_and_counted():
+    p = nn.Parameter(torch.zeros(4))
+    opt = hf_qn.MLBFGS([p], lr=0.1, damp=False, update_interval=1, param_beta=0.0, grad_beta=0.0, normalize=False)
+    for g in ([1.0, 0, 0, 0], [2.0, 0, 0, 0]):  # gradient grows along the step direction: s^T y < 0
+        p.grad = torch.tensor(g)
+        opt.step()
+    assert opt.statistics()["qn/pairs_skipped"] == 1 and opt.statistics()["qn/pairs_accepted"] == 0
+
+
+def test_accumulated_gradients_equal_the_large_batch():
+    torch.manual_seed(0)
+    model = mlp()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = hf_qn.MLBFGS(model, update_interval=2), hf_qn.MLBFGS(ref, update_interval=2)
+    for x, y in regression_batches(8, batch=8):
+        ref_opt.zero_grad()
+        mse_loss(ref, (x, y)).backward()
+        ref_opt.step()
+        opt.zero_grad()
+        for part in zip(x.split(4), y.split(4)):
+            (mse_loss(model, part) / 2).backward()
+        opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_layer_param_model_chunk_named_and_merge():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2), nn.LayerNorm(2))
+    named = list(model.named_parameters())
+    assert [b.name for b in build_blocks(named, "layer")] == ["0", "2", "3"]
+    assert len(build_blocks(named, "param")) == 6
+    assert len(build_blocks(named, "model")) == 1
+    chunks = build_blocks(named, 10)
+    assert all(b.numel >= 10 for b in chunks[:-1]) and sum(b.numel for b in chunks) == 27
+    custom = build_blocks(named, {"first": ["0.weight", "0.bias"], "w2": ["2.weight"]})
+    assert [b.name for b in custom] == ["first", "w2", "2", "3"]
+    merged = build_blocks(named, "layer", min_block_size=10)
+    assert [b.name for b in merged] == ["0", "2+3"]
+    with pytest.raises(ValueError, match="unknown"):
+        build_blocks(named, {"x": ["nope"]})
+    with pytest.raises(ValueError, match="already"):
+        build_blocks(named, {"x": ["0.bias"], "y": ["0.bias"]})
+    with pytest.raises(ValueError, match="blocks"):
+        build_blocks(named, "rows")
+    opt = hf_qn.MLBFGS(model)
+    table = opt.block_map()
+    assert "0.weight, 0.bias" in table and "owner" in table
+
+
+def test_accepts_params_groups_and_module():
+    model = mlp()
+    hf_qn.MLBFGS(model.parameters())
+    opt = hf_qn.MLBFGS([{"params": model[0].parameters(), "lr": 0.01}, {"params": model[2].parameters()}], lr=0.1)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.1]
+    with pytest.raises(ValueError, match="empty"):
+        hf_qn.MLBFGS([])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"lr": -0.1}, "lr"), ({"momentum": 1.0}, "momentum"), ({"history_size": 0}, "history_size"),
+     ({"update_interval": 0}, "update_interval"), ({"param_beta": 1.0}, "param_beta"),
+     ({"grad_beta": -0.5}, "grad_beta"), ({"sigma_low": 1.0}, "sigma"), ({"sigma_high": 0.9}, "sigma"),
+     ({"damping": 1.0}, "damping"), ({"gamma": 0.0}, "gamma"), ({"gamma": "x"}, "gamma"),
+     ({"history_dtype": torch.int8}, "history_dtype"), ({"weight_decay": -1.0}, "weight_decay"),
+     ({"pair_momentum": 1.0}, "pair_momentum")],
+)
+def test_validation_names_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hf_qn.MLBFGS(mlp(), **kwargs)
+
+
+def test_loading_a_different_block_layout_is_refused():
+    model = mlp()
+    opt = hf_qn.MLBFGS(model, blocks="model")
+    loop(model, opt, regression_batches(2), mse_loss)
+    with pytest.raises(ValueError, match="block layout"):
+        hf_qn.MLBFGS(model, blocks="layer").load_state_dict(opt.state_dict())
+
+
+def _falls(model, opt, batches, loss_fn, frac):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        losses = loop(model, opt, batches, loss_fn, closure=False)
+    k = max(2, len(losses) // 5)
+    assert sum(losses[-k:]) / k < frac * sum(losses[:k]) / k, losses
+
+
+def test_loss_falls_on_each_family():
+    torch.manual_seed(0)
+    x, y = digits_tensors(256)
+    ce = nn.CrossEntropyLoss()
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)] * 5
+    cnn = SmallCNN()
+    _falls(cnn, hf_qn.MLBFGS(cnn, lr=0.1, update_interval=4), batches, lambda m, b: ce(m(b[0]), b[1]), 0.5)
+    net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    flat = [(a.flatten(1), b) for a, b in batches]
+    _falls(net, hf_qn.MLBFGS(net, lr=0.1, update_interval=4), flat, lambda m, b: ce(m(b[0]), b[1]), 0.6)
+    batch = token_batch(8, 16)
+    gpt = tiny_gpt2()
+    _falls(gpt, hf_qn.MLBFGS(gpt, lr=0.05, update_interval=3), [batch] * 15,
+           lambda m, b: m(**b, labels=b["input_ids"]).loss, 0.85)
+    bert = tiny_bert()
+    labels = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0])
+    _falls(bert, hf_qn.MLBFGS(bert, lr=0.05, update_interval=3), [batch] * 15,
+           lambda m, b: m(**b, labels=labels).loss, 0.85)
