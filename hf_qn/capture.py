@@ -177,14 +177,14 @@ class Capture:
                 st.a_rows += int(r.shape[0])
         # Output-side sums in float64: K-BFGS pairs are differences of these means (cancellation).
         h = adapter.output_rows(output.detach())
-        st.h_sum = LayerStats._add(st.h_sum, h.to(torch.float64).sum(0))
+        st.h_sum = LayerStats._add(st.h_sum, h.sum(0, dtype=torch.float64))
         st.h_rows += int(h.shape[0])
         st.samples += int(h.shape[0]) // max(adapter.output_group_size(output), 1)
 
     def _make_grad_hook(self, adapter: LayerAdapter, st: LayerStats) -> Callable[[Tensor], None]:
         def grad_hook(grad: Tensor) -> None:
             with torch.no_grad():
-                g = adapter.output_rows(grad).to(torch.float64).sum(0)
+                g = adapter.output_rows(grad).sum(0, dtype=torch.float64)
                 if self.grad_scale is not None:
                     g = g / float(self.grad_scale())
                 st.g_sum = LayerStats._add(st.g_sum, g)
