@@ -23,6 +23,8 @@ _LAZY = {
     "KBFGS": "hf_qn.optim.kbfgs",
     "KBFGSL": "hf_qn.optim.kbfgs",
     "MLBFGS": "hf_qn.optim.mlbfgs",
+    "KBFGSFactory": "hf_qn.optim.factories",
+    "MLBFGSFactory": "hf_qn.optim.factories",
     "QNTrainer": "hf_qn.integrations.trainer",
     "QNTrainingArguments": "hf_qn.integrations.trainer",
 }

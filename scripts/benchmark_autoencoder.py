@@ -34,7 +34,10 @@ from torch import nn
 
 logger = logging.getLogger("benchmark_autoencoder")
 
-ALL_OPTIMIZERS = ["kbfgs", "kbfgs_l", "mlbfgs", "adamw", "sgd", "asdl_kfac", "asdl_kbfgs", "soap", "psgd"]
+ALL_OPTIMIZERS = [
+    "kbfgs", "kbfgs_l", "kbfgs_int10", "kbfgs_consecutive", "mlbfgs", "adamw", "sgd",
+    "asdl_kfac", "asdl_kbfgs", "soap", "psgd",
+]
 
 
 @dataclass
@@ -115,15 +118,23 @@ def make_runner(name: str, model: nn.Module, lr: float | None, args: BenchmarkAr
     def objective(x: torch.Tensor) -> torch.Tensor:
         return bce_sum(model(x), x) + _l2(model, wd)
 
-    if name in ("kbfgs", "kbfgs_l"):
-        cls = hf_qn.KBFGS if name == "kbfgs" else hf_qn.KBFGSL
-        opt = cls(model, lr=lr or args.kbfgs_lr, damping=args.kbfgs_damping, weight_decay=0.0)
+    if name.startswith("kbfgs"):
+        cls = hf_qn.KBFGSL if name == "kbfgs_l" else hf_qn.KBFGS
+        extra: dict[str, Any] = {}
+        if name == "kbfgs_int10":
+            extra["update_interval"] = 10
+        if name == "kbfgs_consecutive":
+            extra["pairs"] = "consecutive"
+        opt = cls(model, lr=lr or args.kbfgs_lr, damping=args.kbfgs_damping, weight_decay=0.0, **extra)
 
         def step(x: torch.Tensor) -> float:
             opt.zero_grad()
             loss = objective(x)
             loss.backward()
-            opt.step(lambda: objective(x).backward())
+            if opt.curvature_step_next() and name != "kbfgs_consecutive":
+                opt.step(lambda: objective(x).backward())
+            else:
+                opt.step()
             return float(loss.detach())
 
         return Runner(model, step, opt)

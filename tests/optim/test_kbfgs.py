@@ -52,7 +52,7 @@ def test_no_second_pass_mode_trains_without_closure():
 
 def test_update_interval_captures_and_calls_closure_only_on_curvature_steps():
     model = mlp()
-    opt = hf_qn.KBFGS(model, lr=0.1, update_interval=3)
+    opt = hf_qn.KBFGS(model, lr=0.1, update_interval=3, warmup_curvature_steps=0)
     calls = []
     for i, batch in enumerate(regression_batches(7)):
         opt.zero_grad()
@@ -64,6 +64,18 @@ def test_update_interval_captures_and_calls_closure_only_on_curvature_steps():
             opt.step()  # no closure needed on the other steps
     assert len(calls) == 3
     assert opt.statistics()["qn/pairs_accepted"] == 3 * len(opt.adapters)
+
+
+def test_warmup_updates_curvature_every_step_first():
+    model = mlp()
+    opt = hf_qn.KBFGS(model, lr=0.1, update_interval=4, warmup_curvature_steps=3)
+    seen = []
+    for batch in regression_batches(9):
+        opt.zero_grad()
+        seen.append(opt.curvature_step_next())
+        mse_loss(model, batch).backward()
+        opt.step(lambda batch=batch: mse_loss(model, batch).backward())
+    assert seen == [True, True, True, False, True, False, False, False, True]
 
 
 def test_fallback_equals_torch_adamw_exactly():
@@ -219,6 +231,7 @@ def test_functionally_used_layer_gives_clear_error():
         ({"powell_mu": 0.0}, "powell_mu"),
         ({"history_size": 0}, "history_size"),
         ({"update_interval": 0}, "update_interval"),
+        ({"warmup_curvature_steps": -1}, "warmup_curvature_steps"),
         ({"lm_damping": "x"}, "lm_damping"),
         ({"input_inverse": "eigh"}, "input_inverse"),
         ({"pairs": "x"}, "pairs"),

@@ -1,0 +1,35 @@
+"""Factories for ``Trainer(optimizer_cls_and_kwargs=(Factory, kwargs))``.
+
+transformers 5.x treats a first element that is not a ``torch.optim.Optimizer`` subclass as a factory and
+calls ``Factory()(model, **kwargs)``, so model-aware optimizers get the whole model (torch-only module).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .kbfgs import KBFGS, KBFGSL
+from .mlbfgs import MLBFGS
+
+__all__ = ["KBFGSFactory", "MLBFGSFactory"]
+
+
+class KBFGSFactory:
+    """For ``Trainer(optimizer_cls_and_kwargs=(hf_qn.KBFGSFactory, kwargs))``: the Trainer calls
+    ``KBFGSFactory()(model, **kwargs)``. The plain Trainer gives no second pass: use ``QNTrainer``, or
+    ``pairs="consecutive"`` in ``kwargs``."""
+
+    def __call__(self, model: nn.Module, **kwargs: Any) -> KBFGS:
+        history = kwargs.pop("history_size", None)
+        if history is not None:
+            return KBFGSL(model, history_size=history, **kwargs)
+        return KBFGS(model, **kwargs)
+
+
+class MLBFGSFactory:
+    """For ``Trainer(optimizer_cls_and_kwargs=(hf_qn.MLBFGSFactory, kwargs))``: blocks follow the model."""
+
+    def __call__(self, model: nn.Module, **kwargs: Any) -> MLBFGS:
+        return MLBFGS(model, **kwargs)

@@ -1,0 +1,244 @@
+"""QNTrainer / QNTrainingArguments and the plain Trainer routes, re-implementing the Trainer's own checks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+from datasets import Dataset
+from transformers import HfArgumentParser, Trainer, TrainerCallback
+
+import hf_qn
+from hf_qn.integrations.trainer import QNTrainer, QNTrainingArguments, unwrap_optimizer
+from tests._helpers.models import tiny_gpt2
+
+
+class RegressionModel(nn.Module):
+    """A plain module with the HF output convention: returns {"loss", "logits"}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 3))
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        loss = None if labels is None else ((out - labels) ** 2).mean()
+        return {"loss": loss, "logits": out}
+
+
+def regression_dataset(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    W = torch.randn(3, 6, generator=g)
+    y = torch.tanh(x @ W.T)
+    return Dataset.from_dict({"x": x.tolist(), "labels": y.tolist()}).with_format("torch")
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=2,
+                logging_steps=2, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+                disable_tqdm=True, lr_scheduler_type="constant", dataloader_num_workers=0)
+    base.update(kw)
+    return QNTrainingArguments(**base)
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(("name", "lr"), [("kbfgs", 0.2), ("kbfgs_l", 0.2), ("mlbfgs", 0.05)])
+def test_qn_trainer_trains_and_logs_optimizer_statistics(tmp_path, name, lr):
+    torch.manual_seed(0)
+    model = RegressionModel()
+    trainer = QNTrainer(model=model, args=_args(tmp_path, qn_optimizer=name, learning_rate=lr),
+                        train_dataset=regression_dataset())
+    result = trainer.train()
+    inner = unwrap_optimizer(trainer.optimizer)
+    assert type(inner).__name__ == {"kbfgs": "KBFGS", "kbfgs_l": "KBFGSL", "mlbfgs": "MLBFGS"}[name]
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all("qn/pairs_accepted" in h for h in logs)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert result.global_step == 16
+    if name.startswith("kbfgs"):
+        assert inner.statistics()["qn/pairs_accepted"] > 0  # the second pass ran through the Trainer
+
+
+def test_qn_arguments_parse_from_cli_and_json(tmp_path):
+    parser = HfArgumentParser(QNTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--qn_optimizer", "kbfgs_l", "--qn_damping", "0.2",
+         "--qn_history_size", "20", "--qn_exclude", "lm_head", "wte", "--use_cpu", "true"])
+    assert (args.qn_optimizer, args.qn_damping, args.qn_history_size) == ("kbfgs_l", 0.2, 20)
+    assert args.qn_exclude == ["lm_head", "wte"] and args.max_grad_norm == 0.0
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"output_dir": str(tmp_path), "qn_optimizer": "mlbfgs", "qn_update_interval": 5,
+                                "use_cpu": True}))
+    (args2,) = parser.parse_json_file(str(path))
+    assert args2.qn_optimizer == "mlbfgs" and args2.qn_update_interval == 5
+    with pytest.raises(ValueError, match="qn_optimizer"):
+        QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="lbfgs", use_cpu=True)
+
+
+def test_decay_split_is_honoured(tmp_path):
+    model = RegressionModel()
+    trainer = QNTrainer(model=model, args=_args(tmp_path, qn_optimizer="kbfgs", weight_decay=0.01),
+                        train_dataset=regression_dataset())
+    opt = trainer.create_optimizer()
+    groups = {(g["role"], g["weight_decay"]): len(g["params"]) for g in opt.param_groups}
+    # biases and LayerNorm get no decay (the Trainer's rule); weights of adapted layers do
+    assert groups[("qn", 0.01)] == 2 and groups[("qn", 0.0)] == 2 and groups[("fallback", 0.0)] == 2
+
+
+def test_plain_trainer_routes(tmp_path):
+    """optimizers=(MLBFGS, None), optimizer_cls_and_kwargs with a class and with a factory, all train."""
+    ds = regression_dataset()
+    args = _args(tmp_path)
+    start = RegressionModel().state_dict()
+    finals = {}
+    routes = {
+        "instance": lambda m: dict(optimizers=(hf_qn.MLBFGS(m, lr=0.05), None)),
+        "class": lambda m: dict(optimizer_cls_and_kwargs=(hf_qn.MLBFGS, {"lr": 0.05})),
+        "factory": lambda m: dict(optimizer_cls_and_kwargs=(hf_qn.MLBFGSFactory, {"lr": 0.05})),
+        "default": lambda m: {},
+    }
+    for route, make in routes.items():
+        torch.manual_seed(0)
+        model = RegressionModel()
+        model.load_state_dict(start)
+        trainer = Trainer(model=model, args=args, train_dataset=ds, **make(model))
+        trainer.train()
+        finals[route] = _params(model)
+        if route != "default":
+            assert isinstance(unwrap_optimizer(trainer.optimizer), hf_qn.MLBFGS)
+    for route in ("instance", "class", "factory"):
+        assert any(not torch.equal(a, b) for a, b in zip(finals[route], finals["default"]))
+
+
+def test_plain_trainer_with_kbfgs_factory_points_to_qntrainer(tmp_path):
+    trainer = Trainer(model=RegressionModel(), args=_args(tmp_path),
+                      train_dataset=regression_dataset(),
+                      optimizer_cls_and_kwargs=(hf_qn.KBFGSFactory, {"lr": 0.1}))
+    with pytest.raises(RuntimeError, match="QNTrainer"):
+        trainer.train()
+    # ... and the no-second-pass mode works through the plain Trainer
+    trainer = Trainer(model=RegressionModel(), args=_args(tmp_path), train_dataset=regression_dataset(),
+                      optimizer_cls_and_kwargs=(hf_qn.KBFGSFactory, {"lr": 0.1, "pairs": "consecutive"}))
+    trainer.train()
+
+
+def test_learning_rates_schedule_both_parts(tmp_path):
+    trainer = QNTrainer(model=RegressionModel(),
+                        args=_args(tmp_path, qn_optimizer="kbfgs", learning_rate=0.2, warmup_steps=4,
+                                   lr_scheduler_type="linear", qn_fallback_lr=1e-3),
+                        train_dataset=regression_dataset())
+    trainer.train()
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert lrs[0] < lrs[1]  # warmup visible
+    assert lrs[-1] < max(lrs)  # decay visible
+    opt = unwrap_optimizer(trainer.optimizer)
+    ratio = {g["role"]: g["lr"] / g["initial_lr"] for g in opt.param_groups}
+    assert ratio["qn"] == pytest.approx(ratio["fallback"])
+
+
+@pytest.mark.parametrize("name", ["kbfgs", "mlbfgs"])
+def test_resume_from_checkpoint_is_bitwise(tmp_path, name):
+    ds = regression_dataset()
+    lr = 0.2 if name == "kbfgs" else 0.05
+
+    def run(out, **kw):
+        torch.manual_seed(0)
+        model = RegressionModel()
+        args = _args(tmp_path, output_dir=str(out), qn_optimizer=name, learning_rate=lr, save_strategy="steps",
+                     save_steps=6, **kw)
+        trainer = QNTrainer(model=model, args=args, train_dataset=ds)
+        return trainer, model
+
+    full, m_full = run(tmp_path / "full")
+    full.train()
+    part, _ = run(tmp_path / "part", max_steps=6)
+    part.train()
+    resumed, m_res = run(tmp_path / "part")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-6"))
+    for a, b in zip(m_full.parameters(), m_res.parameters()):
+        assert torch.equal(a, b)
+    assert resumed.state.global_step == full.state.global_step
+    assert os.path.exists(tmp_path / "part" / "checkpoint-6" / "optimizer.pt")
+
+
+def test_gpt2_conv1d_tied_through_qn_trainer(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    ids = torch.randint(1, 97, (32, 16), generator=torch.Generator().manual_seed(0))
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
+    trainer = QNTrainer(model=model, args=_args(tmp_path, qn_optimizer="kbfgs", learning_rate=0.1,
+                                                gradient_accumulation_steps=2, num_train_epochs=3),
+                        train_dataset=ds)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert logs[-1]["qn/fallback_share"] > 0  # tied wte/lm_head and norms go to the fallback
+
+
+def test_model_card_tells_the_truth(tmp_path):
+    ids = torch.randint(1, 97, (16, 8), generator=torch.Generator().manual_seed(0))
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
+    trainer = QNTrainer(model=tiny_gpt2(), args=_args(tmp_path, qn_optimizer="mlbfgs", learning_rate=0.05,
+                                                      max_steps=2), train_dataset=ds)
+    trainer.train()
+    trainer.create_model_card(model_name="tiny")
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "hf_qn.MLBFGS" in text and "OptimizerNames" not in text
+
+
+def test_callbacks_see_steps_in_order(tmp_path):
+    events = []
+
+    class Spy(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            events.append("pre")
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            events.append("step")
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                events.append("log" if "qn/pairs_accepted" in logs else "log-without-stats")
+
+    trainer = QNTrainer(model=RegressionModel(), args=_args(tmp_path, qn_optimizer="kbfgs", learning_rate=0.2),
+                        train_dataset=regression_dataset(), callbacks=[Spy()])
+    trainer.train()
+    assert events[:4] == ["pre", "step", "pre", "step"] and "log" in events and "log-without-stats" not in events
+
+
+def test_deepspeed_or_fsdp_refused(tmp_path, monkeypatch):
+    trainer = QNTrainer(model=RegressionModel(), args=_args(tmp_path, qn_optimizer="kbfgs"),
+                        train_dataset=regression_dataset())
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    with pytest.raises(ValueError, match="DDP"):
+        trainer.create_optimizer()
+
+
+def test_pickling_the_prepared_optimizer():
+    """As Accelerate's own check: the optimizer returned by prepare() pickles and keeps its state."""
+    import pickle
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Earlier Trainer runs leave weakrefs in Accelerate's shared GradientState, which the wrapper pickles
+    # (for torch's AdamW too); Accelerate's own tests reset it first.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    for make in (lambda m: hf_qn.MLBFGS(m, lr=0.05), lambda m: hf_qn.KBFGS(m, lr=0.1),
+                 lambda m: torch.optim.AdamW(m.parameters())):
+        model = RegressionModel()
+        accelerator = Accelerator(cpu=True)
+        model, opt = accelerator.prepare(model, make(model))
+        again = pickle.loads(pickle.dumps(opt))
+        assert type(again.optimizer) is type(opt.optimizer)
+        assert again.optimizer.state_dict()["param_groups"][0]["lr"] == opt.optimizer.param_groups[0]["lr"]
