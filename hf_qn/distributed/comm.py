@@ -8,7 +8,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_sum_", "is_distributed", "rank", "world_size"]
+__all__ = ["all_reduce_sum_", "is_distributed", "is_dtensor", "rank", "world_size"]
+
+
+def is_dtensor(t: object) -> bool:
+    """True for a DTensor (parameters sharded by FSDP2 ``fully_shard`` or tensor parallelism)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return isinstance(t, DTensor)
 
 
 def is_distributed() -> bool:

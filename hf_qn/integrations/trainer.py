@@ -82,7 +82,7 @@ class QNTrainingArguments(TrainingArguments):
     qn_grad_beta: float | None = field(default=None, metadata={"help": "mL-BFGS gradient EMA (0.9)."})
     qn_sigma_low: float | None = field(default=None, metadata={"help": "mL-BFGS damping lower bound."})
     qn_sigma_high: float | None = field(default=None, metadata={"help": "mL-BFGS damping upper bound."})
-    qn_normalize: bool | None = field(default=None, metadata={"help": "mL-BFGS unit-norm direction (True)."})
+    qn_normalize: str | None = field(default=None, metadata={"help": "mL-BFGS direction: unit | grad | none."})
     qn_blocks: str | None = field(default=None, metadata={"help": "mL-BFGS blocks: layer | param | model."})
     qn_history_dtype: str = field(default="float32", metadata={"help": "mL-BFGS history: float32 | bfloat16."})
 

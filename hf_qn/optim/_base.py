@@ -75,6 +75,17 @@ def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = F
 class QNOptimizerBase(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` with the hf_qn state contract and a first-order fallback part."""
 
+    def _refuse_sharded_parameters(self) -> None:
+        """FSDP2 / tensor parallelism swap DTensors into ``param_groups`` (also after construction)."""
+        from ..distributed import is_dtensor
+
+        if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            raise NotImplementedError(
+                f"{type(self).__name__} got DTensor parameters (FSDP2 fully_shard or tensor parallelism), which "
+                "it does not support yet: its curvature needs whole layers. Supported: one process, or DDP "
+                "(torchrun / accelerate launch --multi_gpu). The FSDP2 design is in docs/design.md."
+            )
+
     #: per-parameter state keys whose saved dtype is kept on load (curvature, histories, counters).
     _CURVATURE_KEYS: frozenset[str] = frozenset()
 

@@ -253,6 +253,7 @@ class KBFGS(QNOptimizerBase):
             kl_clip=kl_clip,
         )
         super().__init__(groups, defaults)
+        self._refuse_sharded_parameters()
         self.assignment: LayerAssignment = assignment
         self.adapters: list[LayerAdapter] = assignment.adapters
         self.grad_scaler = grad_scaler
@@ -290,8 +291,12 @@ class KBFGS(QNOptimizerBase):
         self.capture.grad_scale = self._current_scale if scaler is not None else None
 
     def curvature_step_next(self) -> bool:
-        """Whether the next call to :meth:`step` updates curvature (and so needs the closure)."""
-        return bool(self.capture.enabled)
+        """Whether the next call to :meth:`step` updates curvature (and so needs the closure), whatever
+        the train/eval mode is right now."""
+        st = self.state.get(self.adapters[0].weight, {})
+        t = int(st["qn_step"]) if "qn_step" in st else 0
+        hp = self.hparams
+        return t < hp["warmup_curvature_steps"] or t % hp["update_interval"] == 0
 
     def statistics(self) -> dict[str, float]:
         """Counters and curvature norms for logging (keys prefixed ``qn/``)."""
@@ -322,6 +327,7 @@ class KBFGS(QNOptimizerBase):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One K-BFGS step; on curvature steps with ``pairs="same_batch"``, ``closure`` is required."""
+        self._refuse_sharded_parameters()
         hp = self.hparams
         curvature = bool(self.capture.enabled)
         if curvature and hp["pairs"] == "same_batch" and closure is None and self.closure_provider is not None:
@@ -709,12 +715,8 @@ class KBFGS(QNOptimizerBase):
     def _schedule_capture(self) -> None:
         """Capture statistics only for steps that update curvature: every step during the warm-up, then
         steps 0, k, 2k, ... (k = ``update_interval``)."""
-        if not self.adapters:
-            return
-        st = self.state.get(self.adapters[0].weight, {})
-        t = int(st["qn_step"]) if "qn_step" in st else 0
-        hp = self.hparams
-        self.capture.enabled = self._training and (t < hp["warmup_curvature_steps"] or t % hp["update_interval"] == 0)
+        if self.adapters:
+            self.capture.enabled = self._training and self.curvature_step_next()
 
     def _current_scale(self) -> float:
         return float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0

@@ -150,11 +150,14 @@ class MLBFGS(QNOptimizerBase):
         damp: apply the bounds at all (off gives textbook pairs). (default: True)
         pair_momentum: the official code's "double momentum" on pairs:
             ``s ← (1−c) s + c s_prev``, same for ``y``. (default: 0.0; the official runs use 0.9)
-        normalize: scale the direction to unit global L2 norm before momentum, as the official code does
-            for all its results (then ``lr`` is the step length; use a decaying schedule). Unnormalized, the
-            first-order warm-up ``d = g`` and the quasi-Newton ``d = Hg`` differ in scale by up to
-            ``1/σ_L`` and one ``lr`` rarely suits both (measured on digits: unnormalized diverges for
-            lr ≥ 0.003 with σ_L = 0.01). (default: True)
+        normalize: how the direction is scaled before momentum. ``"unit"``: unit global L2 norm, as the
+            official code does for all its results (``lr`` is then the step length, so use a decaying
+            schedule). ``"grad"``: the global norm of the gradient (grafting: L-BFGS picks the direction,
+            SGD's magnitude is kept, so steps shrink as gradients do and ``lr`` is tuned like SGD's).
+            ``"none"``: the raw ``H g`` (textbook; the first-order warm-up ``d = g`` and ``d = Hg`` then
+            differ in scale by up to ``1/σ_L`` and one ``lr`` rarely suits both: measured on digits,
+            unnormalized diverged for lr ≥ 0.003 with σ_L = 0.01). ``True``/``False`` mean
+            ``"unit"``/``"none"``. (default: ``"unit"``)
         grad_avg_reset: restart the gradient average from the current gradient after each pair (the
             official "refresh-g"). (default: False)
         gamma: initial scaling ``H₀ = γI``: ``"auto"`` (newest pair's ``sᵀy/yᵀy``) or a float.
@@ -186,7 +189,7 @@ class MLBFGS(QNOptimizerBase):
         damping: float = 0.01,
         damp: bool = True,
         pair_momentum: float = 0.0,
-        normalize: bool = True,
+        normalize: str | bool = "unit",
         grad_avg_reset: bool = False,
         gamma: float | str = "auto",
         curvature_eps: float = 1e-10,
@@ -212,6 +215,10 @@ class MLBFGS(QNOptimizerBase):
             )
         if history_dtype not in (torch.float32, torch.bfloat16, torch.float64):
             raise ValueError(f"Invalid history_dtype: {history_dtype} (must be torch.float32 or torch.bfloat16)")
+        if isinstance(normalize, bool):
+            normalize = "unit" if normalize else "none"
+        if normalize not in ("none", "unit", "grad"):
+            raise ValueError(f"Invalid normalize: {normalize!r} (must be 'none', 'unit' or 'grad')")
         if isinstance(gamma, str) and gamma != "auto":
             raise ValueError(f"Invalid gamma: {gamma!r} (must be 'auto' or a positive float)")
         if not isinstance(gamma, str) and not gamma > 0:
@@ -238,6 +245,7 @@ class MLBFGS(QNOptimizerBase):
             history_dtype=str(history_dtype).replace("torch.", ""),
         )
         super().__init__(groups, defaults)
+        self._refuse_sharded_parameters()
         in_groups = {id(p) for g in self.param_groups for p in g["params"]}
         named = [(n, p) for n, p in named if id(p) in in_groups]
         if not named:
@@ -308,6 +316,7 @@ class MLBFGS(QNOptimizerBase):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step. ``closure`` (optional, torch.optim semantics) computes loss and gradients first."""
+        self._refuse_sharded_parameters()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -403,10 +412,15 @@ class MLBFGS(QNOptimizerBase):
                 out.append(hist.apply(g))
         if ws > 1:
             all_reduce_sum_(out)
-        if self.defaults["normalize"]:
+        mode = self.defaults["normalize"]
+        if mode != "none":
             total = math.sqrt(sum(float(torch.dot(d.double(), d.double())) for d in out))
+            target = 1.0
+            if mode == "grad":
+                target = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for b in self.blocks for p in b.params
+                                       if p.grad is not None))
             if total > 0:
-                out = [d / total for d in out]
+                out = [d * (target / total) for d in out]
         return out
 
     def _apply(self, directions: list[Tensor]) -> None:

@@ -84,6 +84,15 @@ def test_qn_arguments_parse_from_cli_and_json(tmp_path):
         QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="lbfgs", use_cpu=True)
 
 
+def test_kbfgs_second_pass_survives_evaluation_between_steps(tmp_path):
+    """Evaluation calls optimizer.eval(); the next training step must still keep its batch."""
+    trainer = QNTrainer(model=RegressionModel(), args=_args(tmp_path, qn_optimizer="kbfgs", learning_rate=0.2,
+                                                           eval_strategy="steps", eval_steps=2, max_steps=6),
+                        train_dataset=regression_dataset(), eval_dataset=regression_dataset(16, seed=1))
+    trainer.train()
+    assert unwrap_optimizer(trainer.optimizer).statistics()["qn/pairs_accepted"] == 6 * 2
+
+
 def test_decay_split_is_honoured(tmp_path):
     model = RegressionModel()
     trainer = QNTrainer(model=model, args=_args(tmp_path, qn_optimizer="kbfgs", weight_decay=0.01),
@@ -242,3 +251,68 @@ def test_pickling_the_prepared_optimizer():
         again = pickle.loads(pickle.dumps(opt))
         assert type(again.optimizer) is type(opt.optimizer)
         assert again.optimizer.state_dict()["param_groups"][0]["lr"] == opt.optimizer.param_groups[0]["lr"]
+
+
+def test_injected_cpu_gradscaler_poisoned_step_commits_nothing(tmp_path):
+    """fp16-style loss scaling through the Trainer: a poisoned gradient makes the scaler skip the step;
+    K-BFGS's curvature is untouched and later steps capture unscaled statistics."""
+    snapshots = {}
+
+    class Poison(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+            if state.global_step == 2:
+                inner = unwrap_optimizer(optimizer)
+                snapshots["before"] = {k: v.clone() for k, v in inner.state[model.net[0].weight].items()}
+                model.net[3].bias.grad[0] = float("inf")
+
+        def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+            if state.global_step == 2:
+                inner = unwrap_optimizer(optimizer)
+                snapshots["after"] = {k: v.clone() for k, v in inner.state[model.net[0].weight].items()}
+
+    torch.manual_seed(0)
+    model = RegressionModel()
+    trainer = QNTrainer(model=model, args=_args(tmp_path, qn_optimizer="kbfgs", learning_rate=0.2, max_steps=5),
+                        train_dataset=regression_dataset(), callbacks=[Poison()])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    trainer.accelerator.scaler = scaler  # accelerate creates none on CPU; inject as the upstream test does
+    trainer.accelerator.native_amp = True
+    trainer.train()
+    inner = unwrap_optimizer(trainer.optimizer)
+    assert inner.grad_scaler is scaler
+    for k, v in snapshots["before"].items():
+        assert torch.equal(v, snapshots["after"][k]), k
+    assert int(inner.state[model.net[0].weight]["qn_step"]) == 4  # 5 steps, one skipped
+    assert scaler.get_scale() < 2.0**8
+
+
+def test_bf16_autocast_keeps_float32_curvature(tmp_path):
+    torch.manual_seed(0)
+    model = RegressionModel()
+    trainer = QNTrainer(model=model, args=_args(tmp_path, qn_optimizer="kbfgs", learning_rate=0.2, bf16=True),
+                        train_dataset=regression_dataset())
+    trainer.train()
+    st = unwrap_optimizer(trainer.optimizer).state[model.net[0].weight]
+    assert st["H_g"].dtype == st["A"].dtype == torch.float32
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+def test_hyperparameter_search_style_model_init_rebuilds_optimizer_and_hooks(tmp_path):
+    """With model_init, each train() builds a new model; the optimizer and its hooks follow it."""
+    inits = []
+
+    def model_init():
+        torch.manual_seed(len(inits))
+        inits.append(RegressionModel())
+        return inits[-1]
+
+    trainer = QNTrainer(model_init=model_init, args=_args(tmp_path, qn_optimizer="kbfgs", learning_rate=0.2,
+                                                         max_steps=3), train_dataset=regression_dataset())
+    trainer.train()
+    first = unwrap_optimizer(trainer.optimizer)
+    trainer.train()
+    second = unwrap_optimizer(trainer.optimizer)
+    assert second is not first
+    assert second.adapters[0].module is trainer.model.net[0]
+    assert int(second.state[trainer.model.net[0].weight]["qn_step"]) == 3

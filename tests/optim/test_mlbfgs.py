@@ -93,6 +93,22 @@ def test_before_the_first_pair_it_is_torch_sgd_with_momentum_bitwise():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["unit", "grad"])
+def test_normalized_direction_norms(mode):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = hf_qn.MLBFGS(model, lr=1.0, momentum=0.0, update_interval=1, normalize=mode)
+    loop(model, opt, regression_batches(4), mse_loss)  # history filled
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    mse_loss(model, regression_batches(1, seed=9)[0]).backward()
+    gnorm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
+    opt.step()
+    step = torch.sqrt(sum(((p.detach() - b).double() ** 2).sum() for p, b in zip(model.parameters(), before)))
+    expected = 1.0 if mode == "unit" else float(gnorm)
+    assert float(step) == pytest.approx(expected, rel=1e-4)
+
+
 def test_decoupled_weight_decay_acts_on_parameters_not_gradients():
     p = nn.Parameter(torch.ones(3))
     opt = hf_qn.MLBFGS([p], lr=0.1, momentum=0.0, weight_decay=0.5, normalize=False)
@@ -199,7 +215,7 @@ def test_accepts_params_groups_and_module():
      ({"grad_beta": -0.5}, "grad_beta"), ({"sigma_low": 1.0}, "sigma"), ({"sigma_high": 0.9}, "sigma"),
      ({"damping": 1.0}, "damping"), ({"gamma": 0.0}, "gamma"), ({"gamma": "x"}, "gamma"),
      ({"history_dtype": torch.int8}, "history_dtype"), ({"weight_decay": -1.0}, "weight_decay"),
-     ({"pair_momentum": 1.0}, "pair_momentum")],
+     ({"pair_momentum": 1.0}, "pair_momentum"), ({"normalize": "layer"}, "normalize")],
 )
 def test_validation_names_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Train a small GPT-2 (transformers' Conv1D layers, tied embeddings) with hf_qn optimizers against AdamW.
+
+Default data: gensim's Lee news corpus (300 real articles), a byte-level BPE tokenizer trained in-process
+on the training articles, blocks of ``--block_size`` tokens, the last 10 % of articles held out; reports
+perplexity. ``--model_name_or_path`` / ``--dataset_name`` / ``--train_file`` for users with the Hub or their
+own text. Runs offline and unchanged under ``torchrun`` / ``accelerate launch``.
+
+    python scripts/causal_lm.py --output_dir model_cards/causal-lm-gpt2-lee
+    python scripts/causal_lm.py --n_embd 768 --n_layer 12 --n_head 12 --bf16 ...   # GPT-2 small size on a GPU
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from recipe_utils import RecipeArguments, perplexity, run_comparison
+
+from hf_qn.integrations.trainer import QNTrainingArguments
+
+logger = logging.getLogger("causal_lm")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Start from a checkpoint instead."})
+    vocab_size: int = field(default=2000, metadata={"help": "BPE vocabulary trained on the corpus."})
+    n_embd: int = field(default=128)
+    n_layer: int = field(default=2)
+    n_head: int = field(default=4)
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset with a text column."})
+    train_file: str | None = field(default=None, metadata={"help": "A local text file, one document a line."})
+    block_size: int = field(default=64)
+    eval_fraction: float = field(default=0.1)
+
+
+def load_lee() -> list[str]:
+    from importlib.resources import files
+
+    path = files("gensim") / "test" / "test_data" / "lee_background.cor"
+    return [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+
+
+def load_documents(data: DataArguments) -> list[str]:
+    if data.dataset_name:
+        from datasets import load_dataset
+
+        return [t for t in load_dataset(data.dataset_name, split="train")["text"] if t.strip()]
+    if data.train_file:
+        with open(data.train_file, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    return load_lee()
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def blocks(texts: list[str], tokenizer, block_size: int):
+    from datasets import Dataset
+
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t)["input_ids"] + [tokenizer.eos_token_id])
+    n = len(ids) // block_size
+    chunks = [ids[i * block_size : (i + 1) * block_size] for i in range(n)]
+    return Dataset.from_dict({"input_ids": chunks, "labels": chunks})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, HfArgumentParser
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, QNTrainingArguments))
+    model_args, data_args, recipe, training_args = parser.parse_args_into_dataclasses(args=argv)
+    docs = load_documents(data_args)
+    if recipe.smoke:
+        docs = docs[:40]
+    n_eval = max(1, int(len(docs) * data_args.eval_fraction))
+    train_docs, eval_docs = docs[:-n_eval], docs[-n_eval:]
+    if model_args.model_name_or_path:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        tokenizer = train_tokenizer(train_docs, 300 if recipe.smoke else model_args.vocab_size)
+    train, test = (blocks(d, tokenizer, data_args.block_size) for d in (train_docs, eval_docs))
+    logger.info("%d train / %d eval blocks of %d tokens, vocabulary %d", len(train), len(test),
+                data_args.block_size, len(tokenizer))
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=max(128, data_args.block_size),
+                        n_embd=32 if recipe.smoke else model_args.n_embd,
+                        n_layer=1 if recipe.smoke else model_args.n_layer,
+                        n_head=2 if recipe.smoke else model_args.n_head,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        tie_word_embeddings=True)
+
+    def model_init():
+        torch.manual_seed(training_args.seed)
+        if model_args.model_name_or_path:
+            return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+        return GPT2LMHeadModel(config)
+
+    return run_comparison(
+        task_name="causal-lm",
+        recipe=recipe,
+        training_args=training_args,
+        model_init=model_init,
+        train_dataset=train,
+        eval_dataset=test,
+        compute_metrics=None,
+        metric_name="perplexity",
+        greater_is_better=False,
+        default_lrs={"adamw": 1e-3, "sgd": 0.1, "kbfgs": 0.1, "kbfgs_l": 0.1, "mlbfgs": 0.05},
+        dataset_id=(data_args.dataset_name or "lee_background (gensim test data)", "lee_background"),
+        task_id=("text-generation", "Causal language modelling"),
+        base_model=model_args.model_name_or_path,
+        extra_metrics=perplexity,
+    )
+
+
+if __name__ == "__main__":
+    main()

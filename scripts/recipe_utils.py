@@ -1,0 +1,265 @@
+"""What the fine-tuning recipes share: run several optimizers through ``QNTrainer`` on the same task with
+the same budget, time the training alone, and write results JSON, a comparison plot and a model card.
+
+Each recipe parses ``RecipeArguments`` plus its own model/data dataclasses and ``QNTrainingArguments`` with
+``HfArgumentParser``, builds the data and a ``model_init``, and calls :func:`run_comparison`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from hf_qn.integrations.model_card import write_benchmark_card
+from hf_qn.integrations.trainer import QNTrainer, QNTrainingArguments, unwrap_optimizer
+
+logger = logging.getLogger("hf_qn.recipes")
+
+OPTIMIZER_CHOICES = ("kbfgs", "kbfgs_l", "mlbfgs", "adamw", "sgd")
+
+
+@dataclass
+class RecipeArguments:
+    """Which optimizers to compare and how (the Trainer's own options are in QNTrainingArguments)."""
+
+    optimizers: list[str] = field(
+        default_factory=lambda: ["adamw", "kbfgs", "mlbfgs"],
+        metadata={"help": f"Optimizers to train with, one after another, in {OPTIMIZER_CHOICES}."},
+    )
+    learning_rates: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Overrides as name=value, e.g. adamw=5e-5 kbfgs=0.1 (else the recipe's defaults)."},
+    )
+    smoke: bool = field(default=False, metadata={"help": "A few steps on tiny sizes (used by the tests)."})
+    card_title: str | None = field(default=None)
+    push_card_to_hub: bool = field(default=False, metadata={"help": "Upload the card (needs the Hub)."})
+
+
+def parse_learning_rates(items: list[str], defaults: dict[str, float]) -> dict[str, float]:
+    out = dict(defaults)
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in OPTIMIZER_CHOICES:
+            raise ValueError(
+                f"Invalid --learning_rates entry {item!r} (expected name=value with name in {OPTIMIZER_CHOICES})"
+            )
+        out[name] = float(value)
+    return out
+
+
+class TrainTimeCallback(TrainerCallback):
+    """Training wall time (evaluation excluded) at every step and at every evaluation."""
+
+    def __init__(self) -> None:
+        self.train_seconds = 0.0
+        self._t0: float | None = None
+        self.evals: list[dict[str, float]] = []
+        self.step_seconds: list[float] = []
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._t0 is not None:
+            dt = time.perf_counter() - self._t0
+            self.step_seconds.append(dt)
+            self.train_seconds += dt
+            self._t0 = None
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                    **kwargs: Any) -> None:
+        if metrics:
+            self.evals.append({"step": state.global_step, "seconds": self.train_seconds, **metrics})
+
+
+def optimizer_args(base: QNTrainingArguments, name: str, lr: float, output_dir: str) -> QNTrainingArguments:
+    """The TrainingArguments for one optimizer of the comparison."""
+    changes: dict[str, Any] = dict(output_dir=output_dir, learning_rate=lr)
+    if name in ("kbfgs", "kbfgs_l", "mlbfgs"):
+        changes["qn_optimizer"] = name
+    else:
+        changes.update(qn_optimizer=None, optim="adamw_torch" if name == "adamw" else "sgd")
+    # Re-run the constructor (and its validation) from the init fields rather than mutating in place.
+    values = {f.name: getattr(base, f.name) for f in fields(base) if f.init}
+    values.update(changes)
+    return type(base)(**values)
+
+
+def run_comparison(
+    *,
+    task_name: str,
+    recipe: RecipeArguments,
+    training_args: QNTrainingArguments,
+    model_init: Callable[[], torch.nn.Module],
+    train_dataset: Any,
+    eval_dataset: Any,
+    compute_metrics: Callable[[Any], dict[str, float]] | None,
+    metric_name: str,
+    greater_is_better: bool,
+    default_lrs: dict[str, float],
+    data_collator: Any = None,
+    dataset_id: tuple[str, str] = ("", ""),
+    task_id: tuple[str, str] = ("", ""),
+    base_model: str | None = None,
+    extra_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """Train every optimizer in ``recipe.optimizers`` and write results.json, comparison.png, README.md."""
+    lrs = parse_learning_rates(recipe.learning_rates, default_lrs)
+    out_root = training_args.output_dir
+    os.makedirs(out_root, exist_ok=True)
+    runs = []
+    for name in recipe.optimizers:
+        if name not in OPTIMIZER_CHOICES:
+            raise ValueError(f"Invalid optimizer {name!r} (choose from {OPTIMIZER_CHOICES})")
+        args = optimizer_args(training_args, name, lrs[name], os.path.join(out_root, name))
+        timer = TrainTimeCallback()
+        trainer = QNTrainer(model_init=model_init, args=args, train_dataset=train_dataset,
+                            eval_dataset=eval_dataset, compute_metrics=compute_metrics,
+                            data_collator=data_collator, callbacks=[timer])
+        logger.info("training with %s (lr %g)", name, lrs[name])
+        train_out = trainer.train()
+        final = trainer.evaluate()
+        if extra_metrics is not None:
+            final.update(extra_metrics(final))
+            for e in timer.evals:
+                e.update(extra_metrics(e))
+        inner = unwrap_optimizer(trainer.optimizer)
+        steps = sorted(timer.step_seconds[1:]) or [float("nan")]
+        runs.append({
+            "optimizer": name,
+            "learning_rate": lrs[name],
+            "train_seconds": timer.train_seconds,
+            "median_step_seconds": steps[len(steps) // 2],
+            "global_step": train_out.global_step,
+            "train_loss": train_out.training_loss,
+            "final": final,
+            "evals": timer.evals,
+            "log_history": trainer.state.log_history,
+            "optimizer_statistics": inner.statistics() if hasattr(inner, "statistics") else {},
+        })
+        logger.info("%s: %s = %.4f after %.1f s of training", name, metric_name, final[f"eval_{metric_name}"],
+                    timer.train_seconds)
+    key = f"eval_{metric_name}"
+    summary = summarize(runs, key, greater_is_better)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    meta = {"task": task_name, "command": command, "metric": key, "greater_is_better": greater_is_better,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    with open(os.path.join(out_root, "results.json"), "w") as f:
+        json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1, default=str)
+    plot_runs(runs, key, os.path.join(out_root, "comparison.png"), task_name)
+    table = summary_table(summary, key)
+    write_benchmark_card(
+        output_dir=out_root,
+        title=recipe.card_title or f"hf_qn optimizers on {task_name}",
+        command=command,
+        dataset=dataset_id,
+        task=task_id,
+        metric_name=metric_name,
+        results=[{"optimizer": r["optimizer"], "value": r["final"][key]} for r in runs],
+        hyperparameters={"learning_rates": {r["optimizer"]: r["learning_rate"] for r in runs},
+                         "epochs": training_args.num_train_epochs, "max_steps": training_args.max_steps,
+                         "batch_size": training_args.per_device_train_batch_size,
+                         "weight_decay": training_args.weight_decay, "seed": training_args.seed},
+        table=table,
+        plot="comparison.png",
+        notes=summary["verdict"],
+        base_model=base_model,
+        push_to_hub=recipe.push_card_to_hub,
+        hub_model_id=f"hf-qn/{task_name}" if recipe.push_card_to_hub else None,
+    )
+    print(table)
+    print(summary["verdict"])
+    return {"meta": meta, "summary": summary, "runs": runs}
+
+
+def _better(a: float, b: float, greater: bool) -> bool:
+    return a >= b if greater else a <= b
+
+
+def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, Any]:
+    """Did the best quasi-Newton run reach AdamW's final metric, and in how much training time?"""
+    adam = next((r for r in runs if r["optimizer"] == "adamw"), None)
+    rows = []
+    for r in runs:
+        t_reach = None
+        if adam is not None:
+            target = adam["final"][key]
+            t_reach = next((e["seconds"] for e in r["evals"] if key in e and _better(e[key], target, greater)), None)
+        rows.append({"optimizer": r["optimizer"], "lr": r["learning_rate"], "final": r["final"][key],
+                     "train_seconds": r["train_seconds"], "median_step_seconds": r["median_step_seconds"],
+                     "seconds_to_adamw_final": t_reach})
+    qn = [row for row in rows if row["optimizer"] in ("kbfgs", "kbfgs_l", "mlbfgs")]
+    verdict = "No AdamW run in this comparison."
+    if adam is not None and qn:
+        adam_row = next(row for row in rows if row["optimizer"] == "adamw")
+        reached = [row for row in qn if row["seconds_to_adamw_final"] is not None]
+        if reached:
+            best = min(reached, key=lambda row: row["seconds_to_adamw_final"])
+            ratio = best["seconds_to_adamw_final"] / max(adam_row["train_seconds"], 1e-9)
+            verdict = (f"{best['optimizer']} reached AdamW's final {key} ({adam_row['final']:.4g}) after "
+                       f"{best['seconds_to_adamw_final']:.1f} s of training, {ratio:.2f}x AdamW's "
+                       f"{adam_row['train_seconds']:.1f} s" + (" (faster)." if ratio < 1 else " (not faster)."))
+        else:
+            best = max(qn, key=lambda row: row["final"]) if greater else min(qn, key=lambda row: row["final"])
+            gap = best["final"] - adam_row["final"]
+            verdict = (f"No quasi-Newton run reached AdamW's final {key} ({adam_row['final']:.4g}); the best, "
+                       f"{best['optimizer']}, ended at {best['final']:.4g} ({gap:+.4g}).")
+    return {"rows": rows, "verdict": verdict}
+
+
+def summary_table(summary: dict[str, Any], key: str) -> str:
+    lines = [f"| optimizer | lr | final {key} | train s | s/step | s to AdamW's final |", "|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        reach = "-" if r["seconds_to_adamw_final"] is None else f"{r['seconds_to_adamw_final']:.1f}"
+        lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['final']:.4f} | {r['train_seconds']:.1f} | "
+                     f"{r['median_step_seconds']:.3f} | {reach} |")
+    return "\n".join(lines)
+
+
+def plot_runs(runs: list[dict[str, Any]], key: str, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for r in runs:
+        logs = [h for h in r["log_history"] if "loss" in h and "step" in h]
+        axes[0].plot([h["step"] for h in logs], [h["loss"] for h in logs], label=r["optimizer"])
+        ev = [e for e in r["evals"] if key in e]
+        axes[1].plot([e["step"] for e in ev], [e[key] for e in ev], marker="o", label=r["optimizer"])
+        axes[2].plot([e["seconds"] for e in ev], [e[key] for e in ev], marker="o", label=r["optimizer"])
+    axes[0].set(xlabel="step", ylabel="training loss")
+    axes[1].set(xlabel="step", ylabel=key)
+    axes[2].set(xlabel="training seconds (evaluation excluded)", ylabel=key)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[2].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def accuracy_metrics(eval_pred: Any) -> dict[str, float]:
+    """Accuracy computed directly (the Hub's metric scripts cannot load offline)."""
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def perplexity(metrics: dict[str, float]) -> dict[str, float]:
+    loss = metrics.get("eval_loss")
+    return {} if loss is None else {"eval_perplexity": math.exp(min(loss, 50.0))}
