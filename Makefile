@@ -19,7 +19,7 @@ PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.hf_qn-installed
 
-.PHONY: setup test test-fast lint demo clean
+.PHONY: setup test test-fast lint demo cards clean
 
 setup: $(STAMP)
 
@@ -46,3 +46,12 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# Regenerate the model cards of real recipe runs in model_cards/ (about 10 minutes on 2 cores).
+RECIPE_COMMON = --eval_strategy epoch --logging_steps 5 --save_strategy no --report_to none --disable_tqdm true --seed 0
+cards: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/text_classification.py --output_dir model_cards/text-classification-minilm --num_train_epochs 3 --per_device_train_batch_size 8 $(RECIPE_COMMON)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/causal_lm.py --output_dir model_cards/causal-lm-gpt2-lee --num_train_epochs 2 --per_device_train_batch_size 8 $(RECIPE_COMMON)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/image_classification.py --model_type vit --output_dir model_cards/image-classification-vit --num_train_epochs 5 --per_device_train_batch_size 32 $(RECIPE_COMMON)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/image_classification.py --model_type resnet --output_dir model_cards/image-classification-resnet --num_train_epochs 5 --per_device_train_batch_size 32 $(RECIPE_COMMON)
+	rm -rf model_cards/*/adamw model_cards/*/sgd model_cards/*/kbfgs model_cards/*/kbfgs_l model_cards/*/mlbfgs

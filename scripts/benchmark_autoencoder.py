@@ -35,7 +35,7 @@ from torch import nn
 logger = logging.getLogger("benchmark_autoencoder")
 
 ALL_OPTIMIZERS = [
-    "kbfgs", "kbfgs_l", "kbfgs_int10", "kbfgs_consecutive", "mlbfgs", "adamw", "sgd",
+    "kbfgs", "kbfgs_l", "kbfgs_int10", "kbfgs_consecutive", "mlbfgs", "mlbfgs_grad", "adamw", "sgd",
     "asdl_kfac", "asdl_kbfgs", "soap", "psgd",
 ]
 
@@ -139,13 +139,15 @@ def make_runner(name: str, model: nn.Module, lr: float | None, args: BenchmarkAr
 
         return Runner(model, step, opt)
 
-    if name in ("adamw", "sgd", "mlbfgs", "soap", "psgd"):
+    if name in ("adamw", "sgd", "mlbfgs", "mlbfgs_grad", "soap", "psgd"):
         if name == "adamw":
             opt = torch.optim.AdamW(model.parameters(), lr=lr or 3e-3, weight_decay=0.0)
         elif name == "sgd":
             opt = torch.optim.SGD(model.parameters(), lr=lr or 1e-3, momentum=0.9, nesterov=True)
         elif name == "mlbfgs":
             opt = hf_qn.MLBFGS(model, lr=lr or 0.1)
+        elif name == "mlbfgs_grad":
+            opt = hf_qn.MLBFGS(model, lr=lr or 3e-3, normalize="grad")
         else:
             import heavyball
 
@@ -292,6 +294,7 @@ SWEEPS = {
     "adamw": [1e-3, 3e-3, 1e-2],
     "sgd": [3e-4, 1e-3, 3e-3],
     "mlbfgs": [0.03, 0.1, 0.3],
+    "mlbfgs_grad": [1e-3, 3e-3, 1e-2],
     "soap": [1e-3, 3e-3, 1e-2],
     "psgd": [3e-4, 1e-3, 3e-3],
     "asdl_kfac": [0.01, 0.03, 0.1],

@@ -316,3 +316,57 @@ def test_hyperparameter_search_style_model_init_rebuilds_optimizer_and_hooks(tmp
     assert second is not first
     assert second.adapters[0].module is trainer.model.net[0]
     assert int(second.state[trainer.model.net[0].weight]["qn_step"]) == 3
+
+
+@pytest.mark.parametrize("name", ["kbfgs", "mlbfgs"])
+def test_trainer_gradient_accumulation_2x4_matches_1x8(tmp_path, name):
+    lr = 0.2 if name == "kbfgs" else 0.05
+    finals = []
+    for bs, ga in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        model = RegressionModel()
+        trainer = QNTrainer(model=model, args=_args(tmp_path, qn_optimizer=name, learning_rate=lr, max_steps=6,
+                                                    per_device_train_batch_size=bs, gradient_accumulation_steps=ga),
+                            train_dataset=regression_dataset())
+        trainer.train()
+        finals.append(_params(model))
+    for a, b in zip(*finals):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_accelerate_accumulate_route_with_closure():
+    """accelerator.prepare + accelerator.accumulate; the closure passes through AcceleratedOptimizer."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    ds = regression_dataset(32)
+    x, y = ds["x"], ds["labels"]
+    results = []
+    for accum in (1, 2):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        torch.manual_seed(0)
+        model = RegressionModel()
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accum)
+        model, opt = accelerator.prepare(model, hf_qn.KBFGS(model, lr=0.2))
+        micro = 8 // accum
+        for step in range(4):
+            xb, yb = x[step * 8 : (step + 1) * 8], y[step * 8 : (step + 1) * 8]
+            for j in range(accum):
+                part = slice(j * micro, (j + 1) * micro)
+                with accelerator.accumulate(model):
+                    accelerator.backward(model(xb[part], labels=yb[part])["loss"])
+
+                    def closure(xb=xb, yb=yb):
+                        for k in range(accum):
+                            p = slice(k * micro, (k + 1) * micro)
+                            accelerator.backward(model(xb[p], labels=yb[p])["loss"])
+
+                    opt.step(closure)  # a no-op until the last micro-batch (sync_gradients)
+                    opt.zero_grad()
+        results.append(_params(accelerator.unwrap_model(model)))
+        assert unwrap_optimizer(opt).statistics()["qn/pairs_accepted"] == 4 * 2
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
