@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests._helpers.launch import results, run_script
+from tests._helpers.launch import ROOT, results, run_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -49,3 +49,17 @@ def test_example_runs_unchanged_under_accelerate_launch(tmp_path):
                nproc=2, launcher="accelerate")
     out = results(tmp_path)
     assert out["world_size"] == 2 and out["replicas_equal"]
+
+
+@pytest.mark.parametrize("optimizer", ["kbfgs", "mlbfgs"])
+def test_qn_trainer_on_two_ranks_matches_one_rank(tmp_path, optimizer):
+    """The Trainer's own DDP path: 2 ranks x batch 8 (replicas bitwise equal) vs 1 rank x batch 16."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, n, per_device in ((one, 1, "16"), (two, 2, "8")):
+        out.mkdir()
+        run_script("tests/_helpers/ddp_trainer.py", [optimizer, str(out), str(ROOT), per_device], nproc=n)
+    a, b = results(one), results(two)
+    assert b["world_size"] == 2 and b["replicas_equal"]
+    assert len(a["losses"]) == len(b["losses"]) == 6
+    np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-3)
+    np.testing.assert_allclose(b["params"], a["params"], atol=1e-4)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_script(script: str, args: list[str], nproc: int = 1, launcher: str = "torchrun", timeout: int = 240) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT))
-    path = str(ROOT / "scripts" / script)
+    path = str(ROOT / "scripts" / script) if "/" not in script else str(ROOT / script)
     if nproc == 1:
         cmd = [sys.executable, path, *args]
     elif launcher == "torchrun":
