@@ -38,6 +38,8 @@ ALL_OPTIMIZERS = [
     "kbfgs", "kbfgs_l", "kbfgs_int10", "kbfgs_consecutive", "mlbfgs", "mlbfgs_grad", "adamw", "sgd",
     "asdl_kfac", "asdl_kbfgs", "soap", "psgd",
 ]
+# The default run (the one behind model_cards/mnist-autoencoder); other names are opt-in variants.
+DEFAULT_OPTIMIZERS = [n for n in ALL_OPTIMIZERS if n != "mlbfgs_grad"]
 
 
 @dataclass
@@ -46,7 +48,7 @@ class BenchmarkArguments:
 
     output_dir: str = field(default="outputs/autoencoder", metadata={"help": "Where results, plot and card go."})
     optimizers: list[str] = field(
-        default_factory=lambda: list(ALL_OPTIMIZERS), metadata={"help": f"Any of {ALL_OPTIMIZERS}."}
+        default_factory=lambda: list(DEFAULT_OPTIMIZERS), metadata={"help": f"Any of {ALL_OPTIMIZERS}."}
     )
     budgets: list[float] = field(
         default_factory=lambda: [60.0, 180.0],
