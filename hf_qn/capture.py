@@ -165,7 +165,7 @@ class Capture:
         if with_inputs:
             rows = adapter.input_rows(inputs)
             if adapter.input_diagonal:
-                mask = getattr(adapter, "input_mask")(rows)  # noqa: B009
+                mask = adapter.input_mask(rows)
                 ids = rows if mask is None else rows[mask]
                 counts = torch.bincount(ids, minlength=adapter.d_in).to(torch.float32)
                 st.A_sum = LayerStats._add(st.A_sum, counts)

@@ -100,6 +100,10 @@ class LayerAdapter(ABC):
     def input_rows(self, inputs: tuple[Any, ...]) -> Tensor:
         """Homogeneous input rows ``ā`` ``(R, d_in)`` (for a diagonal layer: the ``(R,)`` indices)."""
 
+    def input_mask(self, rows: Tensor) -> Tensor | None:
+        """Which input rows count for the input-side factor (None: all); Embedding drops padding tokens."""
+        return None
+
     @abstractmethod
     def output_rows(self, output: Tensor) -> Tensor:
         """Pre-activation rows ``(R, d_out)``; also applied to the gradient of the output."""

@@ -55,10 +55,11 @@ class EmbeddingAdapter(LayerAdapter):
         """The token ids ``(R,)``; padding tokens are kept here and masked by :meth:`input_mask`."""
         return inputs[0].reshape(-1)
 
-    def input_mask(self, ids: Tensor) -> Tensor | None:
+    def input_mask(self, rows: Tensor) -> Tensor | None:
+        """Token ids other than ``padding_idx`` (which gets no gradient)."""
         if self.padding_idx is None:
             return None
-        return ids != self.padding_idx
+        return rows != self.padding_idx
 
     def output_rows(self, output: Tensor) -> Tensor:
         return output.reshape(-1, output.shape[-1])

@@ -135,12 +135,11 @@ class LBFGSHistory:
         self.Y[idx].copy_(y.reshape(-1))
         # Products with the *stored* (possibly rounded) vectors keep the compact form consistent.
         s_st, y_st = self.S[idx], self.Y[idx]
-        valid = [i for i in range(self.m) if i == idx or i in self.order()]
         Sy = self._rows_dot(self.S, y_st)  # s_i^T y_new
         Ys = self._rows_dot(self.Y, s_st)  # y_i^T s_new
         Yy = self._rows_dot(self.Y, y_st)  # y_i^T y_new
         mask = torch.zeros(self.m, dtype=torch.bool, device=self.SY.device)
-        mask[valid] = True
+        mask[: min(self.count + 1, self.m)] = True  # stored rows plus the new one (head == count until full)
         self.SY[:, idx] = torch.where(mask, Sy, torch.zeros_like(Sy))
         self.SY[idx, :] = torch.where(mask, Ys, torch.zeros_like(Ys))
         self.YY[:, idx] = torch.where(mask, Yy, torch.zeros_like(Yy))

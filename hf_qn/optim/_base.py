@@ -89,6 +89,14 @@ class QNOptimizerBase(torch.optim.Optimizer):
     #: per-parameter state keys whose saved dtype is kept on load (curvature, histories, counters).
     _CURVATURE_KEYS: frozenset[str] = frozenset()
 
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        """The param group holding ``p`` (cached; rebuilt after ``add_param_group`` or a load)."""
+        cache: dict[int, dict[str, Any]] | None = getattr(self, "_group_cache", None)
+        if cache is None or len(cache) != sum(len(g["params"]) for g in self.param_groups):
+            cache = {id(q): g for g in self.param_groups for q in g["params"]}
+            self._group_cache: dict[int, dict[str, Any]] | None = cache
+        return cache[id(p)]
+
     def _fallback_step(self, group: dict[str, Any]) -> None:
         """Update a fallback group (parameters no adapter/block takes) with AdamW or SGD."""
         kind = group["fallback"]
@@ -114,6 +122,7 @@ class QNOptimizerBase(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, keeping curvature tensors in their saved dtype (see module docstring)."""
+        self._group_cache = None  # torch rebuilds param_groups as new dicts
         saved_state = state_dict.get("state", {})
         kept: dict[Any, dict[str, Any]] = {}
         stripped_state = {}

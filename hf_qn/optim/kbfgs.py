@@ -510,14 +510,18 @@ class KBFGS(QNOptimizerBase):
             return 1.0
         return min(1.0, math.sqrt(kl / total))
 
+    def _add_to_layers(self, directions: list[Tensor], factor: float) -> None:
+        """W̄ ← W̄ + factor · α · D for every adapted layer (α: the layer's group lr)."""
+        for ad, D in zip(self.adapters, directions):
+            alpha = self._group_of(ad.weight)["lr"] * factor
+            w, b = ad.from_matrix(D)
+            ad.weight.add_(w.to(ad.weight.dtype), alpha=alpha)
+            if b is not None and ad.bias is not None:
+                ad.bias.add_(b.to(ad.bias.dtype), alpha=alpha)
+
     def _apply(self, directions: list[Tensor], scale: float) -> dict[nn.Parameter, Tensor]:
         """W̄ ← W̄ − α ν D; fallback parameters by their own rule. Returns fallback backups."""
-        for ad, D in zip(self.adapters, directions):
-            lr = self._group_of(ad.weight)["lr"] * scale
-            w, b = ad.from_matrix(D)
-            ad.weight.add_(w.to(ad.weight.dtype), alpha=-lr)
-            if b is not None and ad.bias is not None:
-                ad.bias.add_(b.to(ad.bias.dtype), alpha=-lr)
+        self._add_to_layers(directions, -scale)
         backup: dict[nn.Parameter, Tensor] = {}
         needs_backup = self.capture.enabled and self.hparams["pairs"] == "same_batch"
         for g in self.param_groups:
@@ -528,12 +532,7 @@ class KBFGS(QNOptimizerBase):
         return backup
 
     def _undo(self, directions: list[Tensor], scale: float, backup: dict[nn.Parameter, Tensor]) -> None:
-        for ad, D in zip(self.adapters, directions):
-            lr = self._group_of(ad.weight)["lr"] * scale
-            w, b = ad.from_matrix(D)
-            ad.weight.add_(w.to(ad.weight.dtype), alpha=lr)
-            if b is not None and ad.bias is not None:
-                ad.bias.add_(b.to(ad.bias.dtype), alpha=lr)
+        self._add_to_layers(directions, scale)
         for p, old in backup.items():
             p.copy_(old)
 
@@ -705,13 +704,6 @@ class KBFGS(QNOptimizerBase):
             st[key] = torch.tensor(0, dtype=torch.int64)
         st[key] += 1
 
-    def _group_of(self, p: nn.Parameter) -> dict[str, Any]:
-        cache: dict[int, dict[str, Any]] | None = getattr(self, "_group_cache", None)
-        if cache is None or len(cache) != sum(len(g["params"]) for g in self.param_groups):
-            cache = {id(q): g for g in self.param_groups for q in g["params"]}
-            self._group_cache: dict[int, dict[str, Any]] | None = cache
-        return cache[id(p)]
-
     def _schedule_capture(self) -> None:
         """Capture statistics only for steps that update curvature: every step during the warm-up, then
         steps 0, k, 2k, ... (k = ``update_interval``)."""
@@ -723,7 +715,6 @@ class KBFGS(QNOptimizerBase):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._group_cache = None
         self._schedule_capture()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -486,16 +486,8 @@ class MLBFGS(QNOptimizerBase):
         st["hist_count"] = torch.tensor(hist.count, dtype=torch.int64)
         st["hist_head"] = torch.tensor(hist.head, dtype=torch.int64)
 
-    def _group_of(self, p: nn.Parameter) -> dict[str, Any]:
-        cache: dict[int, dict[str, Any]] | None = getattr(self, "_group_cache", None)
-        if cache is None:
-            cache = {id(q): g for g in self.param_groups for q in g["params"]}
-            self._group_cache: dict[int, dict[str, Any]] | None = cache
-        return cache[id(p)]
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._group_cache = None
         for b in self.blocks:
             st = self.state.get(b.params[0], {})
             if "hist_S" in st and st["hist_S"].shape[1] != b.numel:
