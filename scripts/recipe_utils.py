@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from hf_qn.distributed import shutdown
 from hf_qn.integrations.model_card import write_benchmark_card
 from hf_qn.integrations.trainer import QNTrainer, QNTrainingArguments, unwrap_optimizer
 
@@ -115,6 +116,7 @@ def run_comparison(
     extra_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Train every optimizer in ``recipe.optimizers`` and write results.json, comparison.png, README.md."""
+    logger.setLevel(training_args.get_process_log_level())  # replicas log warnings only, as transformers' examples
     lrs = parse_learning_rates(recipe.learning_rates, default_lrs)
     out_root = training_args.output_dir
     os.makedirs(out_root, exist_ok=True)
@@ -150,8 +152,14 @@ def run_comparison(
         })
         logger.info("%s: %s = %.4f after %.1f s of training", name, metric_name, final[f"eval_{metric_name}"],
                     timer.train_seconds)
+        trainer.accelerator.free_memory()  # drop the DDP wrapper before the next run (and before shutdown)
+        del trainer, inner
     key = f"eval_{metric_name}"
     summary = summarize(runs, key, greater_is_better)
+    is_main = training_args.process_index == 0
+    shutdown()  # evaluation metrics are gathered over ranks; rank 0 writes the files
+    if not is_main:
+        return {"summary": summary, "runs": runs}
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     meta = {"task": task_name, "command": command, "metric": key, "greater_is_better": greater_is_better,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}

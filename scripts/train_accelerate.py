@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hf_qn.distributed import shutdown
+
 logger = logging.getLogger("train_accelerate")
 
 
@@ -126,10 +128,10 @@ def main(argv: list[str] | None = None) -> None:
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(out, f)
         logger.info("world %d: final loss %.4f, replicas equal: %s", world, losses[-1], replicas_equal)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    # Drop the DDP wrapper before the group goes (see hf_qn.distributed.shutdown for why).
+    accelerator.free_memory()
+    model = opt = inner = None  # the closure above refers to model: rebind rather than del
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -63,3 +63,20 @@ def test_qn_trainer_on_two_ranks_matches_one_rank(tmp_path, optimizer):
     assert len(a["losses"]) == len(b["losses"]) == 6
     np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-3)
     np.testing.assert_allclose(b["params"], a["params"], atol=1e-4)
+
+
+def test_recipe_runs_unchanged_under_torchrun(tmp_path):
+    """A Trainer recipe on 2 ranks: every optimizer trains, rank 0 alone writes results, plot and a valid card."""
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "rec"
+    run_script("image_classification.py", [
+        "--model_type", "resnet", "--smoke", "true", "--max_steps", "4", "--per_device_train_batch_size", "8",
+        "--eval_strategy", "steps", "--eval_steps", "2", "--logging_steps", "2", "--save_strategy", "no",
+        "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true",
+        "--optimizers", "adamw", "kbfgs", "mlbfgs", "--output_dir", str(out)], nproc=2)
+    res = results(out)
+    assert [r["optimizer"] for r in res["runs"]] == ["adamw", "kbfgs", "mlbfgs"]
+    assert all(r["global_step"] == 4 for r in res["runs"])
+    assert res["runs"][1]["optimizer_statistics"]["qn/pairs_accepted"] > 0
+    assert len(ModelCard.load(out / "README.md").data.eval_results) == 3

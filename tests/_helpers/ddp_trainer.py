@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, sys.argv[3])
+from hf_qn.distributed import shutdown
 from hf_qn.integrations.trainer import QNTrainer, QNTrainingArguments
 from tests.integrations.test_trainer import RegressionModel, regression_dataset
 
@@ -36,8 +37,9 @@ def main() -> None:
         with open(f"{out}/results.json", "w") as f:
             json.dump({"world_size": world, "replicas_equal": all(torch.equal(g, gathered[0]) for g in gathered),
                        "losses": losses, "params": flat.tolist()}, f)
-    if world > 1:
-        dist.barrier()
+    trainer.accelerator.free_memory()
+    del trainer
+    shutdown()
 
 
 if __name__ == "__main__":
