@@ -52,7 +52,7 @@ def test_no_second_pass_mode_trains_without_closure():
 
 def test_update_interval_captures_and_calls_closure_only_on_curvature_steps():
     model = mlp()
-    opt = hf_qn.KBFGS(model, lr=0.1, update_interval=3, warmup_curvature_steps=0)
+    opt = hf_qn.KBFGS(model, lr=0.1, update_interval=3, warmup_curvature_steps=0, max_update_growth=None)
     calls = []
     for i, batch in enumerate(regression_batches(7)):
         opt.zero_grad()
@@ -68,7 +68,7 @@ def test_update_interval_captures_and_calls_closure_only_on_curvature_steps():
 
 def test_warmup_updates_curvature_every_step_first():
     model = mlp()
-    opt = hf_qn.KBFGS(model, lr=0.1, update_interval=4, warmup_curvature_steps=3)
+    opt = hf_qn.KBFGS(model, lr=0.1, update_interval=4, warmup_curvature_steps=3, max_update_growth=None)
     seen = []
     for batch in regression_batches(9):
         opt.zero_grad()
@@ -76,6 +76,53 @@ def test_warmup_updates_curvature_every_step_first():
         mse_loss(model, batch).backward()
         opt.step(lambda batch=batch: mse_loss(model, batch).backward())
     assert seen == [True, True, True, False, True, False, False, False, True]
+
+
+def _layer_steps(model, before):
+    return [float((m.weight.detach() - w).norm()) for m, w in zip(_linears(model), before)]
+
+
+def _linears(model):
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_growth_guard_bounds_a_stale_step_and_refreshes_curvature(momentum):
+    """update_interval > 1: a step between curvature updates whose gradient jumps 1000x is scaled so that the
+    largest layer step is exactly max_update_growth x its size at the last curvature step (weights have no
+    bias here, so ‖ΔW‖ is ‖α ν D‖ exactly), is counted, and makes the next step a curvature step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.Tanh(), nn.Linear(6, 2, bias=False))
+    opt = hf_qn.KBFGS(model, lr=0.1, momentum=momentum, weight_decay=0.0, update_interval=5,
+                      warmup_curvature_steps=0, max_update_growth=2.0)
+    batches = regression_batches(3, d_in=4, d_out=2)
+    steps = []
+    for i, batch in enumerate(batches):
+        scale = 1000.0 if i == 1 else 1.0
+        opt.zero_grad()
+        before = [m.weight.detach().clone() for m in _linears(model)]
+        (scale * mse_loss(model, batch)).backward()
+        opt.step((lambda b=batch: mse_loss(model, b).backward()) if opt.curvature_step_next() else None)
+        steps.append(_layer_steps(model, before))
+        if i == 1:
+            assert opt.curvature_step_next()  # step 2 would have been stale (interval 5): refreshed instead
+    ratios = [a / b for a, b in zip(steps[1], steps[0])]
+    assert max(ratios) == pytest.approx(2.0, rel=1e-5)
+    stats = opt.statistics()
+    assert stats["qn/steps_clipped"] >= 1
+    assert stats["qn/pairs_accepted"] == 2 * len(opt.adapters)  # steps 0 and 2 (the refresh) updated curvature
+
+
+def test_growth_guard_leaves_the_paper_algorithm_alone_at_interval_one():
+    torch.manual_seed(0)
+    model = mlp()
+    ref = copy.deepcopy(model)
+    opt = hf_qn.KBFGS(model, lr=0.1, max_update_growth=1.0001)
+    ref_opt = hf_qn.KBFGS(ref, lr=0.1, max_update_growth=None)
+    loop(model, opt, regression_batches(6), mse_loss)
+    loop(ref, ref_opt, regression_batches(6), mse_loss)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert opt.statistics()["qn/steps_clipped"] == 0
 
 
 def test_fallback_equals_torch_adamw_exactly():
@@ -231,6 +278,7 @@ def test_functionally_used_layer_gives_clear_error():
         ({"powell_mu": 0.0}, "powell_mu"),
         ({"history_size": 0}, "history_size"),
         ({"update_interval": 0}, "update_interval"),
+        ({"max_update_growth": 1.0}, "max_update_growth"),
         ({"warmup_curvature_steps": -1}, "warmup_curvature_steps"),
         ({"lm_damping": "x"}, "lm_damping"),
         ({"input_inverse": "eigh"}, "input_inverse"),
