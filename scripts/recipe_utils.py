@@ -42,6 +42,11 @@ class RecipeArguments:
         default_factory=list,
         metadata={"help": "Overrides as name=value, e.g. adamw=5e-5 kbfgs=0.1 (else the recipe's defaults)."},
     )
+    lr_sweep: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Learning-rate sweeps as name=v1,v2,..., e.g. adamw=1e-4,3e-4,1e-3: every candidate "
+                          "trains with the full budget and the best final eval metric is reported."},
+    )
     smoke: bool = field(default=False, metadata={"help": "A few steps on tiny sizes (used by the tests)."})
     card_title: str | None = field(default=None)
     push_card_to_hub: bool = field(default=False, metadata={"help": "Upload the card (needs the Hub)."})
@@ -56,6 +61,22 @@ def parse_learning_rates(items: list[str], defaults: dict[str, float]) -> dict[s
                 f"Invalid --learning_rates entry {item!r} (expected name=value with name in {OPTIMIZER_CHOICES})"
             )
         out[name] = float(value)
+    return out
+
+
+def parse_lr_sweep(items: list[str]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        try:
+            grid = [float(v) for v in values.split(",") if v]
+        except ValueError:
+            grid = []
+        if not sep or name not in OPTIMIZER_CHOICES or not grid:
+            raise ValueError(
+                f"Invalid --lr_sweep entry {item!r} (expected name=v1,v2,... with name in {OPTIMIZER_CHOICES})"
+            )
+        out[name] = grid
     return out
 
 
@@ -116,20 +137,21 @@ def run_comparison(
     extra_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Train every optimizer in ``recipe.optimizers`` and write results.json, comparison.png, README.md."""
-    logger.setLevel(training_args.get_process_log_level())  # replicas log warnings only, as transformers' examples
+    if not training_args.should_log:  # replicas log warnings only (their log_level_replica)
+        logger.setLevel(training_args.get_process_log_level())
     lrs = parse_learning_rates(recipe.learning_rates, default_lrs)
     out_root = training_args.output_dir
     os.makedirs(out_root, exist_ok=True)
-    runs = []
-    for name in recipe.optimizers:
-        if name not in OPTIMIZER_CHOICES:
-            raise ValueError(f"Invalid optimizer {name!r} (choose from {OPTIMIZER_CHOICES})")
-        args = optimizer_args(training_args, name, lrs[name], os.path.join(out_root, name))
+    sweeps = parse_lr_sweep(recipe.lr_sweep)
+    key = f"eval_{metric_name}"
+
+    def train_one(name: str, lr: float) -> dict[str, Any]:
+        args = optimizer_args(training_args, name, lr, os.path.join(out_root, "runs", f"{name}-lr{lr:g}"))
         timer = TrainTimeCallback()
         trainer = QNTrainer(model_init=model_init, args=args, train_dataset=train_dataset,
                             eval_dataset=eval_dataset, compute_metrics=compute_metrics,
                             data_collator=data_collator, callbacks=[timer])
-        logger.info("training with %s (lr %g)", name, lrs[name])
+        logger.info("training with %s (lr %g)", name, lr)
         train_out = trainer.train()
         final = trainer.evaluate()
         if extra_metrics is not None:
@@ -138,23 +160,39 @@ def run_comparison(
                 e.update(extra_metrics(e))
         inner = unwrap_optimizer(trainer.optimizer)
         steps = sorted(timer.step_seconds[1:]) or [float("nan")]
-        runs.append({
+        run = {
             "optimizer": name,
-            "learning_rate": lrs[name],
+            "learning_rate": lr,
             "train_seconds": timer.train_seconds,
             "median_step_seconds": steps[len(steps) // 2],
             "global_step": train_out.global_step,
             "train_loss": train_out.training_loss,
             "final": final,
             "evals": timer.evals,
-            "log_history": trainer.state.log_history,
+            "log_history": [h for h in trainer.state.log_history if "eval_loss" not in h],  # evals are above
             "optimizer_statistics": inner.statistics() if hasattr(inner, "statistics") else {},
-        })
-        logger.info("%s: %s = %.4f after %.1f s of training", name, metric_name, final[f"eval_{metric_name}"],
+        }
+        logger.info("%s (lr %g): %s = %.4f after %.1f s of training", name, lr, metric_name, final[key],
                     timer.train_seconds)
         trainer.accelerator.free_memory()  # drop the DDP wrapper before the next run (and before shutdown)
         del trainer, inner
-    key = f"eval_{metric_name}"
+        return run
+
+    def rank_key(run: dict[str, Any]) -> float:
+        v = float(run["final"][key])
+        if not math.isfinite(v):
+            return math.inf
+        return -v if greater_is_better else v
+
+    runs = []
+    for name in recipe.optimizers:
+        if name not in OPTIMIZER_CHOICES:
+            raise ValueError(f"Invalid optimizer {name!r} (choose from {OPTIMIZER_CHOICES})")
+        trials = [train_one(name, lr) for lr in sweeps.get(name, [lrs[name]])]
+        best = min(trials, key=rank_key)
+        best["sweep"] = [{"learning_rate": t["learning_rate"], "final": t["final"][key],
+                          "train_seconds": t["train_seconds"]} for t in trials]
+        runs.append(best)
     summary = summarize(runs, key, greater_is_better)
     is_main = training_args.process_index == 0
     shutdown()  # evaluation metrics are gathered over ranks; rank 0 writes the files
@@ -178,7 +216,8 @@ def run_comparison(
         hyperparameters={"learning_rates": {r["optimizer"]: r["learning_rate"] for r in runs},
                          "epochs": training_args.num_train_epochs, "max_steps": training_args.max_steps,
                          "batch_size": training_args.per_device_train_batch_size,
-                         "weight_decay": training_args.weight_decay, "seed": training_args.seed},
+                         "weight_decay": training_args.weight_decay, "seed": training_args.seed,
+                         "lr_sweep (best final eval metric kept)": sweeps or "none"},
         table=table,
         plot="comparison.png",
         notes=summary["verdict"],
@@ -205,6 +244,7 @@ def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, 
             target = adam["final"][key]
             t_reach = next((e["seconds"] for e in r["evals"] if key in e and _better(e[key], target, greater)), None)
         rows.append({"optimizer": r["optimizer"], "lr": r["learning_rate"], "final": r["final"][key],
+                     "swept": [t["learning_rate"] for t in r.get("sweep", [])],
                      "train_seconds": r["train_seconds"], "median_step_seconds": r["median_step_seconds"],
                      "seconds_to_adamw_final": t_reach})
     qn = [row for row in rows if row["optimizer"] in ("kbfgs", "kbfgs_l", "mlbfgs")]
@@ -230,7 +270,9 @@ def summary_table(summary: dict[str, Any], key: str) -> str:
     lines = [f"| optimizer | lr | final {key} | train s | s/step | s to AdamW's final |", "|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         reach = "-" if r["seconds_to_adamw_final"] is None else f"{r['seconds_to_adamw_final']:.1f}"
-        lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['final']:.4f} | {r['train_seconds']:.1f} | "
+        swept = r.get("swept") or []
+        lr = f"{r['lr']:g}" + (f" (best of {', '.join(f'{v:g}' for v in swept)})" if len(swept) > 1 else "")
+        lines.append(f"| {r['optimizer']} | {lr} | {r['final']:.4f} | {r['train_seconds']:.1f} | "
                      f"{r['median_step_seconds']:.3f} | {reach} |")
     return "\n".join(lines)
 

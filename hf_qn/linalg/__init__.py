@@ -6,6 +6,7 @@ from .bfgs import CurvatureCheck, bfgs_inverse_update, check_curvature, dot64
 from .damping import DampedPair, double_damping, lm_damping, mlbfgs_damping, powell_damping_inverse
 from .kron import damped_cholesky_inverse, kron_precondition
 from .lbfgs import LBFGSHistory
+from .spectral import sym_psd_norm_estimate
 
 __all__ = [
     "CurvatureCheck",
@@ -20,4 +21,5 @@ __all__ = [
     "lm_damping",
     "mlbfgs_damping",
     "powell_damping_inverse",
+    "sym_psd_norm_estimate",
 ]

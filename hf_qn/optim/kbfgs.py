@@ -38,6 +38,7 @@ from ..linalg import (
     damped_cholesky_inverse,
     double_damping,
     kron_precondition,
+    sym_psd_norm_estimate,
 )
 from ._base import FALLBACKS, ROLE, ROLE_FALLBACK, ROLE_QN, QNOptimizerBase, check_range
 
@@ -314,7 +315,8 @@ class KBFGS(QNOptimizerBase):
         return refresh or t < hp["warmup_curvature_steps"] or t % hp["update_interval"] == 0
 
     def statistics(self) -> dict[str, float]:
-        """Counters and curvature norms for logging (keys prefixed ``qn/``)."""
+        """Counters and curvature norms for logging (keys prefixed ``qn/``; the largest eigenvalues of the
+        factors are estimated by power iteration, cheap enough for every logging step)."""
         out: dict[str, float] = dict.fromkeys((f"qn/{k}" for k in _COUNTERS), 0.0)
         hg_norm = ha_norm = 0.0
         for ad in self.adapters:
@@ -323,10 +325,10 @@ class KBFGS(QNOptimizerBase):
                 if k in st:
                     out[f"qn/{k}"] += float(st[k])
             if "H_g" in st:
-                hg_norm = max(hg_norm, float(torch.linalg.matrix_norm(st["H_g"], ord=2)))
+                hg_norm = max(hg_norm, sym_psd_norm_estimate(st["H_g"]))
             if "H_a" in st:
                 Ha = st["H_a"]
-                ha_norm = max(ha_norm, float(Ha.max() if Ha.dim() == 1 else torch.linalg.matrix_norm(Ha, ord=2)))
+                ha_norm = max(ha_norm, float(Ha.max()) if Ha.dim() == 1 else sym_psd_norm_estimate(Ha))
         # Global counters live on the first layer only; per-layer ones are summed.
         first = self.state.get(self.adapters[0].weight, {})
         for k in _GLOBAL_COUNTERS:
@@ -550,7 +552,7 @@ class KBFGS(QNOptimizerBase):
             return scale
         self._bump(first_state, "steps_clipped")
         first_state["refresh_next"] = torch.tensor(True)
-        logger.info("KBFGS: a layer's step was %.3gx its last curvature step's; scaled down to %gx", ratio, growth)
+        logger.debug("KBFGS: a layer's step was %.3gx its last curvature step's; scaled down to %gx", ratio, growth)
         return scale * growth / ratio
 
     def _remember_step_sizes(self, sizes: list[float], scale: float, curvature: bool) -> None:

@@ -60,6 +60,30 @@ def test_recipe_smoke(tmp_path, script, extra, metric):
     _check_card_and_json(out, metric)
 
 
+def test_lr_sweep_keeps_the_best_candidate_and_records_the_grid(tmp_path):
+    mod = _load("image_classification")
+    out = tmp_path / "sweep"
+    args = [a for a in COMMON if a not in ("kbfgs", "mlbfgs")]
+    res = mod.main([*args, "--model_type", "resnet", "--lr_sweep", "adamw=1e-4,3e-3", "--output_dir", str(out)])
+    (run,) = res["runs"]
+    finals = {t["learning_rate"]: t["final"] for t in run["sweep"]}
+    assert sorted(finals) == [1e-4, 3e-3]
+    assert run["final"]["eval_accuracy"] == max(finals.values())
+    assert finals[run["learning_rate"]] == run["final"]["eval_accuracy"]
+    _check_card_and_json(out, "accuracy")
+    assert "best of 0.0001, 0.003" in (out / "README.md").read_text()
+
+
+def test_lr_sweep_rejects_bad_entries():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from recipe_utils import parse_lr_sweep
+
+    assert parse_lr_sweep(["adamw=1e-4,1e-3"]) == {"adamw": [1e-4, 1e-3]}
+    for bad in ("adam=1e-3", "adamw", "adamw=", "adamw=fast"):
+        with pytest.raises(ValueError, match="--lr_sweep"):
+            parse_lr_sweep([bad])
+
+
 def test_text_classification_reads_the_real_shipped_sentences():
     mod = _load("text_classification")
     texts, labels = mod.load_pang_lee()
