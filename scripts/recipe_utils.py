@@ -52,19 +52,9 @@ class RecipeArguments:
     push_card_to_hub: bool = field(default=False, metadata={"help": "Upload the card (needs the Hub)."})
 
 
-def parse_learning_rates(items: list[str], defaults: dict[str, float]) -> dict[str, float]:
-    out = dict(defaults)
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or name not in OPTIMIZER_CHOICES:
-            raise ValueError(
-                f"Invalid --learning_rates entry {item!r} (expected name=value with name in {OPTIMIZER_CHOICES})"
-            )
-        out[name] = float(value)
-    return out
-
-
-def parse_lr_sweep(items: list[str]) -> dict[str, list[float]]:
+def _named_values(items: list[str], flag: str, single: bool) -> dict[str, list[float]]:
+    """Parse ``name=v1,v2,...`` entries of ``flag`` (one value each when ``single``)."""
+    expected = "name=value" if single else "name=v1,v2,..."
     out: dict[str, list[float]] = {}
     for item in items:
         name, sep, values = item.partition("=")
@@ -72,12 +62,20 @@ def parse_lr_sweep(items: list[str]) -> dict[str, list[float]]:
             grid = [float(v) for v in values.split(",") if v]
         except ValueError:
             grid = []
-        if not sep or name not in OPTIMIZER_CHOICES or not grid:
-            raise ValueError(
-                f"Invalid --lr_sweep entry {item!r} (expected name=v1,v2,... with name in {OPTIMIZER_CHOICES})"
-            )
+        if not sep or name not in OPTIMIZER_CHOICES or not grid or (single and len(grid) != 1):
+            raise ValueError(f"Invalid {flag} entry {item!r} (expected {expected} with name in {OPTIMIZER_CHOICES})")
         out[name] = grid
     return out
+
+
+def parse_learning_rates(items: list[str], defaults: dict[str, float]) -> dict[str, float]:
+    out = dict(defaults)
+    out.update({name: grid[0] for name, grid in _named_values(items, "--learning_rates", single=True).items()})
+    return out
+
+
+def parse_lr_sweep(items: list[str]) -> dict[str, list[float]]:
+    return _named_values(items, "--lr_sweep", single=False)
 
 
 class TrainTimeCallback(TrainerCallback):
