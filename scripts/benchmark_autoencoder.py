@@ -134,7 +134,13 @@ def make_runner(name: str, model: nn.Module, lr: float | None, args: BenchmarkAr
             loss = objective(x)
             loss.backward()
             if opt.curvature_step_next() and name != "kbfgs_consecutive":
-                opt.step(lambda: objective(x).backward())
+
+                def closure() -> torch.Tensor:
+                    out = objective(x)
+                    out.backward()
+                    return out
+
+                opt.step(closure)
             else:
                 opt.step()
             return float(loss.detach())

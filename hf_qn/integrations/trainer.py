@@ -16,6 +16,7 @@ calls ``optimizer.eval()``, which stops statistic capture).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,11 @@ class QNTrainingArguments(TrainingArguments):
     qn_inverse_interval: int | None = field(default=None, metadata={"help": "Cholesky re-inversion interval."})
     qn_pairs: str | None = field(default=None, metadata={"help": "K-BFGS pairs: same_batch | consecutive."})
     qn_kl_clip: float | None = field(default=None, metadata={"help": "K-BFGS KL clip (off by default)."})
+    qn_max_loss_increase: float | None = field(
+        default=None,
+        metadata={"help": "K-BFGS loss guard: undo a step that raises its batch's loss by more than this fraction "
+                  "(default 0.25; inf turns the guard off)."},
+    )
     qn_fallback_lr: float = field(
         default=1e-3, metadata={"help": "AdamW lr of the parameters K-BFGS does not precondition."}
     )
@@ -122,6 +128,8 @@ def build_optimizer(
             kl_clip=args.qn_kl_clip,
             fallback_lr=args.qn_fallback_lr,
         )
+        if args.qn_max_loss_increase is not None:
+            kw["max_loss_increase"] = None if math.isinf(args.qn_max_loss_increase) else args.qn_max_loss_increase
         if name == "kbfgs_l" and args.qn_history_size is not None:
             kw["history_size"] = args.qn_history_size
         policy = LayerPolicy(exclude=tuple(args.qn_exclude), max_dim=args.qn_max_dim)
@@ -227,10 +235,13 @@ class QNTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _second_pass_closure(self) -> Any:
-        """Re-run every kept micro-batch of this optimizer step at the new parameters; returns the loss."""
-        batches, self._qn_batches, self._qn_step_id = self._qn_batches, [], None
-        if not batches:
-            raise RuntimeError("QNTrainer: no training batch was kept for K-BFGS's second pass")
+        """Re-run every kept micro-batch of this optimizer step at the current parameters; returns the loss.
+
+        K-BFGS may call it twice in one step (its loss guard re-measures the loss before the step), so the
+        batches stay until the next step's first ``training_step`` replaces them."""
+        batches = self._qn_batches
+        if not batches or self._qn_step_id != self.state.global_step:
+            raise RuntimeError("QNTrainer: no training batch was kept for K-BFGS's second pass of this step")
         total = None
         for model, inputs, num_items in batches:
             loss = super().training_step(model, inputs, num_items)

@@ -56,8 +56,10 @@ _COUNTERS = (
     "steps_skipped_nonfinite",
     "steps_rejected",
     "steps_clipped",
+    "loss_checks",
 )
-_GLOBAL_COUNTERS = ("steps_skipped_nonfinite", "steps_rejected", "steps_clipped")  # on the first layer only
+# Counters of whole steps, kept on the first layer only (the per-layer ones are summed in statistics()).
+_GLOBAL_COUNTERS = ("steps_skipped_nonfinite", "steps_rejected", "steps_clipped", "loss_checks")
 
 
 def _finite(t: Tensor) -> bool:
@@ -112,6 +114,15 @@ class KBFGS(QNOptimizerBase):
             autoencoder at lr 0.3, ``update_interval=10``: without it the loss went to NaN within 35 steps (a
             stale step jumped 7x, then curvature steps grew 0.1 -> 0.5 -> 9.7 relative to the weights); with
             it, 128 at step 100, against 129 for ``update_interval=1``)
+        max_loss_increase: a guard the paper does not have, on same-batch curvature steps: a step after which
+            the batch's loss exceeds its loss before the step by more than this fraction of it is undone (no
+            pair; counted in ``steps_rejected``) and the step size is halved, growing back by 1.25x, up to the
+            full ``lr``, with every accepted curvature step (``qn/step_backoff`` in :meth:`statistics`). The
+            loss before the step costs one more pass, spent only when the loss after it is above the same bound
+            for the running average of accepted losses (``qn/loss_checks`` counts them). None disables it.
+            (default: 0.25; measured on the autoencoder at the paper's lr 0.3: without it some runs blow up
+            (loss 205 -> 287, 190 -> 320, 317 -> 1450, then 4e8 and inf within 65 steps), others do not,
+            depending on floating-point summation order)
         kl_clip: if set, scales the step down so that ``α² Σ⟨D, ĝ⟩ ≤ kl_clip`` (kfac-pytorch's
             KL clipping); None follows the paper. (default: None)
         fallback: first-order rule for parameters no adapter takes: ``"adamw"`` or ``"sgd"``.
@@ -134,6 +145,7 @@ class KBFGS(QNOptimizerBase):
     _CURVATURE_KEYS = frozenset(
         {"A", "H_a", "H_g", "momentum_buffer", "s_avg", "y_avg", "h_prev", "g_prev"}
         | {"qn_step", "first_stats", "has_prev", "inverse_countdown", "ref_step_size", "refresh_next"}
+        | {"loss_avg", "loss_seen", "step_backoff"}
         | set(_LBFGS_KEYS)
         | set(_COUNTERS)
     )
@@ -157,6 +169,7 @@ class KBFGS(QNOptimizerBase):
         pairs: str = "same_batch",
         curvature_eps: float = 1e-4,
         max_update_growth: float | None = 2.0,
+        max_loss_increase: float | None = 0.25,
         kl_clip: float | None = None,
         fallback: str = "adamw",
         fallback_lr: float = 1e-3,
@@ -208,6 +221,8 @@ class KBFGS(QNOptimizerBase):
             raise ValueError(f"Invalid pairs: {pairs!r} (must be 'same_batch' or 'consecutive')")
         if max_update_growth is not None:
             check_range("max_update_growth", max_update_growth, 1.0, math.inf, lo_open=True)
+        if max_loss_increase is not None:
+            check_range("max_loss_increase", max_loss_increase, 0.0, math.inf)
         if kl_clip is not None:
             check_range("kl_clip", kl_clip, 0.0, math.inf, lo_open=True)
         if fallback not in FALLBACKS:
@@ -264,6 +279,7 @@ class KBFGS(QNOptimizerBase):
             pairs=pairs,
             curvature_eps=curvature_eps,
             max_update_growth=max_update_growth,
+            max_loss_increase=max_loss_increase,
             kl_clip=kl_clip,
         )
         super().__init__(groups, defaults)
@@ -276,6 +292,7 @@ class KBFGS(QNOptimizerBase):
         self._training = True
         #: called in place of a missing closure on curvature steps (set by QNTrainer).
         self.closure_provider: Callable[[], Any] | None = None
+        self._warned_no_loss = False
         self._schedule_capture()
 
     # ------------------------------------------------------------------ public helpers
@@ -332,6 +349,7 @@ class KBFGS(QNOptimizerBase):
         first = self.state.get(self.adapters[0].weight, {})
         for k in _GLOBAL_COUNTERS:
             out[f"qn/{k}"] = float(first.get(k, 0))
+        out["qn/step_backoff"] = self._backoff(first)
         out["qn/max_norm_H_g"] = hg_norm
         out["qn/max_norm_H_a"] = ha_norm
         n_fb = sum(p.numel() for p in self.assignment.fallback_parameters())
@@ -370,7 +388,7 @@ class KBFGS(QNOptimizerBase):
             self._bump(first_state, "steps_skipped_nonfinite")
             warnings.warn("KBFGS: non-finite direction; step skipped", RuntimeWarning, stacklevel=2)
             return None
-        scale = self._kl_scale(directions)
+        scale = self._kl_scale(directions) * self._backoff(first_state)
         sizes: list[float] = []
         if hp["update_interval"] > 1:  # per-layer step sizes ‖α D‖, one host sync for all layers
             if curvature:
@@ -384,17 +402,26 @@ class KBFGS(QNOptimizerBase):
         if curvature and layer_stats is not None:
             if hp["pairs"] == "same_batch":
                 assert closure is not None
-                loss, plus = self._second_pass(closure, layer_stats)
-                if plus is None:
-                    kept = False
+                loss, value, plus = self._second_pass(closure, layer_stats)
+                after: dict[nn.Parameter, Tensor] = {}  # fallback parameters after the step, to redo it
+
+                def undo() -> None:
+                    after.update({p: p.detach().clone() for p in backup})
                     self._undo(directions, scale, backup)
+
+                why = self._verify(
+                    closure, first_state, value, plus, undo=undo, redo=lambda: self._undo(directions, -scale, after)
+                )
+                if why is not None:
+                    kept = False
                     self._bump(first_state, "steps_rejected")
+                    first_state["step_backoff"] = torch.tensor(0.5 * self._backoff(first_state), dtype=torch.float32)
                     warnings.warn(
-                        "KBFGS: the loss at the new point is not finite; step undone, no curvature pair",
-                        RuntimeWarning,
-                        stacklevel=2,
+                        f"KBFGS: {why}; step undone, no curvature pair, step size halved", RuntimeWarning, stacklevel=2
                     )
                 else:
+                    assert plus is not None
+                    self._accept_loss(first_state, value)
                     self._update_output_factors(layer_stats, plus)
             else:
                 self._update_output_factors_consecutive(layer_stats)
@@ -590,9 +617,29 @@ class KBFGS(QNOptimizerBase):
     # -- stage 4: second pass and output-side pairs ---------------------------------------
     def _second_pass(
         self, closure: Callable[[], Any], now: list[dict[str, Tensor]]
-    ) -> tuple[Any, list[dict[str, Tensor]] | None]:
-        """Re-evaluate the same batch at θ⁺ (gradients saved and restored around the closure)."""
+    ) -> tuple[Any, float | None, list[dict[str, Tensor]] | None]:
+        """Re-evaluate the same batch at θ⁺.
+
+        Returns the closure's loss, its value averaged over ranks (None if the closure returned None) and
+        the second-pass statistics (None if the loss or a gradient mean is not finite)."""
         expect = [float(d["h_rows"]) > 0 for d in now]
+        loss, value, stats2 = self._run_closure(closure, capture=True)
+        try:
+            loss_ok = value is None or math.isfinite(value)  # the same verdict on every rank
+            plus = (
+                self._reduce(stats2, with_inputs=False, what="second pass (closure)", expect=expect)
+                if loss_ok
+                else None
+            )
+        finally:
+            self.capture.reset("second")
+        if plus is not None and not all(_finite(d["g"]) for d in plus):
+            plus = None
+        return loss, value, plus
+
+    def _run_closure(self, closure: Callable[[], Any], capture: bool) -> tuple[Any, float | None, list[LayerStats]]:
+        """Call the closure with gradients saved and restored around it; statistics go to the second-pass
+        sums if ``capture``, nowhere otherwise. Returns the loss, its mean over ranks, and those sums."""
         params = [p for g in self.param_groups for p in g["params"]]
         saved = [p.grad for p in params]
         for p in params:
@@ -603,24 +650,86 @@ class KBFGS(QNOptimizerBase):
         frozen = [] if is_distributed() else [ad.weight for ad in self.adapters if ad.bias is not None]
         for w in frozen:
             w.requires_grad_(False)
+        enabled = self.capture.enabled
         try:
             with torch.enable_grad(), self.capture.second_pass() as stats2:
+                self.capture.enabled = capture
                 loss = closure()
-            loss_ok = loss is None or bool(torch.isfinite(torch.as_tensor(loss)).all())
-            plus = (
-                self._reduce(stats2, with_inputs=False, what="second pass (closure)", expect=expect)
-                if loss_ok
-                else None
-            )
         finally:
+            self.capture.enabled = enabled
             for w in frozen:
                 w.requires_grad_(True)
             for p, g in zip(params, saved):
                 p.grad = g
-            self.capture.reset("second")
-        if plus is not None and not all(_finite(d["g"]) for d in plus):
-            plus = None
-        return loss, plus
+        return loss, self._mean_over_ranks(loss), stats2
+
+    @staticmethod
+    def _mean_over_ranks(loss: Any) -> float | None:
+        """The closure's loss as a float, averaged over ranks (None if the closure returned None)."""
+        if loss is None:
+            return None
+        t = torch.as_tensor(loss).detach().double().sum().reshape(1).cpu()
+        if is_distributed():
+            all_reduce_sum_([t])
+            t /= world_size()
+        return float(t)
+
+    # -- the loss guard (not in the paper) ----------------------------------------------------
+    def _verify(
+        self,
+        closure: Callable[[], Any],
+        first_state: dict[str, Any],
+        value: float | None,
+        plus: list[dict[str, Tensor]] | None,
+        undo: Callable[[], None],
+        redo: Callable[[], None],
+    ) -> str | None:
+        """Why the step just taken must be undone, or None.
+
+        Undone: a non-finite loss or gradient mean at θ⁺, or a same-batch loss increase
+        ``L(θ⁺) > L(θ) + max_loss_increase·|L(θ)|``. ``L(θ)`` costs a pass (the step is undone, the closure
+        called, the step redone), so it is measured only when ``L(θ⁺)`` is above that bound for the running
+        average ``r`` of accepted losses in place of ``L(θ)``: a blow-up always is, an ordinary step rarely."""
+        if plus is None:
+            undo()
+            return "the loss or a gradient at the new point is not finite"
+        tol = self.hparams["max_loss_increase"]
+        if tol is not None and value is None and not self._warned_no_loss:
+            self._warned_no_loss = True
+            warnings.warn(
+                "KBFGS: the closure returned None, so the loss guard (max_loss_increase) cannot act; return the "
+                "loss from the closure, or pass max_loss_increase=None to silence this",
+                UserWarning,
+                stacklevel=4,
+            )
+        if tol is None or value is None or int(first_state.get("loss_seen", 0)) == 0:
+            return None
+        r = float(first_state["loss_avg"])
+        if value <= r + tol * abs(r):
+            return None
+        undo()
+        _, before, _ = self._run_closure(closure, capture=False)
+        self._bump(first_state, "loss_checks")
+        if before is None or not math.isfinite(before) or value > before + tol * abs(before):
+            return f"the loss of this batch rose from {before:.4g} to {value:.4g}"
+        redo()
+        return None
+
+    @staticmethod
+    def _accept_loss(first_state: dict[str, Any], value: float | None) -> None:
+        """r ← 0.9 r + 0.1 L(θ⁺) (the first accepted loss initialises it); the step-size backoff grows by
+        1.25 (up to 1)."""
+        first_state["step_backoff"] = torch.tensor(min(1.0, 1.25 * KBFGS._backoff(first_state)), dtype=torch.float32)
+        if value is None:
+            return
+        seen = int(first_state.get("loss_seen", 0))
+        r = value if seen == 0 else 0.9 * float(first_state["loss_avg"]) + 0.1 * value
+        first_state["loss_avg"] = torch.tensor(r, dtype=torch.float64)
+        first_state["loss_seen"] = torch.tensor(seen + 1, dtype=torch.int64)
+
+    @staticmethod
+    def _backoff(first_state: dict[str, Any]) -> float:
+        return float(first_state["step_backoff"]) if "step_backoff" in first_state else 1.0
 
     def _update_output_factors(self, now: list[dict[str, Tensor]], plus: list[dict[str, Tensor]]) -> None:
         """s = h̄(θ⁺) − h̄(θ), y = ḡ(θ⁺) − ḡ(θ) on the same batch, then the H_g update."""

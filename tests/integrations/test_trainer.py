@@ -14,7 +14,7 @@ from datasets import Dataset
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 import hf_qn
-from hf_qn.integrations.trainer import QNTrainer, QNTrainingArguments, unwrap_optimizer
+from hf_qn.integrations.trainer import QNTrainer, QNTrainingArguments, build_optimizer, unwrap_optimizer
 from tests._helpers.models import tiny_gpt2
 
 
@@ -91,6 +91,21 @@ def test_kbfgs_second_pass_survives_evaluation_between_steps(tmp_path):
                         train_dataset=regression_dataset(), eval_dataset=regression_dataset(16, seed=1))
     trainer.train()
     assert unwrap_optimizer(trainer.optimizer).statistics()["qn/pairs_accepted"] == 6 * 2
+
+
+def test_loss_guard_runs_through_the_trainer(tmp_path):
+    """At a far too large lr the guard re-measures the loss before the step (a second call of the closure
+    provider in the same step) and undoes steps; training finishes with finite parameters."""
+    torch.manual_seed(0)
+    model = RegressionModel()
+    trainer = QNTrainer(model=model, args=_args(tmp_path, qn_optimizer="kbfgs", learning_rate=30.0),
+                        train_dataset=regression_dataset())
+    trainer.train()
+    stats = unwrap_optimizer(trainer.optimizer).statistics()
+    assert stats["qn/loss_checks"] > 0 and stats["qn/steps_rejected"] > 0
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    off = build_optimizer("kbfgs", RegressionModel(), _args(tmp_path, qn_optimizer="kbfgs", qn_max_loss_increase=float("inf")))
+    assert off.hparams["max_loss_increase"] is None
 
 
 def test_decay_split_is_honoured(tmp_path):

@@ -286,6 +286,7 @@ def test_functionally_used_layer_gives_clear_error():
         ({"fallback": "lion"}, "fallback"),
         ({"fallback_betas": (0.9, 1.0)}, "fallback_betas"),
         ({"kl_clip": 0.0}, "kl_clip"),
+        ({"max_loss_increase": -0.1}, "max_loss_increase"),
         ({"weight_decay": -1e-3}, "weight_decay"),
     ],
 )
@@ -311,6 +312,88 @@ def test_large_lr_never_produces_nonfinite_parameters():
         warnings.simplefilter("ignore")
         loop(model, opt, regression_batches(15), mse_loss)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _guarded_step(model, opt, batch, loss_scale=1.0):
+    """One curvature step whose closure returns the loss; the loss of the first pass is returned."""
+    opt.zero_grad()
+    loss = loss_scale * mse_loss(model, batch)
+    loss.backward()
+
+    def closure():
+        out = loss_scale * mse_loss(model, batch)
+        out.backward()
+        return out
+
+    opt.step(closure)
+    return float(loss.detach())
+
+
+def test_loss_guard_undoes_a_step_that_raises_the_batch_loss():
+    """A step that multiplies the same-batch loss is undone (parameters back, no pair, grads untouched),
+    the next step is half as long, and both counters say so."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = hf_qn.KBFGS(model, lr=0.05, damping=0.3, max_loss_increase=0.25)
+    batches = regression_batches(3)
+    _guarded_step(model, opt, batches[0])  # initialises the running average
+    for g in opt.param_groups:
+        g["lr"] = 200.0  # the next step overshoots by far
+    before = [p.detach().clone() for p in model.parameters()]
+    H_g = [opt.state[ad.weight]["H_g"].clone() for ad in opt.adapters]
+    with pytest.warns(RuntimeWarning, match="rose from"):
+        _guarded_step(model, opt, batches[1])
+    for p, b in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-5)  # undone by subtracting the step
+    for ad, h in zip(opt.adapters, H_g):
+        assert torch.equal(opt.state[ad.weight]["H_g"], h)  # no pair from the rejected step
+    stats = opt.statistics()
+    assert stats["qn/steps_rejected"] == 1 and stats["qn/loss_checks"] == 1
+    assert stats["qn/step_backoff"] == 0.5
+    assert all(p.grad is not None for p in model.parameters())  # the user's gradients are restored
+
+
+def test_loss_guard_checks_and_keeps_a_good_step_on_a_hard_batch():
+    """A batch whose loss is far above the running average triggers the check (one more pass at the old
+    point); the step lowers that batch's loss, so it is redone and the run equals an unguarded one."""
+    runs = {}
+    for guard in (0.25, None):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = hf_qn.KBFGS(model, lr=0.05, damping=0.3, max_loss_increase=guard)
+        batches = regression_batches(3)
+        _guarded_step(model, opt, batches[0])
+        _guarded_step(model, opt, batches[1], loss_scale=100.0)  # a hard batch: 100x the loss
+        _guarded_step(model, opt, batches[2])
+        runs[guard] = (model, opt)
+    (m1, o1), (m0, o0) = runs[0.25], runs[None]
+    assert o1.statistics()["qn/loss_checks"] == 1 and o1.statistics()["qn/steps_rejected"] == 0
+    assert o0.statistics()["qn/loss_checks"] == 0
+    for p, q in zip(m1.parameters(), m0.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # redo = subtract and add the step back
+    for a1, a0 in zip(o1.adapters, o0.adapters):
+        torch.testing.assert_close(o1.state[a1.weight]["H_g"], o0.state[a0.weight]["H_g"])
+
+
+def test_loss_guard_keeps_the_paper_lr_finite_on_a_blowup():
+    """lr far beyond stability: without the guard the loss explodes; with it, every parameter stays finite and
+    the final loss is within a small factor of the first."""
+    torch.manual_seed(0)
+    batches = regression_batches(20)
+    finals = {}
+    for guard in (0.25, None):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = hf_qn.KBFGS(model, lr=30.0, damping=0.3, max_loss_increase=guard)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            losses = [_guarded_step(model, opt, b) for b in batches]
+        finals[guard] = losses
+        if guard is not None:
+            assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+            assert opt.statistics()["qn/steps_rejected"] > 0
+    assert max(finals[0.25]) < 10 * finals[0.25][0]
+    assert max(finals[None]) > 10 * finals[None][0]
 
 
 def _falls(model, opt, batches, loss_fn, steps_frac=0.5):
