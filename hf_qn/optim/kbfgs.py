@@ -145,7 +145,7 @@ class KBFGS(QNOptimizerBase):
     _CURVATURE_KEYS = frozenset(
         {"A", "H_a", "H_g", "momentum_buffer", "s_avg", "y_avg", "h_prev", "g_prev"}
         | {"qn_step", "first_stats", "has_prev", "inverse_countdown", "ref_step_size", "refresh_next"}
-        | {"loss_avg", "loss_seen", "step_backoff"}
+        | {"loss_avg", "step_backoff"}
         | set(_LBFGS_KEYS)
         | set(_COUNTERS)
     )
@@ -663,12 +663,13 @@ class KBFGS(QNOptimizerBase):
                 p.grad = g
         return loss, self._mean_over_ranks(loss), stats2
 
-    @staticmethod
-    def _mean_over_ranks(loss: Any) -> float | None:
-        """The closure's loss as a float, averaged over ranks (None if the closure returned None)."""
+    def _mean_over_ranks(self, loss: Any) -> float | None:
+        """The closure's loss as a float, averaged over ranks (None if the closure returned None). Reduced on
+        the layers' device, which the backend supports (NCCL has no CPU tensors)."""
         if loss is None:
             return None
-        t = torch.as_tensor(loss).detach().double().sum().reshape(1).cpu()
+        dev = self.adapters[0].weight.device
+        t = torch.as_tensor(loss).detach().to(device=dev, dtype=torch.float64).sum().reshape(1)
         if is_distributed():
             all_reduce_sum_([t])
             t /= world_size()
@@ -702,7 +703,7 @@ class KBFGS(QNOptimizerBase):
                 UserWarning,
                 stacklevel=4,
             )
-        if tol is None or value is None or int(first_state.get("loss_seen", 0)) == 0:
+        if tol is None or value is None or "loss_avg" not in first_state:  # no accepted loss yet
             return None
         r = float(first_state["loss_avg"])
         if value <= r + tol * abs(r):
@@ -722,10 +723,8 @@ class KBFGS(QNOptimizerBase):
         first_state["step_backoff"] = torch.tensor(min(1.0, 1.25 * KBFGS._backoff(first_state)), dtype=torch.float32)
         if value is None:
             return
-        seen = int(first_state.get("loss_seen", 0))
-        r = value if seen == 0 else 0.9 * float(first_state["loss_avg"]) + 0.1 * value
+        r = value if "loss_avg" not in first_state else 0.9 * float(first_state["loss_avg"]) + 0.1 * value
         first_state["loss_avg"] = torch.tensor(r, dtype=torch.float64)
-        first_state["loss_seen"] = torch.tensor(seen + 1, dtype=torch.int64)
 
     @staticmethod
     def _backoff(first_state: dict[str, Any]) -> float:
