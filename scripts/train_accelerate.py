@@ -52,7 +52,7 @@ def build(args: Arguments):
     elif args.optimizer == "kbfgs_l":
         opt = hf_qn.KBFGSL(model, lr=lr or 0.2, history_size=10)
     elif args.optimizer == "mlbfgs":
-        opt = hf_qn.MLBFGS(model, lr=lr or 0.05, update_interval=2, history_size=4)
+        opt = hf_qn.MLBFGS(model, lr=lr or 1e-3, update_interval=2, history_size=4)
     elif args.optimizer == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=lr or 3e-3)
     else:

@@ -59,7 +59,7 @@ class QNTrainingArguments(TrainingArguments):
     qn_damping: float | None = field(default=None, metadata={"help": "K-BFGS damping lambda (default 0.3)."})
     qn_momentum: float | None = field(default=None, metadata={"help": "Gradient momentum (default 0.9)."})
     qn_update_interval: int | None = field(
-        default=None, metadata={"help": "Steps between curvature updates (K-BFGS 1, mL-BFGS 10)."}
+        default=None, metadata={"help": "Steps between curvature updates (K-BFGS 1, mL-BFGS 20)."}
     )
     qn_history_size: int | None = field(
         default=None, metadata={"help": "L-BFGS pairs kept (K-BFGS(L) 100, mL-BFGS 10)."}
@@ -84,11 +84,11 @@ class QNTrainingArguments(TrainingArguments):
     qn_exclude: list[str] = field(
         default_factory=list, metadata={"help": "Regexes of module names K-BFGS must not adapt."}
     )
-    qn_param_beta: float | None = field(default=None, metadata={"help": "mL-BFGS parameter EMA (0.9)."})
-    qn_grad_beta: float | None = field(default=None, metadata={"help": "mL-BFGS gradient EMA (0.9)."})
+    qn_param_beta: float | None = field(default=None, metadata={"help": "mL-BFGS parameter EMA (0.99)."})
+    qn_grad_beta: float | None = field(default=None, metadata={"help": "mL-BFGS gradient EMA (0.99)."})
     qn_sigma_low: float | None = field(default=None, metadata={"help": "mL-BFGS damping lower bound."})
     qn_sigma_high: float | None = field(default=None, metadata={"help": "mL-BFGS damping upper bound."})
-    qn_normalize: str | None = field(default=None, metadata={"help": "mL-BFGS direction: unit | grad | none."})
+    qn_normalize: str | None = field(default=None, metadata={"help": "mL-BFGS direction: adam | unit | grad | none."})
     qn_blocks: str | None = field(default=None, metadata={"help": "mL-BFGS blocks: layer | param | model."})
     qn_history_dtype: str = field(default="float32", metadata={"help": "mL-BFGS history: float32 | bfloat16."})
 

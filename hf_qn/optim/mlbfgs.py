@@ -10,7 +10,8 @@ every ``update_interval`` = T steps, per block, a curvature pair from the averag
 
 damped so that ``σ_L ≤ sᵀy/sᵀs ≤ σ_H`` (eq. 7) and pushed into the block's history of ``m`` pairs; the
 direction ``d = H g`` is the block's L-BFGS product (compact form), first-order ``d = g`` until a block
-has its first pair, and the step is heavy-ball momentum with decoupled weight decay:
+has its first pair, rescaled per block to the norm of Adam's step there (grafting; ``normalize``), and
+the step is heavy-ball momentum with decoupled weight decay:
 
     b ← μ b + d,    θ ← θ − α (b + λ_wd θ).
 
@@ -39,6 +40,8 @@ __all__ = ["MLBFGS", "Block", "build_blocks"]
 _HIST_KEYS = ("hist_S", "hist_Y", "hist_SY", "hist_YY", "hist_count", "hist_head")
 _BLOCK_COUNTERS = ("pairs_accepted", "pairs_skipped", "pairs_damped")
 _PARAM_KEYS = ("param_avg", "grad_avg", "param_avg_prev", "grad_avg_prev", "momentum_buffer")
+_NORMALIZE_MODES = ("adam", "unit", "grad", "none")
+_ADAM_BETA2, _ADAM_EPS = 0.999, 1e-8
 
 
 @dataclass(frozen=True)
@@ -134,30 +137,39 @@ class MLBFGS(QNOptimizerBase):
     Args:
         params: an ``nn.Module`` (blocks follow its layers and names), an iterable of parameters, or of
             param-group dicts (torch.optim style; parameters named ``group{i}.{j}``).
-        lr: step size α. (default: 0.1, the official runs' initial lr)
+        lr: step size α. (default: 1e-3: with the default Adam grafting a step moves each block as far as
+            Adam's step at lr ``α / (1 − μ)`` would; the official runs use 0.1 with ``normalize="unit"``)
         momentum: heavy-ball momentum μ on the direction. (default: 0.9, the official runs')
         weight_decay: decoupled weight decay, applied to the parameters (not mixed into the gradient or
             into ``y``, unlike the official code). (default: 0.0)
         history_size: pairs kept per block, ``m``. (default: 10, the official runs')
-        update_interval: steps between curvature pairs, ``T``. (default: 10: with β = 0.9 the averages
-            forget in about 10 steps, so pairs every 10 steps are nearly independent; the official runs use
-            50 with β = 0.999 over 150-epoch trainings, too slow for short fine-tuning)
+        update_interval: steps between curvature pairs, ``T``. (default: 20: the official runs use 50 with
+            β = 0.999 over 150-epoch trainings, too slow for short fine-tuning; on the MNIST autoencoder
+            β = 0.99 with T = 20 reached a training loss of 98 in 60 s, against 174 with β = 0.9, T = 10)
         param_beta, grad_beta: β_θ, β_g of the running averages (normalized EMAs started at the first
-            value). (default: 0.9)
+            value). (default: 0.99: minibatch noise in ``y`` falls with the averaging window, about
+            100 steps here; see ``update_interval``)
         sigma_low, sigma_high: damping bounds on ``sᵀy/sᵀs``. (default: 0.01, 1.5, the official code's)
         damping: mixing cap: at most ``1 − damping`` of ``y`` is kept (``τ₀ = 1 − damping``).
             (default: 0.01, the official runs')
         damp: apply the bounds at all (off gives textbook pairs). (default: True)
         pair_momentum: the official code's "double momentum" on pairs:
             ``s ← (1−c) s + c s_prev``, same for ``y``. (default: 0.0; the official runs use 0.9)
-        normalize: how the direction is scaled before momentum. ``"unit"``: unit global L2 norm, as the
+        normalize: how the direction is scaled before momentum. ``"adam"``: each block's direction is
+            rescaled to the norm Adam's un-momented step ``g / (√v̂ + ε)`` has in that block (layer-wise
+            grafting, as Distributed Shampoo does; β₂ = 0.999, ε = 1e-8; one more float per parameter):
+            L-BFGS picks the direction inside a block, Adam the step length of each block, so noisy pairs
+            cannot make one block's step dwarf the others and ``lr`` is tuned like Adam's, divided by
+            ``1/(1 − μ)``. ``"unit"``: unit global L2 norm, as the
             official code does for all its results (``lr`` is then the step length, so use a decaying
             schedule). ``"grad"``: the global norm of the gradient (grafting: L-BFGS picks the direction,
             SGD's magnitude is kept, so steps shrink as gradients do and ``lr`` is tuned like SGD's).
             ``"none"``: the raw ``H g`` (textbook; the first-order warm-up ``d = g`` and ``d = Hg`` then
             differ in scale by up to ``1/σ_L`` and one ``lr`` rarely suits both: measured on digits,
             unnormalized diverged for lr ≥ 0.003 with σ_L = 0.01). ``True``/``False`` mean
-            ``"unit"``/``"none"``. (default: ``"unit"``)
+            ``"unit"``/``"none"``. (default: ``"adam"``: on the MNIST autoencoder, 60 s, ``"unit"`` reached
+            199-233 at every lr tried, ``"grad"`` diverged or stalled near 190-230, ``"adam"`` 98 (AdamW 98);
+            on the digits ViT recipe ``"unit"`` stayed at chance, ``"adam"`` reached 0.62 accuracy at lr 1e-3)
         grad_avg_reset: restart the gradient average from the current gradient after each pair (the
             official "refresh-g"). (default: False)
         gamma: initial scaling ``H₀ = γI``: ``"auto"`` (newest pair's ``sᵀy/yᵀy``) or a float.
@@ -171,25 +183,26 @@ class MLBFGS(QNOptimizerBase):
     """
 
     _CURVATURE_KEYS = frozenset(
-        {"mlbfgs_step", "steps_skipped_nonfinite", "has_prev", *_HIST_KEYS, *_BLOCK_COUNTERS, *_PARAM_KEYS}
+        {"mlbfgs_step", "steps_skipped_nonfinite", "has_prev", "exp_avg_sq", *_HIST_KEYS, *_BLOCK_COUNTERS,
+         *_PARAM_KEYS}
     )
 
     def __init__(
         self,
         params: nn.Module | Iterable[nn.Parameter] | Iterable[dict[str, Any]],
-        lr: float = 0.1,
+        lr: float = 1e-3,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         history_size: int = 10,
-        update_interval: int = 10,
-        param_beta: float = 0.9,
-        grad_beta: float = 0.9,
+        update_interval: int = 20,
+        param_beta: float = 0.99,
+        grad_beta: float = 0.99,
         sigma_low: float = 0.01,
         sigma_high: float = 1.5,
         damping: float = 0.01,
         damp: bool = True,
         pair_momentum: float = 0.0,
-        normalize: str | bool = "unit",
+        normalize: str | bool = "adam",
         grad_avg_reset: bool = False,
         gamma: float | str = "auto",
         curvature_eps: float = 1e-10,
@@ -217,8 +230,9 @@ class MLBFGS(QNOptimizerBase):
             raise ValueError(f"Invalid history_dtype: {history_dtype} (must be torch.float32 or torch.bfloat16)")
         if isinstance(normalize, bool):
             normalize = "unit" if normalize else "none"
-        if normalize not in ("none", "unit", "grad"):
-            raise ValueError(f"Invalid normalize: {normalize!r} (must be 'none', 'unit' or 'grad')")
+        if normalize not in _NORMALIZE_MODES:
+            allowed = ", ".join(map(repr, _NORMALIZE_MODES))
+            raise ValueError(f"Invalid normalize: {normalize!r} (must be one of {allowed})")
         if isinstance(gamma, str) and gamma != "auto":
             raise ValueError(f"Invalid gamma: {gamma!r} (must be 'auto' or a positive float)")
         if not isinstance(gamma, str) and not gamma > 0:
@@ -413,7 +427,7 @@ class MLBFGS(QNOptimizerBase):
         if ws > 1:
             all_reduce_sum_(out)
         mode = self.defaults["normalize"]
-        if mode != "none":
+        if mode in ("unit", "grad"):
             total = math.sqrt(sum(float(torch.dot(d.double(), d.double())) for d in out))
             target = 1.0
             if mode == "grad":
@@ -421,7 +435,29 @@ class MLBFGS(QNOptimizerBase):
                                        if p.grad is not None))
             if total > 0:
                 out = [d * (target / total) for d in out]
+        elif mode == "adam":
+            t = int(self._block_state(self.blocks[0])["mlbfgs_step"])
+            out = [self._graft_to_adam(b, d, 1.0 - _ADAM_BETA2**t) for b, d in zip(self.blocks, out)]
         return out
+
+    def _graft_to_adam(self, b: Block, d: Tensor, correction: float) -> Tensor:
+        """Rescale block ``b``'s direction to the norm of Adam's un-momented step in that block,
+        ``‖g / (√v̂ + ε)‖`` with ``v ← β₂ v + (1−β₂) g²`` (β₂ = 0.999, ε = 1e-8, bias-corrected): layer-wise
+        grafting (Agarwal et al. 2020), as Distributed Shampoo grafts its blocks. Every rank keeps ``v`` for
+        every parameter (like the momentum buffers), so replicas agree without communication."""
+        sq = torch.zeros((), dtype=torch.float64, device=d.device)
+        for p in b.params:
+            st = self._param_state(p)
+            if "exp_avg_sq" not in st:
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=d.dtype, memory_format=torch.contiguous_format)
+            v = st["exp_avg_sq"]
+            g = (p.grad if p.grad is not None else torch.zeros_like(p)).to(d.dtype)
+            v.mul_(_ADAM_BETA2).addcmul_(g, g, value=1.0 - _ADAM_BETA2)
+            adam = g / (v / correction).sqrt_().add_(_ADAM_EPS)
+            sq += adam.double().pow(2).sum()
+        dn = torch.dot(d.double(), d.double())
+        scale = torch.where(dn > 0, torch.sqrt(sq / dn.clamp_min(1e-300)), torch.ones_like(dn))
+        return d * scale.to(d.dtype)
 
     def _apply(self, directions: list[Tensor]) -> None:
         """b ← μ b + d;  θ ← θ(1 − α λ_wd) − α b."""

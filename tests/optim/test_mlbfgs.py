@@ -238,21 +238,60 @@ def _falls(model, opt, batches, loss_fn, frac):
     assert sum(losses[-k:]) / k < frac * sum(losses[:k]) / k, losses
 
 
-def test_loss_falls_on_each_family():
+@pytest.mark.parametrize("normalize,lr", [("adam", 3e-3), ("unit", 0.1)])
+def test_loss_falls_on_each_family(normalize, lr):
     torch.manual_seed(0)
     x, y = digits_tensors(256)
     ce = nn.CrossEntropyLoss()
     batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)] * 5
     cnn = SmallCNN()
-    _falls(cnn, hf_qn.MLBFGS(cnn, lr=0.1, update_interval=4), batches, lambda m, b: ce(m(b[0]), b[1]), 0.5)
+    _falls(cnn, hf_qn.MLBFGS(cnn, lr=lr, update_interval=4, normalize=normalize), batches, lambda m, b: ce(m(b[0]), b[1]), 0.5)
     net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     flat = [(a.flatten(1), b) for a, b in batches]
-    _falls(net, hf_qn.MLBFGS(net, lr=0.1, update_interval=4), flat, lambda m, b: ce(m(b[0]), b[1]), 0.6)
+    _falls(net, hf_qn.MLBFGS(net, lr=lr, update_interval=4, normalize=normalize), flat, lambda m, b: ce(m(b[0]), b[1]), 0.6)
     batch = token_batch(8, 16)
     gpt = tiny_gpt2()
-    _falls(gpt, hf_qn.MLBFGS(gpt, lr=0.05, update_interval=3), [batch] * 15,
+    _falls(gpt, hf_qn.MLBFGS(gpt, lr=lr / 2, update_interval=3, normalize=normalize), [batch] * 15,
            lambda m, b: m(**b, labels=b["input_ids"]).loss, 0.85)
     bert = tiny_bert()
     labels = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0])
-    _falls(bert, hf_qn.MLBFGS(bert, lr=0.05, update_interval=3), [batch] * 15,
+    _falls(bert, hf_qn.MLBFGS(bert, lr=lr / 2, update_interval=3, normalize=normalize), [batch] * 15,
            lambda m, b: m(**b, labels=labels).loss, 0.85)
+
+
+def test_adam_grafting_keeps_the_lbfgs_direction_and_takes_adams_block_norm():
+    """normalize="adam": per block, the step is parallel to the raw L-BFGS direction H g (the same
+    optimizer with normalize="none") and its length is lr * ||g / (sqrt(v_hat) + eps)||, with v
+    Adam's bias-corrected second moment recomputed here from the recorded gradients in float64."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    opt = hf_qn.MLBFGS(model, lr=0.1, momentum=0.0, update_interval=1, param_beta=0.5, grad_beta=0.5,
+                       history_size=3)
+    assert opt.defaults["normalize"] == "adam"
+    v = {p: torch.zeros_like(p) for p in model.parameters()}
+    batches = regression_batches(6, dtype=torch.float64)
+    for t, batch in enumerate(batches, start=1):
+        opt.zero_grad()
+        mse_loss(model, batch).backward()
+        for p in model.parameters():
+            v[p] = 0.999 * v[p] + 0.001 * p.grad**2
+        twin_model = copy.deepcopy(model)  # Parameter.__deepcopy__ does not copy .grad
+        for q, p in zip(twin_model.parameters(), model.parameters()):
+            q.grad = p.grad.clone()
+        twin_opt = hf_qn.MLBFGS(twin_model, lr=0.1, momentum=0.0, update_interval=1, param_beta=0.5,
+                                grad_beta=0.5, history_size=3, normalize="none")
+        twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # else the twin shares state tensors
+        twin_opt.defaults["normalize"] = "none"  # load_state_dict restores the groups, not the defaults
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        twin_opt.step()
+        steps = {p: p.detach() - b for p, b in zip(model.parameters(), before)}
+        raw = {p: q.detach() - b for p, q, b in zip(model.parameters(), twin_model.parameters(), before)}
+        for block in opt.blocks:
+            d = torch.cat([steps[p].reshape(-1) for p in block.params])
+            h = torch.cat([raw[p].reshape(-1) for p in block.params])
+            adam = torch.cat([(p.grad / ((v[p] / (1 - 0.999**t)).sqrt() + 1e-8)).reshape(-1) for p in block.params])
+            assert float(d.norm()) == pytest.approx(0.1 * float(adam.norm()), rel=1e-9)
+            assert float(torch.dot(d, h) / (d.norm() * h.norm())) == pytest.approx(1.0, abs=1e-12)
+    assert opt.statistics()["qn/pairs_held"] > 0  # the later steps used L-BFGS directions
+    assert opt.state[next(model.parameters())]["exp_avg_sq"].dtype == torch.float64
