@@ -117,6 +117,11 @@ def _l2(model: nn.Module, wd: float) -> torch.Tensor:
     return 0.5 * wd * sum((p * p).sum() for p in model.parameters())
 
 
+def kbfgs_row_lr(name: str, args: BenchmarkArguments) -> float:
+    """The fixed lr of a K-BFGS row: the paper's for ``kbfgs_paper_lr``, ``--kbfgs_lr`` for the others."""
+    return PAPER_LR if name == "kbfgs_paper_lr" else args.kbfgs_lr
+
+
 def make_runner(name: str, model: nn.Module, lr: float | None, args: BenchmarkArguments) -> Runner:
     import hf_qn
 
@@ -132,9 +137,7 @@ def make_runner(name: str, model: nn.Module, lr: float | None, args: BenchmarkAr
             extra["update_interval"] = 10
         if name == "kbfgs_consecutive":
             extra["pairs"] = "consecutive"
-        if name == "kbfgs_paper_lr":
-            lr = PAPER_LR
-        opt = cls(model, lr=lr or args.kbfgs_lr, damping=args.kbfgs_damping, weight_decay=0.0, **extra)
+        opt = cls(model, lr=lr or kbfgs_row_lr(name, args), damping=args.kbfgs_damping, weight_decay=0.0, **extra)
 
         def step(x: torch.Tensor) -> float:
             opt.zero_grad()
@@ -404,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.optimizers:
         lr = None
         if name.startswith("kbfgs"):  # not swept: the paper's method at a fixed setting
-            lr = PAPER_LR if name == "kbfgs_paper_lr" else args.kbfgs_lr
+            lr = kbfgs_row_lr(name, args)
         elif args.sweep_seconds > 0 and name in SWEEPS:
             lr = sweep(name, SWEEPS[name], Xtr, Xte, args)
         rec = train_for(name, lr, budget, Xtr, Xte, args)

@@ -40,13 +40,17 @@ def adamw_update_(
     state["step"] += 1
     step = float(state["step"])
     p.mul_(1 - lr * wd)
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg = state["exp_avg"]
     exp_avg.lerp_(grad, 1 - beta1)
+    denom = adam_denominator_(state["exp_avg_sq"], grad, beta2, step, eps)
+    p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+
+
+def adam_denominator_(exp_avg_sq: Tensor, grad: Tensor, beta2: float, step: float, eps: float) -> Tensor:
+    """``v ← β₂ v + (1−β₂) g²`` in place; returns Adam's denominator ``√v / √(1−β₂^step) + eps``, computed as
+    ``torch.optim.AdamW(foreach=False)`` does."""
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    return (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
 
 
 def sgd_update_(p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, momentum: float, wd: float) -> None:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum_, greedy_assignment, rank, world_size
 from ..linalg import LBFGSHistory, check_curvature, mlbfgs_damping
-from ._base import QNOptimizerBase, check_range
+from ._base import QNOptimizerBase, adam_denominator_, check_range
 
 __all__ = ["MLBFGS", "Block", "build_blocks"]
 
@@ -349,7 +349,7 @@ class MLBFGS(QNOptimizerBase):
         if t % hp["update_interval"] == 0:
             for b in self.blocks:
                 self._curvature_pair(b)
-        directions = self._directions()
+        directions = self._directions(t)
         self._apply(directions)
         return loss
 
@@ -404,9 +404,10 @@ class MLBFGS(QNOptimizerBase):
         self._store_history(b, hist)
         bst["pairs_accepted"] += 1
 
-    def _directions(self) -> list[Tensor]:
+    def _directions(self, step: int) -> list[Tensor]:
         """d = H g per block on its owner rank (compact L-BFGS), d = g before the first pair; then one
-        all-reduce so every rank holds every block's direction (non-owners contribute zeros)."""
+        all-reduce so every rank holds every block's direction (non-owners contribute zeros), then the
+        ``normalize`` scaling (``step``, this step's count, bias-corrects the Adam grafting)."""
         me = rank()
         ws = world_size()
         out = []
@@ -436,11 +437,10 @@ class MLBFGS(QNOptimizerBase):
             if total > 0:
                 out = [d * (target / total) for d in out]
         elif mode == "adam":
-            t = int(self._block_state(self.blocks[0])["mlbfgs_step"])
-            out = [self._graft_to_adam(b, d, 1.0 - _ADAM_BETA2**t) for b, d in zip(self.blocks, out)]
+            out = [self._graft_to_adam(b, d, step) for b, d in zip(self.blocks, out)]
         return out
 
-    def _graft_to_adam(self, b: Block, d: Tensor, correction: float) -> Tensor:
+    def _graft_to_adam(self, b: Block, d: Tensor, step: int) -> Tensor:
         """Rescale block ``b``'s direction to the norm of Adam's un-momented step in that block,
         ``‖g / (√v̂ + ε)‖`` with ``v ← β₂ v + (1−β₂) g²`` (β₂ = 0.999, ε = 1e-8, bias-corrected): layer-wise
         grafting (Agarwal et al. 2020), as Distributed Shampoo grafts its blocks. Every rank keeps ``v`` for
@@ -452,9 +452,7 @@ class MLBFGS(QNOptimizerBase):
                 st["exp_avg_sq"] = torch.zeros_like(p, dtype=d.dtype, memory_format=torch.contiguous_format)
             v = st["exp_avg_sq"]
             g = (p.grad if p.grad is not None else torch.zeros_like(p)).to(d.dtype)
-            v.mul_(_ADAM_BETA2).addcmul_(g, g, value=1.0 - _ADAM_BETA2)
-            adam = g / (v / correction).sqrt_().add_(_ADAM_EPS)
-            sq += adam.double().pow(2).sum()
+            sq += (g / adam_denominator_(v, g, _ADAM_BETA2, step, _ADAM_EPS)).double().pow(2).sum()
         dn = torch.dot(d.double(), d.double())
         scale = torch.where(dn > 0, torch.sqrt(sq / dn.clamp_min(1e-300)), torch.ones_like(dn))
         return d * scale.to(d.dtype)
