@@ -111,7 +111,7 @@ class Capture:
     def attach(self) -> Capture:
         if not self._handles:
             for i, adapter in enumerate(self.adapters):
-                self._handles.append(adapter.module.register_forward_hook(self._make_hook(i)))
+                self._handles.append(adapter.module.register_forward_hook(_ForwardHook(self, i)))
         return self
 
     def detach(self) -> None:
@@ -138,24 +138,36 @@ class Capture:
         finally:
             self.mode, self.enabled = prev_mode, prev_enabled
 
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle/deepcopy without the hook handles; the copy re-attaches its own hooks (see
+        :class:`_ForwardHook`: a copied module's old hook becomes inert, so it never feeds this capture)."""
+        state = dict(self.__dict__)
+        state["_handles"] = []
+        state["_was_attached"] = self.attached
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        was_attached = state.pop("_was_attached", False)
+        self.__dict__.update(state)
+        if was_attached:
+            self.attach()
+
     # ------------------------------------------------------------------ hooks
-    def _make_hook(self, index: int) -> Callable[[nn.Module, Any, Any], None]:
+    def _forward(self, index: int, module: nn.Module, inputs: Any, output: Any) -> None:
+        """The forward hook's body (see :class:`_ForwardHook`)."""
         adapter = self.adapters[index]
-
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if not (self.enabled and module.training and torch.is_grad_enabled()) or _in_backward():
-                return
-            if not isinstance(output, Tensor):
-                return
-            mode = self.mode
-            st = self.stats[mode][index]
-            if mode == PRIMARY and st.pending and adapter.weight.grad is None:
-                st.reset()  # a new accumulation window: the previous one was never committed
-            self._capture_forward(adapter, st, inputs, output, with_inputs=self.input_stats and mode == PRIMARY)
-            if output.requires_grad:
-                output.register_hook(self._make_grad_hook(adapter, st))
-
-        return hook
+        if not (self.enabled and module.training and torch.is_grad_enabled()) or _in_backward():
+            return
+        if not isinstance(output, Tensor):
+            return
+        mode = self.mode
+        st = self.stats[mode][index]
+        if mode == PRIMARY and st.pending and adapter.weight.grad is None:
+            st.reset()  # a new accumulation window: the previous one was never committed
+        self._capture_forward(adapter, st, inputs, output, with_inputs=self.input_stats and mode == PRIMARY)
+        if output.requires_grad:
+            output.register_hook(self._make_grad_hook(adapter, st))
 
     @torch.no_grad()
     def _capture_forward(
@@ -191,3 +203,29 @@ class Capture:
                 st.grad_calls += 1
 
         return grad_hook
+
+
+class _InertHook:
+    """What a :class:`_ForwardHook` becomes in a copied or unpickled module: it does nothing."""
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        return None
+
+
+class _ForwardHook:
+    """The forward hook of one adapted layer.
+
+    A callable object rather than a closure, so that a module carrying it can be deep-copied or
+    pickled: the copy gets an :class:`_InertHook`, because a copied model must not feed the original
+    optimizer's statistics. A copied optimizer re-attaches hooks of its own (``Capture.__setstate__``).
+    """
+
+    def __init__(self, capture: Capture, index: int) -> None:
+        self.capture = capture
+        self.index = index
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.capture._forward(self.index, module, inputs, output)
+
+    def __reduce__(self) -> tuple[type[_InertHook], tuple[()]]:
+        return (_InertHook, ())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -108,6 +109,17 @@ class LayerAssignment:
     fallback: list[FallbackParam] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
     param_names: dict[int, str] = field(default_factory=dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # param_names is keyed by id(parameter): a copy keys it by its own parameters.
+        state = dict(self.__dict__)
+        params = self.adapted_parameters() + self.fallback_parameters()
+        state["param_names"] = [(p, self.param_names[id(p)]) for p in params if id(p) in self.param_names]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state, param_names={id(p): n for p, n in state["param_names"]})
+        self.__dict__.update(state)
 
     def adapted_parameters(self) -> list[nn.Parameter]:
         return [p for a in self.adapters for p in a.parameters()]

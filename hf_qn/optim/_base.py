@@ -123,6 +123,21 @@ class QNOptimizerBase(torch.optim.Optimizer):
         norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
         return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
 
+    # ------------------------------------------------------------------ copies
+    #: attributes beyond torch's (defaults, state, param_groups) that a pickled or deep-copied
+    #: optimizer needs to work; torch.optim drops everything else (e.g. an LR scheduler's step wrapper).
+    _PICKLED_ATTRS: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._PICKLED_ATTRS if k in self.__dict__})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's load_state_dict calls this too, with only "state" and "param_groups".
+        super().__setstate__(state)
+        self._group_cache = None  # keyed by id(parameter), which a copy changes
+
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, keeping curvature tensors in their saved dtype (see module docstring)."""

@@ -295,6 +295,16 @@ class KBFGS(QNOptimizerBase):
         self._warned_no_loss = False
         self._schedule_capture()
 
+    # ------------------------------------------------------------------ copies
+    # A copy (deepcopy, pickle) works on copies of the layers, with its own hooks on them; it has no
+    # closure_provider (a Trainer's bound method): QNTrainer wires the optimizer it is given again.
+    _PICKLED_ATTRS = ("assignment", "adapters", "grad_scaler", "capture", "_training", "_warned_no_loss")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # also called by torch's load_state_dict, with state and param_groups only
+        if not hasattr(self, "closure_provider"):
+            self.closure_provider = None
+
     # ------------------------------------------------------------------ public helpers
     @property
     def hparams(self) -> dict[str, Any]:

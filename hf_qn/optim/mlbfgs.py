@@ -270,6 +270,21 @@ class MLBFGS(QNOptimizerBase):
         #: L-BFGS products computed by this rank (to show the distributed work split).
         self.work_counter = 0
 
+    # ------------------------------------------------------------------ copies
+    _PICKLED_ATTRS = ("blocks", "work_counter")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_named"] = [(p, n) for b in self.blocks for p in b.params if (n := self._names.get(id(p)))]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        named = state.pop("_named", None)
+        super().__setstate__(state)  # also called by torch's load_state_dict, with state and param_groups only
+        if named is not None:  # a copy
+            self._names = {id(p): n for p, n in named}
+            self._assign()  # owners follow this process's world size
+
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
     def _named_params_and_groups(

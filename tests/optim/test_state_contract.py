@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -111,3 +112,57 @@ def test_mlbfgs_state_bytes_per_parameter(normalize, vectors):
         per_block = 2 * m * m * 8 + 7 * 8 + 1  # two m x m float64 matrices, 7 int64 counters, 1 bool
         assert opt.state_bytes() == (2 * m * hist_bytes + vectors * 4) * n + per_block
         assert opt.state_bytes() - per_block <= (2 * m + 6) * 4 * n
+
+
+def _copy(obj, how):
+    return copy.deepcopy(obj) if how == "deepcopy" else pickle.loads(pickle.dumps(obj))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", ["kbfgs", "kbfgs_interval", "mlbfgs"])
+def test_copied_model_and_optimizer_train_on_independently(name, how):
+    """copy.deepcopy / pickle of (model, optimizer) after 4 steps: the copy, run first, and then the
+    original each continue exactly like an uninterrupted 8-step run (no shared hooks or state)."""
+    batches = regression_batches(8)
+    torch.manual_seed(0)
+    ref_model = mlp()
+    init = copy.deepcopy(ref_model.state_dict())
+    loop(ref_model, OPTIMIZERS[name](ref_model), batches, mse_loss)
+
+    model = mlp()
+    model.load_state_dict(init)
+    opt = OPTIMIZERS[name](model)
+    loop(model, opt, batches[:4], mse_loss)
+    model2, opt2 = _copy((model, opt), how)
+    assert all(p2 is not p for p2, p in zip(model2.parameters(), model.parameters()))
+    loop(model2, opt2, batches[4:], mse_loss)
+    loop(model, opt, batches[4:], mse_loss)
+    for r, a, b in zip(ref_model.parameters(), model.parameters(), model2.parameters()):
+        assert torch.equal(r, a) and torch.equal(r, b)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_model_alone_does_not_feed_the_optimizer(how):
+    """A model copied after K-BFGS attached its hooks (an EMA or teacher copy) carries inert hooks:
+    training passes through the copy capture nothing into the original optimizer."""
+    model = mlp()
+    opt = hf_qn.KBFGS(model, lr=0.1)
+    copied = _copy(model, how)
+    mse_loss(copied, regression_batches(1)[0]).backward()
+    assert all(st.forward_calls == 0 and st.grad_calls == 0 for st in opt.capture.stats["primary"])
+    mse_loss(model, regression_batches(1)[0]).backward()
+    assert all(st.forward_calls == 1 and st.grad_calls == 1 for st in opt.capture.stats["primary"])
+
+
+def test_copied_optimizer_has_readable_block_map_and_names():
+    """Attributes keyed by id(parameter) are re-keyed in a copy."""
+    model = mlp()
+    opt = hf_qn.MLBFGS(model)
+    again = pickle.loads(pickle.dumps(opt))
+    assert again.block_map() == opt.block_map()
+    again.load_state_dict(opt.state_dict())  # torch's load calls __setstate__ with part of the state
+    assert again.block_map() == opt.block_map()
+    assert "?" not in again.block_map()
+    kb = pickle.loads(pickle.dumps(hf_qn.KBFGS(model)))
+    names = [kb.assignment.param_names[id(p)] for p in kb.assignment.adapted_parameters()]
+    assert names == [n for n, _ in model.named_parameters()]
