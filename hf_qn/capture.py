@@ -83,6 +83,9 @@ class Capture:
         adapters: the adapted layers.
         input_stats: capture the input side (``A_sum``, ``a_sum``). (default: True)
         grad_scale: callable returning the current loss scale (fp16 with a GradScaler), or None.
+        gram_dtype: dtype of the product ``āᵀā`` behind ``A_sum`` (the sums stay float32); bfloat16 runs
+            that product, the capture's main cost, about 3x faster on CPUs with AVX512-BF16 and on GPUs.
+            (default: float32)
 
     ``enabled`` switches all capture on or off (the optimizer turns it on only for steps that
     update curvature, so the others pay nothing). :meth:`second_pass` switches the hooks to a
@@ -95,8 +98,10 @@ class Capture:
         adapters: Sequence[LayerAdapter],
         input_stats: bool = True,
         grad_scale: Callable[[], float | Tensor] | None = None,
+        gram_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.adapters = list(adapters)
+        self.gram_dtype = gram_dtype
         self.input_stats = input_stats
         self.grad_scale = grad_scale
         self.enabled = True
@@ -183,9 +188,10 @@ class Capture:
                 st.A_sum = LayerStats._add(st.A_sum, counts)
                 st.a_rows += int(ids.numel())
             else:
-                r = rows.detach().to(torch.float32)
-                st.A_sum = LayerStats._add(st.A_sum, r.T @ r)
-                st.a_sum = LayerStats._add(st.a_sum, r.sum(0))
+                r = rows.detach()
+                g = r.to(self.gram_dtype)
+                st.A_sum = LayerStats._add(st.A_sum, (g.T @ g).to(torch.float32))
+                st.a_sum = LayerStats._add(st.a_sum, r.sum(0, dtype=torch.float32))
                 st.a_rows += int(r.shape[0])
         # Output-side sums in float64: K-BFGS pairs are differences of these means (cancellation).
         h = adapter.output_rows(output.detach())

@@ -36,7 +36,8 @@ logger = logging.getLogger("benchmark_autoencoder")
 
 PAPER_LR = 0.3  # the paper's MNIST lr, run by the kbfgs_paper_lr row to show what the loss guard does there
 ALL_OPTIMIZERS = [
-    "kbfgs", "kbfgs_l", "kbfgs_int10", "kbfgs_consecutive", "kbfgs_paper_lr", "mlbfgs", "mlbfgs_unit", "adamw", "sgd",
+    "kbfgs", "kbfgs_l", "kbfgs_int10", "kbfgs_bf16", "kbfgs_int10_bf16", "kbfgs_consecutive", "kbfgs_paper_lr",
+    "mlbfgs", "mlbfgs_unit", "adamw", "sgd",
     "asdl_kfac", "asdl_kbfgs", "soap", "psgd",
 ]
 # The default run (the one behind model_cards/mnist-autoencoder); other names are opt-in variants.
@@ -133,8 +134,10 @@ def make_runner(name: str, model: nn.Module, lr: float | None, args: BenchmarkAr
     if name.startswith("kbfgs"):
         cls = hf_qn.KBFGSL if name == "kbfgs_l" else hf_qn.KBFGS
         extra: dict[str, Any] = {}
-        if name == "kbfgs_int10":
+        if name.startswith("kbfgs_int10"):
             extra["update_interval"] = 10
+        if name.endswith("_bf16"):
+            extra["matmul_dtype"] = torch.bfloat16
         if name == "kbfgs_consecutive":
             extra["pairs"] = "consecutive"
         opt = cls(model, lr=lr or kbfgs_row_lr(name, args), damping=args.kbfgs_damping, weight_decay=0.0, **extra)
@@ -384,7 +387,9 @@ def write_card(results: list[dict[str, Any]], args: BenchmarkArguments, table: s
         hyperparameters={"kbfgs_lr": args.kbfgs_lr, "kbfgs_damping": args.kbfgs_damping,
                          "weight_decay": args.weight_decay, "batch_size": args.batch_size,
                          "budgets_s": args.budgets, "threads": args.threads,
-                         "tuned_lrs": {r["optimizer"]: r["lr"] for r in results}},
+                         "lrs_used": {r["optimizer"]: r["lr"] for r in results},
+                         "lrs_swept": {r["optimizer"]: SWEEPS[r["optimizer"]] for r in results
+                                       if r["optimizer"] in SWEEPS and args.sweep_seconds > 0}},
         table=table,
         plot="loss_curves.png",
         push_to_hub=args.push_to_hub,

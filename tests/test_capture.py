@@ -137,3 +137,19 @@ def test_low_precision_activations_give_float32_sums(dtype):
     _, cap = _capture(model)
     model(torch.randn(4, 6, dtype=dtype)).float().sum().backward()
     assert all(s.A_sum.dtype == torch.float32 and s.g_sum.dtype == torch.float64 for s in cap.stats["primary"])
+
+
+def test_bf16_gram_keeps_float32_sums_within_bf16_accuracy():
+    torch.manual_seed(0)
+    model = mlp(sizes=(40, 30, 3))
+    x = torch.randn(64, 40)
+    asg = assign_layers(model)
+    cap = Capture(asg.adapters, gram_dtype=torch.bfloat16).attach()
+    model(x).sum().backward()
+    st = cap.stats["primary"][0]
+    xa = torch.cat([x, torch.ones(64, 1)], 1).double()
+    ref = xa.T @ xa
+    assert st.A_sum.dtype == torch.float32 and st.a_sum.dtype == torch.float32
+    err = (st.A_sum.double() - ref).norm() / ref.norm()
+    assert 1e-5 < err < 1e-2
+    torch.testing.assert_close(st.a_sum.double(), xa.sum(0), rtol=1e-5, atol=1e-4)  # not rounded to bf16

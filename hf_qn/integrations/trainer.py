@@ -91,6 +91,10 @@ class QNTrainingArguments(TrainingArguments):
     qn_normalize: str | None = field(default=None, metadata={"help": "mL-BFGS direction: adam | unit | grad | none."})
     qn_blocks: str | None = field(default=None, metadata={"help": "mL-BFGS blocks: layer | param | model."})
     qn_history_dtype: str = field(default="float32", metadata={"help": "mL-BFGS history: float32 | bfloat16."})
+    qn_matmul_dtype: str = field(
+        default="float32",
+        metadata={"help": "K-BFGS dtype of the per-step Gram and H_g G H_a products: float32 | bfloat16 | float16."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,6 +102,10 @@ class QNTrainingArguments(TrainingArguments):
             raise ValueError(f"Invalid qn_optimizer: {self.qn_optimizer!r} (must be one of {QN_OPTIMIZERS} or None)")
         if self.qn_history_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"Invalid qn_history_dtype: {self.qn_history_dtype!r} (must be float32 or bfloat16)")
+        if self.qn_matmul_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"Invalid qn_matmul_dtype: {self.qn_matmul_dtype!r} (must be float32, bfloat16 or float16)"
+            )
 
 
 def _opt(kwargs: dict[str, Any], **values: Any) -> dict[str, Any]:
@@ -126,6 +134,7 @@ def build_optimizer(
             inverse_interval=args.qn_inverse_interval,
             pairs=args.qn_pairs,
             kl_clip=args.qn_kl_clip,
+            matmul_dtype=args.qn_matmul_dtype,
             fallback_lr=args.qn_fallback_lr,
         )
         if args.qn_max_loss_increase is not None:

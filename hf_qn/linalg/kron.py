@@ -12,14 +12,21 @@ from torch import Tensor
 __all__ = ["damped_cholesky_inverse", "kron_precondition"]
 
 
-def kron_precondition(H_g: Tensor | None, X: Tensor, H_a: Tensor | None) -> Tensor:
-    """``H_g @ X @ H_a`` where a 1-D ``H_a`` is a diagonal (Embedding) and ``None`` is the identity."""
-    out = X if H_g is None else H_g.to(X.dtype) @ X
-    if H_a is None:
-        return out
-    if H_a.dim() == 1:
-        return out * H_a.to(out.dtype)
-    return out @ H_a.to(out.dtype)
+def kron_precondition(
+    H_g: Tensor | None, X: Tensor, H_a: Tensor | None, compute_dtype: torch.dtype | None = None
+) -> Tensor:
+    """``H_g @ X @ H_a`` where a 1-D ``H_a`` is a diagonal (Embedding) and ``None`` is the identity.
+
+    ``compute_dtype`` (default: ``X``'s) is the dtype the two matrix products run in; the result has
+    ``X``'s dtype.
+    """
+    dtype = X.dtype if compute_dtype is None else compute_dtype
+    out = X.to(dtype)
+    if H_a is not None:
+        out = out * H_a.to(dtype) if H_a.dim() == 1 else out @ H_a.to(dtype)
+    if H_g is not None:
+        out = H_g.to(dtype) @ out
+    return out.to(X.dtype)
 
 
 def damped_cholesky_inverse(A: Tensor, damping: float) -> Tensor:

@@ -62,6 +62,9 @@ _COUNTERS = (
 _GLOBAL_COUNTERS = ("steps_skipped_nonfinite", "steps_rejected", "steps_clipped", "loss_checks")
 
 
+_MATMUL_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _finite(t: Tensor) -> bool:
     """All entries finite: a NaN or inf anywhere makes the sum non-finite (one reduction, no mask)."""
     return bool(torch.isfinite(t.sum()))
@@ -125,6 +128,10 @@ class KBFGS(QNOptimizerBase):
             depending on floating-point summation order)
         kl_clip: if set, scales the step down so that ``α² Σ⟨D, ĝ⟩ ≤ kl_clip`` (kfac-pytorch's
             KL clipping); None follows the paper. (default: None)
+        matmul_dtype: dtype of the two large products of every step, the input Gram ``Σ ā āᵀ`` of the
+            capture and the direction ``H_g ĝ H_a``; factors, their updates, sums and the momentum stay
+            float32. ``torch.bfloat16`` makes those products about 3x faster on GPUs and on CPUs with
+            AVX512-BF16, at about 3 significant digits. (default: float32, the paper's)
         fallback: first-order rule for parameters no adapter takes: ``"adamw"`` or ``"sgd"``.
             (default: ``"adamw"``)
         fallback_lr: learning rate of the fallback. (default: 1e-3)
@@ -171,6 +178,7 @@ class KBFGS(QNOptimizerBase):
         max_update_growth: float | None = 2.0,
         max_loss_increase: float | None = 0.25,
         kl_clip: float | None = None,
+        matmul_dtype: torch.dtype | str = torch.float32,
         fallback: str = "adamw",
         fallback_lr: float = 1e-3,
         fallback_betas: tuple[float, float] = (0.9, 0.999),
@@ -227,6 +235,11 @@ class KBFGS(QNOptimizerBase):
             check_range("kl_clip", kl_clip, 0.0, math.inf, lo_open=True)
         if fallback not in FALLBACKS:
             raise ValueError(f"Invalid fallback: {fallback!r} (must be one of {FALLBACKS})")
+        matmul_name = str(matmul_dtype).replace("torch.", "")
+        if matmul_name not in _MATMUL_DTYPES:
+            raise ValueError(
+                f"Invalid matmul_dtype: {matmul_dtype!r} (must be torch.float32, torch.bfloat16 or torch.float16)"
+            )
 
         assignment = assign_layers(model, policy)
         if not assignment.adapters:
@@ -281,6 +294,7 @@ class KBFGS(QNOptimizerBase):
             max_update_growth=max_update_growth,
             max_loss_increase=max_loss_increase,
             kl_clip=kl_clip,
+            matmul_dtype=matmul_name,
         )
         super().__init__(groups, defaults)
         self._refuse_sharded_parameters()
@@ -502,6 +516,7 @@ class KBFGS(QNOptimizerBase):
         ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄);  D = H_g ĝ H_a."""
         hp = self.hparams
         sqrt_lam = math.sqrt(hp["damping"])
+        matmul_dtype = getattr(torch, hp["matmul_dtype"])
         out = []
         for i, ad in enumerate(self.adapters):
             st = self._layer_state(ad)
@@ -510,8 +525,10 @@ class KBFGS(QNOptimizerBase):
             G = self._grad_with_l2(ad)
             buf = st["momentum_buffer"]
             buf.mul_(hp["momentum"]).add_(G, alpha=1.0 - hp["momentum"])
-            D = kron_precondition(None, buf, st.get("H_a"))
-            D = self._apply_H_g(st, D)
+            if "H_g" in st:
+                D = kron_precondition(st["H_g"], buf, st.get("H_a"), matmul_dtype)
+            else:
+                D = self._history(st).apply(kron_precondition(None, buf, st.get("H_a"), matmul_dtype))
             out.append(D)
         if not _finite(torch.stack([D.sum() for D in out])):
             return None
@@ -878,6 +895,7 @@ class KBFGS(QNOptimizerBase):
         steps 0, k, 2k, ... (k = ``update_interval``)."""
         if self.adapters:
             self.capture.enabled = self._training and self.curvature_step_next()
+            self.capture.gram_dtype = getattr(torch, self.hparams["matmul_dtype"])
 
     def _current_scale(self) -> float:
         return float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0

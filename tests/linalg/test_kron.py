@@ -30,3 +30,18 @@ def test_diagonal_input_factor_and_identity():
     d = torch.rand(6, dtype=torch.float64) + 0.5
     torch.testing.assert_close(kron_precondition(None, X, d), X @ torch.diag(d))
     assert torch.equal(kron_precondition(None, X, None), X)
+
+
+def test_compute_dtype_rounds_only_the_products():
+    """bf16 products: the result keeps X's dtype and is within bf16 accuracy of the float64 reference."""
+    torch.manual_seed(0)
+    H_g, H_a = random_spd(40), random_spd(30)
+    X = torch.randn(40, 30, dtype=torch.float64)
+    ref = H_g @ X @ H_a
+    out = kron_precondition(H_g.float(), X.float(), H_a.float(), compute_dtype=torch.bfloat16)
+    assert out.dtype == torch.float32
+    err = (out.double() - ref).norm() / ref.norm()
+    assert 1e-5 < err < 2e-2  # rounded (so bf16 really ran), but only at bf16's ~3 digits
+    d = torch.rand(30, dtype=torch.float64) + 0.5
+    out_d = kron_precondition(None, X.float(), d.float(), compute_dtype=torch.bfloat16)
+    torch.testing.assert_close(out_d.double(), X * d, rtol=2e-2, atol=2e-2)
