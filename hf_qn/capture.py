@@ -84,7 +84,7 @@ class Capture:
         input_stats: capture the input side (``A_sum``, ``a_sum``). (default: True)
         grad_scale: callable returning the current loss scale (fp16 with a GradScaler), or None.
         gram_dtype: dtype of the product ``āᵀā`` behind ``A_sum`` (the sums stay float32); bfloat16 runs
-            that product, the capture's main cost, about 3x faster on CPUs with AVX512-BF16 and on GPUs.
+            that product, the capture's main cost, about 3x faster on a CPU with AVX512-BF16.
             (default: float32)
 
     ``enabled`` switches all capture on or off (the optimizer turns it on only for steps that
