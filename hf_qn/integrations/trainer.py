@@ -27,7 +27,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..adapters import LayerPolicy
 from ..optim.factories import KBFGSFactory, MLBFGSFactory
-from ..optim.kbfgs import KBFGS, KBFGSL
+from ..optim.kbfgs import KBFGS, KBFGSL, MATMUL_DTYPES
 from ..optim.mlbfgs import MLBFGS
 
 __all__ = ["QN_OPTIMIZERS", "KBFGSFactory", "MLBFGSFactory", "QNTrainer", "QNTrainingArguments", "build_optimizer"]
@@ -102,9 +102,9 @@ class QNTrainingArguments(TrainingArguments):
             raise ValueError(f"Invalid qn_optimizer: {self.qn_optimizer!r} (must be one of {QN_OPTIMIZERS} or None)")
         if self.qn_history_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"Invalid qn_history_dtype: {self.qn_history_dtype!r} (must be float32 or bfloat16)")
-        if self.qn_matmul_dtype not in ("float32", "bfloat16", "float16"):
+        if self.qn_matmul_dtype not in MATMUL_DTYPES:
             raise ValueError(
-                f"Invalid qn_matmul_dtype: {self.qn_matmul_dtype!r} (must be float32, bfloat16 or float16)"
+                f"Invalid qn_matmul_dtype: {self.qn_matmul_dtype!r} (must be one of {', '.join(MATMUL_DTYPES)})"
             )
 
 

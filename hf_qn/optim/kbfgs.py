@@ -62,7 +62,8 @@ _COUNTERS = (
 _GLOBAL_COUNTERS = ("steps_skipped_nonfinite", "steps_rejected", "steps_clipped", "loss_checks")
 
 
-_MATMUL_DTYPES = ("float32", "bfloat16", "float16")
+#: the names ``matmul_dtype`` accepts (torch dtypes or these strings); stored as the string.
+MATMUL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _finite(t: Tensor) -> bool:
@@ -237,7 +238,7 @@ class KBFGS(QNOptimizerBase):
         if fallback not in FALLBACKS:
             raise ValueError(f"Invalid fallback: {fallback!r} (must be one of {FALLBACKS})")
         matmul_name = str(matmul_dtype).replace("torch.", "")
-        if matmul_name not in _MATMUL_DTYPES:
+        if matmul_name not in MATMUL_DTYPES:
             raise ValueError(
                 f"Invalid matmul_dtype: {matmul_dtype!r} (must be torch.float32, torch.bfloat16 or torch.float16)"
             )

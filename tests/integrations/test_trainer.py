@@ -82,6 +82,11 @@ def test_qn_arguments_parse_from_cli_and_json(tmp_path):
     assert args2.qn_optimizer == "mlbfgs" and args2.qn_update_interval == 5
     with pytest.raises(ValueError, match="qn_optimizer"):
         QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="lbfgs", use_cpu=True)
+    with pytest.raises(ValueError, match="qn_matmul_dtype"):
+        QNTrainingArguments(output_dir=str(tmp_path), qn_matmul_dtype="fp8", use_cpu=True)
+    args3 = QNTrainingArguments(output_dir=str(tmp_path), qn_matmul_dtype="bfloat16", use_cpu=True)
+    opt = build_optimizer("kbfgs", RegressionModel(), args3)
+    assert opt.defaults["matmul_dtype"] == "bfloat16"
 
 
 def test_kbfgs_second_pass_survives_evaluation_between_steps(tmp_path):
