@@ -2,6 +2,7 @@
 #
 #   make demo    set up, then run the main job: the optimizer benchmark on real MNIST digits
 #   make test    set up, then run the test suite (what CI runs)
+#   make fidelity  K-BFGS per epoch against the official code's loop, 5 seeds (about 20 minutes)
 #
 # TORCH_SPEC picks the torch build installed *before* anything else, so that no dependency can
 # pull a multi-GB CUDA wheel on a CPU machine. Override it for your hardware, e.g.
@@ -19,7 +20,7 @@ PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.hf_qn-installed
 
-.PHONY: setup test test-fast lint demo cards clean
+.PHONY: setup test test-fast lint demo fidelity cards clean
 
 setup: $(STAMP)
 
@@ -43,6 +44,9 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/benchmark_autoencoder.py $(DEMO_ARGS)
+
+fidelity: $(STAMP)
+	$(PY) scripts/kbfgs_fidelity.py --output_dir model_cards/mnist-autoencoder/fidelity
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

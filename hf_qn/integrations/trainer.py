@@ -70,6 +70,9 @@ class QNTrainingArguments(TrainingArguments):
     qn_lm_damping: str | None = field(default=None, metadata={"help": "interpolate | additive | none."})
     qn_input_inverse: str | None = field(default=None, metadata={"help": "K-BFGS H_a: bfgs | cholesky."})
     qn_inverse_interval: int | None = field(default=None, metadata={"help": "Cholesky re-inversion interval."})
+    qn_input_warm_start: int | None = field(
+        default=None, metadata={"help": "K-BFGS: curvature steps whose input Grams are plainly averaged (0)."}
+    )
     qn_pairs: str | None = field(default=None, metadata={"help": "K-BFGS pairs: same_batch | consecutive."})
     qn_kl_clip: float | None = field(default=None, metadata={"help": "K-BFGS KL clip (off by default)."})
     qn_max_loss_increase: float | None = field(
@@ -132,6 +135,7 @@ def build_optimizer(
             lm_damping=args.qn_lm_damping,
             input_inverse=args.qn_input_inverse,
             inverse_interval=args.qn_inverse_interval,
+            input_warm_start=args.qn_input_warm_start,
             pairs=args.qn_pairs,
             kl_clip=args.qn_kl_clip,
             matmul_dtype=args.qn_matmul_dtype,

@@ -84,9 +84,10 @@ def test_qn_arguments_parse_from_cli_and_json(tmp_path):
         QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="lbfgs", use_cpu=True)
     with pytest.raises(ValueError, match="qn_matmul_dtype"):
         QNTrainingArguments(output_dir=str(tmp_path), qn_matmul_dtype="fp8", use_cpu=True)
-    args3 = QNTrainingArguments(output_dir=str(tmp_path), qn_matmul_dtype="bfloat16", use_cpu=True)
+    args3 = QNTrainingArguments(output_dir=str(tmp_path), qn_matmul_dtype="bfloat16", qn_input_warm_start=4,
+                                use_cpu=True)
     opt = build_optimizer("kbfgs", RegressionModel(), args3)
-    assert opt.defaults["matmul_dtype"] == "bfloat16"
+    assert (opt.defaults["matmul_dtype"], opt.defaults["input_warm_start"]) == ("bfloat16", 4)
 
 
 def test_kbfgs_second_pass_survives_evaluation_between_steps(tmp_path):

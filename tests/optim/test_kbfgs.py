@@ -282,6 +282,8 @@ def test_functionally_used_layer_gives_clear_error():
         ({"warmup_curvature_steps": -1}, "warmup_curvature_steps"),
         ({"lm_damping": "x"}, "lm_damping"),
         ({"input_inverse": "eigh"}, "input_inverse"),
+        ({"input_warm_start": -1}, "input_warm_start"),
+        ({"input_warm_start": 1.5}, "input_warm_start"),
         ({"pairs": "x"}, "pairs"),
         ({"fallback": "lion"}, "fallback"),
         ({"fallback_betas": (0.9, 1.0)}, "fallback_betas"),

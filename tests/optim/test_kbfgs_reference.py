@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -39,15 +40,18 @@ def _means(model, x, y):
     return [a0, a1], [h1.detach().mean(0), h2.detach().mean(0)], [h1.grad.sum(0), h2.grad.sum(0)], grads
 
 
-def test_two_steps_match_dense_reference():
+@pytest.mark.parametrize("warm", [0, 3])
+def test_steps_match_dense_reference(warm):
+    """Four steps; with ``input_warm_start=3`` A is the plain average of the first three batch Grams."""
     lr, lam, rho, tau, beta_a, beta_p, mu1 = 0.2, 0.3, 0.9, 1e-5, 0.9, 0.9, 0.2
     sl = math.sqrt(lam)
     model, ref = _mlp(), _mlp()
     opt = hf_qn.KBFGS(model, lr=lr, damping=lam, momentum=rho, weight_decay=tau, stat_decay=beta_a,
-                      pair_decay=beta_p, powell_mu=mu1)
+                      pair_decay=beta_p, powell_mu=mu1, input_warm_start=warm)
+    n_plain = max(1, warm)  # batches in A's plain average
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64))
-               for _ in range(2)]
+               for _ in range(4)]
     # Reference state
     layers = [ref[0], ref[2]]
     A = [None, None]
@@ -72,8 +76,8 @@ def test_two_steps_match_dense_reference():
         directions = []
         for i, m in enumerate(layers):
             A_b = rows[i].T @ rows[i] / len(x)
-            if step == 0:
-                A[i] = A_b
+            if step < n_plain:
+                A[i] = A_b if step == 0 else (step * A[i] + A_b) / (step + 1)
                 H_a[i] = torch.linalg.inv(A[i] + sl * torch.eye(A[i].shape[0], dtype=torch.float64))
             else:
                 A[i] = beta_a * A[i] + (1 - beta_a) * A_b
@@ -90,7 +94,7 @@ def test_two_steps_match_dense_reference():
             y_avg[i] = beta_p * y_avg[i] + (1 - beta_p) * (gbar2[i] - gbar[i])
             d = double_damping(s_avg[i], y_avg[i], H_g[i] @ y_avg[i], mu1=mu1, mu2=sl)
             H_g[i] = bfgs_inverse_update(H_g[i], d.s, d.y)
-            if step > 0:  # Hessian-action BFGS on H_a with the new A
+            if step >= n_plain:  # Hessian-action BFGS on H_a with the new A
                 abar = rows[i].mean(0)
                 s_a = H_a[i] @ abar
                 y_a = A[i] @ s_a + sl * s_a
@@ -105,7 +109,7 @@ def test_two_steps_match_dense_reference():
             torch.testing.assert_close(st["H_a"].double(), H_a[i], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(st["A"].double(), A[i], rtol=1e-5, atol=1e-6)
     stats = opt.statistics()
-    assert stats["qn/pairs_accepted"] == 4  # 2 layers x 2 steps
+    assert stats["qn/pairs_accepted"] == 8  # 2 layers x 4 steps
 
 
 def test_kbfgsl_equals_kbfgs_while_history_holds_every_pair():
