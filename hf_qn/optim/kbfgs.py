@@ -822,7 +822,7 @@ class KBFGS(QNOptimizerBase):
             if H_new is None:
                 self._bump(st, "pairs_skipped")
                 return
-            st["H_g"].copy_(H_new)
+            st["H_g"] = H_new  # a fresh tensor already: rebinding saves a full copy of the factor
         else:
             hist = self._history(st)
             hist.push(damped.s, damped.y)
@@ -857,7 +857,7 @@ class KBFGS(QNOptimizerBase):
             if H_new is None:
                 self._bump(st, "input_updates_skipped")
             else:
-                H_a.copy_(H_new)
+                st["H_a"] = H_new
 
     # ------------------------------------------------------------------ state helpers
     def _layer_state(self, ad: LayerAdapter) -> dict[str, Any]:
