@@ -917,6 +917,9 @@ class KBFGS(QNOptimizerBase):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        for st in self.state.values():  # checkpoints from before input_warm_start kept a boolean flag
+            if "first_stats" in st:
+                st.setdefault("input_batches", torch.tensor(int(bool(st.pop("first_stats"))), dtype=torch.int64))
         self._schedule_capture()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -18,6 +18,7 @@ OPTIMIZERS = {
     "kbfgs_interval": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, update_interval=3, input_inverse="cholesky",
                                             inverse_interval=2),
     "kbfgs_consecutive": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, pairs="consecutive"),
+    "kbfgs_warm_start": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, input_warm_start=6),  # saved mid-way
     "mlbfgs": lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=2, history_size=3),
     "mlbfgs_bf16": lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=2, history_size=3,
                                           history_dtype=torch.bfloat16),
@@ -61,6 +62,30 @@ def test_lockstep_resume_is_bitwise(name):
         for k, v in ref_opt.state[p_ref].items():
             v2 = o2.state[p2][k]
             assert (torch.equal(v, v2) if torch.is_tensor(v) else v == v2), k
+
+
+def test_kbfgs_loads_a_checkpoint_with_the_old_first_stats_flag():
+    """State written before ``input_warm_start`` had ``first_stats`` (bool) where it now has a count."""
+    batches = regression_batches(6)
+    torch.manual_seed(0)
+    ref_model = mlp()
+    init = copy.deepcopy(ref_model.state_dict())
+    ref_opt = OPTIMIZERS["kbfgs"](ref_model)
+    loop(ref_model, ref_opt, batches, mse_loss)
+    m1 = mlp()
+    m1.load_state_dict(init)
+    o1 = OPTIMIZERS["kbfgs"](m1)
+    loop(m1, o1, batches[:3], mse_loss)
+    sd = roundtrip(o1.state_dict())
+    for st in sd["state"].values():
+        if "input_batches" in st:
+            st["first_stats"] = torch.tensor(bool(st.pop("input_batches")))
+    o1.load_state_dict(sd)
+    assert all("first_stats" not in st and int(st["input_batches"]) == 1 for st in o1.state.values()
+               if "qn_step" in st)
+    loop(m1, o1, batches[3:], mse_loss)
+    for a, b in zip(ref_model.parameters(), m1.parameters()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", ["kbfgs", "kbfgsl", "mlbfgs"])
