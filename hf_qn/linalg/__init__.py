@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .bfgs import CurvatureCheck, bfgs_inverse_update, check_curvature, dot64
+from .bfgs import CurvatureCheck, all_finite, bfgs_inverse_update, check_curvature, dot64
 from .damping import DampedPair, double_damping, lm_damping, mlbfgs_damping, powell_damping_inverse
 from .kron import damped_cholesky_inverse, kron_precondition
 from .lbfgs import LBFGSHistory
@@ -12,6 +12,7 @@ __all__ = [
     "CurvatureCheck",
     "DampedPair",
     "LBFGSHistory",
+    "all_finite",
     "bfgs_inverse_update",
     "check_curvature",
     "damped_cholesky_inverse",

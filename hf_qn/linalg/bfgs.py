@@ -15,10 +15,18 @@ from torch import Tensor
 
 __all__ = [
     "CurvatureCheck",
+    "all_finite",
     "bfgs_inverse_update",
     "check_curvature",
     "dot64",
 ]
+
+
+def all_finite(t: Tensor) -> bool:
+    """All entries finite, by one reduction instead of an elementwise mask (5-30x cheaper on a large
+    matrix): a NaN or inf anywhere makes the sum non-finite; so would finite entries summing past the
+    dtype's range, which are as unusable."""
+    return bool(torch.isfinite(t.sum()))
 
 
 def dot64(a: Tensor, b: Tensor) -> float:
@@ -81,8 +89,6 @@ def bfgs_inverse_update(H: Tensor, s: Tensor, y: Tensor, Hy: Tensor | None = Non
     s_ = s.to(H.dtype)
     w = (0.5 * coef_ss) * s_ - rho * Hy.to(H.dtype)
     H_new = torch.addmm(H, torch.stack([s_, w], 1), torch.stack([w, s_], 0))
-    # One reduction instead of an elementwise mask (5-30x cheaper): a NaN or inf anywhere makes the sum
-    # non-finite; so would finite entries summing past the dtype's range, which is as unusable.
-    if not bool(torch.isfinite(H_new.sum())):
+    if not all_finite(H_new):
         return None
     return H_new

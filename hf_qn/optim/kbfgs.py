@@ -33,6 +33,7 @@ from ..capture import Capture, LayerStats
 from ..distributed import all_reduce_sum_, is_distributed, world_size
 from ..linalg import (
     LBFGSHistory,
+    all_finite,
     bfgs_inverse_update,
     check_curvature,
     damped_cholesky_inverse,
@@ -64,11 +65,6 @@ _GLOBAL_COUNTERS = ("steps_skipped_nonfinite", "steps_rejected", "steps_clipped"
 
 #: the names ``matmul_dtype`` accepts (torch dtypes or these strings); stored as the string.
 MATMUL_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _finite(t: Tensor) -> bool:
-    """All entries finite: a NaN or inf anywhere makes the sum non-finite (one reduction, no mask)."""
-    return bool(torch.isfinite(t.sum()))
 
 
 class KBFGS(QNOptimizerBase):
@@ -544,7 +540,7 @@ class KBFGS(QNOptimizerBase):
             else:
                 D = self._history(st).apply(kron_precondition(None, buf, st.get("H_a"), matmul_dtype))
             out.append(D)
-        if not _finite(torch.stack([D.sum() for D in out])):
+        if not all_finite(torch.stack([D.sum() for D in out])):
             return None
         return out
 
@@ -554,7 +550,7 @@ class KBFGS(QNOptimizerBase):
         if float(s["a_rows"]) == 0:
             return
         A_batch = s["A"]
-        if not _finite(A_batch):
+        if not all_finite(A_batch):
             self._bump(st, "input_updates_skipped")
             return
         n = int(st["input_batches"])
@@ -675,7 +671,7 @@ class KBFGS(QNOptimizerBase):
             )
         finally:
             self.capture.reset("second")
-        if plus is not None and not all(_finite(d["g"]) for d in plus):
+        if plus is not None and not all(all_finite(d["g"]) for d in plus):
             plus = None
         return loss, value, plus
 
@@ -795,7 +791,7 @@ class KBFGS(QNOptimizerBase):
         st["s_avg"].mul_(beta).add_(s_raw.to(torch.float32), alpha=1.0 - beta)
         st["y_avg"].mul_(beta).add_(y_raw.to(torch.float32), alpha=1.0 - beta)
         s, y = st["s_avg"].clone(), st["y_avg"].clone()
-        if not (_finite(s) and _finite(y)) or float(s.abs().max()) == 0.0:
+        if not (all_finite(s) and all_finite(y)) or float(s.abs().max()) == 0.0:
             self._bump(st, "pairs_skipped")
             return
         Hy = self._apply_H_g(st, y)
