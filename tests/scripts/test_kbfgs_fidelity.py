@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import hf_qn
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _fidelity_module():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location("kbfgs_fidelity", ROOT / "scripts" / "kbfgs_fidelity.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kbfgs_fidelity"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _bce(logits, x):
-    return nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum") / len(x)
-
+from tests._helpers.scripts import load_script
 
 LR = 0.5  # larger than the benchmark's 0.2 so that 30 steps of this tiny model move it
 
@@ -42,7 +24,8 @@ def _setup():
 
 
 def test_hf_qn_equals_the_official_loop_without_its_quirks():
-    fid = _fidelity_module()
+    fid = load_script("kbfgs_fidelity")
+    _bce = fid.bench.bce_sum  # the benchmark's loss
     model, batches = _setup()
     ref = copy.deepcopy(model)
     ref_losses = fid.official_loop(ref, batches, _bce, lr=LR, damping=0.3, tau=1e-5, mean_coordinate=False)
@@ -66,7 +49,8 @@ def test_hf_qn_equals_the_official_loop_without_its_quirks():
 
 
 def test_the_official_quirks_are_live_switches():
-    fid = _fidelity_module()
+    fid = load_script("kbfgs_fidelity")
+    _bce = fid.bench.bce_sum
     model, batches = _setup()
     plain = fid.official_loop(copy.deepcopy(model), batches, _bce, LR, 0.3, mean_coordinate=False)
     quirk = fid.official_loop(copy.deepcopy(model), batches, _bce, LR, 0.3, mean_coordinate=True)

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests._helpers.scripts import load_script
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _check_card_and_json(out: Path, metric: str) -> None:
@@ -52,7 +44,7 @@ COMMON = ["--smoke", "true", "--max_steps", "4", "--per_device_train_batch_size"
     ],
 )
 def test_recipe_smoke(tmp_path, script, extra, metric):
-    mod = _load(script)
+    mod = load_script(script)
     out = tmp_path / script
     res = mod.main([*COMMON, *extra, "--output_dir", str(out)])
     assert [r["optimizer"] for r in res["runs"]] == ["adamw", "kbfgs", "mlbfgs"]
@@ -61,7 +53,7 @@ def test_recipe_smoke(tmp_path, script, extra, metric):
 
 
 def test_lr_sweep_keeps_the_best_candidate_and_records_the_grid(tmp_path):
-    mod = _load("image_classification")
+    mod = load_script("image_classification")
     out = tmp_path / "sweep"
     args = [a for a in COMMON if a not in ("kbfgs", "mlbfgs")]
     res = mod.main([*args, "--model_type", "resnet", "--lr_sweep", "adamw=1e-4,3e-3", "--output_dir", str(out)])
@@ -85,14 +77,14 @@ def test_lr_sweep_rejects_bad_entries():
 
 
 def test_text_classification_reads_the_real_shipped_sentences():
-    mod = _load("text_classification")
+    mod = load_script("text_classification")
     texts, labels = mod.load_pang_lee()
     assert len(texts) == 200 and sum(labels) == 100
     assert all(isinstance(t, str) and t for t in texts)
 
 
 def test_benchmark_smoke(tmp_path):
-    mod = _load("benchmark_autoencoder")
+    mod = load_script("benchmark_autoencoder")
     out = mod.main(["--smoke", "true", "--budgets", "1", "2", "--sweep_seconds", "0", "--output_dir", str(tmp_path),
                     "--optimizers", "kbfgs", "kbfgs_l", "kbfgs_consecutive", "mlbfgs", "adamw"])
     names = [r["optimizer"] for r in out["results"]]
