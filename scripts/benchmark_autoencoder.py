@@ -25,7 +25,7 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,14 @@ def autoencoder(smoke: bool = False) -> nn.Sequential:
         if i + 1 != code and i + 1 != len(sizes) - 1:  # linear code layer and linear output
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+def epoch_batches(X: torch.Tensor, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch's batches: a fresh permutation from ``gen``, cut into ``batch_size`` rows (the last may be
+    shorter)."""
+    perm = torch.randperm(len(X), generator=gen)
+    for b in range(math.ceil(len(X) / batch_size)):
+        yield X[perm[b * batch_size : (b + 1) * batch_size]]
 
 
 def bce_sum(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -238,7 +246,6 @@ def train_for(
     torch.manual_seed(args.seed)
     model = autoencoder(args.smoke)
     runner = make_runner(name, model, lr, args)
-    n_batches = math.ceil(len(Xtr) / args.batch_size)
     gen = torch.Generator().manual_seed(args.seed + 1)
     rec: dict[str, Any] = {"optimizer": name, "lr": lr, "steps": [], "epochs": [], "error": None}
     t_train = 0.0
@@ -253,9 +260,7 @@ def train_for(
         rec["epochs"].append({"epoch": 0, "step": 0, "seconds": 0.0, "train_loss": evaluate(model, Xtr, 1000),
                               "test_loss": evaluate(model, Xte, 1000)})
         while t_train < budget:
-            perm = torch.randperm(len(Xtr), generator=gen)
-            for b in range(n_batches):
-                x = Xtr[perm[b * args.batch_size : (b + 1) * args.batch_size]]
+            for x in epoch_batches(Xtr, args.batch_size, gen):
                 t0 = time.perf_counter()
                 loss = runner.step(x)
                 dt = time.perf_counter() - t0

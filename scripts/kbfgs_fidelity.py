@@ -126,7 +126,8 @@ def official_loop(
             for j, xb in enumerate(warm_start_data, start=1):
                 _, ins, _ = _linear_forward(model, xb)
                 for i, x_in in enumerate(ins):
-                    G = _homogeneous(x_in).T @ _homogeneous(x_in) / len(x_in)
+                    xh = _homogeneous(x_in)
+                    G = xh.T @ xh / len(x_in)
                     A[i] = G if A[i] is None else A[i] * (j - 1) / j + G / j
     H_g = [torch.eye(m.out_features, dtype=dt) for m in lins]
     H_a: list[torch.Tensor] = [torch.empty(0)] * len(lins)
@@ -146,7 +147,8 @@ def official_loop(
             for i, m in enumerate(lins):
                 g = torch.cat([m.weight.grad + tau * m.weight, (m.bias.grad + tau * m.bias)[:, None]], 1)
                 mom[i] = 0.9 * mom[i] + 0.1 * g
-                G = _homogeneous(ins[i]).T @ _homogeneous(ins[i]) / n
+                xh = _homogeneous(ins[i])
+                G = xh.T @ xh / n
                 if A[i] is None:
                     A[i] = G
                 elif not (step == 0 and warm_start_data is not None):
@@ -194,13 +196,9 @@ def official_loop(
 
 # ----------------------------------------------------------------------------------------------- runs
 def _batches(Xtr: torch.Tensor, seed: int, epochs: int, batch: int) -> list[torch.Tensor]:
-    """The benchmark's batch order: a fresh permutation per epoch from a generator seeded seed + 1."""
+    """The benchmark's batch order (its generator, seeded seed + 1, and its epoch_batches)."""
     gen = torch.Generator().manual_seed(seed + 1)
-    out = []
-    for _ in range(epochs):
-        perm = torch.randperm(len(Xtr), generator=gen)
-        out += [Xtr[perm[b : b + batch]] for b in range(0, len(Xtr) - batch + 1, batch)]
-    return out
+    return [x for _ in range(epochs) for x in bench.epoch_batches(Xtr, batch, gen)]
 
 
 def run_variant(variant: str, seed: int, Xtr: torch.Tensor, args: FidelityArguments) -> dict[str, Any]:
@@ -210,7 +208,7 @@ def run_variant(variant: str, seed: int, Xtr: torch.Tensor, args: FidelityArgume
     torch.manual_seed(seed)
     model = bench.autoencoder(args.smoke)
     batch = 100 if args.smoke else 1000
-    per_epoch = len(Xtr) // batch
+    per_epoch = math.ceil(len(Xtr) / batch)  # as epoch_batches cuts an epoch
     batches = _batches(Xtr, seed, args.epochs, batch)
     curve = [bench.evaluate(model, Xtr, batch)]
 
