@@ -423,10 +423,11 @@ class KBFGS(QNOptimizerBase):
             return None
         scale = self._kl_scale(directions) * self._backoff(first_state)
         sizes: list[float] = []
-        if hp["update_interval"] > 1:  # per-layer step sizes ‖α D‖, one host sync for all layers
+        if hp["update_interval"] > 1:  # per-layer step sizes ‖α D‖
             if curvature:
                 first_state["refresh_next"] = torch.tensor(False)  # this step is the refresh
-            norms = torch.stack([D.norm().float().cpu() for D in directions]).tolist()
+            dev = directions[0].device  # one host sync for all layers, not one per layer
+            norms = torch.stack([D.norm().float().to(dev) for D in directions]).tolist()
             sizes = [self._group_of(ad.weight)["lr"] * n for ad, n in zip(self.adapters, norms)]
             scale = self._growth_scale(sizes, scale, first_state)
         backup = self._apply(directions, scale)
@@ -903,8 +904,10 @@ class KBFGS(QNOptimizerBase):
 
     def _schedule_capture(self) -> None:
         """Capture statistics only for steps that update curvature: every step during the warm-up, then
-        steps 0, k, 2k, ... (k = ``update_interval``)."""
-        if self.adapters:
+        steps 0, k, 2k, ... (k = ``update_interval``). Inside a second pass the schedule is left alone: the
+        Trainer calls ``optimizer.train()`` from the closure, and a refresh step (``refresh_next``) is no
+        longer "next" by then, so re-scheduling would switch the capture of that very pass off."""
+        if self.adapters and self.capture.mode == "primary":
             self.capture.enabled = self._training and self.curvature_step_next()
             self.capture.gram_dtype = getattr(torch, self.hparams["matmul_dtype"])
 

@@ -78,6 +78,36 @@ def test_warmup_updates_curvature_every_step_first():
     assert seen == [True, True, True, False, True, False, False, False, True]
 
 
+def test_refresh_step_captures_its_second_pass_when_the_closure_calls_train():
+    """The Trainer calls ``optimizer.train()`` inside every training_step, the closure's too. On a refresh
+    step requested by the growth guard (off the ``update_interval`` schedule), that call must not switch the
+    second pass's capture off (it did: GPT-2 small under the Trainer raised "hooks ... did not fire")."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = hf_qn.KBFGS(model, lr=0.1, update_interval=4, warmup_curvature_steps=0, max_update_growth=None)
+    batches = regression_batches(3)
+
+    def train_step(batch, closure):
+        opt.train()  # what Trainer.training_step does first
+        opt.zero_grad()
+        mse_loss(model, batch).backward()
+        opt.step(closure)
+
+    def closure(batch):
+        opt.train()
+        return mse_loss(model, batch).backward()
+
+    for batch in batches[:2]:
+        train_step(batch, lambda batch=batch: closure(batch))
+    assert not opt.curvature_step_next()  # step 2 of interval 4: off schedule
+    opt.state[model[0].weight]["refresh_next"] = torch.tensor(True)  # as the growth guard sets it
+    opt.train()
+    assert opt.curvature_step_next()
+    before = opt.statistics()["qn/pairs_accepted"]
+    train_step(batches[2], lambda: closure(batches[2]))
+    assert opt.statistics()["qn/pairs_accepted"] == before + len(opt.adapters)
+
+
 def _layer_steps(model, before):
     return [float((m.weight.detach() - w).norm()) for m, w in zip(_linears(model), before)]
 
