@@ -110,13 +110,15 @@ class LBFGSHistory:
         """Ring index of the newest pair (requires ``count > 0``)."""
         return (self.head - 1) % self.m
 
-    def gamma(self) -> float:
-        """The initial scaling ``γ`` in use now."""
+    def gamma(self) -> float | Tensor:
+        """The initial scaling ``γ`` in use now: ``s_kᵀy_k / y_kᵀy_k`` of the newest pair as a 0-dim float64
+        tensor on the history's device (no host sync: on a GPU, one per block and step added up), or a float
+        (no pair yet, or a fixed ``gamma``)."""
         if isinstance(self.gamma_mode, str):
             if self.count == 0:
                 return 1.0
             j = self.newest()
-            return float(self.SY[j, j] / self.YY[j, j])
+            return self.SY[j, j] / self.YY[j, j]
         return float(self.gamma_mode)
 
     def reset(self) -> None:

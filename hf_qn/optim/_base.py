@@ -162,4 +162,10 @@ class QNOptimizerBase(torch.optim.Optimizer):
         for pid, keep in kept.items():
             p = id_map[pid]
             for k, v in keep.items():
-                self.state[p][k] = v.to(device=p.device) if isinstance(v, Tensor) else v
+                self.state[p][k] = _to_home(v, p) if isinstance(v, Tensor) else v
+
+
+def _to_home(v: Tensor, p: Tensor) -> Tensor:
+    """Where a fresh run keeps a state tensor: with its parameter, except 0-dim counters, flags and scalars,
+    which stay on the CPU (as torch.optim keeps ``step``) so that reading them never waits on the GPU."""
+    return v.cpu() if v.dim() == 0 else v.to(device=p.device)
