@@ -7,7 +7,7 @@ perplexity. ``--model_name_or_path`` / ``--dataset_name`` / ``--train_file`` for
 own text. Runs offline and unchanged under ``torchrun`` / ``accelerate launch``.
 
     python scripts/causal_lm.py --output_dir model_cards/causal-lm-gpt2-lee
-    python scripts/causal_lm.py --n_embd 768 --n_layer 12 --n_head 12 --bf16 ...   # GPT-2 small size on a GPU
+    python scripts/causal_lm.py --vocab_size 50257 --n_embd 768 --n_layer 12 --n_head 12 --bf16 ...  # GPT-2 small
 """
 
 from __future__ import annotations
@@ -30,10 +30,14 @@ logger = logging.getLogger("causal_lm")
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Start from a checkpoint instead."})
-    vocab_size: int = field(default=2000, metadata={"help": "BPE vocabulary trained on the corpus."})
+    vocab_size: int = field(default=2000, metadata={
+        "help": "The model's vocabulary size; the BPE tokenizer is trained up to it. A small corpus yields fewer "
+                "tokens: the embedding keeps this many rows anyway (50257 gives GPT-2 small's 124M parameters)."})
     n_embd: int = field(default=128)
     n_layer: int = field(default=2)
     n_head: int = field(default=4)
+    n_positions: int | None = field(default=None, metadata={"help": "Position embeddings (default max(128, "
+                                                                     "block_size); GPT-2 small has 1024)."})
 
 
 @dataclass
@@ -106,7 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = (blocks(d, tokenizer, data_args.block_size) for d in (train_docs, eval_docs))
     logger.info("%d train / %d eval blocks of %d tokens, vocabulary %d", len(train), len(test),
                 data_args.block_size, len(tokenizer))
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=max(128, data_args.block_size),
+    vocab = len(tokenizer) if recipe.smoke or model_args.model_name_or_path else max(len(tokenizer),
+                                                                                      model_args.vocab_size)
+    config = GPT2Config(vocab_size=vocab, n_positions=model_args.n_positions or max(128, data_args.block_size),
                         n_embd=32 if recipe.smoke else model_args.n_embd,
                         n_layer=1 if recipe.smoke else model_args.n_layer,
                         n_head=2 if recipe.smoke else model_args.n_head,
@@ -117,7 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(training_args.seed)
         if model_args.model_name_or_path:
             return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
-        return GPT2LMHeadModel(config)
+        model = GPT2LMHeadModel(config)
+        logger.info("GPT-2 from config: %.1fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+        return model
 
     return run_comparison(
         task_name="causal-lm",

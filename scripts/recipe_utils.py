@@ -78,8 +78,33 @@ def parse_lr_sweep(items: list[str]) -> dict[str, list[float]]:
     return _named_values(items, "--lr_sweep", single=False)
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so that host clocks measure it (CUDA kernels run asynchronously)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in ``optimizer.state_dict()["state"]`` (what a checkpoint holds)."""
+
+    def walk(v: Any) -> int:
+        if torch.is_tensor(v):
+            return v.numel() * v.element_size()
+        if isinstance(v, dict):
+            return sum(walk(x) for x in v.values())
+        if isinstance(v, (list, tuple)):
+            return sum(walk(x) for x in v)
+        return 0
+
+    return walk(optimizer.state_dict()["state"])
+
+
 class TrainTimeCallback(TrainerCallback):
-    """Training wall time (evaluation excluded) at every step and at every evaluation."""
+    """Training wall time (evaluation excluded) at every step and at every evaluation.
+
+    On a GPU the clock is read after ``torch.cuda.synchronize()``, so a step's time includes its kernels and
+    not only their launch (without it, an optimizer that never waits on the GPU would look free).
+    """
 
     def __init__(self) -> None:
         self.train_seconds = 0.0
@@ -88,10 +113,12 @@ class TrainTimeCallback(TrainerCallback):
         self.step_seconds: list[float] = []
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        _sync()
         self._t0 = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._t0 is not None:
+            _sync()
             dt = time.perf_counter() - self._t0
             self.step_seconds.append(dt)
             self.train_seconds += dt
@@ -150,7 +177,10 @@ def run_comparison(
                             eval_dataset=eval_dataset, compute_metrics=compute_metrics,
                             data_collator=data_collator, callbacks=[timer])
         logger.info("training with %s (lr %g)", name, lr)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         train_out = trainer.train()
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         final = trainer.evaluate()
         if extra_metrics is not None:
             final.update(extra_metrics(final))
@@ -169,6 +199,8 @@ def run_comparison(
             "evals": timer.evals,
             "log_history": [h for h in trainer.state.log_history if "eval_loss" not in h],  # evals are above
             "optimizer_statistics": inner.statistics() if hasattr(inner, "statistics") else {},
+            "optimizer_state_bytes": optimizer_state_bytes(inner),
+            "peak_gpu_memory_bytes": peak,  # torch.cuda.max_memory_allocated over training; None on CPU
         }
         logger.info("%s (lr %g): %s = %.4f after %.1f s of training", name, lr, metric_name, final[key],
                     timer.train_seconds)
@@ -244,6 +276,8 @@ def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, 
         rows.append({"optimizer": r["optimizer"], "lr": r["learning_rate"], "final": r["final"][key],
                      "swept": [t["learning_rate"] for t in r.get("sweep", [])],
                      "train_seconds": r["train_seconds"], "median_step_seconds": r["median_step_seconds"],
+                     "optimizer_state_bytes": r.get("optimizer_state_bytes"),
+                     "peak_gpu_memory_bytes": r.get("peak_gpu_memory_bytes"),
                      "seconds_to_adamw_final": t_reach})
     qn = [row for row in rows if row["optimizer"] in ("kbfgs", "kbfgs_l", "mlbfgs")]
     verdict = "No AdamW run in this comparison."
@@ -265,13 +299,21 @@ def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, 
 
 
 def summary_table(summary: dict[str, Any], key: str) -> str:
-    lines = [f"| optimizer | lr | final {key} | train s | s/step | s to AdamW's final |", "|---|---|---|---|---|---|"]
+    """Markdown table of the comparison; a peak GPU memory column appears when the runs were on a GPU."""
+    gpu = any(r.get("peak_gpu_memory_bytes") for r in summary["rows"])
+    head = f"| optimizer | lr | final {key} | train s | s/step | s to AdamW's final | state MiB |"
+    lines = [head + (" peak GPU GiB |" if gpu else ""), "|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for r in summary["rows"]:
         reach = "-" if r["seconds_to_adamw_final"] is None else f"{r['seconds_to_adamw_final']:.1f}"
         swept = r.get("swept") or []
         lr = f"{r['lr']:g}" + (f" (best of {', '.join(f'{v:g}' for v in swept)})" if len(swept) > 1 else "")
-        lines.append(f"| {r['optimizer']} | {lr} | {r['final']:.4f} | {r['train_seconds']:.1f} | "
-                     f"{r['median_step_seconds']:.3f} | {reach} |")
+        state = r.get("optimizer_state_bytes")
+        line = (f"| {r['optimizer']} | {lr} | {r['final']:.4f} | {r['train_seconds']:.1f} | "
+                f"{r['median_step_seconds']:.3f} | {reach} | {'-' if state is None else f'{state / 2**20:.1f}'} |")
+        if gpu:
+            peak = r.get("peak_gpu_memory_bytes")
+            line += f" {'-' if peak is None else f'{peak / 2**30:.2f}'} |"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Step time, peak memory and optimizer-state size of each optimizer on one GPT-2 model, in a plain loop.
+
+The recipes time whole Trainer runs; this isolates the optimizer's cost per step. Every optimizer trains
+the same GPT-2 (built from a config, same seed) on the same token batches for ``--steps`` steps; a step is
+forward, backward and ``optimizer.step`` (K-BFGS's closure re-runs the batch). Step times are read after
+``torch.cuda.synchronize()`` on a GPU; the table gives the median after ``--warmup`` steps, as a ratio to
+AdamW's in the same run. ``--profile`` adds torch.profiler's per-operator table of a few steps of each.
+
+    python scripts/benchmark_step.py --output_dir /tmp/step                      # GPT-2 small on a GPU
+    python scripts/benchmark_step.py --n_embd 128 --n_layer 2 --seq 128 --output_dir /tmp/step   # CPU-sized
+
+Timing only: the tokens are drawn at random (a fixed generator), so the losses mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from recipe_utils import optimizer_state_bytes
+
+import hf_qn
+
+logger = logging.getLogger("benchmark_step")
+
+VARIANTS = {
+    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01),
+    "mlbfgs": lambda m: hf_qn.MLBFGS(m, lr=1e-4),
+    "mlbfgs_bf16": lambda m: hf_qn.MLBFGS(m, lr=1e-4, history_dtype=torch.bfloat16),
+    "kbfgs": lambda m: hf_qn.KBFGS(m, lr=0.05, fallback_lr=1e-4),
+    "kbfgs_int10_bf16": lambda m: hf_qn.KBFGS(m, lr=0.05, fallback_lr=1e-4, update_interval=10,
+                                              matmul_dtype="bfloat16"),
+    "kbfgs_l": lambda m: hf_qn.KBFGSL(m, lr=0.05, fallback_lr=1e-4),
+}
+
+
+@dataclass
+class StepBenchArguments:
+    output_dir: str = field(metadata={"help": "Where results.json (and profiles) go."})
+    optimizers: list[str] = field(default_factory=lambda: ["adamw", "mlbfgs", "mlbfgs_bf16", "kbfgs",
+                                                           "kbfgs_int10_bf16"],
+                                  metadata={"help": f"Any of {', '.join(VARIANTS)}."})
+    vocab_size: int = 50257
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    seq: int = 512
+    batch: int = 8
+    steps: int = 40
+    warmup: int = 10
+    autocast: str = field(default="bfloat16", metadata={"help": "bfloat16 | float16 | none (float32)."})
+    profile: bool = field(default=False, metadata={"help": "Write torch.profiler's operator table per optimizer."})
+    seed: int = 0
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_one(name: str, args: StepBenchArguments, device: torch.device) -> dict[str, Any]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(args.seed)
+    cfg = GPT2Config(vocab_size=args.vocab_size, n_positions=max(args.seq, 128), n_embd=args.n_embd,
+                     n_layer=args.n_layer, n_head=args.n_head, tie_word_embeddings=True)
+    model = GPT2LMHeadModel(cfg).to(device)
+    model.train()
+    opt = VARIANTS[name](model)
+    g = torch.Generator().manual_seed(args.seed)
+    batches = [torch.randint(0, args.vocab_size, (args.batch, args.seq), generator=g).to(device) for _ in range(4)]
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}[args.autocast]
+    scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
+    if scaler is not None and isinstance(opt, hf_qn.KBFGS):
+        opt.set_grad_scaler(scaler)
+
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return model(input_ids=ids, labels=ids).loss
+
+    def step(i: int) -> float:
+        ids = batches[i % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        loss = loss_of(ids)
+        (scaler.scale(loss) if scaler else loss).backward()
+
+        def closure() -> torch.Tensor:
+            out = loss_of(ids)
+            (scaler.scale(out) if scaler else out).backward()
+            return out
+
+        if scaler is not None:
+            scaler.step(opt, closure) if isinstance(opt, hf_qn.KBFGS) else scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step(closure) if isinstance(opt, hf_qn.KBFGS) else opt.step()
+        return float(loss.detach())
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(args.steps):
+        _sync()
+        t0 = time.perf_counter()
+        losses.append(step(i))
+        _sync()
+        times.append(time.perf_counter() - t0)
+    out = {
+        "optimizer": name,
+        "median_step_seconds": statistics.median(times[args.warmup:]),
+        "step_seconds": times,
+        "losses": losses,
+        "optimizer_state_bytes": optimizer_state_bytes(opt),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+    }
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for i in range(3):
+                step(args.steps + i)
+            _sync()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        with open(os.path.join(args.output_dir, f"profile-{name}.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
+            f.write("\n\n")
+            f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from transformers import HfArgumentParser
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    (args,) = HfArgumentParser(StepBenchArguments).parse_args_into_dataclasses(args=argv)
+    unknown = [o for o in args.optimizers if o not in VARIANTS]
+    if unknown:
+        raise ValueError(f"Invalid optimizers {unknown} (choose from {list(VARIANTS)})")
+    os.makedirs(args.output_dir, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runs = []
+    for name in args.optimizers:
+        logger.info("timing %s", name)
+        runs.append(run_one(name, args, device))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the last model and optimizer went with run_one's frame
+    base = next((r["median_step_seconds"] for r in runs if r["optimizer"] == "adamw"), None)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    lines = [f"GPT-2 ({runs[0]['parameters'] / 1e6:.1f}M parameters), batch {args.batch} x {args.seq} tokens, "
+             f"autocast {args.autocast}, {where}, torch {torch.__version__}", "",
+             "| optimizer | ms/step (median) | x AdamW | state bytes/param | peak GPU GiB |", "|---|---|---|---|---|"]
+    for r in runs:
+        ratio = "-" if base is None else f"{r['median_step_seconds'] / base:.2f}"
+        peak = "-" if r["peak_gpu_memory_bytes"] is None else f"{r['peak_gpu_memory_bytes'] / 2**30:.2f}"
+        lines.append(f"| {r['optimizer']} | {1e3 * r['median_step_seconds']:.1f} | {ratio} | "
+                     f"{r['optimizer_state_bytes'] / r['parameters']:.1f} | {peak} |")
+    table = "\n".join(lines)
+    result = {"args": asdict(args), "device": where, "torch": torch.__version__, "runs": runs, "table": table}
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
