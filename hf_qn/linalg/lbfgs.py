@@ -160,33 +160,48 @@ class LBFGSHistory:
         return out
 
     # ------------------------------------------------------------------ products
-    def apply(self, V: Tensor) -> Tensor:
-        """``H @ V`` by the compact representation; ``V`` is ``(n,)`` or ``(n, k)``."""
-        Vm = V.reshape(self.n, -1).to(self.compute_dtype)
+    def middle(self) -> tuple[Tensor, float | Tensor]:
+        """The compact form's ``2c × 2c`` middle matrix in ring-row order, and ``γ``: ``H V = γ V +
+        [S; Y]ᵀ M [S V; Y V]`` over the ``c`` stored rows (float64).
+
+        In chronological order ``M = [[R⁻ᵀ(D + γ YᵀY) R⁻¹, −γ R⁻ᵀ], [−γ R⁻¹, 0]]`` (the module docstring's
+        matrix with the ``γ`` of ``[S γY]`` folded in); rows and columns are then permuted to the ring rows
+        the pairs are stored in, so applying ``H`` needs no re-ordering. It depends on the history only:
+        a caller that applies ``H`` at every step and pushes every ``k`` steps can keep it between pushes
+        (``apply(V, middle=...)``) and save the small solves and gathers, most of the work for small blocks.
+        """
+        c = self.count
         gamma = self.gamma()
+        if c == 0:
+            return torch.zeros(0, 0, dtype=torch.float64, device=self.SY.device), gamma
+        pos = torch.tensor(self.order(), device=self.SY.device)  # chrono i -> ring row
+        SYc = self.SY[pos][:, pos]
+        YYc = self.YY[pos][:, pos]
+        R = torch.triu(SYc)
+        eye = torch.eye(c, dtype=R.dtype, device=R.device)
+        Rinv = torch.linalg.solve_triangular(R, eye, upper=True)
+        top_left = Rinv.T @ (torch.diag(torch.diagonal(SYc)) + gamma * YYc) @ Rinv
+        M = torch.zeros(2 * c, 2 * c, dtype=torch.float64, device=R.device)
+        M[:c, :c] = top_left
+        M[:c, c:] = -gamma * Rinv.T
+        M[c:, :c] = -gamma * Rinv
+        ring = torch.cat([pos, pos + c])
+        out = torch.empty_like(M)
+        out[ring[:, None], ring[None, :]] = M
+        return out, gamma
+
+    def apply(self, V: Tensor, middle: tuple[Tensor, float | Tensor] | None = None) -> Tensor:
+        """``H @ V`` by the compact representation; ``V`` is ``(n,)`` or ``(n, k)``. ``middle`` is
+        :meth:`middle`'s result for the current history, when the caller keeps it."""
+        Vm = V.reshape(self.n, -1).to(self.compute_dtype)
+        M, gamma = self.middle() if middle is None else middle
         c = self.count
         if c == 0:
             out = gamma * Vm
             return out.reshape(V.shape).to(V.dtype)
-        ring = self.order()  # chronological ring indices; equal to range(c) until the buffer wraps
-        # Projections on the stored rows [0, c) (ring order), then re-ordered chronologically.
-        P1r, P2r = self._project(Vm, c)  # (c, k) each: S V, Y V (float64)
-        pos = torch.tensor([r for r in ring], device=P1r.device)  # chrono i -> ring row
-        P1, P2 = P1r[pos], P2r[pos]
-        SYc = self.SY[pos][:, pos]
-        YYc = self.YY[pos][:, pos]
-        R = torch.triu(SYc)
-        D = torch.diag(torch.diagonal(SYc))
-        X = torch.linalg.solve_triangular(R, P1, upper=True)  # R^{-1} S^T V
-        inner = (D + gamma * YYc) @ X - gamma * P2
-        Q1 = torch.linalg.solve_triangular(R.T, inner, upper=False)  # R^{-T}(...)
-        Q2 = -X
-        # Back to ring order for the reconstruction over the stored rows.
-        Q1r = torch.empty_like(Q1)
-        Q2r = torch.empty_like(Q2)
-        Q1r[pos] = Q1
-        Q2r[pos] = gamma * Q2
-        out = gamma * Vm + self._reconstruct(Q1r, Q2r, c, Vm.dtype)
+        P1, P2 = self._project(Vm, c)  # (c, k) each: S V, Y V (float64, ring order)
+        Q = M @ torch.cat([P1, P2])
+        out = gamma * Vm + self._reconstruct(Q[:c], Q[c:], c, Vm.dtype)
         return out.reshape(V.shape).to(V.dtype)
 
     def _project(self, Vm: Tensor, c: int) -> tuple[Tensor, Tensor]:

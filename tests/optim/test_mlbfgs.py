@@ -295,3 +295,24 @@ def test_adam_grafting_keeps_the_lbfgs_direction_and_takes_adams_block_norm():
             assert float(torch.dot(d, h) / (d.norm() * h.norm())) == pytest.approx(1.0, abs=1e-12)
     assert opt.statistics()["qn/pairs_held"] > 0  # the later steps used L-BFGS directions
     assert opt.state[next(model.parameters())]["exp_avg_sq"].dtype == torch.float64
+
+
+def test_kept_compact_matrix_is_never_stale():
+    """The compact form's middle matrix is kept between pushes; a run that rebuilds it at every step takes
+    bitwise the same steps, through ring wrap-around (m=2), rejected pairs and pushes every other step."""
+    batches = regression_batches(12)
+    runs = []
+    for rebuild in (False, True):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = hf_qn.MLBFGS(model, lr=0.05, update_interval=2, history_size=2, param_beta=0.5, grad_beta=0.5)
+        for batch in batches:
+            if rebuild:
+                opt.__dict__.pop("_middles", None)
+            opt.zero_grad()
+            mse_loss(model, batch).backward()
+            opt.step()
+        assert opt.statistics()["qn/pairs_accepted"] > 2 * len(opt.blocks)  # the ring wrapped
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
