@@ -333,6 +333,10 @@ def plot_runs(runs: list[dict[str, Any]], key: str, path: str, title: str) -> No
     axes[0].set(xlabel="step", ylabel="training loss")
     axes[1].set(xlabel="step", ylabel=key)
     axes[2].set(xlabel="training seconds (evaluation excluded)", ylabel=key)
+    values = [e[key] for r in runs for e in r["evals"] if key in e and math.isfinite(e[key])]
+    if values and min(values) > 0 and max(values) > 100 * min(values):  # e.g. a perplexity that blew up
+        axes[1].set_yscale("log")
+        axes[2].set_yscale("log")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[2].legend()

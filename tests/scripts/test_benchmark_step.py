@@ -1,0 +1,30 @@
+"""The plain-loop step benchmark runs on a tiny GPT-2 and reports what its table says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests._helpers.scripts import load_script
+
+
+def test_step_benchmark_smoke(tmp_path):
+    bench = load_script("benchmark_step")
+    names = ["adamw", "mlbfgs", "kbfgs_int10_bf16"]
+    result = bench.main(["--output_dir", str(tmp_path), "--optimizers", *names, "--vocab_size", "97",
+                         "--n_embd", "16", "--n_layer", "1", "--n_head", "2", "--seq", "8", "--batch", "2",
+                         "--steps", "4", "--warmup", "1", "--autocast", "none", "--profile"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["optimizer"] for r in saved["runs"]] == names
+    for r in saved["runs"]:
+        assert len(r["step_seconds"]) == 4 and len(r["losses"]) == 4
+        assert r["median_step_seconds"] > 0 and r["optimizer_state_bytes"] > 0
+        assert (tmp_path / f"profile-{r['optimizer']}.txt").stat().st_size > 0
+    adam = saved["runs"][0]
+    # AdamW: two float32 moments per parameter, plus a 0-dim float32 step per tensor (GPT-2 1x16: 16 tensors)
+    assert adam["optimizer_state_bytes"] == 8 * adam["parameters"] + 4 * 16
+    row = next(line for line in result["table"].splitlines() if line.startswith("| adamw "))
+    assert row.split("|")[3].strip() == "1.00"
+    with pytest.raises(ValueError, match="Invalid optimizers"):
+        bench.main(["--output_dir", str(tmp_path), "--optimizers", "lion"])
