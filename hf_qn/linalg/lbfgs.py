@@ -152,7 +152,10 @@ class LBFGSHistory:
         self.count = min(self.count + 1, self.m)
 
     def _rows_dot(self, M: Tensor, v: Tensor) -> Tensor:
-        """``M @ v`` in float64 output, computed in ``compute_dtype`` chunk by chunk."""
+        """``M @ v`` in float64 output, computed in ``compute_dtype``; chunk by chunk only when ``M`` needs an
+        up-cast copy (a 50257 x 768 embedding block would otherwise take 37 chunks of 5 small kernels)."""
+        if M.dtype == self.compute_dtype:
+            return (M @ v.to(self.compute_dtype)).double()
         out = torch.zeros(M.shape[0], dtype=torch.float64, device=M.device)
         for lo in range(0, self.n, _CHUNK):
             hi = min(lo + _CHUNK, self.n)
