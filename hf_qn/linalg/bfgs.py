@@ -19,6 +19,7 @@ __all__ = [
     "bfgs_inverse_update",
     "check_curvature",
     "dot64",
+    "dots64",
 ]
 
 
@@ -34,30 +35,46 @@ def dot64(a: Tensor, b: Tensor) -> float:
     return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
 
 
+def dots64(*pairs: tuple[Tensor, Tensor]) -> list[float]:
+    """``[aᵀb for a, b in pairs]``, each as :func:`dot64` computes it, read back with one host sync instead
+    of one per product (on a GPU every read waits for the queue to drain)."""
+    return torch.stack([torch.dot(a.reshape(-1).double(), b.reshape(-1).double()) for a, b in pairs]).tolist()
+
+
 @dataclass(frozen=True)
 class CurvatureCheck:
-    """Outcome of the curvature test of a pair; ``reason`` is ``"ok"`` or why the pair is skipped."""
+    """Outcome of the curvature test of a pair; ``reason`` is ``"ok"`` or why the pair is skipped;
+    ``sy = sᵀy`` and ``ss = sᵀs`` (NaN for a non-finite pair)."""
 
     ok: bool
     reason: str
     sy: float
+    ss: float = float("nan")
 
 
-def check_curvature(s: Tensor, y: Tensor, eps: float = 0.0, grad_norm: float = 1.0) -> CurvatureCheck:
+def check_curvature(s: Tensor, y: Tensor, eps: float = 0.0, grad_norm: float | Tensor = 1.0) -> CurvatureCheck:
     """The skip rules of K-BFGS (official code, ``Kron_BFGS_update_per_layer``).
 
     A pair is used only if it is finite, ``sᵀy > 0`` and ``sᵀy > eps · sᵀs · grad_norm``. The second test
     is relative: it rejects pairs whose curvature is negligible next to the step length and the size of
     the gradient ``grad_norm`` (the official code passes ``‖mean ∂f/∂h‖``; ``eps`` there is 1e-4).
+    ``grad_norm`` may be a 0-dim tensor: it is read together with the products, in one host sync.
     """
-    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(y).all())):
+    parts = [torch.isfinite(s).all().double(), torch.isfinite(y).all().double(),
+             torch.dot(s.reshape(-1).double(), y.reshape(-1).double()),
+             torch.dot(s.reshape(-1).double(), s.reshape(-1).double())]
+    if isinstance(grad_norm, Tensor):
+        parts.append(grad_norm.detach().double().to(s.device))
+    vals = torch.stack(parts).tolist()
+    gnorm = vals[4] if isinstance(grad_norm, Tensor) else float(grad_norm)
+    if not (vals[0] and vals[1]):
         return CurvatureCheck(False, "nonfinite", float("nan"))
-    sy = dot64(s, y)
+    sy, ss = vals[2], vals[3]
     if not sy > 0.0:
-        return CurvatureCheck(False, "nonpositive", sy)
-    if eps > 0.0 and sy <= eps * dot64(s, s) * grad_norm:
-        return CurvatureCheck(False, "relative", sy)
-    return CurvatureCheck(True, "ok", sy)
+        return CurvatureCheck(False, "nonpositive", sy, ss)
+    if eps > 0.0 and sy <= eps * ss * gnorm:
+        return CurvatureCheck(False, "relative", sy, ss)
+    return CurvatureCheck(True, "ok", sy, ss)
 
 
 def bfgs_inverse_update(H: Tensor, s: Tensor, y: Tensor, Hy: Tensor | None = None) -> Tensor | None:
@@ -82,8 +99,7 @@ def bfgs_inverse_update(H: Tensor, s: Tensor, y: Tensor, Hy: Tensor | None = Non
     """
     if Hy is None:
         Hy = H @ y
-    sy = dot64(s, y)
-    yHy = dot64(y, Hy)
+    sy, yHy = dots64((s, y), (y, Hy))
     rho = 1.0 / sy
     coef_ss = rho * rho * yHy + rho
     s_ = s.to(H.dtype)

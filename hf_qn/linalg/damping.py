@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from .bfgs import dot64
+from .bfgs import dots64
 
 __all__ = [
     "DampedPair",
@@ -47,8 +47,7 @@ def powell_damping_inverse(s: Tensor, y: Tensor, Hy: Tensor, mu1: float = 0.2) -
     """
     if not 0.0 < mu1 < 1.0:
         raise ValueError(f"Invalid mu1: {mu1} (must be in (0, 1))")
-    sy = dot64(s, y)
-    yHy = dot64(y, Hy)
+    sy, yHy = dots64((s, y), (y, Hy))
     if sy >= mu1 * yHy:
         return s, False
     theta = (1.0 - mu1) * yHy / (yHy - sy)
@@ -70,8 +69,7 @@ def lm_damping(s: Tensor, y: Tensor, mu2: float, additive: bool = False) -> tupl
         return y + mu2 * s, True
     if mu2 >= 1.0:
         raise ValueError(f"Invalid mu2: {mu2} (the interpolating LM damping needs 0 < mu2 < 1)")
-    sy = dot64(s, y)
-    ss = dot64(s, s)
+    sy, ss = dots64((s, y), (s, s))
     if sy >= mu2 * ss:
         return y, False
     theta = (1.0 - mu2) * ss / (ss - sy)
@@ -121,10 +119,10 @@ def mlbfgs_damping(
         )
     if not 0.0 < tau0 <= 1.0:
         raise ValueError(f"Invalid tau0: {tau0} (must be in (0, 1])")
-    ss = dot64(s, s)
+    ss, sy = dots64((s, s), (s, y))
     if ss == 0.0:
         return y, False
-    mu = dot64(s, y) / ss
+    mu = sy / ss
     fired = False
     if mu <= sigma_low:
         tau, fired = min((1.0 - sigma_low) / (1.0 - mu), tau0), True

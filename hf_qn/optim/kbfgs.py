@@ -541,17 +541,20 @@ class KBFGS(QNOptimizerBase):
             else:
                 D = self._history(st).apply(kron_precondition(None, buf, st.get("H_a"), matmul_dtype))
             out.append(D)
-        if not all_finite(torch.stack([D.sum() for D in out])):
+        if not all_finite(torch.stack([D.sum().to(out[0].device) for D in out])):
             return None
         return out
 
     def _update_input_factor(
         self, ad: LayerAdapter, st: dict[str, Any], s: dict[str, Tensor], sqrt_lam: float, hp: dict[str, Any]
     ) -> None:
-        if float(s["a_rows"]) == 0:
-            return
         A_batch = s["A"]
-        if not all_finite(A_batch):
+        rows, finite = torch.stack(  # one host sync for both
+            [s["a_rows"].double().reshape(()), torch.isfinite(A_batch.sum()).double()]
+        ).tolist()
+        if rows == 0:
+            return
+        if not finite:
             self._bump(st, "input_updates_skipped")
             return
         n = int(st["input_batches"])
@@ -661,7 +664,8 @@ class KBFGS(QNOptimizerBase):
 
         Returns the closure's loss, its value averaged over ranks (None if the closure returned None) and
         the second-pass statistics (None if the loss or a gradient mean is not finite)."""
-        expect = [float(d["h_rows"]) > 0 for d in now]
+        dev = now[0]["h_rows"].device
+        expect = [r > 0 for r in torch.stack([d["h_rows"].reshape(()).to(dev) for d in now]).tolist()]
         loss, value, stats2 = self._run_closure(closure, capture=True)
         try:
             loss_ok = value is None or math.isfinite(value)  # the same verdict on every rank
@@ -672,7 +676,7 @@ class KBFGS(QNOptimizerBase):
             )
         finally:
             self.capture.reset("second")
-        if plus is not None and not all(all_finite(d["g"]) for d in plus):
+        if plus is not None and not all_finite(torch.stack([d["g"].sum().to(dev) for d in plus])):
             plus = None
         return loss, value, plus
 
@@ -792,7 +796,11 @@ class KBFGS(QNOptimizerBase):
         st["s_avg"].mul_(beta).add_(s_raw.to(torch.float32), alpha=1.0 - beta)
         st["y_avg"].mul_(beta).add_(y_raw.to(torch.float32), alpha=1.0 - beta)
         s, y = st["s_avg"].clone(), st["y_avg"].clone()
-        if not (all_finite(s) and all_finite(y)) or float(s.abs().max()) == 0.0:
+        # all_finite(s), all_finite(y) and max|s|, read in one host sync
+        fin_s, fin_y, s_max = torch.stack(
+            [torch.isfinite(s.sum()).double(), torch.isfinite(y.sum()).double(), s.abs().max().double()]
+        ).tolist()
+        if not (fin_s and fin_y) or s_max == 0.0:
             self._bump(st, "pairs_skipped")
             return
         Hy = self._apply_H_g(st, y)
@@ -810,7 +818,7 @@ class KBFGS(QNOptimizerBase):
         if damped.lm:
             self._bump(st, "lm_damped")
             Hy = self._apply_H_g(st, damped.y)
-        check = check_curvature(damped.s, damped.y, hp["curvature_eps"], float(g_now.norm()))
+        check = check_curvature(damped.s, damped.y, hp["curvature_eps"], g_now.norm())
         if not check.ok:
             self._bump(st, "pairs_skipped")
             return
@@ -849,7 +857,7 @@ class KBFGS(QNOptimizerBase):
             H_a = st["H_a"]
             s_a = H_a @ a_mean
             y_a = st["A"] @ s_a + sqrt_lam * s_a
-            check = check_curvature(s_a, y_a, hp["curvature_eps"], float(a_mean.norm()))
+            check = check_curvature(s_a, y_a, hp["curvature_eps"], a_mean.norm())
             H_new = bfgs_inverse_update(H_a, s_a, y_a) if check.ok else None
             if H_new is None:
                 self._bump(st, "input_updates_skipped")

@@ -420,9 +420,8 @@ class MLBFGS(QNOptimizerBase):
             y, fired = mlbfgs_damping(s, y, hp["sigma_low"], hp["sigma_high"], 1.0 - hp["damping"])
             if fired:
                 bst["pairs_damped"] += 1
-        ss = float(torch.dot(s.double(), s.double()))
         check = check_curvature(s, y)
-        if not check.ok or check.sy <= hp["curvature_eps"] * ss:
+        if not check.ok or check.sy <= hp["curvature_eps"] * check.ss:
             bst["pairs_skipped"] += 1
             return
         hist.push(s, y)
