@@ -483,13 +483,13 @@ class MLBFGS(QNOptimizerBase):
         params = [p for b in self.blocks for p in b.params]
         which = [i for i, b in enumerate(self.blocks) for _ in b.params]  # block of each parameter
         vs, gs = [], []
-        for p, i in zip(params, which):
+        for p, g, i in zip(params, self._grads(params), which):
             st = self._param_state(p)
             dtype = directions[i].dtype
             if "exp_avg_sq" not in st:
                 st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
             vs.append(st["exp_avg_sq"])
-            gs.append((p.grad if p.grad is not None else torch.zeros_like(p)).to(dtype))
+            gs.append(g.to(dtype))
         # v ← β₂ v + (1−β₂) g²;  g / (√v / √(1−β₂^t) + ε), as torch.optim.AdamW computes its denominator
         torch._foreach_mul_(vs, _ADAM_BETA2)
         torch._foreach_addcmul_(vs, gs, gs, value=1 - _ADAM_BETA2)
@@ -497,10 +497,11 @@ class MLBFGS(QNOptimizerBase):
         torch._foreach_div_(denom, math.sqrt(1 - _ADAM_BETA2**step))
         torch._foreach_add_(denom, _ADAM_EPS)
         dev = directions[0].device
-        adam_sq = torch.stack(torch._foreach_norm(torch._foreach_div(gs, denom))).to(dev, torch.float64).square()
+        adam_norms = torch._foreach_norm(torch._foreach_div(gs, denom))
+        adam_sq = torch.stack([n.to(dev, torch.float64) for n in adam_norms]).square()
         sq = torch.zeros(len(self.blocks), dtype=torch.float64, device=dev)
         sq.index_add_(0, torch.tensor(which, device=dev), adam_sq)
-        dn = torch.stack(torch._foreach_norm(directions)).to(dev, torch.float64)
+        dn = torch.stack([n.to(dev, torch.float64) for n in torch._foreach_norm(directions)])
         scale = torch.where(dn > 0, sq.sqrt() / dn.clamp_min(1e-300), torch.ones_like(dn))
         return [d * s.to(d.device, d.dtype) for d, s in zip(directions, scale.unbind())]
 
