@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .bfgs import CurvatureCheck, all_finite, bfgs_inverse_update, check_curvature, dot64
+from .bfgs import CurvatureCheck, all_finite, bfgs_inverse_update, check_curvature, dot64, finite_flag
 from .damping import DampedPair, double_damping, lm_damping, mlbfgs_damping, powell_damping_inverse
 from .kron import damped_cholesky_inverse, kron_precondition
 from .lbfgs import LBFGSHistory
@@ -18,6 +18,7 @@ __all__ = [
     "damped_cholesky_inverse",
     "dot64",
     "double_damping",
+    "finite_flag",
     "kron_precondition",
     "lm_damping",
     "mlbfgs_damping",

@@ -38,6 +38,7 @@ from ..linalg import (
     check_curvature,
     damped_cholesky_inverse,
     double_damping,
+    finite_flag,
     kron_precondition,
     sym_psd_norm_estimate,
 )
@@ -541,7 +542,7 @@ class KBFGS(QNOptimizerBase):
             else:
                 D = self._history(st).apply(kron_precondition(None, buf, st.get("H_a"), matmul_dtype))
             out.append(D)
-        if not all_finite(torch.stack([D.sum().to(out[0].device) for D in out])):
+        if not all_finite(*out):
             return None
         return out
 
@@ -550,7 +551,7 @@ class KBFGS(QNOptimizerBase):
     ) -> None:
         A_batch = s["A"]
         rows, finite = torch.stack(  # one host sync for both
-            [s["a_rows"].double().reshape(()), torch.isfinite(A_batch.sum()).double()]
+            [s["a_rows"].double().reshape(()), finite_flag(A_batch).double()]
         ).tolist()
         if rows == 0:
             return
@@ -676,7 +677,7 @@ class KBFGS(QNOptimizerBase):
             )
         finally:
             self.capture.reset("second")
-        if plus is not None and not all_finite(torch.stack([d["g"].sum().to(dev) for d in plus])):
+        if plus is not None and not all_finite(*(d["g"] for d in plus)):
             plus = None
         return loss, value, plus
 
@@ -796,9 +797,9 @@ class KBFGS(QNOptimizerBase):
         st["s_avg"].mul_(beta).add_(s_raw.to(torch.float32), alpha=1.0 - beta)
         st["y_avg"].mul_(beta).add_(y_raw.to(torch.float32), alpha=1.0 - beta)
         s, y = st["s_avg"].clone(), st["y_avg"].clone()
-        # all_finite(s), all_finite(y) and max|s|, read in one host sync
+        # finiteness of s and y and max|s|, read in one host sync
         fin_s, fin_y, s_max = torch.stack(
-            [torch.isfinite(s.sum()).double(), torch.isfinite(y.sum()).double(), s.abs().max().double()]
+            [finite_flag(s).double(), finite_flag(y).double(), s.abs().max().double()]
         ).tolist()
         if not (fin_s and fin_y) or s_max == 0.0:
             self._bump(st, "pairs_skipped")
