@@ -53,6 +53,19 @@ def adam_denominator_(exp_avg_sq: Tensor, grad: Tensor, beta2: float, step: floa
     return (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
 
 
+def adam_denominators_(
+    exp_avg_sqs: list[Tensor], grads: list[Tensor], beta2: float, step: float, eps: float
+) -> list[Tensor]:
+    """:func:`adam_denominator_` for many tensors at once, with multi-tensor (``torch._foreach_*``) kernels:
+    a handful of launches in all instead of five per tensor."""
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
+    torch._foreach_add_(denom, eps)
+    return list(denom)
+
+
 def sgd_update_(p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, momentum: float, wd: float) -> None:
     """SGD with heavy-ball momentum and coupled weight decay, as ``torch.optim.SGD`` (dampening 0)."""
     d = grad.add(p, alpha=wd) if wd != 0 else grad

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum_, greedy_assignment, rank, world_size
 from ..linalg import LBFGSHistory, check_curvature, mlbfgs_damping
-from ._base import QNOptimizerBase, check_range
+from ._base import QNOptimizerBase, adam_denominators_, check_range
 
 __all__ = ["MLBFGS", "Block", "build_blocks"]
 
@@ -490,12 +490,7 @@ class MLBFGS(QNOptimizerBase):
                 st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
             vs.append(st["exp_avg_sq"])
             gs.append(g.to(dtype))
-        # v ← β₂ v + (1−β₂) g²;  g / (√v / √(1−β₂^t) + ε), as torch.optim.AdamW computes its denominator
-        torch._foreach_mul_(vs, _ADAM_BETA2)
-        torch._foreach_addcmul_(vs, gs, gs, value=1 - _ADAM_BETA2)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denom, math.sqrt(1 - _ADAM_BETA2**step))
-        torch._foreach_add_(denom, _ADAM_EPS)
+        denom = adam_denominators_(vs, gs, _ADAM_BETA2, step, _ADAM_EPS)
         dev = directions[0].device
         adam_norms = torch._foreach_norm(torch._foreach_div(gs, denom))
         adam_sq = torch.stack([n.to(dev, torch.float64) for n in adam_norms]).square()
@@ -513,9 +508,9 @@ class MLBFGS(QNOptimizerBase):
             for p in blk.params:
                 n = p.numel()
                 group = self._group_of(p)
-                per_group.setdefault(id(group), (group, [], []))
-                per_group[id(group)][1].append(p)
-                per_group[id(group)][2].append(d[offset : offset + n].view_as(p))
+                _, ps, ds = per_group.setdefault(id(group), (group, [], []))
+                ps.append(p)
+                ds.append(d[offset : offset + n].view_as(p))
                 offset += n
         for group, ps, ds in per_group.values():
             mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
