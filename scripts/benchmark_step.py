@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from recipe_utils import optimizer_state_bytes
+from recipe_utils import optimizer_state_bytes, sync_cuda
 
 import hf_qn
 
@@ -61,11 +61,6 @@ class StepBenchArguments:
     autocast: str = field(default="bfloat16", metadata={"help": "bfloat16 | float16 | none (float32)."})
     profile: bool = field(default=False, metadata={"help": "Write torch.profiler's operator table per optimizer."})
     seed: int = 0
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def run_one(name: str, args: StepBenchArguments, device: torch.device) -> dict[str, Any]:
@@ -110,10 +105,10 @@ def run_one(name: str, args: StepBenchArguments, device: torch.device) -> dict[s
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i in range(args.steps):
-        _sync()
+        sync_cuda()
         t0 = time.perf_counter()
         losses.append(step(i))
-        _sync()
+        sync_cuda()
         times.append(time.perf_counter() - t0)
     out = {
         "optimizer": name,
@@ -131,12 +126,13 @@ def run_one(name: str, args: StepBenchArguments, device: torch.device) -> dict[s
         with profile(activities=acts) as prof:
             for i in range(3):
                 step(args.steps + i)
-            _sync()
+            sync_cuda()
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        ops = prof.key_averages()
         with open(os.path.join(args.output_dir, f"profile-{name}.txt"), "w") as f:
-            f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
+            f.write(ops.table(sort_by=sort, row_limit=40))
             f.write("\n\n")
-            f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+            f.write(ops.table(sort_by="cpu_time_total", row_limit=40))
     return out
 
 

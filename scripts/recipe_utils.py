@@ -78,7 +78,7 @@ def parse_lr_sweep(items: list[str]) -> dict[str, list[float]]:
     return _named_values(items, "--lr_sweep", single=False)
 
 
-def _sync() -> None:
+def sync_cuda() -> None:
     """Wait for queued GPU work, so that host clocks measure it (CUDA kernels run asynchronously)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -113,12 +113,12 @@ class TrainTimeCallback(TrainerCallback):
         self.step_seconds: list[float] = []
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        _sync()
+        sync_cuda()
         self._t0 = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._t0 is not None:
-            _sync()
+            sync_cuda()
             dt = time.perf_counter() - self._t0
             self.step_seconds.append(dt)
             self.train_seconds += dt
