@@ -13,6 +13,7 @@ import torch
 
 import hf_qn
 from tests._helpers.models import mlp, tiny_gpt2, token_batch
+from tests._helpers.training import OPTIMIZERS as STATE_OPTIMIZERS
 from tests._helpers.training import loop, mse_loss, regression_batches, roundtrip
 
 pytestmark = [
@@ -20,13 +21,9 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-OPTIMIZERS = {
-    "kbfgs": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3),
-    "kbfgsl": lambda m: hf_qn.KBFGSL(m, lr=0.1, damping=0.3, history_size=3),
-    "kbfgs_cholesky": lambda m: hf_qn.KBFGS(m, lr=0.1, update_interval=2, input_inverse="cholesky",
-                                            inverse_interval=2),
-    "mlbfgs": lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=2, history_size=3),
-}
+# Dense K-BFGS, K-BFGS(L), interval mode with Cholesky re-inversion, and mL-BFGS, built as the CPU state
+# contract builds them.
+OPTIMIZERS = {k: STATE_OPTIMIZERS[k] for k in ("kbfgs", "kbfgsl", "kbfgs_interval", "mlbfgs")}
 
 
 def _to(batches, device, dtype=None):

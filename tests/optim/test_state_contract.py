@@ -10,19 +10,7 @@ import torch
 
 import hf_qn
 from tests._helpers.models import mlp
-from tests._helpers.training import loop, mse_loss, regression_batches, roundtrip
-
-OPTIMIZERS = {
-    "kbfgs": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3),
-    "kbfgsl": lambda m: hf_qn.KBFGSL(m, lr=0.1, damping=0.3, history_size=3),
-    "kbfgs_interval": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, update_interval=3, input_inverse="cholesky",
-                                            inverse_interval=2),
-    "kbfgs_consecutive": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, pairs="consecutive"),
-    "kbfgs_warm_start": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, input_warm_start=6),  # saved mid-way
-    "mlbfgs": lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=2, history_size=3),
-    "mlbfgs_bf16": lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=2, history_size=3,
-                                          history_dtype=torch.bfloat16),
-}
+from tests._helpers.training import OPTIMIZERS, loop, mse_loss, regression_batches, roundtrip
 
 
 def _all_tensors_or_primitives(obj) -> bool:
