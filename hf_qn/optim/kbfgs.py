@@ -34,14 +34,12 @@ from ..distributed import all_reduce_sum_, is_distributed, world_size
 from ..linalg import (
     LBFGSHistory,
     all_finite,
-    bfgs_inverse_update,
-    check_curvature,
     damped_cholesky_inverse,
-    double_damping,
     finite_flag,
     kron_precondition,
     sym_psd_norm_estimate,
 )
+from ..linalg.batched import bfgs_rank2_rows, curvature_ok_rows, double_damping_rows
 from ._base import FALLBACKS, ROLE, ROLE_FALLBACK, ROLE_QN, QNOptimizerBase, check_range
 
 __all__ = ["KBFGS", "KBFGSL"]
@@ -490,34 +488,42 @@ class KBFGS(QNOptimizerBase):
                     "the forward ran in eval mode / under no_grad. Exclude it: KBFGS(model, "
                     f"policy=hf_qn.LayerPolicy(exclude=[r'{ad.name}']))"
                 )
-        tensors: list[Tensor] = []
+        dev = self.adapters[0].weight.device
+        # every layer's row counts in one tensor: one host-to-device copy, one all-reduce entry
+        counts = torch.tensor([[float(st.a_rows), float(st.h_rows)] for st in stats], dtype=torch.float64, device=dev)
+        tensors: list[Tensor] = [counts]
         for ad, st in zip(self.adapters, stats):
             dev = ad.weight.device
             if st.h_sum is None or st.g_sum is None:  # a layer that did not take part in this pass
                 st.h_sum = torch.zeros(ad.d_out, dtype=torch.float64, device=dev)
                 st.g_sum = torch.zeros(ad.d_out, dtype=torch.float64, device=dev)
-            counts = torch.tensor([float(st.a_rows), float(st.h_rows)], dtype=torch.float64, device=dev)
-            row = [st.h_sum, st.g_sum, counts]
+            tensors += [st.h_sum, st.g_sum]
             if with_inputs:
                 if st.A_sum is None:
                     shape = (ad.d_in,) if ad.input_diagonal else (ad.d_in, ad.d_in)
                     st.A_sum = torch.zeros(shape, device=dev)
                 if st.a_sum is None:
                     st.a_sum = torch.zeros(ad.d_in, device=dev)
-                row += [st.A_sum, st.a_sum]
-            tensors += row
+                tensors += [st.A_sum, st.a_sum]
         all_reduce_sum_(tensors)
         ws = float(world_size())
+        divisors = counts.clamp(min=1)
+        divisors32 = divisors.float()
         out = []
-        per = 5 if with_inputs else 3
-        for i in range(len(self.adapters)):
-            h_sum, g_sum, counts = tensors[per * i : per * i + 3]
-            d = {"h": h_sum / counts[1].clamp(min=1), "g": g_sum / ws, "h_rows": counts[1]}  # float64
+        per = 4 if with_inputs else 2
+        for i, ad in enumerate(self.adapters):
+            h_sum, g_sum = tensors[1 + per * i : 3 + per * i]
+            to = ad.weight.device
+            d = {  # float64
+                "h": h_sum / divisors[i, 1].to(to),
+                "g": g_sum if ws == 1.0 else g_sum / ws,
+                "h_rows": counts[i, 1].to(to),
+            }
             if with_inputs:
-                A_sum, a_sum = tensors[per * i + 3 : per * i + 5]
-                d["A"] = A_sum / counts[0].clamp(min=1).float()
-                d["a"] = a_sum / counts[0].clamp(min=1).float()
-                d["a_rows"] = counts[0]
+                A_sum, a_sum = tensors[3 + per * i : 5 + per * i]
+                d["A"] = A_sum / divisors32[i, 0].to(to)
+                d["a"] = a_sum / divisors32[i, 0].to(to)
+                d["a_rows"] = counts[i, 0].to(to)
             out.append(d)
         return out
 
@@ -530,10 +536,16 @@ class KBFGS(QNOptimizerBase):
         sqrt_lam = math.sqrt(hp["damping"])
         matmul_dtype = getattr(torch, hp["matmul_dtype"])
         out = []
+        if stats is not None:  # each batch's row count and finiteness, read with one host sync for all layers
+            dev = stats[0]["A"].device
+            checks = torch.stack(
+                [torch.stack([s["a_rows"].double().reshape(()), finite_flag(s["A"]).double()]).to(dev) for s in stats]
+            ).tolist()
         for i, ad in enumerate(self.adapters):
             st = self._layer_state(ad)
             if stats is not None:
-                self._update_input_factor(ad, st, stats[i], sqrt_lam, hp)
+                rows, finite = checks[i]
+                self._update_input_factor(ad, st, stats[i], rows > 0, finite > 0, sqrt_lam, hp)
             G = self._grad_with_l2(ad)
             buf = st["momentum_buffer"]
             buf.mul_(hp["momentum"]).add_(G, alpha=1.0 - hp["momentum"])
@@ -547,13 +559,18 @@ class KBFGS(QNOptimizerBase):
         return out
 
     def _update_input_factor(
-        self, ad: LayerAdapter, st: dict[str, Any], s: dict[str, Tensor], sqrt_lam: float, hp: dict[str, Any]
+        self,
+        ad: LayerAdapter,
+        st: dict[str, Any],
+        s: dict[str, Tensor],
+        seen: bool,
+        finite: bool,
+        sqrt_lam: float,
+        hp: dict[str, Any],
     ) -> None:
+        """``seen``: the layer had input rows in this batch; ``finite``: its batch statistic ``A`` is finite."""
         A_batch = s["A"]
-        rows, finite = torch.stack(  # one host sync for both
-            [s["a_rows"].double().reshape(()), finite_flag(A_batch).double()]
-        ).tolist()
-        if rows == 0:
+        if not seen:
             return
         if not finite:
             self._bump(st, "input_updates_skipped")
@@ -776,71 +793,114 @@ class KBFGS(QNOptimizerBase):
 
     def _update_output_factors(self, now: list[dict[str, Tensor]], plus: list[dict[str, Tensor]]) -> None:
         """s = h̄(θ⁺) − h̄(θ), y = ḡ(θ⁺) − ḡ(θ) on the same batch, then the H_g update."""
-        for ad, a, b in zip(self.adapters, now, plus):
-            self._pair_update(ad, b["h"] - a["h"], b["g"] - a["g"], a["g"])
+        self._pair_updates(
+            [b["h"] - a["h"] for a, b in zip(now, plus)],
+            [b["g"] - a["g"] for a, b in zip(now, plus)],
+            [a["g"] for a in now],
+        )
 
     def _update_output_factors_consecutive(self, now: list[dict[str, Tensor]]) -> None:
         """No second pass: s = h̄_k − h̄_{k−1}, y = ḡ_k − ḡ_{k−1} from consecutive curvature batches."""
+        have = [i for i, ad in enumerate(self.adapters) if bool(self.state[ad.weight]["has_prev"])]
+        states = [self.state[self.adapters[i].weight] for i in have]
+        self._pair_updates(
+            [now[i]["h"] - st["h_prev"] for i, st in zip(have, states)],
+            [now[i]["g"] - st["g_prev"] for i, st in zip(have, states)],
+            [now[i]["g"] for i in have],
+            layers=have,
+        )
         for ad, a in zip(self.adapters, now):
             st = self.state[ad.weight]
-            if bool(st["has_prev"]):
-                self._pair_update(ad, a["h"] - st["h_prev"], a["g"] - st["g_prev"], a["g"])
             st["h_prev"].copy_(a["h"])
             st["g_prev"].copy_(a["g"])
             st["has_prev"].fill_(True)
 
-    def _pair_update(self, ad: LayerAdapter, s_raw: Tensor, y_raw: Tensor, g_now: Tensor) -> None:
-        """s̄ ← β s̄ + (1−β) s, ȳ likewise; double damping; BFGS (or L-BFGS push) if the pair passes."""
+    def _pair_updates(
+        self, s_raw: list[Tensor], y_raw: list[Tensor], g_now: list[Tensor], layers: list[int] | None = None
+    ) -> None:
+        """Per layer: s̄ ← β s̄ + (1−β) s, ȳ likewise; double damping; BFGS (or L-BFGS push) if the pair passes.
+
+        Layers of one output width are done together as the rows of a matrix (:mod:`hf_qn.linalg.batched`),
+        and what happened to every layer is read back with one host sync at the end. ``layers`` are the
+        adapter indices the lists refer to (default: all)."""
         hp = self.hparams
-        st = self.state[ad.weight]
         beta = hp["pair_decay"]
-        st["s_avg"].mul_(beta).add_(s_raw.to(torch.float32), alpha=1.0 - beta)
-        st["y_avg"].mul_(beta).add_(y_raw.to(torch.float32), alpha=1.0 - beta)
-        s, y = st["s_avg"].clone(), st["y_avg"].clone()
-        # finiteness of s and y and max|s|, read in one host sync
-        fin_s, fin_y, s_max = torch.stack(
-            [finite_flag(s).double(), finite_flag(y).double(), s.abs().max().double()]
-        ).tolist()
-        if not (fin_s and fin_y) or s_max == 0.0:
-            self._bump(st, "pairs_skipped")
-            return
-        Hy = self._apply_H_g(st, y)
-        damped = double_damping(
-            s,
-            y,
-            Hy,
-            mu1=hp["powell_mu"],
-            mu2=math.sqrt(hp["damping"]),
-            powell=True,
-            lm=hp["lm_damping"],
-        )
-        if damped.powell:
-            self._bump(st, "powell_damped")
-        if damped.lm:
-            self._bump(st, "lm_damped")
-            Hy = self._apply_H_g(st, damped.y)
-        check = check_curvature(damped.s, damped.y, hp["curvature_eps"], g_now.norm())
-        if not check.ok:
-            self._bump(st, "pairs_skipped")
-            return
-        if "H_g" in st:
-            H_new = bfgs_inverse_update(st["H_g"], damped.s, damped.y, Hy=Hy)
-            if H_new is None:
-                self._bump(st, "pairs_skipped")
-                return
-            st["H_g"] = H_new  # a fresh tensor already: rebinding saves a full copy of the factor
-        else:
-            hist = self._history(st)
-            hist.push(damped.s, damped.y)
-            self._store_history(st, hist)
-        self._bump(st, "pairs_accepted")
+        layers = list(range(len(self.adapters))) if layers is None else layers
+        dense = hp["history_size"] is None
+        results = []  # per group: adapter indices, flags (powell, lm, kept) x L, damped pairs, new factors
+        for rows in _groups([self.adapters[i] for i in layers], key=lambda ad: (ad.d_out, ad.weight.device)):
+            idx = [layers[r] for r in rows]
+            sts = [self.state[self.adapters[i].weight] for i in idx]
+            S = torch.stack([st["s_avg"] for st in sts]).mul_(beta)
+            S.add_(torch.stack([s_raw[r] for r in rows]).to(torch.float32), alpha=1.0 - beta)
+            Y = torch.stack([st["y_avg"] for st in sts]).mul_(beta)
+            Y.add_(torch.stack([y_raw[r] for r in rows]).to(torch.float32), alpha=1.0 - beta)
+            torch._foreach_copy_(
+                [st["s_avg"] for st in sts] + [st["y_avg"] for st in sts], list(S.unbind(0)) + list(Y.unbind(0))
+            )
+            usable = torch.isfinite(S).all(-1) & torch.isfinite(Y).all(-1) & (S.abs().amax(-1) > 0)
+            Hy = torch.stack([self._apply_H_g(st, y) for st, y in zip(sts, Y)])
+            d = double_damping_rows(
+                S, Y, Hy, usable, mu1=hp["powell_mu"], mu2=math.sqrt(hp["damping"]), powell=True, lm=hp["lm_damping"]
+            )
+            grad_norm = torch.stack([g_now[r] for r in rows]).norm(dim=-1)
+            ok, sy = curvature_ok_rows(d.s, d.y, hp["curvature_eps"], grad_norm)
+            ok &= usable
+            new: list[Tensor] | None = None
+            kept = ok
+            if dense:
+                if hp["lm_damping"] != "none":  # y changed where LM fired (elsewhere H y is recomputed as it was)
+                    Hy = torch.stack([st["H_g"] @ y for st, y in zip(sts, d.y)])
+                new, finite = self._rank2_updates([st["H_g"] for st in sts], d.s, d.y, Hy, sy)
+                kept = ok & finite
+            results.append((idx, torch.stack([d.powell, d.lm, kept]), d, new))
+        for (idx, _, d, new), flags in zip(results, self._read_flags([r[1] for r in results])):
+            for k, i in enumerate(idx):
+                st = self.state[self.adapters[i].weight]
+                powell, lm, accepted = (f[k] for f in flags)
+                if powell:
+                    self._bump(st, "powell_damped")
+                if lm:
+                    self._bump(st, "lm_damped")
+                if not accepted:
+                    self._bump(st, "pairs_skipped")
+                    continue
+                if new is not None:
+                    st["H_g"] = new[k]  # a fresh tensor already: rebinding saves a full copy of the factor
+                else:
+                    hist = self._history(st)
+                    hist.push(d.s[k], d.y[k])
+                    self._store_history(st, hist)
+                self._bump(st, "pairs_accepted")
+
+    @staticmethod
+    def _rank2_updates(Hs: list[Tensor], s: Tensor, y: Tensor, Hy: Tensor, sy: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The inverse-BFGS updates of a group of factors (rows of ``s``, ``y``, ``Hy``), each a new tensor,
+        and a mask of those that came out finite."""
+        U, V = bfgs_rank2_rows(s, y, Hy, sy, Hs[0].dtype)
+        new = [torch.addmm(H, u, v) for H, u, v in zip(Hs, U, V)]
+        return new, torch.isfinite(torch.stack([H.sum() for H in new]))
+
+    def _read_flags(self, flags: list[Tensor]) -> list[list[list[bool]]]:
+        """Boolean masks of several groups, read on the host with one sync."""
+        if not flags:
+            return []
+        dev = flags[0].device
+        values = torch.cat([f.to(dev) for f in flags], dim=1).tolist()
+        out, start = [], 0
+        for f in flags:
+            out.append([row[start : start + f.shape[1]] for row in values])
+            start += f.shape[1]
+        return out
 
     # -- stage 5: input-side inverse --------------------------------------------------------
     def _update_input_inverses(self, stats: list[dict[str, Tensor]]) -> None:
         """Hessian-action BFGS (paper, section 3.3): s_a = H_a ā, y_a = (A + √λ I) s_a, BFGS on H_a;
-        or a Cholesky re-inversion every ``inverse_interval`` curvature steps."""
+        or a Cholesky re-inversion every ``inverse_interval`` curvature steps. The BFGS layers of one
+        input width are done together, as for H_g."""
         hp = self.hparams
         sqrt_lam = math.sqrt(hp["damping"])
+        todo: list[tuple[dict[str, Any], Tensor]] = []
         for ad in self.adapters:
             st = self.state[ad.weight]
             a_mean = st.pop("a_mean", None)
@@ -855,15 +915,23 @@ class KBFGS(QNOptimizerBase):
                     st["inverse_countdown"].fill_(hp["inverse_interval"])
                     self._invert_input(ad, st, sqrt_lam)
                 continue
-            H_a = st["H_a"]
-            s_a = H_a @ a_mean
-            y_a = st["A"] @ s_a + sqrt_lam * s_a
-            check = check_curvature(s_a, y_a, hp["curvature_eps"], a_mean.norm())
-            H_new = bfgs_inverse_update(H_a, s_a, y_a) if check.ok else None
-            if H_new is None:
-                self._bump(st, "input_updates_skipped")
-            else:
-                st["H_a"] = H_new
+            todo.append((st, a_mean))
+        results = []
+        for rows in _groups(todo, key=lambda t: (t[1].shape[0], t[1].device)):
+            sts = [todo[r][0] for r in rows]
+            a = torch.stack([todo[r][1] for r in rows])
+            s_a = torch.stack([st["H_a"] @ a_k for st, a_k in zip(sts, a)])
+            y_a = torch.stack([st["A"] @ s_k for st, s_k in zip(sts, s_a)]) + sqrt_lam * s_a
+            ok, sy = curvature_ok_rows(s_a, y_a, hp["curvature_eps"], a.norm(dim=-1))
+            Hy = torch.stack([st["H_a"] @ y_k for st, y_k in zip(sts, y_a)])
+            new, finite = self._rank2_updates([st["H_a"] for st in sts], s_a, y_a, Hy, sy)
+            results.append((sts, new, (ok & finite).unsqueeze(0)))
+        for (sts, new, _), flags in zip(results, self._read_flags([r[2] for r in results])):
+            for st, H_new, accepted in zip(sts, new, flags[0]):
+                if accepted:
+                    st["H_a"] = H_new
+                else:
+                    self._bump(st, "input_updates_skipped")
 
     # ------------------------------------------------------------------ state helpers
     def _layer_state(self, ad: LayerAdapter) -> dict[str, Any]:
@@ -948,3 +1016,11 @@ class KBFGSL(KBFGS):
         if kwargs["history_size"] is None:
             raise ValueError("Invalid history_size: None (KBFGSL needs an integer >= 1; use KBFGS for dense BFGS)")
         super().__init__(model, **kwargs)
+
+
+def _groups(items: list[Any], key: Callable[[Any], Any]) -> list[list[int]]:
+    """Indices of ``items`` grouped by ``key``, groups and members in first-seen order."""
+    groups: dict[Any, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    return list(groups.values())
