@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .bfgs import dot64
+from .bfgs import _dot64_t, dot64
 
 __all__ = ["LBFGSHistory"]
 
@@ -146,8 +146,8 @@ class LBFGSHistory:
         self.SY[idx, :] = torch.where(mask, Ys, torch.zeros_like(Ys))
         self.YY[:, idx] = torch.where(mask, Yy, torch.zeros_like(Yy))
         self.YY[idx, :] = self.YY[:, idx]
-        self.SY[idx, idx] = dot64(s_st, y_st)
-        self.YY[idx, idx] = dot64(y_st, y_st)
+        self.SY[idx, idx] = _dot64_t(s_st, y_st)  # device scalars: no host sync
+        self.YY[idx, idx] = _dot64_t(y_st, y_st)
         self.head = (self.head + 1) % self.m
         self.count = min(self.count + 1, self.m)
 

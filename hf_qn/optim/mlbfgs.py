@@ -567,6 +567,7 @@ class MLBFGS(QNOptimizerBase):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self.__dict__.pop("_middles", None)  # kept middle matrices belong to the history just replaced
         for b in self.blocks:
             st = self.state.get(b.params[0], {})
             if "hist_S" in st and st["hist_S"].shape[1] != b.numel:

@@ -499,3 +499,35 @@ def test_bf16_matmuls_follow_the_float32_run_and_keep_float32_state():
     fresh = hf_qn.KBFGS(m16)  # float32 by default; the loaded group switches the capture to bf16
     fresh.load_state_dict(sd)
     assert fresh.capture.gram_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_kbfgsl_kept_compact_matrix_is_never_stale(interval):
+    """K-BFGS(L) keeps each layer's compact-form middle matrix until that layer's next push; a run that
+    rebuilds it at every use takes bitwise the same steps, through ring wrap-around (history 2) and an
+    interval mode whose ordinary steps reuse it; a reload drops what was kept."""
+    batches = regression_batches(14)
+    runs = []
+    for rebuild in (False, True):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = hf_qn.KBFGSL(model, lr=0.1, history_size=2, update_interval=interval, warmup_curvature_steps=0)
+        calls = {"n": 0}
+        middle = opt._middle
+
+        def counting_middle(ad, hist, middle=middle, rebuild=rebuild):
+            calls["n"] += 1
+            if rebuild:
+                opt.__dict__.pop("_middles", None)
+            return middle(ad, hist)
+
+        opt._middle = counting_middle
+        loop(model, opt, batches[:7], mse_loss)
+        opt.load_state_dict(roundtrip(opt.state_dict()))
+        assert "_middles" not in opt.__dict__
+        loop(model, opt, batches[7:], mse_loss)
+        assert calls["n"] > 0
+        assert opt.statistics()["qn/pairs_accepted"] > 2 * len(opt.adapters)  # the ring wrapped
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
