@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["QNOptimizerBase", "adamw_update_", "sgd_update_"]
+__all__ = ["QNOptimizerBase", "adamw_updates_", "sgd_update_"]
 
 ROLE = "role"
 ROLE_QN = "qn"
@@ -28,36 +28,44 @@ ROLE_FALLBACK = "fallback"
 FALLBACKS = ("adamw", "sgd")
 
 
-def adamw_update_(
-    p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, betas: tuple[float, float], eps: float, wd: float
+def adamw_updates_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    wd: float,
 ) -> None:
-    """AdamW exactly as ``torch.optim.AdamW(foreach=False)`` computes it (decoupled weight decay)."""
-    if "step" not in state:
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    """AdamW (decoupled weight decay) on each parameter, computed as ``torch.optim.AdamW(foreach=False)``
+    computes it: the same arithmetic in the same order, so the same bits (``tests/optim/test_kbfgs.py``
+    checks it). Multi-tensor kernels (``torch._foreach_*``) take each (device, dtype, step count) bucket in
+    a few launches instead of about ten per parameter. ``states`` are the parameters' optimizer states,
+    filled on first use (``step`` a 0-dim CPU tensor, as torch keeps it)."""
     beta1, beta2 = betas
-    state["step"] += 1
-    step = float(state["step"])
-    p.mul_(1 - lr * wd)
-    exp_avg = state["exp_avg"]
-    exp_avg.lerp_(grad, 1 - beta1)
-    denom = adam_denominator_(state["exp_avg_sq"], grad, beta2, step, eps)
-    p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
-
-
-def adam_denominator_(exp_avg_sq: Tensor, grad: Tensor, beta2: float, step: float, eps: float) -> Tensor:
-    """``v ← β₂ v + (1−β₂) g²`` in place; returns Adam's denominator ``√v / √(1−β₂^step) + eps``, computed as
-    ``torch.optim.AdamW(foreach=False)`` does."""
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    return (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for i, (p, st) in enumerate(zip(params, states)):
+        if "step" not in st:
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["step"] += 1
+        buckets.setdefault((p.device, p.dtype, float(st["step"])), []).append(i)
+    for (_, _, step), idx in buckets.items():
+        ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
+        exp_avgs = [states[i]["exp_avg"] for i in idx]
+        torch._foreach_mul_(ps, 1 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
+        denoms = adam_denominators_([states[i]["exp_avg_sq"] for i in idx], gs, beta2, step, eps)
+        torch._foreach_addcdiv_(ps, exp_avgs, denoms, value=-lr / (1 - beta1**step))
 
 
 def adam_denominators_(
     exp_avg_sqs: list[Tensor], grads: list[Tensor], beta2: float, step: float, eps: float
 ) -> list[Tensor]:
-    """:func:`adam_denominator_` for many tensors at once, with multi-tensor (``torch._foreach_*``) kernels:
-    a handful of launches in all instead of five per tensor."""
+    """``v ← β₂ v + (1−β₂) g²`` in place for each tensor; returns Adam's denominators
+    ``√v / √(1−β₂^step) + eps``, computed as ``torch.optim.AdamW(foreach=False)`` does, with multi-tensor
+    (``torch._foreach_*``) kernels: a handful of launches in all instead of five per tensor."""
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
@@ -116,17 +124,17 @@ class QNOptimizerBase(torch.optim.Optimizer):
 
     def _fallback_step(self, group: dict[str, Any]) -> None:
         """Update a fallback group (parameters no adapter/block takes) with AdamW or SGD."""
-        kind = group["fallback"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise ValueError("hf_qn's fallback does not take sparse gradients (use sparse=False)")
-            st = self.state[p]
-            if kind == "adamw":
-                adamw_update_(p, p.grad, st, group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"])
-            else:
-                sgd_update_(p, p.grad, st, group["lr"], group["momentum"], group["weight_decay"])
+        params = [p for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for p in params):
+            raise ValueError("hf_qn's fallback does not take sparse gradients (use sparse=False)")
+        if group["fallback"] == "adamw":
+            adamw_updates_(
+                params, [p.grad for p in params], [self.state[p] for p in params], group["lr"],
+                tuple(group["betas"]), group["eps"], group["weight_decay"],
+            )
+            return
+        for p in params:
+            sgd_update_(p, p.grad, self.state[p], group["lr"], group["momentum"], group["weight_decay"])
 
     @staticmethod
     def _all_grads_finite(params: Iterable[nn.Parameter]) -> bool:

@@ -664,12 +664,17 @@ class KBFGS(QNOptimizerBase):
 
     def _add_to_layers(self, directions: list[Tensor], factor: float) -> None:
         """W̄ ← W̄ + factor · α · D for every adapted layer (α: the layer's group lr)."""
+        by_alpha: dict[float, tuple[list[Tensor], list[Tensor]]] = {}  # one multi-tensor add per step size
         for ad, D in zip(self.adapters, directions):
-            alpha = self._group_of(ad.weight)["lr"] * factor
+            targets, updates = by_alpha.setdefault(self._group_of(ad.weight)["lr"] * factor, ([], []))
             w, b = ad.from_matrix(D)
-            ad.weight.add_(w.to(ad.weight.dtype), alpha=alpha)
+            targets.append(ad.weight)
+            updates.append(w.to(ad.weight.dtype))
             if b is not None and ad.bias is not None:
-                ad.bias.add_(b.to(ad.bias.dtype), alpha=alpha)
+                targets.append(ad.bias)
+                updates.append(b.to(ad.bias.dtype))
+        for alpha, (targets, updates) in by_alpha.items():
+            torch._foreach_add_(targets, updates, alpha=alpha)
 
     def _apply(self, directions: list[Tensor], scale: float) -> dict[nn.Parameter, Tensor]:
         """W̄ ← W̄ − α ν D; fallback parameters by their own rule. Returns fallback backups."""
@@ -679,7 +684,10 @@ class KBFGS(QNOptimizerBase):
         for g in self.param_groups:
             if g[ROLE] == ROLE_FALLBACK:
                 if needs_backup:
-                    backup.update({p: p.detach().clone() for p in g["params"] if p.grad is not None})
+                    params = [p for p in g["params"] if p.grad is not None]
+                    copies = [torch.empty_like(p, requires_grad=False) for p in params]
+                    torch._foreach_copy_(copies, [p.detach() for p in params])  # one multi-tensor copy
+                    backup.update(zip(params, copies))
                 self._fallback_step(g)
         return backup
 
