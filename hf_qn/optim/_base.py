@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..linalg import LBFGSHistory
+
 __all__ = ["QNOptimizerBase", "adamw_updates_", "sgd_update_"]
 
 ROLE = "role"
@@ -136,6 +138,19 @@ class QNOptimizerBase(torch.optim.Optimizer):
         for p in params:
             sgd_update_(p, p.grad, self.state[p], group["lr"], group["momentum"], group["weight_decay"])
 
+    def _middle(self, name: str, pairs_pushed: int, hist: LBFGSHistory) -> tuple[Tensor, float | Tensor]:
+        """The compact-form middle matrix (:meth:`LBFGSHistory.middle`) of the history called ``name`` (an
+        mL-BFGS block, a K-BFGS(L) layer), kept until that history's next push: it depends on the history
+        only, and the optimizers apply it at every step (K-BFGS(L) twice on a curvature step) but push at
+        most once. The key (pairs pushed, ring position, storage) changes with every push;
+        :meth:`load_state_dict` drops everything kept."""
+        cache = self.__dict__.setdefault("_middles", {})
+        key = (pairs_pushed, hist.count, hist.head, hist.S.data_ptr())
+        hit = cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = cache[name] = (key, hist.middle())
+        return hit[1]
+
     @staticmethod
     def _all_grads_finite(params: Iterable[nn.Parameter]) -> bool:
         grads = [p.grad for p in params if p.grad is not None]
@@ -163,6 +178,7 @@ class QNOptimizerBase(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, keeping curvature tensors in their saved dtype (see module docstring)."""
         self._group_cache = None  # torch rebuilds param_groups as new dicts
+        self.__dict__.pop("_middles", None)  # kept middle matrices belong to the histories being replaced
         saved_state = state_dict.get("state", {})
         kept: dict[Any, dict[str, Any]] = {}
         stripped_state = {}

@@ -488,9 +488,9 @@ class KBFGS(QNOptimizerBase):
                     "the forward ran in eval mode / under no_grad. Exclude it: KBFGS(model, "
                     f"policy=hf_qn.LayerPolicy(exclude=[r'{ad.name}']))"
                 )
-        dev = self.adapters[0].weight.device
         # every layer's row counts in one tensor: one host-to-device copy, one all-reduce entry
-        counts = torch.tensor([[float(st.a_rows), float(st.h_rows)] for st in stats], dtype=torch.float64, device=dev)
+        home = self.adapters[0].weight.device
+        counts = torch.tensor([[float(st.a_rows), float(st.h_rows)] for st in stats], dtype=torch.float64, device=home)
         tensors: list[Tensor] = [counts]
         for ad, st in zip(self.adapters, stats):
             dev = ad.weight.device
@@ -608,20 +608,8 @@ class KBFGS(QNOptimizerBase):
         st = self.state[ad.weight]
         if "H_g" in st:
             return st["H_g"] @ X
-        hist = self._history(st)
-        return hist.apply(X, middle=self._middle(ad, hist))
-
-    def _middle(self, ad: LayerAdapter, hist: LBFGSHistory) -> tuple[Tensor, float | Tensor]:
-        """K-BFGS(L)'s compact-form middle matrix (:meth:`LBFGSHistory.middle`), kept until the layer's next
-        push: a curvature step applies the same history twice (direction, then ``H_g y``), an interval mode's
-        ordinary steps apply it every step. The key (pairs pushed, ring position, storage) changes with every
-        push; ``load_state_dict`` drops everything kept."""
-        cache = self.__dict__.setdefault("_middles", {})
-        key = (int(self.state[ad.weight]["pairs_accepted"]), hist.count, hist.head, hist.S.data_ptr())
-        hit = cache.get(ad.name)
-        if hit is None or hit[0] != key:
-            hit = cache[ad.name] = (key, hist.middle())
-        return hit[1]
+        hist = self._history(st)  # K-BFGS(L): the middle matrix is kept between pushes
+        return hist.apply(X, middle=self._middle(ad.name, int(st["pairs_accepted"]), hist))
 
     # -- stage 3: apply the step ----------------------------------------------------------
     def _kl_scale(self, directions: list[Tensor]) -> float:
@@ -1017,7 +1005,6 @@ class KBFGS(QNOptimizerBase):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.__dict__.pop("_middles", None)
         for st in self.state.values():  # checkpoints from before input_warm_start kept a boolean flag
             if "first_stats" in st:
                 st.setdefault("input_batches", torch.tensor(int(bool(st.pop("first_stats"))), dtype=torch.int64))

@@ -447,7 +447,8 @@ class MLBFGS(QNOptimizerBase):
                 out.append(g)  # torch.cat made it a fresh tensor
             else:
                 self.work_counter += 1
-                out.append(hist.apply(g, middle=self._middle(b, hist)))
+                pushed = int(self.state[b.params[0]]["pairs_accepted"])
+                out.append(hist.apply(g, middle=self._middle(b.name, pushed, hist)))
         if ws > 1:
             all_reduce_sum_(out)
         mode = self.defaults["normalize"]
@@ -462,17 +463,6 @@ class MLBFGS(QNOptimizerBase):
         elif mode == "adam":
             out = self._graft_to_adam(out, step)
         return out
-
-    def _middle(self, b: Block, hist: LBFGSHistory) -> tuple[Tensor, float | Tensor]:
-        """The block's compact-form middle matrix (:meth:`LBFGSHistory.middle`), computed once per new pair
-        and kept until the next: it depends on the history only. The key (pairs pushed, ring position,
-        storage) changes with every push and every load, so a kept matrix is never stale."""
-        cache = self.__dict__.setdefault("_middles", {})
-        key = (int(self.state[b.params[0]]["pairs_accepted"]), hist.count, hist.head, hist.S.data_ptr())
-        hit = cache.get(b.name)
-        if hit is None or hit[0] != key:
-            hit = cache[b.name] = (key, hist.middle())
-        return hit[1]
 
     def _graft_to_adam(self, directions: list[Tensor], step: int) -> list[Tensor]:
         """Rescale each block's direction to the norm of Adam's un-momented step in that block,
@@ -567,7 +557,6 @@ class MLBFGS(QNOptimizerBase):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.__dict__.pop("_middles", None)  # kept middle matrices belong to the history just replaced
         for b in self.blocks:
             st = self.state.get(b.params[0], {})
             if "hist_S" in st and st["hist_S"].shape[1] != b.numel:
