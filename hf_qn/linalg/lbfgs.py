@@ -205,41 +205,41 @@ class LBFGSHistory:
     def apply(self, V: Tensor, middle: tuple[Tensor, float | Tensor] | None = None) -> Tensor:
         """``H @ V`` by the compact representation; ``V`` is ``(n,)`` or ``(n, k)``. ``middle`` is
         :meth:`middle`'s result for the current history, when the caller keeps it."""
-        Vm = V.reshape(self.n, -1).to(self.compute_dtype)
+        Vm = V.reshape(self.n, -1)
+        if Vm.dtype != self.compute_dtype:
+            Vm = Vm.to(self.compute_dtype)
         M, gamma = self.middle() if middle is None else middle
         c = self.count
-        if c == 0:
-            out = gamma * Vm
-            return out.reshape(V.shape).to(V.dtype)
-        P1, P2 = self._project(Vm, c)  # (c, k) each: S V, Y V (float64, ring order)
-        Q = M @ torch.cat([P1, P2])
-        out = gamma * Vm + self._reconstruct(Q[:c], Q[c:], c, Vm.dtype)
-        return out.reshape(V.shape).to(V.dtype)
+        out = gamma * Vm
+        if c > 0:
+            Q = (M @ self._project(Vm, c)).to(Vm.dtype)  # [S V; Y V] in float64, ring order, then M
+            self._reconstruct_into(out, Q[:c], Q[c:], c)
+        out = out.reshape(V.shape)
+        return out if out.dtype == V.dtype else out.to(V.dtype)
 
-    def _project(self, Vm: Tensor, c: int) -> tuple[Tensor, Tensor]:
+    def _project(self, Vm: Tensor, c: int) -> Tensor:
+        """``[S V; Y V]`` over the ``c`` stored rows, ``(2c, k)`` in float64."""
         S, Y = self.S[:c], self.Y[:c]
         if S.dtype == self.compute_dtype:
-            return (S @ Vm).double(), (Y @ Vm).double()
-        P1 = torch.zeros(c, Vm.shape[1], dtype=torch.float64, device=Vm.device)
-        P2 = torch.zeros_like(P1)
+            return torch.cat([S @ Vm, Y @ Vm]).double()
+        P = torch.zeros(2 * c, Vm.shape[1], dtype=torch.float64, device=Vm.device)
         step = _chunk(Vm.device)
         for lo in range(0, self.n, step):
             hi = min(lo + step, self.n)
-            P1 += (S[:, lo:hi].to(self.compute_dtype) @ Vm[lo:hi]).double()
-            P2 += (Y[:, lo:hi].to(self.compute_dtype) @ Vm[lo:hi]).double()
-        return P1, P2
+            P[:c] += (S[:, lo:hi].to(self.compute_dtype) @ Vm[lo:hi]).double()
+            P[c:] += (Y[:, lo:hi].to(self.compute_dtype) @ Vm[lo:hi]).double()
+        return P
 
-    def _reconstruct(self, Q1: Tensor, Q2: Tensor, c: int, dtype: torch.dtype) -> Tensor:
+    def _reconstruct_into(self, out: Tensor, q1: Tensor, q2: Tensor, c: int) -> None:
+        """``out += Sᵀ q1 + Yᵀ q2`` over the ``c`` stored rows (``out``, ``q1``, ``q2`` in the compute dtype)."""
         S, Y = self.S[:c], self.Y[:c]
-        q1, q2 = Q1.to(dtype), Q2.to(dtype)
-        if S.dtype == dtype:
-            return S.T @ q1 + Y.T @ q2
-        out = torch.empty(self.n, q1.shape[1], dtype=dtype, device=q1.device)
-        step = _chunk(q1.device)
+        if S.dtype == out.dtype:
+            out.addmm_(S.T, q1).addmm_(Y.T, q2)
+            return
+        step = _chunk(out.device)
         for lo in range(0, self.n, step):
             hi = min(lo + step, self.n)
-            out[lo:hi] = S[:, lo:hi].to(dtype).T @ q1 + Y[:, lo:hi].to(dtype).T @ q2
-        return out
+            out[lo:hi].addmm_(S[:, lo:hi].to(out.dtype).T, q1).addmm_(Y[:, lo:hi].to(out.dtype).T, q2)
 
     def two_loop(self, v: Tensor) -> Tensor:
         """``H @ v`` by the two-loop recursion (Nocedal & Wright, Algorithm 7.4); ``v`` is ``(n,)``.
