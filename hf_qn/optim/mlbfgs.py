@@ -65,8 +65,9 @@ def build_blocks(
 
     Args:
         named_params: ``(name, parameter)`` in a fixed order (deduplicated).
-        blocks: ``"layer"`` (parameters of one module together: names sharing the prefix before the last
-            dot), ``"param"`` (one block per parameter), ``"model"`` (one block), an integer ``n`` (consecutive
+        blocks: ``"layer"`` (parameters of one module together, even when they are not consecutive:
+            names sharing the prefix before the last dot, ordered by each module's first parameter),
+            ``"param"`` (one block per parameter), ``"model"`` (one block), an integer ``n`` (consecutive
             parameters merged until a block holds at least ``n`` elements; a parameter is never split), or a
             mapping ``{block name: [parameter names]}`` (parameters not named go to per-layer blocks).
         min_block_size: consecutive blocks smaller than this are merged.
@@ -88,12 +89,12 @@ def build_blocks(
         return out + build_blocks(rest, "layer", min_block_size)
     groups: list[tuple[str, list[nn.Parameter]]] = []
     if blocks == "layer":
+        # By module, wherever its parameters appear: the Trainer's weight-decay split lists every weight
+        # before every bias, and a layer's weight and bias still make one block.
+        by_prefix: dict[str, list[nn.Parameter]] = {}
         for n, p in named_params:
-            prefix = n.rsplit(".", 1)[0] if "." in n else n
-            if groups and groups[-1][0] == prefix:
-                groups[-1][1].append(p)
-            else:
-                groups.append((prefix, [p]))
+            by_prefix.setdefault(n.rsplit(".", 1)[0] if "." in n else n, []).append(p)
+        groups = list(by_prefix.items())
     elif blocks == "param":
         groups = [(n, [p]) for n, p in named_params]
     elif blocks == "model":
@@ -126,7 +127,7 @@ def build_blocks(
                 merged.append((name, list(ps)))
         groups = merged
     names = [g[0] for g in groups]
-    if len(set(names)) != len(names):  # e.g. non-consecutive parameters of one layer
+    if len(set(names)) != len(names):  # e.g. a named block called like a layer
         groups = [(f"{n}#{i}", ps) for i, (n, ps) in enumerate(groups)]
     return [Block(n, tuple(ps)) for n, ps in groups]
 

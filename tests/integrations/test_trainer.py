@@ -124,6 +124,18 @@ def test_decay_split_is_honoured(tmp_path):
     assert groups[("qn", 0.01)] == 2 and groups[("qn", 0.0)] == 2 and groups[("fallback", 0.0)] == 2
 
 
+def test_mlbfgs_decay_split_keeps_one_block_per_layer(tmp_path):
+    model = RegressionModel()
+    trainer = QNTrainer(model=model, args=_args(tmp_path, qn_optimizer="mlbfgs", weight_decay=0.01),
+                        train_dataset=regression_dataset())
+    opt = unwrap_optimizer(trainer.create_optimizer())
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.01]  # the split is there
+    modules = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters()}
+    assert sorted(b.name for b in opt.blocks) == sorted(modules)  # yet a layer's weight and bias share a block
+    by_module = {name: {id(p) for n, p in model.named_parameters() if n.rsplit(".", 1)[0] == name} for name in modules}
+    assert all({id(p) for p in b.params} == by_module[b.name] for b in opt.blocks)
+
+
 def test_plain_trainer_routes(tmp_path):
     """optimizers=(MLBFGS, None), optimizer_cls_and_kwargs with a class and with a factory, all train."""
     ds = regression_dataset()

@@ -197,6 +197,11 @@ def test_blocks_layer_param_model_chunk_named_and_merge():
     opt = hf_qn.MLBFGS(model)
     table = opt.block_map()
     assert "0.weight, 0.bias" in table and "owner" in table
+    # The Trainer's weight-decay split lists every weight before every bias: a layer is still one block.
+    split = [(n, p) for n, p in named if n.endswith("weight")] + [(n, p) for n, p in named if n.endswith("bias")]
+    by_layer = build_blocks(split, "layer")
+    assert [b.name for b in by_layer] == ["0", "2", "3"]
+    assert [b.params for b in by_layer] == [b.params for b in build_blocks(named, "layer")]
 
 
 def test_accepts_params_groups_and_module():
