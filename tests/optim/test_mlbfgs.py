@@ -233,6 +233,10 @@ def test_loading_a_different_block_layout_is_refused():
     loop(model, opt, regression_batches(2), mse_loss)
     with pytest.raises(ValueError, match="block layout"):
         hf_qn.MLBFGS(model, blocks="layer").load_state_dict(opt.state_dict())
+    per_param = hf_qn.MLBFGS(model, blocks="param")  # the layout the Trainer's decay split used to give
+    loop(model, per_param, regression_batches(2), mse_loss)
+    with pytest.raises(ValueError, match="block layout"):
+        hf_qn.MLBFGS(model, blocks="layer").load_state_dict(per_param.state_dict())
 
 
 def _falls(model, opt, batches, loss_fn, frac):
