@@ -287,9 +287,10 @@ def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, 
         if reached:
             best = min(reached, key=lambda row: row["seconds_to_adamw_final"])
             ratio = best["seconds_to_adamw_final"] / max(adam_row["train_seconds"], 1e-9)
+            pace = "faster" if ratio < 0.995 else "level: within 0.5 %" if ratio <= 1.005 else "not faster"
             verdict = (f"{best['optimizer']} reached AdamW's final {key} ({adam_row['final']:.4g}) after "
                        f"{best['seconds_to_adamw_final']:.1f} s of training, {ratio:.2f}x AdamW's "
-                       f"{adam_row['train_seconds']:.1f} s" + (" (faster)." if ratio < 1 else " (not faster)."))
+                       f"{adam_row['train_seconds']:.1f} s ({pace}).")
         else:
             best = max(qn, key=lambda row: row["final"]) if greater else min(qn, key=lambda row: row["final"])
             gap = best["final"] - adam_row["final"]

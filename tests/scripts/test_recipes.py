@@ -95,3 +95,18 @@ def test_benchmark_smoke(tmp_path):
 
     card = ModelCard.load(tmp_path / "README.md")
     assert len(card.data.eval_results) == 5
+
+
+@pytest.mark.parametrize("reach, pace", [(9.0, "faster"), (9.97, "level: within 0.5 %"), (10.03, "level: within 0.5 %"),
+                                          (10.2, "not faster")])
+def test_summary_verdict_calls_a_tie_a_tie(reach, pace):
+    utils = load_script("recipe_utils")
+
+    def run(name, final, evals, seconds):
+        return {"optimizer": name, "learning_rate": 1e-3, "final": {"eval_loss": final}, "evals": evals,
+                "train_seconds": seconds, "median_step_seconds": 0.1}
+
+    runs = [run("adamw", 1.0, [{"eval_loss": 1.0, "seconds": 10.0}], 10.0),
+            run("mlbfgs", 0.9, [{"eval_loss": 1.5, "seconds": 5.0}, {"eval_loss": 1.0, "seconds": reach}], 12.0)]
+    verdict = utils.summarize(runs, "eval_loss", greater=False)["verdict"]
+    assert verdict.endswith(f"({pace}).") and f"{reach / 10:.2f}x" in verdict
