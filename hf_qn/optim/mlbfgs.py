@@ -136,8 +136,10 @@ class MLBFGS(QNOptimizerBase):
     """Momentum-based block-wise L-BFGS; needs no closure and no hooks.
 
     Args:
-        params: an ``nn.Module`` (blocks follow its layers and names), an iterable of parameters, or of
-            param-group dicts (torch.optim style; parameters named ``group{i}.{j}``).
+        params: an ``nn.Module`` (blocks follow its layers and names), an iterable of parameters (named
+            ``param{j}``: one block each), or of param-group dicts (torch.optim style; a group's
+            ``param_names`` name its parameters, else they are ``group{i}.{j}`` and ``blocks="layer"`` makes
+            the whole group one block).
         lr: step size α. (default: 1e-3: with the default Adam grafting a step moves each block as far as
             Adam's step at lr ``α / (1 − μ)`` would; the official runs use 0.1 with ``normalize="unit"``)
         momentum: heavy-ball momentum μ on the direction. (default: 0.9, the official runs')
