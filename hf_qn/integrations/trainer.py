@@ -92,7 +92,12 @@ class QNTrainingArguments(TrainingArguments):
     qn_sigma_low: float | None = field(default=None, metadata={"help": "mL-BFGS damping lower bound."})
     qn_sigma_high: float | None = field(default=None, metadata={"help": "mL-BFGS damping upper bound."})
     qn_normalize: str | None = field(default=None, metadata={"help": "mL-BFGS direction: adam | unit | grad | none."})
-    qn_blocks: str | None = field(default=None, metadata={"help": "mL-BFGS blocks: layer | param | model."})
+    qn_blocks: str | None = field(
+        default=None, metadata={"help": "mL-BFGS blocks: layer | param | model | a chunk size in elements."}
+    )
+    qn_min_block_size: int | None = field(
+        default=None, metadata={"help": "mL-BFGS: merge consecutive blocks smaller than this many elements (0)."}
+    )
     qn_history_dtype: str = field(default="float32", metadata={"help": "mL-BFGS history: float32 | bfloat16."})
     qn_matmul_dtype: str = field(
         default="float32",
@@ -103,6 +108,14 @@ class QNTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.qn_optimizer is not None and self.qn_optimizer not in QN_OPTIMIZERS:
             raise ValueError(f"Invalid qn_optimizer: {self.qn_optimizer!r} (must be one of {QN_OPTIMIZERS} or None)")
+        if self.qn_blocks is not None and self.qn_blocks not in ("layer", "param", "model") and not (
+            self.qn_blocks.isdigit() and int(self.qn_blocks) >= 1
+        ):
+            raise ValueError(
+                f"Invalid qn_blocks: {self.qn_blocks!r} (must be layer, param, model or a chunk size >= 1)"
+            )
+        if self.qn_min_block_size is not None and self.qn_min_block_size < 0:
+            raise ValueError(f"Invalid qn_min_block_size: {self.qn_min_block_size} (must be >= 0)")
         if self.qn_history_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"Invalid qn_history_dtype: {self.qn_history_dtype!r} (must be float32 or bfloat16)")
         if self.qn_matmul_dtype not in MATMUL_DTYPES:
@@ -172,7 +185,8 @@ def build_optimizer(
             sigma_low=args.qn_sigma_low,
             sigma_high=args.qn_sigma_high,
             normalize=args.qn_normalize,
-            blocks=args.qn_blocks,
+            blocks=int(args.qn_blocks) if args.qn_blocks is not None and args.qn_blocks.isdigit() else args.qn_blocks,
+            min_block_size=args.qn_min_block_size,
         )
         kw["history_dtype"] = getattr(torch, args.qn_history_dtype)
         return MLBFGS(groups, **kw)

@@ -15,6 +15,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 import hf_qn
 from hf_qn.integrations.trainer import QNTrainer, QNTrainingArguments, build_optimizer, unwrap_optimizer
+from hf_qn.optim.mlbfgs import build_blocks
 from tests._helpers.models import tiny_gpt2
 
 
@@ -88,6 +89,19 @@ def test_qn_arguments_parse_from_cli_and_json(tmp_path):
                                 use_cpu=True)
     opt = build_optimizer("kbfgs", RegressionModel(), args3)
     assert (opt.defaults["matmul_dtype"], opt.defaults["input_warm_start"]) == ("bfloat16", 4)
+    model = RegressionModel()  # layers of 112, 32 and 51 elements
+    for flags, blocks, min_size, names in ((["--qn_min_block_size", "60"], "layer", 60, ["net.0", "net.2+net.3"]),
+                                           (["--qn_blocks", "100"], 100, 0, ["chunk:net.0.weight", "chunk:net.2.weight"])):
+        (args4,) = parser.parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--qn_optimizer", "mlbfgs", *flags, "--use_cpu", "true"])
+        ml = build_optimizer("mlbfgs", model, args4)
+        expected = build_blocks(list(model.named_parameters()), blocks, min_block_size=min_size)
+        assert [b.name for b in ml.blocks] == [b.name for b in expected] == names
+        assert [b.params for b in ml.blocks] == [b.params for b in expected]
+    with pytest.raises(ValueError, match="qn_blocks"):
+        QNTrainingArguments(output_dir=str(tmp_path), qn_blocks="rows", use_cpu=True)
+    with pytest.raises(ValueError, match="qn_min_block_size"):
+        QNTrainingArguments(output_dir=str(tmp_path), qn_min_block_size=-1, use_cpu=True)
 
 
 def test_kbfgs_second_pass_survives_evaluation_between_steps(tmp_path):
