@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark_autoencoder as ae
 
 import hf_qn
+from hf_qn.adapters import LinearAdapter
 
 logger = logging.getLogger("kbfgs_cost_floor")
 
@@ -96,13 +97,12 @@ def linear_layers(model: nn.Module) -> list[nn.Linear]:
 
 
 def layer_inputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each Linear layer's homogeneous input rows ``[a, 1]`` for the batch ``x``."""
+    """Each Linear layer's homogeneous input rows ``[a, 1]`` for the batch ``x``, as K-BFGS's capture
+    forms them (:meth:`LinearAdapter.input_rows`)."""
     rows: list[torch.Tensor] = []
-
-    def keep(_m: nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-        rows.append(torch.cat([inp[0], inp[0].new_ones(len(inp[0]), 1)], 1))
-
-    hooks = [m.register_forward_hook(keep) for m in linear_layers(model)]
+    adapters = [LinearAdapter(m) for m in linear_layers(model)]
+    hooks = [ad.module.register_forward_hook(lambda _m, inp, _out, ad=ad: rows.append(ad.input_rows(inp)))
+             for ad in adapters]
     with torch.no_grad():
         model(x)
     for h in hooks:

@@ -108,12 +108,8 @@ class QNTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.qn_optimizer is not None and self.qn_optimizer not in QN_OPTIMIZERS:
             raise ValueError(f"Invalid qn_optimizer: {self.qn_optimizer!r} (must be one of {QN_OPTIMIZERS} or None)")
-        if self.qn_blocks is not None and self.qn_blocks not in ("layer", "param", "model") and not (
-            self.qn_blocks.isdigit() and int(self.qn_blocks) >= 1
-        ):
-            raise ValueError(
-                f"Invalid qn_blocks: {self.qn_blocks!r} (must be layer, param, model or a chunk size >= 1)"
-            )
+        if self.qn_blocks is not None:
+            _blocks_arg(self.qn_blocks)  # raises on a bad value
         if self.qn_min_block_size is not None and self.qn_min_block_size < 0:
             raise ValueError(f"Invalid qn_min_block_size: {self.qn_min_block_size} (must be >= 0)")
         if self.qn_history_dtype not in ("float32", "bfloat16"):
@@ -122,6 +118,15 @@ class QNTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"Invalid qn_matmul_dtype: {self.qn_matmul_dtype!r} (must be one of {', '.join(MATMUL_DTYPES)})"
             )
+
+
+def _blocks_arg(value: str) -> str | int:
+    """``--qn_blocks`` as :func:`~hf_qn.optim.mlbfgs.build_blocks` takes it: a mode name, or a chunk size."""
+    if value in ("layer", "param", "model"):
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise ValueError(f"Invalid qn_blocks: {value!r} (must be layer, param, model or a chunk size >= 1)")
 
 
 def _opt(kwargs: dict[str, Any], **values: Any) -> dict[str, Any]:
@@ -185,7 +190,7 @@ def build_optimizer(
             sigma_low=args.qn_sigma_low,
             sigma_high=args.qn_sigma_high,
             normalize=args.qn_normalize,
-            blocks=int(args.qn_blocks) if args.qn_blocks is not None and args.qn_blocks.isdigit() else args.qn_blocks,
+            blocks=None if args.qn_blocks is None else _blocks_arg(args.qn_blocks),
             min_block_size=args.qn_min_block_size,
         )
         kw["history_dtype"] = getattr(torch, args.qn_history_dtype)
