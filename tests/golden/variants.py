@@ -1,0 +1,129 @@
+"""Golden trajectories: every optimizer variant, 30 steps on a small MLP and on a tiny GPT-2.
+
+``python -m tests.golden.record`` writes ``trajectories.json`` (losses as exact hex floats and a SHA-256 of
+the parameters after each run) and ``checkpoints_v1.pt`` (optimizer and model state after 15 steps of a few
+variants, as the state layout of that time wrote them). ``test_golden.py`` re-runs every variant and requires
+the same bits, and resumes each checkpoint through the state converter and requires the same continuation.
+The goldens were recorded before the optimizers were restructured into per-layer and per-block objects, so
+they prove that the restructuring moved no number. Bitwise equality needs the same torch build and CPU
+kernels: the test skips, saying why, where either differs from the recording.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import hf_qn
+from tests._helpers.models import mlp, tiny_gpt2, token_batch
+from tests._helpers.training import loop, mse_loss, regression_batches
+
+STEPS = 30
+RESUME_AT = 15
+THREADS = 1  # one thread: reductions in a fixed order
+
+Factory = Callable[[nn.Module], torch.optim.Optimizer]
+
+KBFGS_VARIANTS: dict[str, Factory] = {
+    "kbfgs_dense": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3),
+    "kbfgs_lbfgs": lambda m: hf_qn.KBFGSL(m, lr=0.1, damping=0.3, history_size=5),
+    "kbfgs_consecutive": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, pairs="consecutive"),
+    "kbfgs_lbfgs_consecutive": lambda m: hf_qn.KBFGSL(m, lr=0.1, damping=0.3, history_size=4, pairs="consecutive"),
+    "kbfgs_interval_guards": lambda m: hf_qn.KBFGS(
+        m, lr=0.3, damping=0.3, update_interval=4, warmup_curvature_steps=5, max_update_growth=1.2
+    ),
+    "kbfgs_loss_guard_high_lr": lambda m: hf_qn.KBFGS(m, lr=8.0, damping=0.1, max_loss_increase=0.0),
+    "kbfgs_kl_clip": lambda m: hf_qn.KBFGS(m, lr=0.3, damping=0.3, kl_clip=1e-6),
+    "kbfgs_cholesky": lambda m: hf_qn.KBFGS(
+        m, lr=0.1, damping=0.3, input_inverse="cholesky", inverse_interval=3, update_interval=2,
+        warmup_curvature_steps=2,
+    ),
+    "kbfgs_warm_start_additive": lambda m: hf_qn.KBFGS(
+        m, lr=0.1, damping=0.3, input_warm_start=4, lm_damping="additive", stat_decay=0.8, pair_decay=0.5
+    ),
+    "kbfgs_bf16_products": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, matmul_dtype=torch.bfloat16),
+    "kbfgs_adamw_fallback": lambda m: hf_qn.KBFGS(
+        m, lr=0.1, damping=0.3, fallback_lr=3e-3, fallback_weight_decay=0.01,
+        policy=hf_qn.LayerPolicy(exclude=[r"(^0$|\.c_fc$)"]),
+    ),
+    "kbfgs_sgd_fallback": lambda m: hf_qn.KBFGS(
+        m, lr=0.1, damping=0.3, fallback="sgd", fallback_lr=0.05, fallback_weight_decay=1e-3,
+        policy=hf_qn.LayerPolicy(exclude=[r"(^0$|\.c_fc$)"]),
+    ),
+}
+
+MLBFGS_VARIANTS: dict[str, Factory] = {
+    "mlbfgs_adam": lambda m: hf_qn.MLBFGS(m, lr=1e-2, update_interval=3, history_size=4),
+    "mlbfgs_unit": lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=3, history_size=4, normalize="unit"),
+    "mlbfgs_grad": lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=3, history_size=4, normalize="grad"),
+    "mlbfgs_none": lambda m: hf_qn.MLBFGS(
+        m, lr=1e-3, update_interval=3, history_size=4, normalize="none", weight_decay=0.01
+    ),
+    "mlbfgs_param_blocks": lambda m: hf_qn.MLBFGS(m, lr=1e-2, update_interval=2, history_size=3, blocks="param"),
+    "mlbfgs_model_block": lambda m: hf_qn.MLBFGS(
+        m, lr=1e-2, update_interval=2, history_size=3, blocks="model", pair_momentum=0.5, gamma=0.5
+    ),
+    "mlbfgs_chunks": lambda m: hf_qn.MLBFGS(
+        m, lr=1e-2, update_interval=2, history_size=3, blocks=64, min_block_size=40, grad_avg_reset=True
+    ),
+    "mlbfgs_bf16_history": lambda m: hf_qn.MLBFGS(
+        m, lr=1e-2, update_interval=2, history_size=3, history_dtype=torch.bfloat16, param_beta=0.9, grad_beta=0.9
+    ),
+    "mlbfgs_undamped": lambda m: hf_qn.MLBFGS(m, lr=1e-2, update_interval=2, history_size=3, damp=False),
+}
+
+VARIANTS: dict[str, Factory] = {**KBFGS_VARIANTS, **MLBFGS_VARIANTS}
+
+#: variants whose state after RESUME_AT steps on the MLP is committed in the state layout of the recording.
+CHECKPOINTED = (
+    "kbfgs_dense", "kbfgs_lbfgs", "kbfgs_consecutive", "kbfgs_interval_guards", "kbfgs_loss_guard_high_lr",
+    "kbfgs_cholesky", "kbfgs_adamw_fallback", "mlbfgs_adam", "mlbfgs_bf16_history", "mlbfgs_chunks",
+)
+
+
+def _lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch, labels=batch["input_ids"]).loss
+
+
+def problem(name: str) -> tuple[nn.Module, list[Any], Callable[..., torch.Tensor]]:
+    """A freshly initialised model, its STEPS batches and its loss."""
+    torch.manual_seed(0)
+    if name == "mlp":
+        return mlp(), regression_batches(STEPS), mse_loss
+    if name == "gpt2":
+        return tiny_gpt2(), [token_batch(seed=i) for i in range(STEPS)], _lm_loss
+    raise ValueError(name)
+
+
+PROBLEMS = ("mlp", "gpt2")
+
+
+def param_hash(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for _, p in model.named_parameters():  # tied parameters once
+        h.update(p.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def hexes(losses: list[float]) -> list[str]:
+    return [float(x).hex() for x in losses]
+
+
+def needs_closure(variant: str) -> bool:
+    """Only same-batch K-BFGS needs the closure; the others step on the gradients of the loop."""
+    return variant.startswith("kbfgs") and "consecutive" not in variant
+
+
+def run(variant: str, prob: str) -> dict[str, Any]:
+    model, batches, loss_fn = problem(prob)
+    opt = VARIANTS[variant](model)
+    losses = loop(model, opt, batches, loss_fn, closure=needs_closure(variant))
+    return {"losses": hexes(losses), "params": param_hash(model)}
+
+
+def environment() -> dict[str, str]:
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
