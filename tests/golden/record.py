@@ -13,11 +13,21 @@ from pathlib import Path
 
 import torch
 
+from tests._helpers.training import loop
 from tests.golden.variants import (
-    CHECKPOINTED, PROBLEMS, RESUME_AT, STEPS, THREADS, VARIANTS, environment, hexes, needs_closure, param_hash, problem,
+    CHECKPOINTED,
+    PROBLEMS,
+    RESUME_AT,
+    STEPS,
+    THREADS,
+    VARIANTS,
+    environment,
+    hexes,
+    needs_closure,
+    param_hash,
+    problem,
     run,
 )
-from tests._helpers.training import loop
 
 HERE = Path(__file__).parent
 

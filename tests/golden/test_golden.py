@@ -11,8 +11,17 @@ import torch
 
 from tests._helpers.training import loop
 from tests.golden.variants import (
-    CHECKPOINTED, PROBLEMS, RESUME_AT, THREADS, VARIANTS, environment, hexes, needs_closure, param_hash,
-    problem, run,
+    CHECKPOINTED,
+    PROBLEMS,
+    RESUME_AT,
+    THREADS,
+    VARIANTS,
+    environment,
+    hexes,
+    needs_closure,
+    param_hash,
+    problem,
+    run,
 )
 
 HERE = Path(__file__).parent
