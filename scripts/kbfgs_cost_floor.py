@@ -369,9 +369,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _default_warmup() -> int:
-    import inspect
+    from hf_qn.optim.config import KBFGSConfig
 
-    return int(inspect.signature(hf_qn.KBFGS.__init__).parameters["warmup_curvature_steps"].default)
+    return KBFGSConfig().warmup_curvature_steps
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..linalg import LBFGSHistory
+from .state import HF_QN
 
 __all__ = ["QNOptimizerBase", "adamw_updates_", "sgd_update_"]
 
@@ -138,19 +138,6 @@ class QNOptimizerBase(torch.optim.Optimizer):
         for p in params:
             sgd_update_(p, p.grad, self.state[p], group["lr"], group["momentum"], group["weight_decay"])
 
-    def _middle(self, name: str, pairs_pushed: int, hist: LBFGSHistory) -> tuple[Tensor, float | Tensor]:
-        """The compact-form middle matrix (:meth:`LBFGSHistory.middle`) of the history called ``name`` (an
-        mL-BFGS block, a K-BFGS(L) layer), kept until that history's next push: it depends on the history
-        only, and the optimizers apply it at every step (K-BFGS(L) twice on a curvature step) but push at
-        most once. The key (pairs pushed, ring position, storage) changes with every push;
-        :meth:`load_state_dict` drops everything kept."""
-        cache = self.__dict__.setdefault("_middles", {})
-        key = (pairs_pushed, hist.count, hist.head, hist.S.data_ptr())
-        hit = cache.get(name)
-        if hit is None or hit[0] != key:
-            hit = cache[name] = (key, hist.middle())
-        return hit[1]
-
     @staticmethod
     def _all_grads_finite(params: Iterable[nn.Parameter]) -> bool:
         grads = [p.grad for p in params if p.grad is not None]
@@ -175,10 +162,40 @@ class QNOptimizerBase(torch.optim.Optimizer):
         self._group_cache = None  # keyed by id(parameter), which a copy changes
 
     # ------------------------------------------------------------------ state dict
+    def _global_state(self) -> dict[str, Any]:
+        """The optimizer-wide state, saved as ``state_dict()["hf_qn"]`` (see :mod:`hf_qn.optim.state`)."""
+        raise NotImplementedError
+
+    def _load_global_state(self, saved: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _upgrade(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A state dict of an older format, converted to the current one (see :mod:`hf_qn.optim.state`)."""
+        return state_dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``{"state", "param_groups"}`` plus ``"hf_qn"``, the optimizer-wide state."""
+        sd = super().state_dict()
+        sd[HF_QN] = self._global_state()
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, keeping curvature tensors in their saved dtype (see module docstring)."""
+        state_dict = self._upgrade(state_dict)
+        saved_global = state_dict.get(HF_QN)
+        if saved_global is None and not any(state_dict.get("state", {}).values()):
+            saved_global = self._global_state()  # saved before any step (hf_qn's first format): nothing to restore
+        if saved_global is None:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the state dict has no {HF_QN!r} entry, so it was not "
+                "written by an hf_qn optimizer; load it into the optimizer class that wrote it"
+            )
+        if saved_global.get("optimizer") != self._global_state()["optimizer"]:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the state was written by {saved_global.get('optimizer')}, "
+                f"not by {self._global_state()['optimizer']}; load it into the optimizer class that wrote it"
+            )
         self._group_cache = None  # torch rebuilds param_groups as new dicts
-        self.__dict__.pop("_middles", None)  # kept middle matrices belong to the histories being replaced
         saved_state = state_dict.get("state", {})
         kept: dict[Any, dict[str, Any]] = {}
         stripped_state = {}
@@ -187,11 +204,9 @@ class QNOptimizerBase(torch.optim.Optimizer):
             if keep:
                 kept[pid] = keep
             stripped_state[pid] = {k: v for k, v in st.items() if k not in self._CURVATURE_KEYS}
-        stripped = dict(state_dict)
+        stripped = {k: v for k, v in state_dict.items() if k != HF_QN}
         stripped["state"] = stripped_state
         super().load_state_dict(stripped)
-        if not kept:
-            return
         # Same id -> parameter mapping as torch's: saved groups' param ids in order.
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -199,10 +214,18 @@ class QNOptimizerBase(torch.optim.Optimizer):
         for pid, keep in kept.items():
             p = id_map[pid]
             for k, v in keep.items():
-                self.state[p][k] = _to_home(v, p) if isinstance(v, Tensor) else v
+                self.state[p][k] = _to_home(v, p)
+        home = params[0] if params else torch.empty(0)
+        self._load_global_state(_to_home(saved_global, home))
+        self.__setstate__({"state": self.state, "param_groups": self.param_groups})  # re-bind the units
 
 
-def _to_home(v: Tensor, p: Tensor) -> Tensor:
-    """Where a fresh run keeps a state tensor: with its parameter, except 0-dim counters, flags and scalars,
-    which stay on the CPU (as torch.optim keeps ``step``) so that reading them never waits on the GPU."""
+def _to_home(v: Any, p: Tensor) -> Any:
+    """Where a fresh run keeps a state value: a tensor with its parameter, except 0-dim counters, flags and
+    scalars, which stay on the CPU (as torch.optim keeps ``step``) so that reading them never waits on the GPU;
+    nested dicts alike; other values as they are."""
+    if isinstance(v, dict):
+        return {k: _to_home(x, p) for k, x in v.items()}
+    if not isinstance(v, Tensor):
+        return v
     return v.cpu() if v.dim() == 0 else v.to(device=p.device)

@@ -34,12 +34,10 @@ from torch import Tensor, nn
 from ..distributed import all_reduce_sum_, greedy_assignment, rank, world_size
 from ..linalg import LBFGSHistory, check_curvature, mlbfgs_damping
 from ._base import QNOptimizerBase, adam_denominators_, check_range
+from .state import FORMAT, MLBFGS_BLOCK_COUNTERS, MLBFGS_PARAM_KEYS, convert_mlbfgs_v1, is_v1, iter_tensors
 
-__all__ = ["MLBFGS", "Block", "build_blocks"]
+__all__ = ["MLBFGS", "Block", "MLBFGSBlock", "build_blocks"]
 
-_HIST_KEYS = ("hist_S", "hist_Y", "hist_SY", "hist_YY", "hist_count", "hist_head")
-_BLOCK_COUNTERS = ("pairs_accepted", "pairs_skipped", "pairs_damped")
-_PARAM_KEYS = ("param_avg", "grad_avg", "param_avg_prev", "grad_avg_prev", "momentum_buffer")
 _NORMALIZE_MODES = ("adam", "unit", "grad", "none")
 _ADAM_BETA2, _ADAM_EPS = 0.999, 1e-8
 
@@ -132,6 +130,58 @@ def build_blocks(
     return [Block(n, tuple(ps)) for n, ps in groups]
 
 
+class MLBFGSBlock:
+    """One mL-BFGS curvature unit: a :class:`Block`'s L-BFGS history of ``m`` pairs, whether it has a previous
+    pair point, and its counters (``state``: the ``"block"`` entry of its first parameter's state). The compact
+    form's middle matrix is kept from one push (or load) to the next."""
+
+    def __init__(self, block: Block) -> None:
+        self.block = block
+        self.state: dict[str, Any] = {}
+        self._middle: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.block.name
+
+    def bind(self, param_state: dict[str, Any]) -> None:
+        """Use ``param_state`` (the optimizer's entry for the block's first parameter)."""
+        self._param_state = param_state
+        self.state = param_state.get("block", {})
+        self._middle = None
+
+    def ensure_state(self, history_size: int, gamma: float | str, dtype: torch.dtype) -> None:
+        if "history" in self.state:
+            return
+        hist = LBFGSHistory(history_size, self.block.numel, gamma=gamma, dtype=dtype,
+                            device=self.block.params[0].device)
+        self.state = self._param_state["block"] = {
+            "history": hist.state_dict(),
+            "has_prev": torch.tensor(False),
+            "counters": {k: torch.tensor(0, dtype=torch.int64) for k in MLBFGS_BLOCK_COUNTERS},
+        }
+
+    def count(self, key: str) -> None:
+        self.state["counters"][key] += 1
+
+    def history(self, gamma: float | str) -> LBFGSHistory:
+        S = self.state["history"]["S"]
+        compute = torch.float64 if S.dtype == torch.float64 else torch.float32
+        return LBFGSHistory.from_state(self.state["history"], gamma=gamma, compute_dtype=compute)
+
+    def push(self, hist: LBFGSHistory, s: Tensor, y: Tensor) -> None:
+        hist.push(s, y)
+        self.state["history"].update(hist.state_dict())
+        self._middle = None
+        self.count("pairs_accepted")
+
+    def apply(self, hist: LBFGSHistory, g: Tensor) -> Tensor:
+        """``H g`` (compact form)."""
+        if self._middle is None:
+            self._middle = hist.middle()
+        return hist.apply(g, middle=self._middle)
+
+
 class MLBFGS(QNOptimizerBase):
     """Momentum-based block-wise L-BFGS; needs no closure and no hooks.
 
@@ -185,10 +235,7 @@ class MLBFGS(QNOptimizerBase):
         min_block_size: merge consecutive blocks smaller than this. (default: 0)
     """
 
-    _CURVATURE_KEYS = frozenset(
-        {"mlbfgs_step", "steps_skipped_nonfinite", "has_prev", "exp_avg_sq", *_HIST_KEYS, *_BLOCK_COUNTERS,
-         *_PARAM_KEYS}
-    )
+    _CURVATURE_KEYS = frozenset({"block", "exp_avg_sq", *MLBFGS_PARAM_KEYS})
 
     def __init__(
         self,
@@ -268,13 +315,19 @@ class MLBFGS(QNOptimizerBase):
         if not named:
             raise ValueError("MLBFGS got no trainable parameter")
         self.blocks: list[Block] = build_blocks(named, blocks, min_block_size)
+        self.units = [MLBFGSBlock(b) for b in self.blocks]
+        self.counters: dict[str, Any] = {
+            "step": torch.tensor(0, dtype=torch.int64),
+            "steps_skipped_nonfinite": torch.tensor(0, dtype=torch.int64),
+        }
         self._names = {id(p): n for n, p in named}
         self._assign()
+        self._bind_units()
         #: L-BFGS products computed by this rank (to show the distributed work split).
         self.work_counter = 0
 
     # ------------------------------------------------------------------ copies
-    _PICKLED_ATTRS = ("blocks", "work_counter")
+    _PICKLED_ATTRS = ("blocks", "units", "counters", "work_counter")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -287,6 +340,12 @@ class MLBFGS(QNOptimizerBase):
         if named is not None:  # a copy
             self._names = {id(p): n for p, n in named}
             self._assign()  # owners follow this process's world size
+        if "units" in self.__dict__:
+            self._bind_units()
+
+    def _bind_units(self) -> None:
+        for u in self.units:
+            u.bind(self.state[u.block.params[0]])
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -327,20 +386,20 @@ class MLBFGS(QNOptimizerBase):
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held now (all tensors in ``self.state``)."""
-        tensors = [v for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
+        tensors = [v for st in self.state.values() for _, v in iter_tensors(st)]
         return sum(v.numel() * v.element_size() for v in tensors)
 
     def statistics(self) -> dict[str, float]:
         """Counters for logging (keys prefixed ``qn/``)."""
-        out = {f"qn/{k}": 0.0 for k in _BLOCK_COUNTERS}
+        out = {f"qn/{k}": 0.0 for k in MLBFGS_BLOCK_COUNTERS}
         pairs_held = 0
-        for b in self.blocks:
-            st = self.state.get(b.params[0], {})
-            for k in _BLOCK_COUNTERS:
-                out[f"qn/{k}"] += float(st.get(k, 0))
-            pairs_held += int(st.get("hist_count", 0))
-        first = self.state.get(self.blocks[0].params[0], {})
-        out["qn/steps_skipped_nonfinite"] = float(first.get("steps_skipped_nonfinite", 0))
+        for u in self.units:
+            if "counters" not in u.state:
+                continue
+            for k in MLBFGS_BLOCK_COUNTERS:
+                out[f"qn/{k}"] += float(u.state["counters"][k])
+            pairs_held += int(u.state["history"]["count"])
+        out["qn/steps_skipped_nonfinite"] = float(self.counters["steps_skipped_nonfinite"])
         out["qn/pairs_held"] = float(pairs_held)
         return out
 
@@ -353,20 +412,25 @@ class MLBFGS(QNOptimizerBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        anchor = self._block_state(self.blocks[0])
         params = [p for b in self.blocks for p in b.params]
         if not self._all_grads_finite(params):
-            anchor["steps_skipped_nonfinite"] += 1
+            self.counters["steps_skipped_nonfinite"] += 1
             warnings.warn("MLBFGS: non-finite gradient; step skipped, history untouched", RuntimeWarning, stacklevel=2)
             return loss
-        anchor["mlbfgs_step"] += 1
-        t = int(anchor["mlbfgs_step"])
         hp = self.defaults
+        for u in self.units:
+            u.ensure_state(hp["history_size"], hp["gamma"], getattr(torch, hp["history_dtype"]))
+        self.counters["step"] += 1
+        t = int(self.counters["step"])
+        # M^θ ← β_θ M^θ + (1−β_θ) θ,  M^g ← β_g M^g + (1−β_g) g                              (eq. 5)
         self._update_averages(first=(t == 1))
+        # every T steps: s = M^θ − M^θ_prev, y = M^g − M^g_prev, damped, pushed               (eqs. 6, 7)
         if t % hp["update_interval"] == 0:
-            for b in self.blocks:
-                self._curvature_pair(b)
+            for u in self.units:
+                self._curvature_pair(u)
+        # d = H g per block (owner ranks, then one all-reduce), scaled by ``normalize``
         directions = self._directions(t)
+        # b ← μ b + d;  θ ← θ(1 − α λ_wd) − α b
         self._apply(directions)
         return loss
 
@@ -394,13 +458,12 @@ class MLBFGS(QNOptimizerBase):
         torch._foreach_mul_(g_avg, bg)
         torch._foreach_add_(g_avg, grads, alpha=1 - bg)
 
-    def _curvature_pair(self, b: Block) -> None:
+    def _curvature_pair(self, u: MLBFGSBlock) -> None:
         """s = M^θ − M^θ_prev, y = M^g − M^g_prev; pair momentum; damping (eq. 7); push if sᵀy > ε sᵀs."""
         hp = self.defaults
-        bst = self._block_state(b)
-        first_pair_point = not bool(bst["has_prev"])
+        first_pair_point = not bool(u.state["has_prev"])
         s_parts, y_parts = [], []
-        for p in b.params:
+        for p in u.block.params:
             st = self._param_state(p)
             if not first_pair_point:
                 s_parts.append((st["param_avg"] - st["param_avg_prev"]).reshape(-1))
@@ -409,11 +472,11 @@ class MLBFGS(QNOptimizerBase):
             st["grad_avg_prev"].copy_(st["grad_avg"])
             if hp["grad_avg_reset"] and p.grad is not None:
                 st["grad_avg"].copy_(p.grad)
-        bst["has_prev"].fill_(True)
+        u.state["has_prev"].fill_(True)
         if first_pair_point:
             return
         s, y = torch.cat(s_parts), torch.cat(y_parts)
-        hist = self._history(b)
+        hist = u.history(hp["gamma"])
         c = hp["pair_momentum"]
         if c > 0 and len(hist) > 0:
             j = hist.newest()
@@ -422,14 +485,12 @@ class MLBFGS(QNOptimizerBase):
         if hp["damp"]:
             y, fired = mlbfgs_damping(s, y, hp["sigma_low"], hp["sigma_high"], 1.0 - hp["damping"])
             if fired:
-                bst["pairs_damped"] += 1
+                u.count("pairs_damped")
         check = check_curvature(s, y)
         if not check.ok or check.sy <= hp["curvature_eps"] * check.ss:
-            bst["pairs_skipped"] += 1
+            u.count("pairs_skipped")
             return
-        hist.push(s, y)
-        self._store_history(b, hist)
-        bst["pairs_accepted"] += 1
+        u.push(hist, s, y)
 
     def _directions(self, step: int) -> list[Tensor]:
         """d = H g per block on its owner rank (compact L-BFGS), d = g before the first pair; then one
@@ -438,20 +499,19 @@ class MLBFGS(QNOptimizerBase):
         me = rank()
         ws = world_size()
         out = []
-        for b in self.blocks:
-            n = b.numel
+        for u in self.units:
+            b = u.block
             dtype = self._state_dtype(b.params[0])
             if ws > 1 and self.owners[b.name] != me:
-                out.append(torch.zeros(n, dtype=dtype, device=b.params[0].device))
+                out.append(torch.zeros(b.numel, dtype=dtype, device=b.params[0].device))
                 continue
             g = torch.cat([x.reshape(-1) for x in self._grads(b.params)]).to(dtype)
-            hist = self._history(b)
+            hist = u.history(self.defaults["gamma"])
             if len(hist) == 0:
                 out.append(g)  # torch.cat made it a fresh tensor
             else:
                 self.work_counter += 1
-                pushed = int(self.state[b.params[0]]["pairs_accepted"])
-                out.append(hist.apply(g, middle=self._middle(b.name, pushed, hist)))
+                out.append(u.apply(hist, g))
         if ws > 1:
             all_reduce_sum_(out)
         mode = self.defaults["normalize"]
@@ -525,45 +585,30 @@ class MLBFGS(QNOptimizerBase):
     def _param_state(self, p: Tensor) -> dict[str, Any]:
         st = self.state[p]
         if "param_avg" not in st:
-            for k in _PARAM_KEYS:
+            for k in MLBFGS_PARAM_KEYS:
                 st[k] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.contiguous_format)
         return st
 
-    def _block_state(self, b: Block) -> dict[str, Any]:
-        st = self.state[b.params[0]]
-        if "hist_S" not in st:
-            st["mlbfgs_step"] = torch.tensor(0, dtype=torch.int64)
-            st["steps_skipped_nonfinite"] = torch.tensor(0, dtype=torch.int64)
-            st["has_prev"] = torch.tensor(False)
-            for k in _BLOCK_COUNTERS:
-                st[k] = torch.tensor(0, dtype=torch.int64)
-            dtype = getattr(torch, self.defaults["history_dtype"])
-            hist = LBFGSHistory(
-                self.defaults["history_size"], b.numel, gamma=self.defaults["gamma"], dtype=dtype,
-                device=b.params[0].device,
-            )
-            self._store_history(b, hist)
-        return st
+    def _global_state(self) -> dict[str, Any]:
+        return {"format": FORMAT, "optimizer": "MLBFGS", **self.counters}
 
-    def _history(self, b: Block) -> LBFGSHistory:
-        st = self._block_state(b)
-        compute = torch.float64 if st["hist_S"].dtype == torch.float64 else torch.float32
-        return LBFGSHistory.from_state(
-            {k[5:]: st[k] for k in _HIST_KEYS}, gamma=self.defaults["gamma"], compute_dtype=compute
-        )
+    def _load_global_state(self, saved: dict[str, Any]) -> None:
+        self.counters = {k: saved[k] for k in ("step", "steps_skipped_nonfinite")}
 
-    def _store_history(self, b: Block, hist: LBFGSHistory) -> None:
-        st = self.state[b.params[0]]
-        st["hist_S"], st["hist_Y"], st["hist_SY"], st["hist_YY"] = hist.S, hist.Y, hist.SY, hist.YY
-        st["hist_count"] = torch.tensor(hist.count, dtype=torch.int64)
-        st["hist_head"] = torch.tensor(hist.head, dtype=torch.int64)
+    def _upgrade(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Format 1 (flat keys) -> 2, through :func:`~hf_qn.optim.state.convert_mlbfgs_v1`."""
+        if not is_v1(state_dict):
+            return state_dict
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        id_of = {id(p): pid for pid, p in zip(saved_ids, params)}
+        return convert_mlbfgs_v1(state_dict, id_of[id(self.blocks[0].params[0])])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        for b in self.blocks:
-            st = self.state.get(b.params[0], {})
-            if "hist_S" in st and st["hist_S"].shape[1] != b.numel:
+        for u in self.units:
+            if "history" in u.state and u.state["history"]["S"].shape[1] != u.block.numel:
                 raise ValueError(
-                    f"MLBFGS state for block {b.name!r} has {st['hist_S'].shape[1]} elements but the block has "
-                    f"{b.numel}: the block layout (blocks=, min_block_size=) differs from the saved run"
+                    f"MLBFGS state for block {u.name!r} has {u.state['history']['S'].shape[1]} elements but the "
+                    f"block has {u.block.numel}: the block layout (blocks=, min_block_size=) differs from the saved run"
                 )

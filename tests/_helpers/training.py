@@ -33,6 +33,13 @@ def loop(model: nn.Module, opt, batches, loss_fn: Callable, closure: bool = True
     return losses
 
 
+def flat_state(opt, p) -> dict[str, torch.Tensor]:
+    """The tensors of ``opt.state[p]`` by path (``"input/A"``, ``"output/H_g"``, ``"exp_avg"``, ...)."""
+    from hf_qn.optim.state import iter_tensors
+
+    return dict(iter_tensors(opt.state[p]))
+
+
 def roundtrip(state_dict) -> dict:
     """torch.save then torch.load(weights_only=True), as the Trainer does."""
     buf = io.BytesIO()

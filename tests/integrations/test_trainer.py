@@ -17,6 +17,7 @@ import hf_qn
 from hf_qn.integrations.trainer import QNTrainer, QNTrainingArguments, build_optimizer, unwrap_optimizer
 from hf_qn.optim.mlbfgs import build_blocks
 from tests._helpers.models import tiny_gpt2
+from tests._helpers.training import flat_state
 
 
 class RegressionModel(nn.Module):
@@ -309,13 +310,13 @@ def test_injected_cpu_gradscaler_poisoned_step_commits_nothing(tmp_path):
         def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
             if state.global_step == 2:
                 inner = unwrap_optimizer(optimizer)
-                snapshots["before"] = {k: v.clone() for k, v in inner.state[model.net[0].weight].items()}
+                snapshots["before"] = {k: v.clone() for k, v in flat_state(inner, model.net[0].weight).items()}
                 model.net[3].bias.grad[0] = float("inf")
 
         def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
             if state.global_step == 2:
                 inner = unwrap_optimizer(optimizer)
-                snapshots["after"] = {k: v.clone() for k, v in inner.state[model.net[0].weight].items()}
+                snapshots["after"] = {k: v.clone() for k, v in flat_state(inner, model.net[0].weight).items()}
 
     torch.manual_seed(0)
     model = RegressionModel()
@@ -329,7 +330,7 @@ def test_injected_cpu_gradscaler_poisoned_step_commits_nothing(tmp_path):
     assert inner.grad_scaler is scaler
     for k, v in snapshots["before"].items():
         assert torch.equal(v, snapshots["after"][k]), k
-    assert int(inner.state[model.net[0].weight]["qn_step"]) == 4  # 5 steps, one skipped
+    assert inner.schedule.step == 4  # 5 steps, one skipped
     assert scaler.get_scale() < 2.0**8
 
 
@@ -340,7 +341,7 @@ def test_bf16_autocast_keeps_float32_curvature(tmp_path):
                         train_dataset=regression_dataset())
     trainer.train()
     st = unwrap_optimizer(trainer.optimizer).state[model.net[0].weight]
-    assert st["H_g"].dtype == st["A"].dtype == torch.float32
+    assert st["output"]["H_g"].dtype == st["input"]["A"].dtype == torch.float32
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs[-1]["loss"] < logs[0]["loss"]
 
@@ -362,7 +363,7 @@ def test_hyperparameter_search_style_model_init_rebuilds_optimizer_and_hooks(tmp
     second = unwrap_optimizer(trainer.optimizer)
     assert second is not first
     assert second.adapters[0].module is trainer.model.net[0]
-    assert int(second.state[trainer.model.net[0].weight]["qn_step"]) == 3
+    assert second.schedule.step == 3
 
 
 @pytest.mark.parametrize("name", ["kbfgs", "mlbfgs"])

@@ -105,9 +105,9 @@ def test_steps_match_dense_reference(warm):
             torch.testing.assert_close(m_opt.bias, m_ref.bias, rtol=1e-5, atol=1e-6)
         for i, m in enumerate((model[0], model[2])):
             st = opt.state[m.weight]
-            torch.testing.assert_close(st["H_g"].double(), H_g[i], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(st["H_a"].double(), H_a[i], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(st["A"].double(), A[i], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(st["output"]["H_g"].double(), H_g[i], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(st["input"]["H_a"].double(), H_a[i], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(st["input"]["A"].double(), A[i], rtol=1e-5, atol=1e-6)
     stats = opt.statistics()
     assert stats["qn/pairs_accepted"] == 8  # 2 layers x 4 steps
 

@@ -14,7 +14,7 @@ import hf_qn
 from hf_qn.optim.mlbfgs import build_blocks
 from tests._helpers.dense import explicit_lbfgs_matrix, random_spd
 from tests._helpers.models import SmallCNN, digits_tensors, mlp, tiny_bert, tiny_gpt2, token_batch
-from tests._helpers.training import loop, mse_loss, regression_batches, roundtrip
+from tests._helpers.training import flat_state, loop, mse_loss, regression_batches, roundtrip
 
 TEXTBOOK = dict(lr=1.0, momentum=0.0, param_beta=0.0, grad_beta=0.0, update_interval=1, damp=False,
                 normalize=False, gamma="auto", blocks="model", history_dtype=torch.float64)
@@ -124,9 +124,9 @@ def test_damping_bounds_hold_for_every_stored_pair():
     loop(model, opt, regression_batches(30), mse_loss)
     checked = 0
     for b in opt.blocks:
-        st = opt.state[b.params[0]]
-        for i in range(int(st["hist_count"])):
-            s, y = st["hist_S"][i].double(), st["hist_Y"][i].double()
+        hist = opt.state[b.params[0]]["block"]["history"]
+        for i in range(int(hist["count"])):
+            s, y = hist["S"][i].double(), hist["Y"][i].double()
             mu = float(s @ y / (s @ s))
             assert 0.1 - 1e-5 <= mu <= 2.0 + 1e-5
             checked += 1
@@ -137,7 +137,7 @@ def test_nonfinite_gradient_never_enters_history():
     model = mlp()
     opt = hf_qn.MLBFGS(model, update_interval=1)
     loop(model, opt, regression_batches(3), mse_loss)
-    snap = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    snap = {id(p): {k: v.clone() for k, v in flat_state(opt, p).items()} for p in model.parameters()}
     opt.zero_grad()
     mse_loss(model, regression_batches(1)[0]).backward()
     model[0].bias.grad[0] = float("inf")
@@ -145,8 +145,7 @@ def test_nonfinite_gradient_never_enters_history():
         opt.step()
     for p in model.parameters():
         for k, v in snap[id(p)].items():
-            if k != "steps_skipped_nonfinite":
-                assert torch.equal(opt.state[p][k], v), k
+            assert torch.equal(flat_state(opt, p)[k], v), k
     assert opt.statistics()["qn/steps_skipped_nonfinite"] == 1
 
 
@@ -317,15 +316,16 @@ def test_kept_compact_matrix_is_never_stale():
         opt = hf_qn.MLBFGS(model, lr=0.05, update_interval=2, history_size=2, param_beta=0.5, grad_beta=0.5)
         for batch in batches:
             if rebuild:
-                opt.__dict__.pop("_middles", None)
+                for u in opt.units:
+                    u._middle = None
             opt.zero_grad()
             mse_loss(model, batch).backward()
             opt.step()
         assert opt.statistics()["qn/pairs_accepted"] > 2 * len(opt.blocks)  # the ring wrapped
         runs.append([p.detach().clone() for p in model.parameters()])
         if not rebuild:  # a reload drops the kept matrices: they belong to the history it replaces
-            assert opt.__dict__.get("_middles")
+            assert any(u._middle is not None for u in opt.units)
             opt.load_state_dict(roundtrip(opt.state_dict()))
-            assert "_middles" not in opt.__dict__
+            assert all(u._middle is None for u in opt.units)
     for a, b in zip(*runs):
         assert torch.equal(a, b)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import hf_qn
+from hf_qn.optim.state import iter_tensors
 from tests._helpers.models import mlp
-from tests._helpers.training import OPTIMIZERS, loop, mse_loss, regression_batches, roundtrip
+from tests._helpers.training import OPTIMIZERS, flat_state, loop, mse_loss, regression_batches, roundtrip
 
 
 def _all_tensors_or_primitives(obj) -> bool:
@@ -47,13 +48,17 @@ def test_lockstep_resume_is_bitwise(name):
     for a, b in zip(ref_model.parameters(), m2.parameters()):
         assert torch.equal(a, b)
     for p_ref, p2 in zip(ref_model.parameters(), m2.parameters()):
-        for k, v in ref_opt.state[p_ref].items():
-            v2 = o2.state[p2][k]
-            assert (torch.equal(v, v2) if torch.is_tensor(v) else v == v2), k
+        ref_state, state2 = flat_state(ref_opt, p_ref), flat_state(o2, p2)
+        assert ref_state.keys() == state2.keys()
+        for k, v in ref_state.items():
+            assert torch.equal(v, state2[k]), k
+    ref_global, global2 = dict(iter_tensors(ref_opt.state_dict()["hf_qn"])), dict(iter_tensors(sd["hf_qn"]))
+    assert ref_global.keys() == global2.keys() and ref_opt.statistics() == o2.statistics()
 
 
-def test_kbfgs_loads_a_checkpoint_with_the_old_first_stats_flag():
-    """State written before ``input_warm_start`` had ``first_stats`` (bool) where it now has a count."""
+def test_kbfgs_converts_the_oldest_flat_checkpoints_first_stats_flag():
+    """Flat-layout state written before ``input_warm_start`` had ``first_stats`` (bool) where later flat
+    layouts have ``input_batches``: the converter makes it a count of 1, and the run continues exactly."""
     batches = regression_batches(6)
     torch.manual_seed(0)
     ref_model = mlp()
@@ -65,12 +70,19 @@ def test_kbfgs_loads_a_checkpoint_with_the_old_first_stats_flag():
     o1 = OPTIMIZERS["kbfgs"](m1)
     loop(m1, o1, batches[:3], mse_loss)
     sd = roundtrip(o1.state_dict())
-    for st in sd["state"].values():
-        if "input_batches" in st:
-            st["first_stats"] = torch.tensor(bool(st.pop("input_batches")))
-    o1.load_state_dict(sd)
-    assert all("first_stats" not in st and int(st["input_batches"]) == 1 for st in o1.state.values()
-               if "qn_step" in st)
+    flat = {"param_groups": sd["param_groups"], "state": {}}  # the flat layout, as the oldest code wrote it
+    g = sd["hf_qn"]
+    for pid, st in sd["state"].items():
+        flat["state"][pid] = {
+            "A": st["input"]["A"], "H_a": st["input"]["H_a"], "H_g": st["output"]["H_g"],
+            "momentum_buffer": st["momentum_buffer"], **st["pair"], **st["counters"],
+            "first_stats": torch.tensor(True), "qn_step": g["schedule"]["step"],
+            "steps_skipped_nonfinite": g["steps_skipped_nonfinite"], "steps_rejected": g["loss_guard"]["steps_rejected"],
+            "loss_checks": g["loss_guard"]["loss_checks"], "steps_clipped": g["growth_guard"]["steps_clipped"],
+            "loss_avg": g["loss_guard"]["loss_avg"], "step_backoff": g["backoff"]["factor"],
+        }
+    o1.load_state_dict(flat)
+    assert all(int(la.state["input"]["batches"]) == 1 for la in o1.layers)
     loop(m1, o1, batches[3:], mse_loss)
     for a, b in zip(ref_model.parameters(), m1.parameters()):
         assert torch.equal(a, b)
@@ -85,17 +97,20 @@ def test_curvature_stays_float32_on_bf16_model_after_load(name):
     sd = roundtrip(opt.state_dict())
     opt2 = OPTIMIZERS[name](model)
     opt2.load_state_dict(sd)
+    keys = set()
     for p in model.parameters():
-        for k, v in opt.state[p].items():
-            if torch.is_tensor(v):
-                assert opt2.state[p][k].dtype == v.dtype, k
-                assert torch.equal(opt2.state[p][k], v), k
-    keys = {k for st in opt2.state.values() for k in st}
-    curv = {"H_g", "A", "H_a"} if name.startswith("kbfgs") and name != "kbfgsl" else {"hist_S"} if name == "mlbfgs" else {"Hg_S"}
+        loaded = flat_state(opt2, p)
+        for k, v in flat_state(opt, p).items():
+            assert loaded[k].dtype == v.dtype, k
+            assert torch.equal(loaded[k], v), k
+        keys |= set(loaded)
+    curv = {"kbfgs": {"output/H_g", "input/A", "input/H_a"}, "kbfgsl": {"output/S", "input/A"},
+            "mlbfgs": {"block/history/S"}}[name]
     assert curv <= keys
-    for st in opt2.state.values():
-        for k in curv & set(st):
-            assert st[k].dtype == torch.float32
+    for p in model.parameters():
+        for k, v in flat_state(opt2, p).items():
+            if k in curv:
+                assert v.dtype == torch.float32, k
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -104,9 +119,10 @@ def test_counters_are_tensors_and_empty_state_round_trips(name):
     opt = OPTIMIZERS[name](model)
     opt.load_state_dict(opt.state_dict())  # Accelerate does this at prepare time, with empty state
     loop(model, opt, regression_batches(3), mse_loss)
-    for st in opt.state.values():
-        for k, v in st.items():
-            assert torch.is_tensor(v), f"{k} is {type(v)}"
+    for p in model.parameters():
+        for k, v in opt.state[p].items():
+            assert torch.is_tensor(v) or isinstance(v, dict), f"{k} is {type(v)}"
+    assert all(torch.is_tensor(v) for st in opt.state.values() for _, v in iter_tensors(st))
     stats = opt.statistics()
     assert all(isinstance(v, float) for v in stats.values())
 
@@ -122,7 +138,7 @@ def test_mlbfgs_state_bytes_per_parameter(normalize, vectors):
         opt = hf_qn.MLBFGS(model, history_size=m, history_dtype=dtype, blocks="model", normalize=normalize)
         loop(model, opt, regression_batches(2, d_in=200, d_out=100), mse_loss)
         n = sum(p.numel() for p in model.parameters())
-        per_block = 2 * m * m * 8 + 7 * 8 + 1  # two m x m float64 matrices, 7 int64 counters, 1 bool
+        per_block = 2 * m * m * 8 + 5 * 8 + 1  # two m x m float64 matrices, 5 int64 counters, 1 bool
         assert opt.state_bytes() == (2 * m * hist_bytes + vectors * 4) * n + per_block
         assert opt.state_bytes() - per_block <= (2 * m + 6) * 4 * n
 

@@ -1,0 +1,217 @@
+"""Hyperparameters of K-BFGS, declared once: name, type, default, documentation and validation.
+
+:class:`KBFGSConfig` is what ``KBFGS(model, **hyperparameters)`` builds from its keyword arguments, and what
+``QNTrainingArguments(qn_args=...)`` reaches without re-declaring anything. A bad value raises ``ValueError``
+(or ``TypeError``) naming the argument and the allowed range, from ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["MATMUL_DTYPES", "KBFGSConfig", "check_range"]
+
+#: the names ``matmul_dtype`` accepts (torch dtypes or these strings); stored as the string.
+MATMUL_DTYPES = ("float32", "bfloat16", "float16")
+FALLBACKS = ("adamw", "sgd")
+
+
+def check_range(name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = True) -> None:
+    """Raise ``TypeError`` unless ``value`` is a real number, ``ValueError`` naming the argument unless it lies
+    in the interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Invalid {name}: {value!r} (must be a number)")
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi) or math.isnan(value):
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ValueError(f"Invalid {name}: {value} (must be in {lb}{lo}, {hi}{rb})")
+
+
+def check_int(name: str, value: Any, lo: int, what: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < lo:
+        raise ValueError(f"Invalid {name}: {value!r} (must be {what or 'an integer'} >= {lo})")
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, allowed))})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KBFGSConfig:
+    """The hyperparameters of :class:`~hf_qn.KBFGS` (all keyword arguments of ``KBFGS(model, ...)``).
+
+    Attributes:
+        lr: step size α of the K-BFGS part. (default: 0.3, the paper's MNIST autoencoder setting)
+        damping: total damping λ; each Kronecker factor gets √λ (input side: ``A + √λ I``; output side:
+            LM damping ``μ₂ = √λ``). (default: 0.3, the paper's MNIST setting; the official README says
+            to tune only ``lr`` and ``damping``)
+        momentum: ρ of the gradient momentum ``ĝ ← ρ ĝ + (1−ρ) g`` (no bias correction, as the
+            official code). (default: 0.9)
+        weight_decay: L2 coefficient τ added to the gradient of weights and biases before momentum,
+            as the paper (coupled, like ``torch.optim.SGD``). (default: 1e-5, the paper's)
+        stat_decay: β_A of the running average of ``A``. (default: 0.9, the paper's)
+        pair_decay: decay of the running averages of ``s`` and ``y``; 0 uses raw pairs (the paper
+            uses 0.9 for minibatches and 0 for full batch). (default: 0.9)
+        powell_mu: μ₁ of Powell damping on ``H_g``. (default: 0.2, the paper's)
+        lm_damping: ``"interpolate"`` (paper: ``y ← θy + (1−θ)s``, needs √λ < 1), ``"additive"``
+            (ASDL: ``y ← y + √λ s``) or ``"none"``. (default: ``"interpolate"``)
+        update_interval: curvature (statistics, pairs, factor updates, and the second pass) every this
+            many steps; other steps reuse the factors and cost about an SGD step. (default: 1, the
+            paper's; 10 amortizes the second pass as ASDL does with 100)
+        warmup_curvature_steps: with ``update_interval > 1``, update curvature at every one of the first
+            this many steps, while it changes fastest (the official code's KFAC baseline does the same for
+            its first 20 iterations; measured: without it, ``update_interval=10`` at lr 0.3 diverged on the
+            autoencoder within 3 epochs). (default: 20)
+        input_inverse: how ``H_a`` follows ``A``: ``"bfgs"`` (the paper's Hessian-action BFGS update, no
+            inversion after the first) or ``"cholesky"`` (re-inverted every ``inverse_interval``
+            curvature steps). (default: ``"bfgs"``)
+        inverse_interval: curvature steps between Cholesky re-inversions when
+            ``input_inverse="cholesky"``. (default: 20, the official code's KFAC setting)
+        input_warm_start: ``A`` is the plain average of the first this many curvature steps' input Grams
+            (each weighted 1/k, ``H_a`` re-inverted exactly after each) before its running average with
+            decay ``stat_decay`` starts. The official code averages ``A`` over one extra pass over the
+            training set before training; this forms that average online from the training batches,
+            without the extra pass (steps per epoch = that pass). 0 or 1: ``A`` starts from the first batch.
+            (default: 0; measured on the autoencoder, 5 seeds: no per-epoch difference beyond the
+            seed-to-seed spread, docs/design.md)
+        history_size: ``None`` for a dense BFGS ``H_g`` (K-BFGS); an integer ``p`` for an L-BFGS
+            ``H_g`` with ``p`` pairs (K-BFGS(L); the paper uses 100). (default: None)
+        pairs: ``"same_batch"`` (the paper: a second pass on the same batch at the new point, given by
+            ``closure``) or ``"consecutive"`` (no second pass: pairs from the statistics of
+            consecutive curvature steps' batches, smoothed by ``pair_decay``). (default:
+            ``"same_batch"``)
+        curvature_eps: relative curvature test ``sᵀy > eps·sᵀs·‖ḡ‖`` of the official code.
+            (default: 1e-4)
+        max_update_growth: with ``update_interval > 1`` only: if a layer's step ``‖α D‖`` would exceed
+            this many times its size at the last kept curvature step, the whole step is scaled down to that
+            bound (counted in ``steps_clipped``) and the next step updates curvature. None disables it. With
+            ``update_interval=1`` the paper's algorithm runs unchanged. (default: 2.0; measured on the
+            autoencoder at lr 0.3, ``update_interval=10``: without it the loss went to NaN within 35 steps (a
+            stale step jumped 7x, then curvature steps grew 0.1 -> 0.5 -> 9.7 relative to the weights); with
+            it, 128 at step 100, against 129 for ``update_interval=1``)
+        max_loss_increase: a guard the paper does not have, on same-batch curvature steps: a step after which
+            the batch's loss exceeds its loss before the step by more than this fraction of it is undone (no
+            pair; counted in ``steps_rejected``) and the step size is halved, growing back by 1.25x, up to the
+            full ``lr``, with every accepted curvature step (``qn/step_backoff`` in :meth:`statistics`). The
+            loss before the step costs one more pass, spent only when the loss after it is above the same bound
+            for the running average of accepted losses (``qn/loss_checks`` counts them). None disables it.
+            (default: 0.25; measured on the autoencoder at the paper's lr 0.3: without it some runs blow up
+            (loss 205 -> 287, 190 -> 320, 317 -> 1450, then 4e8 and inf within 80 steps), others do not,
+            depending on floating-point summation order)
+        kl_clip: if set, scales the step down so that ``α² Σ⟨D, ĝ⟩ ≤ kl_clip`` (kfac-pytorch's
+            KL clipping); None follows the paper. (default: None)
+        matmul_dtype: dtype of the two large products of every step, the input Gram ``Σ ā āᵀ`` of the
+            capture and the direction ``H_g ĝ H_a``; factors, their updates, sums and the momentum stay
+            float32. ``torch.bfloat16`` makes those products about 3x faster on a CPU with AVX512-BF16
+            (measured: 1000-wide GEMM 5.9 vs 19.5 ms), at about 3 significant digits; the autoencoder's
+            per-epoch loss did not change (docs/design.md). (default: float32, the paper's)
+        fallback: first-order rule for parameters no adapter takes: ``"adamw"`` or ``"sgd"``.
+            (default: ``"adamw"``)
+        fallback_lr: learning rate of the fallback. (default: 1e-3)
+        fallback_betas, fallback_eps: AdamW's. (default: (0.9, 0.999), 1e-8)
+        fallback_momentum: SGD's momentum when ``fallback="sgd"``. (default: 0.9)
+        fallback_weight_decay: decoupled (AdamW) or coupled (SGD) weight decay of the fallback.
+            (default: 0.0)
+    """
+
+    lr: float = 0.3
+    damping: float = 0.3
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    stat_decay: float = 0.9
+    pair_decay: float = 0.9
+    powell_mu: float = 0.2
+    lm_damping: str = "interpolate"
+    update_interval: int = 1
+    warmup_curvature_steps: int = 20
+    input_inverse: str = "bfgs"
+    inverse_interval: int = 20
+    input_warm_start: int = 0
+    history_size: int | None = None
+    pairs: str = "same_batch"
+    curvature_eps: float = 1e-4
+    max_update_growth: float | None = 2.0
+    max_loss_increase: float | None = 0.25
+    kl_clip: float | None = None
+    matmul_dtype: str = "float32"
+    fallback: str = "adamw"
+    fallback_lr: float = 1e-3
+    fallback_betas: tuple[float, float] = (0.9, 0.999)
+    fallback_eps: float = 1e-8
+    fallback_momentum: float = 0.9
+    fallback_weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._check_scalars()
+        self._check_structure()
+
+    def _check_scalars(self) -> None:
+        check_range("lr", self.lr, 0.0, math.inf)
+        check_range("damping", self.damping, 0.0, math.inf, lo_open=True)
+        check_range("momentum", self.momentum, 0.0, 1.0)
+        check_range("weight_decay", self.weight_decay, 0.0, math.inf)
+        check_range("stat_decay", self.stat_decay, 0.0, 1.0)
+        check_range("pair_decay", self.pair_decay, 0.0, 1.0)
+        check_range("powell_mu", self.powell_mu, 0.0, 1.0, lo_open=True)
+        check_range("curvature_eps", self.curvature_eps, 0.0, math.inf)
+        check_range("fallback_lr", self.fallback_lr, 0.0, math.inf)
+        check_range("fallback_eps", self.fallback_eps, 0.0, math.inf, lo_open=True)
+        check_range("fallback_momentum", self.fallback_momentum, 0.0, 1.0)
+        check_range("fallback_weight_decay", self.fallback_weight_decay, 0.0, math.inf)
+        if not isinstance(self.fallback_betas, (tuple, list)) or len(self.fallback_betas) != 2:
+            raise ValueError(f"Invalid fallback_betas: {self.fallback_betas!r} (must be a pair (beta1, beta2))")
+        for i, b in enumerate(self.fallback_betas):
+            check_range(f"fallback_betas[{i}]", b, 0.0, 1.0)
+        object.__setattr__(self, "fallback_betas", tuple(self.fallback_betas))
+        if self.max_update_growth is not None:
+            check_range("max_update_growth", self.max_update_growth, 1.0, math.inf, lo_open=True)
+        if self.max_loss_increase is not None:
+            check_range("max_loss_increase", self.max_loss_increase, 0.0, math.inf)
+        if self.kl_clip is not None:
+            check_range("kl_clip", self.kl_clip, 0.0, math.inf, lo_open=True)
+
+    def _check_structure(self) -> None:
+        check_choice("lm_damping", self.lm_damping, ("interpolate", "additive", "none"))
+        if self.lm_damping == "interpolate" and math.sqrt(self.damping) >= 1.0:
+            raise ValueError(
+                f"Invalid damping: {self.damping} gives mu2 = sqrt(damping) = {math.sqrt(self.damping):.3g} >= 1, "
+                "which the interpolating LM damping cannot use; pass damping < 1 or lm_damping='additive'"
+            )
+        for name, lo in (("update_interval", 1), ("warmup_curvature_steps", 0), ("inverse_interval", 1),
+                         ("input_warm_start", 0)):
+            check_int(name, getattr(self, name), lo)
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if self.history_size is not None:
+            check_int("history_size", self.history_size, 1, "None for dense BFGS, or an integer")
+            object.__setattr__(self, "history_size", int(self.history_size))
+        check_choice("input_inverse", self.input_inverse, ("bfgs", "cholesky"))
+        check_choice("pairs", self.pairs, ("same_batch", "consecutive"))
+        check_choice("fallback", self.fallback, FALLBACKS)
+        name = str(self.matmul_dtype).replace("torch.", "")
+        if name not in MATMUL_DTYPES:
+            raise ValueError(
+                f"Invalid matmul_dtype: {self.matmul_dtype!r} (must be torch.float32, torch.bfloat16 or torch.float16)"
+            )
+        object.__setattr__(self, "matmul_dtype", name)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> KBFGSConfig:
+        """``KBFGSConfig(**kwargs)``, with a ``TypeError`` that lists the known names for an unknown one."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"Unknown K-BFGS hyperparameter(s) {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**kwargs)
+
+    @property
+    def matmul_torch_dtype(self) -> torch.dtype:
+        dtype: torch.dtype = getattr(torch, self.matmul_dtype)
+        return dtype

@@ -1,0 +1,232 @@
+"""One K-BFGS curvature unit: an adapted layer with its Kronecker factors ``H_g ⊗ H_a``.
+
+A :class:`KroneckerLayer` owns (in its state dict, see :mod:`hf_qn.optim.state`)
+
+* the input side: ``A = E[ā āᵀ]`` (running average) and ``H_a ≈ (A + √λ I)⁻¹``;
+* the output side ``H_g``, held by an :class:`~hf_qn.optim.output_side.OutputSide` strategy;
+* the gradient momentum ``ĝ`` and the smoothed pair ``(s̄, ȳ)`` (with the previous statistics for
+  consecutive-batch pairs);
+* its counters.
+
+The pair and ``H_a`` updates of all layers of one width run together as the rows of one matrix
+(:func:`update_output_sides`, :func:`update_input_inverses`), with one host sync per stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..adapters import LayerAdapter
+from ..linalg import damped_cholesky_inverse, kron_precondition
+from ..linalg.batched import curvature_ok_rows, double_damping_rows
+from .output_side import OutputSide, rank2_updates
+from .state import KBFGS_LAYER_COUNTERS
+
+__all__ = ["KroneckerLayer", "PairHyper", "read_flags", "update_input_inverses", "update_output_sides"]
+
+
+class KroneckerLayer:
+    """The curvature of one adapted layer; ``state`` is that layer's entry of the optimizer state."""
+
+    def __init__(self, adapter: LayerAdapter, output: OutputSide) -> None:
+        self.adapter = adapter
+        self.output = output
+        self.state: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+    def bind(self, state: dict[str, Any]) -> None:
+        """Use ``state`` (the optimizer's entry for this layer, filled on the first step)."""
+        self.state = state
+        self.output.bind(state.get("output", {}))
+
+    def ensure_state(self) -> None:
+        """Create the state on first use: ``A = 0``, ``H_a = I``, ``H_g = I``, ``ĝ = 0``, zero pairs."""
+        if "input" in self.state:
+            return
+        ad, dev = self.adapter, self.adapter.weight.device
+        shape = (ad.d_in,) if ad.input_diagonal else (ad.d_in, ad.d_in)
+        self.state["input"] = {
+            "A": torch.zeros(shape, dtype=torch.float32, device=dev),
+            "H_a": torch.ones(ad.d_in, dtype=torch.float32, device=dev)
+            if ad.input_diagonal
+            else torch.eye(ad.d_in, dtype=torch.float32, device=dev),
+            "batches": torch.tensor(0, dtype=torch.int64),  # batches in A's plain average
+        }
+        self.state["output"] = self.output.init_state(ad.d_out, dev)
+        self.state["momentum_buffer"] = torch.zeros(ad.d_out, ad.d_in, dtype=torch.float32, device=dev)
+        self.state["pair"] = {k: torch.zeros(ad.d_out, dtype=torch.float32, device=dev)
+                              for k in ("s_avg", "y_avg", "h_prev", "g_prev")}
+        self.state["pair"]["has_prev"] = torch.tensor(False)
+        self.state["counters"] = {k: torch.tensor(0, dtype=torch.int64) for k in KBFGS_LAYER_COUNTERS}
+        self.output.bind(self.state["output"])
+
+    def count(self, key: str) -> None:
+        self.state["counters"][key] += 1
+
+    # ------------------------------------------------------------------ input side
+    def update_input_factor(
+        self, A_batch: Tensor, a_mean: Tensor, finite: bool, decay: float, warm_start: int, sqrt_lam: float
+    ) -> Tensor | None:
+        """``A ← β_A A + (1−β_A) A_batch``; the first ``max(1, warm_start)`` batches are averaged plainly
+        and ``H_a = (A + √λ I)⁻¹`` is re-inverted exactly after each. Returns ``ā`` for the Hessian-action
+        update of ``H_a`` after the step, or None when ``H_a`` is already exact (or the batch not finite)."""
+        inp = self.state["input"]
+        if not finite:
+            self.count("input_updates_skipped")
+            return None
+        n = int(inp["batches"])
+        if n < max(1, warm_start):
+            inp["A"].mul_(n / (n + 1)).add_(A_batch, alpha=1.0 / (n + 1))
+            inp["batches"].add_(1)
+            self.invert_input(sqrt_lam)
+            return None
+        inp["A"].mul_(decay).add_(A_batch, alpha=1.0 - decay)
+        return a_mean
+
+    def invert_input(self, sqrt_lam: float) -> None:
+        """``H_a = (A + √λ I)⁻¹`` (diagonal for an Embedding)."""
+        inp = self.state["input"]
+        if self.adapter.input_diagonal:
+            inp["H_a"].copy_(1.0 / (inp["A"] + sqrt_lam))
+        else:
+            inp["H_a"].copy_(damped_cholesky_inverse(inp["A"], sqrt_lam))
+
+    # ------------------------------------------------------------------ momentum and direction
+    def update_momentum(self, G: Tensor, rho: float) -> Tensor:
+        """``ĝ ← ρ ĝ + (1−ρ) G``."""
+        buf: Tensor = self.state["momentum_buffer"]
+        return buf.mul_(rho).add_(G, alpha=1.0 - rho)
+
+    def direction(self, matmul_dtype: torch.dtype) -> Tensor:
+        """``D = H_g ĝ H_a`` (the two large products in ``matmul_dtype``)."""
+        buf, H_a = self.state["momentum_buffer"], self.state["input"]["H_a"]
+        if self.output.dense_matrix is not None:
+            return kron_precondition(self.output.dense_matrix, buf, H_a, matmul_dtype)
+        return self.output.apply(kron_precondition(None, buf, H_a, matmul_dtype))
+
+
+@dataclass(frozen=True)
+class PairHyper:
+    """What the pair updates need of the configuration."""
+
+    pair_decay: float
+    powell_mu: float
+    sqrt_damping: float
+    lm_damping: str
+    curvature_eps: float
+
+
+def update_output_sides(
+    layers: list[KroneckerLayer], s_raw: list[Tensor], y_raw: list[Tensor], g_now: list[Tensor], hp: PairHyper
+) -> None:
+    """Per layer: ``s̄ ← β s̄ + (1−β) s``, ``ȳ`` likewise; double damping (Powell on ``H_g``, then
+    Levenberg-Marquardt with ``μ₂ = √λ``); the output side takes the pair if it passes
+    ``sᵀy > eps·sᵀs·‖ḡ‖``. Layers of one output width are done together as the rows of a matrix, and what
+    happened to every layer is read back with one host sync at the end."""
+    beta = hp.pair_decay
+    results = []  # per group: its layers, flags (powell, lm, kept) x L, damped pairs, the proposal
+    for rows in group_indices(layers, key=lambda la: (la.adapter.d_out, la.adapter.weight.device)):
+        group = [layers[r] for r in rows]
+        pairs = [la.state["pair"] for la in group]
+        S = torch.stack([p["s_avg"] for p in pairs]).mul_(beta)
+        S.add_(torch.stack([s_raw[r] for r in rows]).to(torch.float32), alpha=1.0 - beta)
+        Y = torch.stack([p["y_avg"] for p in pairs]).mul_(beta)
+        Y.add_(torch.stack([y_raw[r] for r in rows]).to(torch.float32), alpha=1.0 - beta)
+        torch._foreach_copy_(
+            [p["s_avg"] for p in pairs] + [p["y_avg"] for p in pairs], list(S.unbind(0)) + list(Y.unbind(0))
+        )
+        usable = torch.isfinite(S).all(-1) & torch.isfinite(Y).all(-1) & (S.abs().amax(-1) > 0)
+        Hy = torch.stack([la.output.apply(y) for la, y in zip(group, Y)])
+        d = double_damping_rows(
+            S, Y, Hy, usable, mu1=hp.powell_mu, mu2=hp.sqrt_damping, powell=True, lm=hp.lm_damping
+        )
+        grad_norm = torch.stack([g_now[r] for r in rows]).norm(dim=-1)
+        ok, sy = curvature_ok_rows(d.s, d.y, hp.curvature_eps, grad_norm)
+        ok &= usable
+        side = group[0].output
+        if side.needs_damped_products and hp.lm_damping != "none":  # y changed where LM fired
+            Hy = torch.stack([la.output.apply(y) for la, y in zip(group, d.y)])
+        kept, proposal = side.propose([la.output for la in group], d.s, d.y, Hy, sy, ok)
+        results.append((group, torch.stack([d.powell, d.lm, kept]), d, proposal))
+    for (group, _, d, proposal), flags in zip(results, read_flags([r[1] for r in results])):
+        for k, la in enumerate(group):
+            powell, lm, accepted = (f[k] for f in flags)
+            if powell:
+                la.count("powell_damped")
+            if lm:
+                la.count("lm_damped")
+            if not accepted:
+                la.count("pairs_skipped")
+                continue
+            la.output.commit(k, d.s[k], d.y[k], proposal)
+            la.count("pairs_accepted")
+
+
+def update_input_inverses(
+    layers: list[KroneckerLayer], a_means: list[Tensor | None], cholesky_interval: int | None, sqrt_lam: float,
+    curvature_eps: float,
+) -> None:
+    """Hessian-action BFGS on ``H_a`` (paper, section 3.3): ``s_a = H_a ā``, ``y_a = (A + √λ I) s_a``, then
+    the inverse-BFGS update; or, with ``cholesky_interval``, an exact re-inversion every that many curvature
+    steps. Diagonal (Embedding) factors are re-inverted exactly. Layers of one input width are updated
+    together. ``a_means[i]`` is None where ``H_a`` needs no update (just inverted, or not seen)."""
+    todo: list[tuple[KroneckerLayer, Tensor]] = []
+    for la, a_mean in zip(layers, a_means):
+        if a_mean is None:
+            continue
+        if la.adapter.input_diagonal:
+            la.invert_input(sqrt_lam)
+            continue
+        if cholesky_interval is not None:
+            inp = la.state["input"]
+            inp["inverse_countdown"] = inp.get("inverse_countdown", torch.tensor(0)) - 1
+            if int(inp["inverse_countdown"]) <= 0:
+                inp["inverse_countdown"].fill_(cholesky_interval)
+                la.invert_input(sqrt_lam)
+            continue
+        todo.append((la, a_mean))
+    results = []
+    for rows in group_indices(todo, key=lambda t: (t[1].shape[0], t[1].device)):
+        inputs = [todo[r][0].state["input"] for r in rows]
+        a = torch.stack([todo[r][1] for r in rows])
+        s_a = torch.stack([inp["H_a"] @ a_k for inp, a_k in zip(inputs, a)])
+        y_a = torch.stack([inp["A"] @ s_k for inp, s_k in zip(inputs, s_a)]) + sqrt_lam * s_a
+        ok, sy = curvature_ok_rows(s_a, y_a, curvature_eps, a.norm(dim=-1))
+        Hy = torch.stack([inp["H_a"] @ y_k for inp, y_k in zip(inputs, y_a)])
+        new, finite = rank2_updates([inp["H_a"] for inp in inputs], s_a, y_a, Hy, sy)
+        results.append(([todo[r][0] for r in rows], new, (ok & finite).unsqueeze(0)))
+    for (group, new, _), flags in zip(results, read_flags([r[2] for r in results])):
+        for la, H_new, accepted in zip(group, new, flags[0]):
+            if accepted:
+                la.state["input"]["H_a"] = H_new
+            else:
+                la.count("input_updates_skipped")
+
+
+def read_flags(flags: list[Tensor]) -> list[list[list[bool]]]:
+    """Boolean masks of several groups, read on the host with one sync."""
+    if not flags:
+        return []
+    dev = flags[0].device
+    values = torch.cat([f.to(dev) for f in flags], dim=1).tolist()
+    out, start = [], 0
+    for f in flags:
+        out.append([row[start : start + f.shape[1]] for row in values])
+        start += f.shape[1]
+    return out
+
+
+def group_indices(items: list[Any], key: Callable[[Any], Any]) -> list[list[int]]:
+    """Indices of ``items`` grouped by ``key``, groups and members in first-seen order."""
+    groups: dict[Any, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    return list(groups.values())

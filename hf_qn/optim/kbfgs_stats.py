@@ -1,0 +1,84 @@
+"""K-BFGS's batch statistics: captured row sums turned into means, all-reduced over ranks.
+
+``A = Σ ā āᵀ / R``, ``ā = Σ ā / R`` (input side, float32), ``h̄ = Σ h / R_h``, ``ḡ = Σ ∂L/∂h`` averaged over
+ranks (output side, float64): the ingredients of one curvature step (paper, Algorithm 1, lines 4 and 9).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..adapters import LayerAdapter
+from ..capture import LayerStats
+from ..distributed import all_reduce_sum_, world_size
+
+__all__ = ["LayerMeans", "reduce_statistics"]
+
+
+class LayerMeans(NamedTuple):
+    """One layer's means over a batch (``A``, ``a``, ``a_rows`` are None for a second pass)."""
+
+    h: Tensor
+    g: Tensor
+    h_rows: Tensor
+    A: Tensor | None = None
+    a: Tensor | None = None
+    a_rows: Tensor | None = None
+
+
+def _check_seen(adapters: list[LayerAdapter], stats: list[LayerStats], what: str, expect: list[bool] | None) -> None:
+    """A layer with a gradient (or listed in ``expect``) must have been seen by its hooks."""
+    for i, (ad, st) in enumerate(zip(adapters, stats)):
+        needed = ad.weight.grad is not None if expect is None else expect[i]
+        if needed and (st.forward_calls == 0 or st.g_sum is None):
+            raise RuntimeError(
+                f"KBFGS: the hooks of layer {ad.name!r} did not fire during the {what} although it has a "
+                "gradient. Its weight is probably used functionally (e.g. nn.MultiheadAttention.out_proj) or "
+                "the forward ran in eval mode / under no_grad. Exclude it: KBFGS(model, "
+                f"policy=hf_qn.LayerPolicy(exclude=[r'{ad.name}']))"
+            )
+
+
+def reduce_statistics(
+    adapters: list[LayerAdapter], stats: list[LayerStats], with_inputs: bool, what: str,
+    expect: list[bool] | None = None,
+) -> list[LayerMeans]:
+    """Sums -> means, all-reduced (one collective for every layer). ``what`` names the pass for errors."""
+    _check_seen(adapters, stats, what, expect)
+    # every layer's row counts in one tensor: one host-to-device copy, one all-reduce entry
+    home = adapters[0].weight.device
+    counts = torch.tensor([[float(st.a_rows), float(st.h_rows)] for st in stats], dtype=torch.float64, device=home)
+    tensors: list[Tensor] = [counts]
+    for ad, st in zip(adapters, stats):
+        dev = ad.weight.device
+        if st.h_sum is None or st.g_sum is None:  # a layer that did not take part in this pass
+            st.h_sum = torch.zeros(ad.d_out, dtype=torch.float64, device=dev)
+            st.g_sum = torch.zeros(ad.d_out, dtype=torch.float64, device=dev)
+        tensors += [st.h_sum, st.g_sum]
+        if with_inputs:
+            if st.A_sum is None:
+                shape = (ad.d_in,) if ad.input_diagonal else (ad.d_in, ad.d_in)
+                st.A_sum = torch.zeros(shape, device=dev)
+            if st.a_sum is None:
+                st.a_sum = torch.zeros(ad.d_in, device=dev)
+            tensors += [st.A_sum, st.a_sum]
+    all_reduce_sum_(tensors)
+    ws = float(world_size())
+    divisors = counts.clamp(min=1)
+    divisors32 = divisors.float()
+    out = []
+    per = 4 if with_inputs else 2
+    for i, ad in enumerate(adapters):
+        h_sum, g_sum = tensors[1 + per * i : 3 + per * i]
+        to = ad.weight.device
+        h, g, h_rows = h_sum / divisors[i, 1].to(to), (g_sum if ws == 1.0 else g_sum / ws), counts[i, 1].to(to)
+        if not with_inputs:
+            out.append(LayerMeans(h, g, h_rows))
+            continue
+        A_sum, a_sum = tensors[3 + per * i : 5 + per * i]
+        div = divisors32[i, 0].to(to)
+        out.append(LayerMeans(h, g, h_rows, A_sum / div, a_sum / div, counts[i, 0].to(to)))
+    return out

@@ -1,0 +1,87 @@
+"""The state layout is a contract (``hf_qn.optim.state``): every key, its nesting and dtype, pinned here.
+
+A change to this file is a change of checkpoint format: bump ``FORMAT`` and extend the converter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_qn
+from hf_qn.optim.state import FORMAT, iter_tensors
+from tests._helpers.models import mlp
+from tests._helpers.training import loop, mse_loss, regression_batches, roundtrip
+
+I64, F32, F64, BOOL = torch.int64, torch.float32, torch.float64, torch.bool
+KBFGS_GLOBAL = {
+    "schedule/step": I64, "schedule/refresh_next": BOOL, "steps_skipped_nonfinite": I64,
+    "growth_guard/ref_step_sizes": F32, "growth_guard/steps_clipped": I64, "loss_guard/loss_checks": I64,
+    "loss_guard/steps_rejected": I64, "loss_guard/loss_avg": F64, "backoff/factor": F32,
+}
+LAYER_COMMON = {
+    "input/A": F32, "input/H_a": F32, "input/batches": I64, "momentum_buffer": F32, "pair/s_avg": F32,
+    "pair/y_avg": F32, "pair/h_prev": F32, "pair/g_prev": F32, "pair/has_prev": BOOL,
+    "counters/pairs_accepted": I64, "counters/pairs_skipped": I64, "counters/powell_damped": I64,
+    "counters/lm_damped": I64, "counters/input_updates_skipped": I64,
+}
+HISTORY = {"S": F32, "Y": F32, "SY": F64, "YY": F64, "count": I64, "head": I64}
+DENSE_LAYER = {**LAYER_COMMON, "output/H_g": F32}
+LBFGS_LAYER = {**LAYER_COMMON, **{f"output/{k}": v for k, v in HISTORY.items()}}
+ADAMW = {"step": F32, "exp_avg": F32, "exp_avg_sq": F32}
+MLBFGS_PARAM = {k: F32 for k in ("param_avg", "grad_avg", "param_avg_prev", "grad_avg_prev", "momentum_buffer",
+                                 "exp_avg_sq")}
+MLBFGS_FIRST = {**MLBFGS_PARAM, **{f"block/history/{k}": v for k, v in HISTORY.items()}, "block/has_prev": BOOL,
+                "block/counters/pairs_accepted": I64, "block/counters/pairs_skipped": I64,
+                "block/counters/pairs_damped": I64}
+
+# mlp(): Linear 6->8 (ids 0, 1), Linear 8->5 (2, 3), Linear 5->3 (4, 5); state on each layer's weight.
+CASES = {
+    "kbfgs_dense_cholesky_with_fallback": (
+        lambda m: hf_qn.KBFGS(m, lr=0.1, input_inverse="cholesky", policy=hf_qn.LayerPolicy(exclude=[r"^2$"])),
+        {"optimizer": "KBFGS", "output_side": "dense"}, KBFGS_GLOBAL,
+        {0: {**DENSE_LAYER, "input/inverse_countdown": I64}, 2: {**DENSE_LAYER, "input/inverse_countdown": I64},
+         4: ADAMW, 5: ADAMW},
+    ),
+    "kbfgsl": (
+        lambda m: hf_qn.KBFGSL(m, history_size=3), {"optimizer": "KBFGS", "output_side": "lbfgs"}, KBFGS_GLOBAL,
+        {0: LBFGS_LAYER, 2: LBFGS_LAYER, 4: LBFGS_LAYER},
+    ),
+    "mlbfgs": (
+        lambda m: hf_qn.MLBFGS(m, update_interval=1, history_size=3), {"optimizer": "MLBFGS"},
+        {"step": I64, "steps_skipped_nonfinite": I64},
+        {0: MLBFGS_FIRST, 1: MLBFGS_PARAM, 2: MLBFGS_FIRST, 3: MLBFGS_PARAM, 4: MLBFGS_FIRST, 5: MLBFGS_PARAM},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_state_dict_layout_is_the_documented_one(case):
+    make, meta, global_keys, per_param = CASES[case]
+    torch.manual_seed(0)
+    model = mlp()
+    opt = make(model)
+    loop(model, opt, regression_batches(3), mse_loss)
+    sd = roundtrip(opt.state_dict())  # weights_only=True
+    assert set(sd) == {"state", "param_groups", "hf_qn"}
+    g = sd["hf_qn"]
+    assert {k: v for k, v in g.items() if not isinstance(v, dict | torch.Tensor)} == {"format": FORMAT, **meta}
+    assert {k: v.dtype for k, v in iter_tensors(g)} == global_keys
+    assert {pid: {k: v.dtype for k, v in iter_tensors(st)} for pid, st in sd["state"].items()} == per_param
+    for _, v in iter_tensors(sd):
+        if v.dtype in (I64, BOOL) and v.dim() == 0:
+            assert v.device.type == "cpu"
+
+
+def test_kbfgs_refuses_the_other_output_side_and_another_optimizer():
+    torch.manual_seed(0)
+    model = mlp()
+    dense, lbfgs, ml = hf_qn.KBFGS(model), hf_qn.KBFGSL(model, history_size=3), hf_qn.MLBFGS(model)
+    loop(model, dense, regression_batches(2), mse_loss)
+    with pytest.raises(ValueError, match="'dense' output-side factors"):
+        lbfgs.load_state_dict(roundtrip(dense.state_dict()))
+    with pytest.raises(ValueError, match="written by KBFGS, not by MLBFGS"):
+        ml.load_state_dict(roundtrip(dense.state_dict()))
+    adamw = torch.optim.AdamW(model.parameters())
+    loop(model, adamw, regression_batches(1), mse_loss, closure=False)
+    with pytest.raises(ValueError, match="not written by an hf_qn optimizer"):
+        dense.load_state_dict(roundtrip(adamw.state_dict()))
