@@ -154,7 +154,7 @@ def make_runner(name: str, model: nn.Module, lr: float | None, args: BenchmarkAr
             extra["matmul_dtype"] = torch.bfloat16
         if name == "kbfgs_consecutive":
             extra["pairs"] = "consecutive"
-        opt = cls(model, lr=lr or kbfgs_row_lr(name, args), damping=args.kbfgs_damping, weight_decay=0.0, **extra)
+        opt = cls(model, lr=lr or kbfgs_row_lr(name, args), damping=args.kbfgs_damping, l2=0.0, **extra)
 
         def step(x: torch.Tensor) -> float:
             opt.zero_grad()
@@ -182,7 +182,7 @@ def make_runner(name: str, model: nn.Module, lr: float | None, args: BenchmarkAr
         elif name == "mlbfgs":
             opt = hf_qn.MLBFGS(model, lr=lr or 1e-3)
         elif name == "mlbfgs_unit":  # the official code's unit-norm direction and hf_qn's earlier defaults
-            opt = hf_qn.MLBFGS(model, lr=lr or 0.1, normalize="unit", param_beta=0.9, grad_beta=0.9,
+            opt = hf_qn.MLBFGS(model, lr=lr or 0.1, normalize="unit", param_decay=0.9, grad_decay=0.9,
                                update_interval=10)
         else:
             import heavyball

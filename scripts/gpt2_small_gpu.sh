@@ -19,7 +19,7 @@ run() { python scripts/causal_lm.py "${COMMON[@]}" "$@"; }
 
 run --bf16 --max_steps "$STEPS" --optimizers adamw mlbfgs kbfgs --lr_sweep mlbfgs=3e-5,1e-4,3e-4 \
     --output_dir "$OUT_DIR/bf16" --card_title "GPT-2 small (124M) on the Lee corpus, bf16, GPU"
-run --bf16 --max_steps "$STEPS" --optimizers kbfgs --qn_update_interval 10 --qn_matmul_dtype bfloat16 \
+run --bf16 --max_steps "$STEPS" --optimizers kbfgs --qn_args "update_interval=10,matmul_dtype=bfloat16" \
     --output_dir "$OUT_DIR/bf16-kbfgs-interval10" --card_title "GPT-2 small, K-BFGS every 10 steps, bf16, GPU"
 run --fp16 --max_steps "$STEPS" --optimizers adamw mlbfgs kbfgs --output_dir "$OUT_DIR/fp16" \
     --card_title "GPT-2 small (124M) on the Lee corpus, fp16 with GradScaler, GPU"

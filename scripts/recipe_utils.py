@@ -23,7 +23,8 @@ from transformers import TrainerCallback
 
 from hf_qn.distributed import shutdown
 from hf_qn.integrations.model_card import write_benchmark_card
-from hf_qn.integrations.trainer import QNTrainer, QNTrainingArguments, unwrap_optimizer
+from hf_qn.integrations.trainer import _LEGACY_FLAGS, QNTrainer, QNTrainingArguments, parse_qn_args, unwrap_optimizer
+from hf_qn.optim.config import KBFGSConfig, MLBFGSConfig
 
 logger = logging.getLogger("hf_qn.recipes")
 
@@ -133,12 +134,17 @@ class TrainTimeCallback(TrainerCallback):
 def optimizer_args(base: QNTrainingArguments, name: str, lr: float, output_dir: str) -> QNTrainingArguments:
     """The TrainingArguments for one optimizer of the comparison."""
     changes: dict[str, Any] = dict(output_dir=output_dir, learning_rate=lr)
+    # qn_args serves every optimizer of the comparison: each gets the names its configuration has
+    config = MLBFGSConfig if name == "mlbfgs" else KBFGSConfig
+    own = {f.name for f in fields(config)}
+    changes["qn_args"] = {k: v for k, v in parse_qn_args(base.qn_args).items() if k in own}
     if name in ("kbfgs", "kbfgs_l", "mlbfgs"):
         changes["qn_optimizer"] = name
     else:
-        changes.update(qn_optimizer=None, optim="adamw_torch" if name == "adamw" else "sgd")
-    # Re-run the constructor (and its validation) from the init fields rather than mutating in place.
-    values = {f.name: getattr(base, f.name) for f in fields(base) if f.init}
+        changes.update(qn_optimizer=None, optim="adamw_torch" if name == "adamw" else "sgd", qn_args={})
+    # Re-run the constructor (and its validation) from the init fields rather than mutating in place; the
+    # deprecated per-hyperparameter flags are already in qn_args.
+    values = {f.name: getattr(base, f.name) for f in fields(base) if f.init and f.name not in _LEGACY_FLAGS}
     values.update(changes)
     return type(base)(**values)
 

@@ -15,9 +15,13 @@ calls ``optimizer.eval()``, which stops statistic capture).
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import json
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,26 +30,76 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from ..adapters import LayerPolicy
+from ..optim.config import KBFGSConfig, MLBFGSConfig
 from ..optim.factories import KBFGSFactory, MLBFGSFactory
-from ..optim.kbfgs import KBFGS, KBFGSL, MATMUL_DTYPES
+from ..optim.kbfgs import KBFGS, KBFGSL
 from ..optim.mlbfgs import MLBFGS
 
-__all__ = ["QN_OPTIMIZERS", "KBFGSFactory", "MLBFGSFactory", "QNTrainer", "QNTrainingArguments", "build_optimizer"]
+__all__ = [
+    "QN_OPTIMIZERS", "KBFGSFactory", "MLBFGSFactory", "QNTrainer", "QNTrainingArguments", "build_optimizer",
+    "parse_qn_args",
+]
 
 logger = logging.getLogger(__name__)
 
 QN_OPTIMIZERS = ("kbfgs", "kbfgs_l", "mlbfgs")
 
 
-@dataclass
-class QNTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the hf_qn optimizer and its hyperparameters (all ``--qn_*`` flags).
+#: flags of earlier versions, each now a key of ``qn_args`` (accepted with a FutureWarning).
+_LEGACY_FLAGS = {
+    "qn_damping": "damping", "qn_momentum": "momentum", "qn_update_interval": "update_interval",
+    "qn_history_size": "history_size", "qn_stat_decay": "factor_decay", "qn_pair_decay": "pair_decay",
+    "qn_powell_mu": "powell_mu", "qn_lm_damping": "lm_damping", "qn_input_inverse": "input_inverse",
+    "qn_inverse_interval": "inverse_interval", "qn_input_warm_start": "input_warm_start", "qn_pairs": "pairs",
+    "qn_kl_clip": "kl_clip", "qn_max_loss_increase": "max_loss_increase", "qn_fallback_lr": "fallback_lr",
+    "qn_param_beta": "param_decay", "qn_grad_beta": "grad_decay", "qn_sigma_low": "sigma_low",
+    "qn_sigma_high": "sigma_high", "qn_normalize": "normalize", "qn_blocks": "blocks",
+    "qn_min_block_size": "min_block_size", "qn_history_dtype": "history_dtype", "qn_matmul_dtype": "matmul_dtype",
+}
 
-    ``learning_rate`` is the quasi-Newton step size (K-BFGS's paper value is 0.3, mL-BFGS's 0.1) and
-    ``weight_decay`` its weight decay (L2 for K-BFGS, decoupled for mL-BFGS). A ``None`` hyperparameter
-    means the optimizer's documented default. ``max_grad_norm`` defaults to 0 here: quasi-Newton steps
+
+@dataclass
+class _LegacyQNFlags:
+    """The per-hyperparameter ``--qn_*`` flags of earlier versions; use ``qn_args`` instead."""
+
+    qn_damping: float | None = None
+    qn_momentum: float | None = None
+    qn_update_interval: int | None = None
+    qn_history_size: int | None = None
+    qn_stat_decay: float | None = None
+    qn_pair_decay: float | None = None
+    qn_powell_mu: float | None = None
+    qn_lm_damping: str | None = None
+    qn_input_inverse: str | None = None
+    qn_inverse_interval: int | None = None
+    qn_input_warm_start: int | None = None
+    qn_pairs: str | None = None
+    qn_kl_clip: float | None = None
+    qn_max_loss_increase: float | None = None
+    qn_fallback_lr: float | None = None
+    qn_param_beta: float | None = None
+    qn_grad_beta: float | None = None
+    qn_sigma_low: float | None = None
+    qn_sigma_high: float | None = None
+    qn_normalize: str | None = None
+    qn_blocks: str | None = None
+    qn_min_block_size: int | None = None
+    qn_history_dtype: str | None = None
+    qn_matmul_dtype: str | None = None
+
+
+@dataclass
+class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
+    """``TrainingArguments`` plus the hf_qn optimizer: ``qn_optimizer`` picks it and ``qn_args`` sets any of
+    its hyperparameters (the fields of :class:`~hf_qn.optim.config.KBFGSConfig` or
+    :class:`~hf_qn.optim.config.MLBFGSConfig`), e.g. ``--qn_args "damping=0.2,update_interval=10"`` or a JSON
+    object; in Python also a dict.
+
+    ``learning_rate`` is the quasi-Newton step size and ``weight_decay`` its regularisation (K-BFGS's coupled
+    ``l2``, mL-BFGS's decoupled ``weight_decay``). ``max_grad_norm`` defaults to 0 here: quasi-Newton steps
     scale themselves, and clipping the raw gradient would change mL-BFGS's curvature pairs (K-BFGS's pairs
-    come from pre-activation statistics, which clipping does not touch).
+    come from pre-activation statistics, which clipping does not touch). The per-hyperparameter ``--qn_*``
+    flags of earlier versions still work, with a FutureWarning, and are merged into ``qn_args``.
     """
 
     max_grad_norm: float = field(
@@ -56,145 +110,107 @@ class QNTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": f"hf_qn optimizer: one of {QN_OPTIMIZERS}; None uses the Trainer's `optim`."},
     )
-    qn_damping: float | None = field(default=None, metadata={"help": "K-BFGS damping lambda (default 0.3)."})
-    qn_momentum: float | None = field(default=None, metadata={"help": "Gradient momentum (default 0.9)."})
-    qn_update_interval: int | None = field(
-        default=None, metadata={"help": "Steps between curvature updates (K-BFGS 1, mL-BFGS 20)."}
-    )
-    qn_history_size: int | None = field(
-        default=None, metadata={"help": "L-BFGS pairs kept (K-BFGS(L) 100, mL-BFGS 10)."}
-    )
-    qn_stat_decay: float | None = field(default=None, metadata={"help": "K-BFGS input-factor decay (0.9)."})
-    qn_pair_decay: float | None = field(default=None, metadata={"help": "K-BFGS pair decay (0.9)."})
-    qn_powell_mu: float | None = field(default=None, metadata={"help": "K-BFGS Powell mu1 (0.2)."})
-    qn_lm_damping: str | None = field(default=None, metadata={"help": "interpolate | additive | none."})
-    qn_input_inverse: str | None = field(default=None, metadata={"help": "K-BFGS H_a: bfgs | cholesky."})
-    qn_inverse_interval: int | None = field(default=None, metadata={"help": "Cholesky re-inversion interval."})
-    qn_input_warm_start: int | None = field(
-        default=None, metadata={"help": "K-BFGS: curvature steps whose input Grams are plainly averaged (0)."}
-    )
-    qn_pairs: str | None = field(default=None, metadata={"help": "K-BFGS pairs: same_batch | consecutive."})
-    qn_kl_clip: float | None = field(default=None, metadata={"help": "K-BFGS KL clip (off by default)."})
-    qn_max_loss_increase: float | None = field(
+    qn_args: dict[str, Any] | str | None = field(
         default=None,
-        metadata={"help": "K-BFGS loss guard: undo a step that raises its batch's loss by more than this fraction "
-                  "(default 0.25; inf turns the guard off)."},
+        metadata={"help": "Hyperparameters of the hf_qn optimizer: 'name=value,name=value' or a JSON object, with "
+                  "the names of KBFGSConfig / MLBFGSConfig (e.g. 'damping=0.2,update_interval=10')."},
     )
-    qn_fallback_lr: float = field(
-        default=1e-3, metadata={"help": "AdamW lr of the parameters K-BFGS does not precondition."}
-    )
-    qn_max_dim: int = field(default=4096, metadata={"help": "Largest Kronecker factor dimension adapted."})
+    qn_max_dim: int = field(default=4096, metadata={"help": "K-BFGS: largest Kronecker factor dimension adapted."})
     qn_exclude: list[str] = field(
-        default_factory=list, metadata={"help": "Regexes of module names K-BFGS must not adapt."}
-    )
-    qn_param_beta: float | None = field(default=None, metadata={"help": "mL-BFGS parameter EMA (0.99)."})
-    qn_grad_beta: float | None = field(default=None, metadata={"help": "mL-BFGS gradient EMA (0.99)."})
-    qn_sigma_low: float | None = field(default=None, metadata={"help": "mL-BFGS damping lower bound."})
-    qn_sigma_high: float | None = field(default=None, metadata={"help": "mL-BFGS damping upper bound."})
-    qn_normalize: str | None = field(default=None, metadata={"help": "mL-BFGS direction: adam | unit | grad | none."})
-    qn_blocks: str | None = field(
-        default=None, metadata={"help": "mL-BFGS blocks: layer | param | model | a chunk size in elements."}
-    )
-    qn_min_block_size: int | None = field(
-        default=None, metadata={"help": "mL-BFGS: merge consecutive blocks smaller than this many elements (0)."}
-    )
-    qn_history_dtype: str = field(default="float32", metadata={"help": "mL-BFGS history: float32 | bfloat16."})
-    qn_matmul_dtype: str = field(
-        default="float32",
-        metadata={"help": "K-BFGS dtype of the per-step Gram and H_g G H_a products: float32 | bfloat16 | float16."},
+        default_factory=list, metadata={"help": "K-BFGS: regexes of module names not to adapt."}
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.qn_optimizer is not None and self.qn_optimizer not in QN_OPTIMIZERS:
             raise ValueError(f"Invalid qn_optimizer: {self.qn_optimizer!r} (must be one of {QN_OPTIMIZERS} or None)")
-        if self.qn_blocks is not None:
-            _blocks_arg(self.qn_blocks)  # raises on a bad value
-        if self.qn_min_block_size is not None and self.qn_min_block_size < 0:
-            raise ValueError(f"Invalid qn_min_block_size: {self.qn_min_block_size} (must be >= 0)")
-        if self.qn_history_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"Invalid qn_history_dtype: {self.qn_history_dtype!r} (must be float32 or bfloat16)")
-        if self.qn_matmul_dtype not in MATMUL_DTYPES:
-            raise ValueError(
-                f"Invalid qn_matmul_dtype: {self.qn_matmul_dtype!r} (must be one of {', '.join(MATMUL_DTYPES)})"
-            )
+        hyper = parse_qn_args(self.qn_args)
+        for flag, name in _LEGACY_FLAGS.items():
+            value = getattr(self, flag)
+            if value is None:
+                continue
+            warnings.warn(f"--{flag} is deprecated: pass --qn_args '{name}={value}'", FutureWarning, stacklevel=3)
+            if flag == "qn_max_loss_increase" and math.isinf(value):
+                value = None  # the old flag's way to turn the guard off
+            if flag == "qn_blocks" and value.isdigit():
+                value = int(value)  # a chunk size
+            hyper.setdefault(name, value)
+        self.qn_args = hyper
+        if self.qn_optimizer is not None:
+            optimizer_config(self.qn_optimizer, hyper)  # a bad name or value fails here, naming it
+        else:  # no optimizer chosen yet: each value against the optimizer that has it
+            for key, value in hyper.items():
+                kbfgs = key in {f.name for f in dataclasses.fields(KBFGSConfig)}
+                optimizer_config("kbfgs" if kbfgs else "mlbfgs", {key: value})
 
 
-def _blocks_arg(value: str) -> str | int:
-    """``--qn_blocks`` as :func:`~hf_qn.optim.mlbfgs.build_blocks` takes it: a mode name, or a chunk size."""
-    if value in ("layer", "param", "model"):
-        return value
-    if value.isdigit() and int(value) >= 1:
-        return int(value)
-    raise ValueError(f"Invalid qn_blocks: {value!r} (must be layer, param, model or a chunk size >= 1)")
+def parse_qn_args(value: dict[str, Any] | str | None) -> dict[str, Any]:
+    """``qn_args`` as a dict: ``None``, a dict, a JSON object, or ``name=value,name=value`` (values read as
+    Python literals where they are one: ``0.2``, ``None``, ``True``, ``(0.9, 0.99)``; otherwise strings)."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    text = value.strip()
+    if text.startswith("{"):
+        parsed = json.loads(text)
+        if not isinstance(parsed, dict):
+            raise ValueError(f"Invalid qn_args: {value!r} (a JSON object or 'name=value,...')")
+        return parsed
+    out: dict[str, Any] = {}
+    for item in re.split(r",(?![^()\[\]]*[)\]])", text) if text else []:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"Invalid qn_args item {item!r} in {value!r} (expected name=value)")
+        try:
+            out[name.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            out[name.strip()] = raw.strip()
+    return out
 
 
-def _opt(kwargs: dict[str, Any], **values: Any) -> dict[str, Any]:
-    kwargs.update({k: v for k, v in values.items() if v is not None})
-    return kwargs
+def optimizer_config(name: str, hyper: dict[str, Any]) -> KBFGSConfig | MLBFGSConfig:
+    """The validated configuration of optimizer ``name`` with the hyperparameters ``hyper``."""
+    if name in ("kbfgs", "kbfgs_l"):
+        if name == "kbfgs_l":
+            hyper = {"history_size": 100, **hyper}
+        try:
+            return KBFGSConfig.from_kwargs(**hyper)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"Invalid qn_args for {name}: {e}") from e
+    if name == "mlbfgs":
+        try:
+            return MLBFGSConfig.from_kwargs(**hyper)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"Invalid qn_args for {name}: {e}") from e
+    raise ValueError(f"Invalid qn_optimizer: {name!r} (must be one of {QN_OPTIMIZERS})")
 
 
 def build_optimizer(
     name: str, model: nn.Module, args: QNTrainingArguments, no_decay: set[str] | None = None
 ) -> torch.optim.Optimizer:
-    """Build the hf_qn optimizer ``name`` for ``model`` from ``args`` (honouring a no-decay name set)."""
+    """Build the hf_qn optimizer ``name`` for ``model`` from ``args`` (honouring a no-decay name set):
+    ``learning_rate`` and ``weight_decay`` from the Trainer's arguments, everything else from ``qn_args``."""
     no_decay = no_decay or set()
+    hyper = parse_qn_args(args.qn_args)
     if name in ("kbfgs", "kbfgs_l"):
-        kw = _opt(
-            {},
-            lr=args.learning_rate,
-            weight_decay=args.weight_decay,
-            damping=args.qn_damping,
-            momentum=args.qn_momentum,
-            update_interval=args.qn_update_interval,
-            stat_decay=args.qn_stat_decay,
-            pair_decay=args.qn_pair_decay,
-            powell_mu=args.qn_powell_mu,
-            lm_damping=args.qn_lm_damping,
-            input_inverse=args.qn_input_inverse,
-            inverse_interval=args.qn_inverse_interval,
-            input_warm_start=args.qn_input_warm_start,
-            pairs=args.qn_pairs,
-            kl_clip=args.qn_kl_clip,
-            matmul_dtype=args.qn_matmul_dtype,
-            fallback_lr=args.qn_fallback_lr,
-        )
-        if args.qn_max_loss_increase is not None:
-            kw["max_loss_increase"] = None if math.isinf(args.qn_max_loss_increase) else args.qn_max_loss_increase
-        if name == "kbfgs_l" and args.qn_history_size is not None:
-            kw["history_size"] = args.qn_history_size
+        cfg = optimizer_config(name, {"lr": args.learning_rate, "l2": args.weight_decay, **hyper})
         policy = LayerPolicy(exclude=tuple(args.qn_exclude), max_dim=args.qn_max_dim)
         cls = KBFGSL if name == "kbfgs_l" else KBFGS
-        return cls(model, no_decay=sorted(no_decay), policy=policy, **kw)
+        return cls(model, no_decay=sorted(no_decay), policy=policy, config=cfg)  # type: ignore[arg-type]
     if name == "mlbfgs":
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = []
         for decay in (True, False):
             sel = [(n, p) for n, p in named if (n not in no_decay) == decay]
             if sel:
-                groups.append(
-                    {
-                        "params": [p for _, p in sel],
-                        "param_names": [n for n, _ in sel],
-                        "weight_decay": args.weight_decay if decay else 0.0,
-                    }
-                )
-        kw = _opt(
-            {},
-            lr=args.learning_rate,
-            momentum=args.qn_momentum,
-            history_size=args.qn_history_size,
-            update_interval=args.qn_update_interval,
-            param_beta=args.qn_param_beta,
-            grad_beta=args.qn_grad_beta,
-            sigma_low=args.qn_sigma_low,
-            sigma_high=args.qn_sigma_high,
-            normalize=args.qn_normalize,
-            blocks=None if args.qn_blocks is None else _blocks_arg(args.qn_blocks),
-            min_block_size=args.qn_min_block_size,
-        )
-        kw["history_dtype"] = getattr(torch, args.qn_history_dtype)
-        return MLBFGS(groups, **kw)
+                groups.append({
+                    "params": [p for _, p in sel],
+                    "param_names": [n for n, _ in sel],
+                    "weight_decay": args.weight_decay if decay else 0.0,
+                })
+        cfg = optimizer_config(name, {"lr": args.learning_rate, "weight_decay": args.weight_decay, **hyper})
+        return MLBFGS(groups, config=cfg)  # type: ignore[arg-type]
     raise ValueError(f"Invalid qn_optimizer: {name!r} (must be one of {QN_OPTIMIZERS})")
 
 
@@ -300,7 +316,7 @@ class QNTrainer(Trainer):
             return
         with open(path) as f:
             text = f.read()
-        hp = inner.hparams if isinstance(inner, KBFGS) else dict(inner.defaults)
+        hp = dataclasses.asdict(inner.config)
         desc = f"hf_qn.{type(inner).__name__} with " + ", ".join(f"{k}={v}" for k, v in sorted(hp.items()))
         if isinstance(inner, KBFGS):
             desc += f"; fallback for {len(inner.assignment.fallback)} non-adapted parameters"

@@ -82,7 +82,7 @@ class KBFGS(QNOptimizerBase):
                 f"KBFGS needs the model (an nn.Module) to find its layers, got {type(model).__name__}; "
                 "use hf_qn.MLBFGS for a plain iterable of parameters"
             )
-        cfg = KBFGSConfig.from_kwargs(**{**dataclasses.asdict(config or KBFGSConfig()), **hyperparameters})
+        cfg = KBFGSConfig.from_kwargs(config, **hyperparameters)
         assignment = assign_layers(model, policy)
         if not assignment.adapters:
             raise ValueError(
@@ -122,9 +122,9 @@ class KBFGS(QNOptimizerBase):
         qn_dec, qn_nod = split(assignment.adapted_parameters())
         fb_dec, fb_nod = split(assignment.fallback_parameters())
         groups: list[dict[str, Any]] = []
-        for ps, wd in ((qn_dec, cfg.weight_decay), (qn_nod, 0.0)):
+        for ps, wd in ((qn_dec, cfg.l2), (qn_nod, 0.0)):
             if ps:
-                groups.append({"params": ps, ROLE: ROLE_QN, "lr": cfg.lr, "weight_decay": wd})
+                groups.append({"params": ps, ROLE: ROLE_QN, "lr": cfg.lr, "l2": wd})
         fallback = {"fallback": cfg.fallback, "lr": cfg.fallback_lr, "betas": cfg.fallback_betas,
                     "eps": cfg.fallback_eps, "momentum": cfg.fallback_momentum}
         for ps, wd in ((fb_dec, cfg.fallback_weight_decay), (fb_nod, 0.0)):
@@ -154,9 +154,11 @@ class KBFGS(QNOptimizerBase):
         self.loss_guard.max_increase = cfg.max_loss_increase
 
     def _sync_config(self) -> None:
-        """The hyperparameters live in ``param_groups`` (as in torch.optim: a scheduler, a user or a loaded
-        checkpoint may change them); the configuration follows the first K-BFGS group."""
-        hp = self.hparams
+        """The hyperparameters live in ``param_groups`` (as in torch.optim: a user or a loaded checkpoint may
+        change them); the configuration follows the first K-BFGS group. ``lr`` and ``l2`` are read from each
+        layer's own group where they are used (a scheduler changes ``lr`` every step), so ``config`` keeps the
+        configured values of those two."""
+        hp = {**self.hparams, "lr": self.config.lr, "l2": self.config.l2}
         if hp != self._config_values:
             if hp["history_size"] != self.config.history_size:
                 raise ValueError(
@@ -172,7 +174,7 @@ class KBFGS(QNOptimizerBase):
     # ------------------------------------------------------------------ public helpers
     @property
     def hparams(self) -> dict[str, Any]:
-        """The K-BFGS hyperparameters in use (the first K-BFGS param group's lr and weight decay)."""
+        """The K-BFGS hyperparameters in use (from the first K-BFGS param group)."""
         g = next(g for g in self.param_groups if g[ROLE] == ROLE_QN)
         return {k: g.get(k, self.defaults[k]) for k in _CONFIG_FIELDS}
 
@@ -307,7 +309,7 @@ class KBFGS(QNOptimizerBase):
                 out.append(None)
                 continue
             assert m.A is not None and m.a is not None
-            out.append(la.update_input_factor(m.A, m.a, finite > 0, cfg.stat_decay, cfg.input_warm_start,
+            out.append(la.update_input_factor(m.A, m.a, finite > 0, cfg.factor_decay, cfg.input_warm_start,
                                               self._sqrt_lam()))
         return out
 
@@ -316,14 +318,14 @@ class KBFGS(QNOptimizerBase):
         out = []
         for la in self.layers:
             la.ensure_state()
-            la.update_momentum(self._grad_with_l2(la.adapter), self.config.momentum)
+            la.update_momentum(self._grad_with_l2(la.adapter), self.config.grad_decay)
             out.append(la.direction(self.config.matmul_torch_dtype))
         return out if all_finite(*out) else None
 
     def _grad_with_l2(self, ad: LayerAdapter) -> Tensor:
         """``∇W̄ + τ W̄`` in the canonical layout (τ per parameter group: the bias may have none)."""
         G = ad.grad_matrix().to(torch.float32)
-        wds = [self._group_of(p)["weight_decay"] for p in ad.parameters()]
+        wds = [self._group_of(p)["l2"] for p in ad.parameters()]
         if any(wd != 0 for wd in wds):
             W = ad.param_matrix().to(torch.float32)
             if len(set(wds)) == 1:
@@ -551,7 +553,7 @@ class KBFGS(QNOptimizerBase):
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         id_of = {id(p): pid for pid, p in zip(saved_ids, params)}
-        return convert_kbfgs_v1(state_dict, [id_of[id(ad.weight)] for ad in self.adapters], "KBFGS")
+        return convert_kbfgs_v1(state_dict, [id_of[id(ad.weight)] for ad in self.adapters], self._output_side_name())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -572,7 +574,9 @@ class KBFGSL(KBFGS):
     """
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
-        kwargs.setdefault("history_size", 100)
-        if kwargs["history_size"] is None:
+        config = kwargs.get("config")
+        if "history_size" not in kwargs and (config is None or config.history_size is None):
+            kwargs["history_size"] = 100
+        if kwargs.get("history_size", 1) is None:
             raise ValueError("Invalid history_size: None (KBFGSL needs an integer >= 1; use KBFGS for dense BFGS)")
         super().__init__(model, **kwargs)

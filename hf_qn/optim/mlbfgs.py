@@ -22,6 +22,7 @@ owner (greedy assignment by size) and exchanged with one all-reduce, so replicas
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,12 +34,15 @@ from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum_, greedy_assignment, rank, world_size
 from ..linalg import LBFGSHistory, check_curvature, mlbfgs_damping
-from ._base import QNOptimizerBase, adam_denominators_, check_range
+from ._base import QNOptimizerBase, adam_denominators_
+from .config import MLBFGSConfig
 from .state import FORMAT, MLBFGS_BLOCK_COUNTERS, MLBFGS_PARAM_KEYS, convert_mlbfgs_v1, is_v1, iter_tensors
 
-__all__ = ["MLBFGS", "Block", "MLBFGSBlock", "build_blocks"]
+__all__ = ["MLBFGS", "Block", "MLBFGSBlock", "MLBFGSConfig", "build_blocks"]
 
-_NORMALIZE_MODES = ("adam", "unit", "grad", "none")
+#: the hyperparameters kept in every param group (``blocks`` and ``min_block_size`` are fixed at construction).
+_GROUP_FIELDS = tuple(f.name for f in dataclasses.fields(MLBFGSConfig) if f.name not in ("blocks", "min_block_size"))
+
 _ADAM_BETA2, _ADAM_EPS = 0.999, 1e-8
 
 
@@ -190,49 +194,10 @@ class MLBFGS(QNOptimizerBase):
             ``param{j}``: one block each), or of param-group dicts (torch.optim style; a group's
             ``param_names`` name its parameters, else they are ``group{i}.{j}`` and ``blocks="layer"`` makes
             the whole group one block).
-        lr: step size α. (default: 1e-3: with the default Adam grafting a step moves each block as far as
-            Adam's step at lr ``α / (1 − μ)`` would; the official runs use 0.1 with ``normalize="unit"``)
-        momentum: heavy-ball momentum μ on the direction. (default: 0.9, the official runs')
-        weight_decay: decoupled weight decay, applied to the parameters (not mixed into the gradient or
-            into ``y``, unlike the official code). (default: 0.0)
-        history_size: pairs kept per block, ``m``. (default: 10, the official runs')
-        update_interval: steps between curvature pairs, ``T``. (default: 20: the official runs use 50 with
-            β = 0.999 over 150-epoch trainings, too slow for short fine-tuning; on the MNIST autoencoder
-            β = 0.99 with T = 20 reached a training loss of 98 in 60 s, against 174 with β = 0.9, T = 10)
-        param_beta, grad_beta: β_θ, β_g of the running averages (normalized EMAs started at the first
-            value). (default: 0.99: minibatch noise in ``y`` falls with the averaging window, about
-            100 steps here; see ``update_interval``)
-        sigma_low, sigma_high: damping bounds on ``sᵀy/sᵀs``. (default: 0.01, 1.5, the official code's)
-        damping: mixing cap: at most ``1 − damping`` of ``y`` is kept (``τ₀ = 1 − damping``).
-            (default: 0.01, the official runs')
-        damp: apply the bounds at all (off gives textbook pairs). (default: True)
-        pair_momentum: the official code's "double momentum" on pairs:
-            ``s ← (1−c) s + c s_prev``, same for ``y``. (default: 0.0; the official runs use 0.9)
-        normalize: how the direction is scaled before momentum. ``"adam"``: each block's direction is
-            rescaled to the norm Adam's un-momented step ``g / (√v̂ + ε)`` has in that block (layer-wise
-            grafting, as Distributed Shampoo does; β₂ = 0.999, ε = 1e-8; one more float per parameter):
-            L-BFGS picks the direction inside a block, Adam the step length of each block, so noisy pairs
-            cannot make one block's step dwarf the others and ``lr`` is tuned like Adam's, divided by
-            ``1/(1 − μ)``. ``"unit"``: unit global L2 norm, as the
-            official code does for all its results (``lr`` is then the step length, so use a decaying
-            schedule). ``"grad"``: the global norm of the gradient (grafting: L-BFGS picks the direction,
-            SGD's magnitude is kept, so steps shrink as gradients do and ``lr`` is tuned like SGD's).
-            ``"none"``: the raw ``H g`` (textbook; the first-order warm-up ``d = g`` and ``d = Hg`` then
-            differ in scale by up to ``1/σ_L`` and one ``lr`` rarely suits both: measured on digits,
-            unnormalized diverged for lr ≥ 0.003 with σ_L = 0.01). ``True``/``False`` mean
-            ``"unit"``/``"none"``. (default: ``"adam"``: on the MNIST autoencoder, 60 s, ``"unit"`` reached
-            199-233 at every lr tried, ``"grad"`` diverged or stalled near 190-230, ``"adam"`` 98 (AdamW 98);
-            on the digits ViT recipe ``"unit"`` stayed at chance, ``"adam"`` reached 0.62 accuracy at lr 1e-3)
-        grad_avg_reset: restart the gradient average from the current gradient after each pair (the
-            official "refresh-g"). (default: False)
-        gamma: initial scaling ``H₀ = γI``: ``"auto"`` (newest pair's ``sᵀy/yᵀy``) or a float.
-            (default: ``"auto"``)
-        curvature_eps: a pair is used only if ``sᵀy > curvature_eps · sᵀs``. (default: 1e-10)
-        history_dtype: storage dtype of the histories, float32 or bfloat16 (halves the dominant memory).
-            (default: torch.float32)
-        blocks: ``"layer"``, ``"param"``, ``"model"``, a chunk size, or ``{name: [param names]}``; see
-            :func:`build_blocks`. (default: ``"layer"``)
-        min_block_size: merge consecutive blocks smaller than this. (default: 0)
+        config: an :class:`~hf_qn.optim.config.MLBFGSConfig`; keyword ``hyperparameters`` override its fields.
+        **hyperparameters: the fields of :class:`~hf_qn.optim.config.MLBFGSConfig` (``lr``, ``momentum``,
+            ``history_size``, ``update_interval``, ``normalize``, ``blocks``, ...), each documented there with
+            its default.
     """
 
     _CURVATURE_KEYS = frozenset({"block", "exp_avg_sq", *MLBFGS_PARAM_KEYS})
@@ -240,81 +205,21 @@ class MLBFGS(QNOptimizerBase):
     def __init__(
         self,
         params: nn.Module | Iterable[nn.Parameter] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        history_size: int = 10,
-        update_interval: int = 20,
-        param_beta: float = 0.99,
-        grad_beta: float = 0.99,
-        sigma_low: float = 0.01,
-        sigma_high: float = 1.5,
-        damping: float = 0.01,
-        damp: bool = True,
-        pair_momentum: float = 0.0,
-        normalize: str | bool = "adam",
-        grad_avg_reset: bool = False,
-        gamma: float | str = "auto",
-        curvature_eps: float = 1e-10,
-        history_dtype: torch.dtype = torch.float32,
-        blocks: str | int | Mapping[str, Sequence[str]] = "layer",
-        min_block_size: int = 0,
+        *,
+        config: MLBFGSConfig | None = None,
+        **hyperparameters: Any,
     ) -> None:
-        check_range("lr", lr, 0.0, math.inf)
-        check_range("momentum", momentum, 0.0, 1.0)
-        check_range("weight_decay", weight_decay, 0.0, math.inf)
-        check_range("param_beta", param_beta, 0.0, 1.0)
-        check_range("grad_beta", grad_beta, 0.0, 1.0)
-        check_range("damping", damping, 0.0, 1.0)
-        check_range("pair_momentum", pair_momentum, 0.0, 1.0)
-        check_range("curvature_eps", curvature_eps, 0.0, math.inf)
-        if int(history_size) != history_size or history_size < 1:
-            raise ValueError(f"Invalid history_size: {history_size} (must be an integer >= 1)")
-        if int(update_interval) != update_interval or update_interval < 1:
-            raise ValueError(f"Invalid update_interval: {update_interval} (must be an integer >= 1)")
-        if not 0.0 <= sigma_low < 1.0 < sigma_high:
-            raise ValueError(
-                f"Invalid sigma_low/sigma_high: {sigma_low}/{sigma_high} (need 0 <= sigma_low < 1 < sigma_high)"
-            )
-        if history_dtype not in (torch.float32, torch.bfloat16, torch.float64):
-            raise ValueError(f"Invalid history_dtype: {history_dtype} (must be torch.float32 or torch.bfloat16)")
-        if isinstance(normalize, bool):
-            normalize = "unit" if normalize else "none"
-        if normalize not in _NORMALIZE_MODES:
-            allowed = ", ".join(map(repr, _NORMALIZE_MODES))
-            raise ValueError(f"Invalid normalize: {normalize!r} (must be one of {allowed})")
-        if isinstance(gamma, str) and gamma != "auto":
-            raise ValueError(f"Invalid gamma: {gamma!r} (must be 'auto' or a positive float)")
-        if not isinstance(gamma, str) and not gamma > 0:
-            raise ValueError(f"Invalid gamma: {gamma} (must be 'auto' or a positive float)")
-
+        cfg = MLBFGSConfig.from_kwargs(config, **hyperparameters)
         named, groups = self._named_params_and_groups(params)
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            history_size=int(history_size),
-            update_interval=int(update_interval),
-            param_beta=param_beta,
-            grad_beta=grad_beta,
-            sigma_low=sigma_low,
-            sigma_high=sigma_high,
-            damping=damping,
-            damp=damp,
-            pair_momentum=pair_momentum,
-            normalize=normalize,
-            grad_avg_reset=grad_avg_reset,
-            gamma=gamma,
-            curvature_eps=curvature_eps,
-            history_dtype=str(history_dtype).replace("torch.", ""),
-        )
+        self.config = cfg
+        defaults = {k: getattr(cfg, k) for k in _GROUP_FIELDS}
         super().__init__(groups, defaults)
         self._refuse_sharded_parameters()
         in_groups = {id(p) for g in self.param_groups for p in g["params"]}
         named = [(n, p) for n, p in named if id(p) in in_groups]
         if not named:
             raise ValueError("MLBFGS got no trainable parameter")
-        self.blocks: list[Block] = build_blocks(named, blocks, min_block_size)
+        self.blocks: list[Block] = build_blocks(named, cfg.blocks, cfg.min_block_size)
         self.units = [MLBFGSBlock(b) for b in self.blocks]
         self.counters: dict[str, Any] = {
             "step": torch.tensor(0, dtype=torch.int64),
@@ -327,7 +232,7 @@ class MLBFGS(QNOptimizerBase):
         self.work_counter = 0
 
     # ------------------------------------------------------------------ copies
-    _PICKLED_ATTRS = ("blocks", "units", "counters", "work_counter")
+    _PICKLED_ATTRS = ("config", "blocks", "units", "counters", "work_counter")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -419,7 +324,7 @@ class MLBFGS(QNOptimizerBase):
             return loss
         hp = self.defaults
         for u in self.units:
-            u.ensure_state(hp["history_size"], hp["gamma"], getattr(torch, hp["history_dtype"]))
+            u.ensure_state(hp["history_size"], hp["gamma"], self.config.history_torch_dtype)
         self.counters["step"] += 1
         t = int(self.counters["step"])
         # M^θ ← β_θ M^θ + (1−β_θ) θ,  M^g ← β_g M^g + (1−β_g) g                              (eq. 5)
@@ -442,7 +347,7 @@ class MLBFGS(QNOptimizerBase):
         """M^θ ← β_θ M^θ + (1−β_θ) θ,  M^g ← β_g M^g + (1−β_g) g  (started at the first θ, g), over every
         parameter with multi-tensor (``torch._foreach_*``) kernels: four launches per step in all instead of
         four per parameter."""
-        bp, bg = self.defaults["param_beta"], self.defaults["grad_beta"]
+        bp, bg = self.defaults["param_decay"], self.defaults["grad_decay"]
         params = [p for b in self.blocks for p in b.params]
         states = [self._param_state(p) for p in params]
         p_avg, g_avg = [st["param_avg"] for st in states], [st["grad_avg"] for st in states]
@@ -477,13 +382,13 @@ class MLBFGS(QNOptimizerBase):
             return
         s, y = torch.cat(s_parts), torch.cat(y_parts)
         hist = u.history(hp["gamma"])
-        c = hp["pair_momentum"]
+        c = hp["pair_decay"]
         if c > 0 and len(hist) > 0:
             j = hist.newest()
             s = (1 - c) * s + c * hist.S[j].to(s.dtype)
             y = (1 - c) * y + c * hist.Y[j].to(y.dtype)
         if hp["damp"]:
-            y, fired = mlbfgs_damping(s, y, hp["sigma_low"], hp["sigma_high"], 1.0 - hp["damping"])
+            y, fired = mlbfgs_damping(s, y, hp["sigma_low"], hp["sigma_high"], 1.0 - hp["min_mix"])
             if fired:
                 u.count("pairs_damped")
         check = check_curvature(s, y)

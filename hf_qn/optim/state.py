@@ -73,20 +73,40 @@ def iter_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor
         yield prefix, obj
 
 
+#: hyperparameters renamed in format 2, as param-group keys: K-BFGS's (its K-BFGS groups), mL-BFGS's.
+KBFGS_RENAMED = {"momentum": "grad_decay", "weight_decay": "l2", "stat_decay": "factor_decay"}
+MLBFGS_RENAMED = {"param_beta": "param_decay", "grad_beta": "grad_decay", "pair_momentum": "pair_decay",
+                  "damping": "min_mix"}
+
+
 def is_v1(state_dict: dict[str, Any]) -> bool:
-    """A state dict written by hf_qn before format 2 (no ``"hf_qn"`` entry, but hf_qn's flat keys)."""
+    """A state dict written by hf_qn before format 2 (no ``"hf_qn"`` entry; hf_qn's flat keys or old names)."""
     if HF_QN in state_dict:
         return False
-    return any("qn_step" in st or "mlbfgs_step" in st for st in state_dict.get("state", {}).values())
+    if any("qn_step" in st or "mlbfgs_step" in st for st in state_dict.get("state", {}).values()):
+        return True
+    return any("stat_decay" in g or "param_beta" in g for g in state_dict.get("param_groups", []))
+
+
+def _rename_groups(
+    groups: list[dict[str, Any]], renamed: dict[str, str], only_role: str | None
+) -> list[dict[str, Any]]:
+    out = []
+    for g in groups:
+        if only_role is None or g.get("role") == only_role:
+            g = {renamed.get(k, k): v for k, v in g.items()}
+        out.append(g)
+    return out
 
 
 def _int(v: Any) -> torch.Tensor:
     return torch.tensor(int(v), dtype=torch.int64)
 
 
-def convert_kbfgs_v1(state_dict: dict[str, Any], layer_ids: list[Any], optimizer: str) -> dict[str, Any]:
+def convert_kbfgs_v1(state_dict: dict[str, Any], layer_ids: list[Any], output_side: str) -> dict[str, Any]:
     """Format 1 -> 2 for K-BFGS. ``layer_ids``: the saved ids of the adapted layers' weights, in layer order
-    (the first held the optimizer-wide values)."""
+    (the first held the optimizer-wide values); ``output_side``: the loading optimizer's, for a state saved
+    before its first step (otherwise the saved factors say which it is)."""
     old = copy.copy(state_dict["state"])
     first = old.get(layer_ids[0], {}) if layer_ids else {}
     new_state = {pid: st for pid, st in old.items() if pid not in set(layer_ids)}
@@ -112,11 +132,13 @@ def convert_kbfgs_v1(state_dict: dict[str, Any], layer_ids: list[Any], optimizer
     loss_guard = {k: first[k] if k in first else _int(0) for k in ("loss_checks", "steps_rejected")}
     if "loss_avg" in first:
         loss_guard["loss_avg"] = first["loss_avg"]
-    dense = any("H_g" in old.get(pid, {}) for pid in layer_ids)
+    saved = [old[pid] for pid in layer_ids if old.get(pid)]
+    if saved:
+        output_side = "dense" if "H_g" in saved[0] else "lbfgs"
     hf_qn = {
         "format": FORMAT,
-        "optimizer": optimizer,
-        "output_side": "dense" if dense or not any(old.get(pid) for pid in layer_ids) else "lbfgs",
+        "optimizer": "KBFGS",
+        "output_side": output_side,
         "schedule": {
             "step": first["qn_step"] if "qn_step" in first else _int(0),
             "refresh_next": first["refresh_next"] if "refresh_next" in first else torch.tensor(False),
@@ -129,7 +151,8 @@ def convert_kbfgs_v1(state_dict: dict[str, Any], layer_ids: list[Any], optimizer
         "loss_guard": loss_guard,
         "backoff": {"factor": first.get("step_backoff", torch.tensor(1.0, dtype=torch.float32))},
     }
-    return {**state_dict, "state": new_state, HF_QN: hf_qn}
+    groups = _rename_groups(state_dict["param_groups"], KBFGS_RENAMED, "qn")
+    return {**state_dict, "param_groups": groups, "state": new_state, HF_QN: hf_qn}
 
 
 def convert_mlbfgs_v1(state_dict: dict[str, Any], anchor_id: Any) -> dict[str, Any]:
@@ -154,4 +177,5 @@ def convert_mlbfgs_v1(state_dict: dict[str, Any], anchor_id: Any) -> dict[str, A
         "step": anchor["mlbfgs_step"] if "mlbfgs_step" in anchor else _int(0),
         "steps_skipped_nonfinite": anchor.get("steps_skipped_nonfinite", _int(0)),
     }
-    return {**state_dict, "state": new_state, HF_QN: hf_qn}
+    groups = _rename_groups(state_dict["param_groups"], MLBFGS_RENAMED, None)
+    return {**state_dict, "param_groups": groups, "state": new_state, HF_QN: hf_qn}

@@ -43,7 +43,7 @@ KBFGS_VARIANTS: dict[str, Factory] = {
         warmup_curvature_steps=2,
     ),
     "kbfgs_warm_start_additive": lambda m: hf_qn.KBFGS(
-        m, lr=0.1, damping=0.3, input_warm_start=4, lm_damping="additive", stat_decay=0.8, pair_decay=0.5
+        m, lr=0.1, damping=0.3, input_warm_start=4, lm_damping="additive", factor_decay=0.8, pair_decay=0.5
     ),
     "kbfgs_bf16_products": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, matmul_dtype=torch.bfloat16),
     "kbfgs_adamw_fallback": lambda m: hf_qn.KBFGS(
@@ -65,13 +65,13 @@ MLBFGS_VARIANTS: dict[str, Factory] = {
     ),
     "mlbfgs_param_blocks": lambda m: hf_qn.MLBFGS(m, lr=1e-2, update_interval=2, history_size=3, blocks="param"),
     "mlbfgs_model_block": lambda m: hf_qn.MLBFGS(
-        m, lr=1e-2, update_interval=2, history_size=3, blocks="model", pair_momentum=0.5, gamma=0.5
+        m, lr=1e-2, update_interval=2, history_size=3, blocks="model", pair_decay=0.5, gamma=0.5
     ),
     "mlbfgs_chunks": lambda m: hf_qn.MLBFGS(
         m, lr=1e-2, update_interval=2, history_size=3, blocks=64, min_block_size=40, grad_avg_reset=True
     ),
     "mlbfgs_bf16_history": lambda m: hf_qn.MLBFGS(
-        m, lr=1e-2, update_interval=2, history_size=3, history_dtype=torch.bfloat16, param_beta=0.9, grad_beta=0.9
+        m, lr=1e-2, update_interval=2, history_size=3, history_dtype=torch.bfloat16, param_decay=0.9, grad_decay=0.9
     ),
     "mlbfgs_undamped": lambda m: hf_qn.MLBFGS(m, lr=1e-2, update_interval=2, history_size=3, damp=False),
 }

@@ -84,7 +84,7 @@ def test_qn_arguments_parse_from_cli_and_json(tmp_path):
     assert args2.qn_optimizer == "mlbfgs" and args2.qn_update_interval == 5
     with pytest.raises(ValueError, match="qn_optimizer"):
         QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="lbfgs", use_cpu=True)
-    with pytest.raises(ValueError, match="qn_matmul_dtype"):
+    with pytest.raises(ValueError, match="matmul_dtype"):
         QNTrainingArguments(output_dir=str(tmp_path), qn_matmul_dtype="fp8", use_cpu=True)
     args3 = QNTrainingArguments(output_dir=str(tmp_path), qn_matmul_dtype="bfloat16", qn_input_warm_start=4,
                                 use_cpu=True)
@@ -99,10 +99,40 @@ def test_qn_arguments_parse_from_cli_and_json(tmp_path):
         expected = build_blocks(list(model.named_parameters()), blocks, min_block_size=min_size)
         assert [b.name for b in ml.blocks] == [b.name for b in expected] == names
         assert [b.params for b in ml.blocks] == [b.params for b in expected]
-    with pytest.raises(ValueError, match="qn_blocks"):
+    with pytest.raises(ValueError, match="blocks"):
         QNTrainingArguments(output_dir=str(tmp_path), qn_blocks="rows", use_cpu=True)
-    with pytest.raises(ValueError, match="qn_min_block_size"):
+    with pytest.raises(ValueError, match="min_block_size"):
         QNTrainingArguments(output_dir=str(tmp_path), qn_min_block_size=-1, use_cpu=True)
+
+
+def test_qn_args_is_the_one_path_for_every_hyperparameter(tmp_path):
+    """``--qn_args`` reaches every config field (as 'name=value,...', JSON or a dict), no field re-declared;
+    a bad name or value fails at argument time, naming it; the old flags warn and land in the same place."""
+    parser = HfArgumentParser(QNTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--qn_optimizer", "kbfgs", "--use_cpu", "true", "--learning_rate", "0.05",
+         "--qn_args", "damping=0.2,update_interval=10,pairs=consecutive,max_loss_increase=None,"
+         "fallback_betas=(0.9, 0.99),matmul_dtype=bfloat16"])
+    opt = build_optimizer("kbfgs", RegressionModel(), args)
+    assert (opt.config.damping, opt.config.update_interval, opt.config.pairs) == (0.2, 10, "consecutive")
+    assert opt.config.max_loss_increase is None and opt.config.fallback_betas == (0.9, 0.99)
+    assert (opt.config.matmul_dtype, opt.config.lr) == ("bfloat16", 0.05)
+    as_json = QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="mlbfgs", use_cpu=True,
+                                  qn_args='{"history_size": 4, "normalize": "unit", "blocks": 100}')
+    ml = build_optimizer("mlbfgs", RegressionModel(), as_json)
+    assert (ml.config.history_size, ml.config.normalize, ml.config.blocks) == (4, "unit", 100)
+    as_dict = QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="kbfgs_l", use_cpu=True,
+                                  qn_args={"history_size": 7})
+    assert build_optimizer("kbfgs_l", RegressionModel(), as_dict).config.history_size == 7
+    with pytest.raises(ValueError, match="Unknown KBFGS hyperparameter.*'dampin'"):
+        QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="kbfgs", use_cpu=True, qn_args="dampin=0.2")
+    with pytest.raises(ValueError, match="Invalid damping: -1"):
+        QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="kbfgs", use_cpu=True, qn_args="damping=-1")
+    with pytest.raises(ValueError, match="expected name=value"):
+        QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="kbfgs", use_cpu=True, qn_args="damping")
+    with pytest.warns(FutureWarning, match="--qn_damping is deprecated"):
+        old = QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="kbfgs", use_cpu=True, qn_damping=0.1)
+    assert old.qn_args == {"damping": 0.1}
 
 
 def test_kbfgs_second_pass_survives_evaluation_between_steps(tmp_path):
@@ -134,7 +164,8 @@ def test_decay_split_is_honoured(tmp_path):
     trainer = QNTrainer(model=model, args=_args(tmp_path, qn_optimizer="kbfgs", weight_decay=0.01),
                         train_dataset=regression_dataset())
     opt = trainer.create_optimizer()
-    groups = {(g["role"], g["weight_decay"]): len(g["params"]) for g in opt.param_groups}
+    groups = {(g["role"], g["l2"] if g["role"] == "qn" else g["weight_decay"]): len(g["params"])
+              for g in opt.param_groups}
     # biases and LayerNorm get no decay (the Trainer's rule); weights of adapted layers do
     assert groups[("qn", 0.01)] == 2 and groups[("qn", 0.0)] == 2 and groups[("fallback", 0.0)] == 2
 

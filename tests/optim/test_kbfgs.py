@@ -124,7 +124,7 @@ def test_growth_guard_bounds_a_stale_step_and_refreshes_curvature(momentum):
     bias here, so ‖ΔW‖ is ‖α ν D‖ exactly), is counted, and makes the next step a curvature step."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.Tanh(), nn.Linear(6, 2, bias=False))
-    opt = hf_qn.KBFGS(model, lr=0.1, momentum=momentum, weight_decay=0.0, update_interval=5,
+    opt = hf_qn.KBFGS(model, lr=0.1, grad_decay=momentum, l2=0.0, update_interval=5,
                       warmup_curvature_steps=0, max_update_growth=2.0)
     batches = regression_batches(3, d_in=4, d_out=2)
     steps = []
@@ -304,8 +304,8 @@ def test_functionally_used_layer_gives_clear_error():
         ({"lr": -1.0}, "lr"),
         ({"damping": 0.0}, "damping"),
         ({"damping": 1.5}, "damping"),
-        ({"momentum": 1.0}, "momentum"),
-        ({"stat_decay": -0.1}, "stat_decay"),
+        ({"grad_decay": 1.0}, "grad_decay"),
+        ({"factor_decay": -0.1}, "factor_decay"),
         ({"pair_decay": 1.0}, "pair_decay"),
         ({"powell_mu": 0.0}, "powell_mu"),
         ({"history_size": 0}, "history_size"),
@@ -321,13 +321,16 @@ def test_functionally_used_layer_gives_clear_error():
         ({"fallback_betas": (0.9, 1.0)}, "fallback_betas"),
         ({"kl_clip": 0.0}, "kl_clip"),
         ({"max_loss_increase": -0.1}, "max_loss_increase"),
-        ({"weight_decay": -1e-3}, "weight_decay"),
+        ({"l2": -1e-3}, "l2"),
+        ({"lr": "0.1"}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"fallback_betas": (0.9,)}, "fallback_betas"),
         ({"matmul_dtype": torch.float64}, "matmul_dtype"),
         ({"matmul_dtype": "half-ish"}, "matmul_dtype"),
     ],
 )
 def test_validation_names_the_argument(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         hf_qn.KBFGS(mlp(), **kwargs)
 
 
@@ -536,3 +539,15 @@ def test_kbfgsl_kept_compact_matrix_is_never_stale(interval):
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_renamed_hyperparameters_still_work_with_a_warning():
+    """One name per concept: K-BFGS's ``momentum``, ``weight_decay`` and ``stat_decay`` are now ``grad_decay``,
+    ``l2`` and ``factor_decay``; the old names map onto them with a FutureWarning."""
+    with pytest.warns(FutureWarning, match="'momentum' is now called 'grad_decay'"):
+        opt = hf_qn.KBFGS(mlp(), momentum=0.8, weight_decay=1e-3, stat_decay=0.7)
+    assert (opt.config.grad_decay, opt.config.l2, opt.config.factor_decay) == (0.8, 1e-3, 0.7)
+    with pytest.raises(TypeError, match="both 'momentum' and its new name 'grad_decay'"):
+        hf_qn.KBFGS(mlp(), momentum=0.8, grad_decay=0.8)
+    with pytest.raises(TypeError, match="Unknown KBFGS hyperparameter.*'betas'"):
+        hf_qn.KBFGS(mlp(), betas=(0.9, 0.99))

@@ -16,7 +16,7 @@ from tests._helpers.dense import explicit_lbfgs_matrix, random_spd
 from tests._helpers.models import SmallCNN, digits_tensors, mlp, tiny_bert, tiny_gpt2, token_batch
 from tests._helpers.training import flat_state, loop, mse_loss, regression_batches, roundtrip
 
-TEXTBOOK = dict(lr=1.0, momentum=0.0, param_beta=0.0, grad_beta=0.0, update_interval=1, damp=False,
+TEXTBOOK = dict(lr=1.0, momentum=0.0, param_decay=0.0, grad_decay=0.0, update_interval=1, damp=False,
                 normalize=False, gamma="auto", blocks="model", history_dtype=torch.float64)
 
 
@@ -151,7 +151,7 @@ def test_nonfinite_gradient_never_enters_history():
 
 def test_rejected_pair_is_dropped_and_counted():
     p = nn.Parameter(torch.zeros(4))
-    opt = hf_qn.MLBFGS([p], lr=0.1, damp=False, update_interval=1, param_beta=0.0, grad_beta=0.0, normalize=False)
+    opt = hf_qn.MLBFGS([p], lr=0.1, damp=False, update_interval=1, param_decay=0.0, grad_decay=0.0, normalize=False)
     for g in ([1.0, 0, 0, 0], [2.0, 0, 0, 0]):  # gradient grows along the step direction: s^T y < 0
         p.grad = torch.tensor(g)
         opt.step()
@@ -215,11 +215,11 @@ def test_accepts_params_groups_and_module():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"lr": -0.1}, "lr"), ({"momentum": 1.0}, "momentum"), ({"history_size": 0}, "history_size"),
-     ({"update_interval": 0}, "update_interval"), ({"param_beta": 1.0}, "param_beta"),
-     ({"grad_beta": -0.5}, "grad_beta"), ({"sigma_low": 1.0}, "sigma"), ({"sigma_high": 0.9}, "sigma"),
-     ({"damping": 1.0}, "damping"), ({"gamma": 0.0}, "gamma"), ({"gamma": "x"}, "gamma"),
+     ({"update_interval": 0}, "update_interval"), ({"param_decay": 1.0}, "param_decay"),
+     ({"grad_decay": -0.5}, "grad_decay"), ({"sigma_low": 1.0}, "sigma"), ({"sigma_high": 0.9}, "sigma"),
+     ({"min_mix": 1.0}, "min_mix"), ({"gamma": 0.0}, "gamma"), ({"gamma": "x"}, "gamma"),
      ({"history_dtype": torch.int8}, "history_dtype"), ({"weight_decay": -1.0}, "weight_decay"),
-     ({"pair_momentum": 1.0}, "pair_momentum"), ({"normalize": "layer"}, "normalize")],
+     ({"pair_decay": 1.0}, "pair_decay"), ({"normalize": "layer"}, "normalize")],
 )
 def test_validation_names_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -273,7 +273,7 @@ def test_adam_grafting_keeps_the_lbfgs_direction_and_takes_adams_block_norm():
     Adam's bias-corrected second moment recomputed here from the recorded gradients in float64."""
     torch.manual_seed(0)
     model = mlp().double()
-    opt = hf_qn.MLBFGS(model, lr=0.1, momentum=0.0, update_interval=1, param_beta=0.5, grad_beta=0.5,
+    opt = hf_qn.MLBFGS(model, lr=0.1, momentum=0.0, update_interval=1, param_decay=0.5, grad_decay=0.5,
                        history_size=3)
     assert opt.defaults["normalize"] == "adam"
     v = {p: torch.zeros_like(p) for p in model.parameters()}
@@ -286,8 +286,8 @@ def test_adam_grafting_keeps_the_lbfgs_direction_and_takes_adams_block_norm():
         twin_model = copy.deepcopy(model)  # Parameter.__deepcopy__ does not copy .grad
         for q, p in zip(twin_model.parameters(), model.parameters()):
             q.grad = p.grad.clone()
-        twin_opt = hf_qn.MLBFGS(twin_model, lr=0.1, momentum=0.0, update_interval=1, param_beta=0.5,
-                                grad_beta=0.5, history_size=3, normalize="none")
+        twin_opt = hf_qn.MLBFGS(twin_model, lr=0.1, momentum=0.0, update_interval=1, param_decay=0.5,
+                                grad_decay=0.5, history_size=3, normalize="none")
         twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # else the twin shares state tensors
         assert twin_opt.defaults["normalize"] == "none"  # the loaded groups do not change the mode
         before = [p.detach().clone() for p in model.parameters()]
@@ -313,7 +313,7 @@ def test_kept_compact_matrix_is_never_stale():
     for rebuild in (False, True):
         torch.manual_seed(0)
         model = mlp()
-        opt = hf_qn.MLBFGS(model, lr=0.05, update_interval=2, history_size=2, param_beta=0.5, grad_beta=0.5)
+        opt = hf_qn.MLBFGS(model, lr=0.05, update_interval=2, history_size=2, param_decay=0.5, grad_decay=0.5)
         for batch in batches:
             if rebuild:
                 for u in opt.units:
@@ -329,3 +329,11 @@ def test_kept_compact_matrix_is_never_stale():
             assert all(u._middle is None for u in opt.units)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_renamed_hyperparameters_still_work_with_a_warning():
+    with pytest.warns(FutureWarning, match="'damping' is now called 'min_mix'"):
+        opt = hf_qn.MLBFGS(mlp(), damping=0.05, param_beta=0.9, grad_beta=0.8, pair_momentum=0.5)
+    assert (opt.config.min_mix, opt.config.param_decay, opt.config.grad_decay, opt.config.pair_decay) == (
+        0.05, 0.9, 0.8, 0.5)
+    assert opt.defaults["min_mix"] == 0.05
