@@ -24,6 +24,35 @@ def hardware_description() -> str:
     return f"CPU {platform.machine()}, {threads} threads of {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def _card_data(
+    title: str, dataset: tuple[str, str], task: tuple[str, str], metric_name: str,
+    results: Sequence[Mapping[str, Any]], base_model: str | None,
+) -> Any:
+    """The card's metadata: one ``EvalResult`` per optimizer."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    eval_results = [
+        EvalResult(
+            task_type=task[0],
+            task_name=task[1],
+            dataset_type=dataset[1],
+            dataset_name=dataset[0],
+            metric_type=metric_name,
+            metric_name=f"{metric_name} ({r['optimizer']})",
+            metric_value=float(r["value"]),
+        )
+        for r in results
+    ]
+    return ModelCardData(
+        library_name="hf_qn",
+        license="apache-2.0",
+        tags=["hf_qn", "optimizer", "quasi-newton", "k-bfgs", "ml-bfgs"],
+        model_name=title,
+        eval_results=eval_results or None,
+        base_model=base_model,
+    )
+
+
 def write_benchmark_card(
     output_dir: str,
     title: str,
@@ -47,28 +76,9 @@ def write_benchmark_card(
         results: one mapping per optimizer with ``optimizer`` and ``value`` (the metric).
         table: the markdown comparison table from the same run.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
-    eval_results = [
-        EvalResult(
-            task_type=task[0],
-            task_name=task[1],
-            dataset_type=dataset[1],
-            dataset_name=dataset[0],
-            metric_type=metric_name,
-            metric_name=f"{metric_name} ({r['optimizer']})",
-            metric_value=float(r["value"]),
-        )
-        for r in results
-    ]
-    data = ModelCardData(
-        library_name="hf_qn",
-        license="apache-2.0",
-        tags=["hf_qn", "optimizer", "quasi-newton", "k-bfgs", "ml-bfgs"],
-        model_name=title,
-        eval_results=eval_results or None,
-        base_model=base_model,
-    )
+    data = _card_data(title, dataset, task, metric_name, results, base_model)
     hp_lines = "\n".join(f"- `{k}`: `{v}`" for k, v in hyperparameters.items())
     body = f"""
 # {title}

@@ -30,16 +30,16 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import LayerAdapter, LayerAssignment, LayerPolicy, assign_layers
-from ..capture import Capture, LayerStats
-from ..distributed import all_reduce_sum_, is_distributed, world_size
-from ..linalg import all_finite, finite_flag, sym_psd_norm_estimate
+from ..capture import Capture
+from ..linalg import all_finite, finite_flag
 from ._base import ROLE, ROLE_FALLBACK, ROLE_QN, QNOptimizerBase
 from .config import MATMUL_DTYPES, KBFGSConfig
 from .guards import CurvatureSchedule, GrowthGuard, KLClip, LossGuard, StepBackoff
-from .kbfgs_layer import KroneckerLayer, PairHyper, update_input_inverses, update_output_sides
+from .kbfgs_layer import KroneckerLayer, PairHyper, layer_statistics, update_input_inverses, update_output_sides
+from .kbfgs_pass import add_to_layers, run_closure, second_pass
 from .kbfgs_stats import LayerMeans, reduce_statistics
 from .output_side import output_side_for
-from .state import FORMAT, KBFGS_LAYER_COUNTERS, KBFGS_LAYER_KEYS, convert_kbfgs_v1, is_v1
+from .state import FORMAT, KBFGS_LAYER_KEYS, convert_kbfgs_v1, is_v1
 
 __all__ = ["KBFGS", "KBFGSL", "MATMUL_DTYPES", "KBFGSConfig"]
 
@@ -89,7 +89,7 @@ class KBFGS(QNOptimizerBase):
                 "The model has no adaptable layer (nn.Linear, nn.Conv2d, nn.Embedding, transformers Conv1D) "
                 "under the given policy; K-BFGS has nothing to precondition. Assignment:\n" + assignment.report()
             )
-        super().__init__(self._param_groups(assignment, cfg, set(no_decay)), dataclasses.asdict(cfg))
+        super().__init__(_param_groups(assignment, cfg, set(no_decay)), dataclasses.asdict(cfg))
         self._refuse_sharded_parameters()
         self.assignment: LayerAssignment = assignment
         self.adapters: list[LayerAdapter] = assignment.adapters
@@ -109,28 +109,6 @@ class KBFGS(QNOptimizerBase):
         #: called in place of a missing closure on curvature steps (set by QNTrainer).
         self.closure_provider: Callable[[], Any] | None = None
         self._schedule_capture()
-
-    @staticmethod
-    def _param_groups(assignment: LayerAssignment, cfg: KBFGSConfig, no_decay: set[str]) -> list[dict[str, Any]]:
-        """Adapted parameters (K-BFGS's lr and L2) and fallback parameters, each split by ``no_decay``."""
-        names = assignment.param_names
-
-        def split(params: list[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-            return ([p for p in params if names.get(id(p)) not in no_decay],
-                    [p for p in params if names.get(id(p)) in no_decay])
-
-        qn_dec, qn_nod = split(assignment.adapted_parameters())
-        fb_dec, fb_nod = split(assignment.fallback_parameters())
-        groups: list[dict[str, Any]] = []
-        for ps, wd in ((qn_dec, cfg.l2), (qn_nod, 0.0)):
-            if ps:
-                groups.append({"params": ps, ROLE: ROLE_QN, "lr": cfg.lr, "l2": wd})
-        fallback = {"fallback": cfg.fallback, "lr": cfg.fallback_lr, "betas": cfg.fallback_betas,
-                    "eps": cfg.fallback_eps, "momentum": cfg.fallback_momentum}
-        for ps, wd in ((fb_dec, cfg.fallback_weight_decay), (fb_nod, 0.0)):
-            if ps:
-                groups.append({"params": ps, ROLE: ROLE_FALLBACK, **fallback, "weight_decay": wd})
-        return groups
 
     # ------------------------------------------------------------------ copies
     # A copy (deepcopy, pickle) works on copies of the layers, with its own hooks on them; it has no
@@ -206,24 +184,12 @@ class KBFGS(QNOptimizerBase):
     def statistics(self) -> dict[str, float]:
         """Counters and curvature norms for logging (keys prefixed ``qn/``; the largest eigenvalues of the
         factors are estimated by 30 Lanczos steps, cheap enough for every logging step)."""
-        out: dict[str, float] = dict.fromkeys((f"qn/{k}" for k in KBFGS_LAYER_COUNTERS), 0.0)
-        hg_norm = ha_norm = 0.0
-        for la in self.layers:
-            if "counters" not in la.state:
-                continue
-            for k in KBFGS_LAYER_COUNTERS:
-                out[f"qn/{k}"] += float(la.state["counters"][k])
-            if la.output.dense_matrix is not None:
-                hg_norm = max(hg_norm, sym_psd_norm_estimate(la.output.dense_matrix))
-            Ha = la.state["input"]["H_a"]
-            ha_norm = max(ha_norm, float(Ha.max()) if Ha.dim() == 1 else sym_psd_norm_estimate(Ha))
+        out = layer_statistics(self.layers)
         out["qn/steps_skipped_nonfinite"] = float(self.counters["steps_skipped_nonfinite"])
         out["qn/steps_rejected"] = float(self.loss_guard.state["steps_rejected"])
         out["qn/steps_clipped"] = float(self.growth_guard.state["steps_clipped"])
         out["qn/loss_checks"] = float(self.loss_guard.state["loss_checks"])
         out["qn/step_backoff"] = self.backoff.factor
-        out["qn/max_norm_H_g"] = hg_norm
-        out["qn/max_norm_H_a"] = ha_norm
         n_fb = sum(p.numel() for p in self.assignment.fallback_parameters())
         n_all = n_fb + sum(p.numel() for p in self.assignment.adapted_parameters())
         out["qn/fallback_share"] = n_fb / max(n_all, 1)
@@ -237,7 +203,7 @@ class KBFGS(QNOptimizerBase):
         self._sync_config()
         curvature = bool(self.capture.enabled)
         closure = self._closure_for(curvature, closure)
-        if not self._all_grads_finite(p for g in self.param_groups for p in g["params"]):
+        if not self._all_grads_finite(self._params()):
             self.capture.reset()
             return self._skip("non-finite gradient; step skipped, curvature untouched")
         # A, ā, h̄, ḡ of this batch: captured sums -> means, all-reduced over ranks         (Alg. 1, line 4)
@@ -318,23 +284,13 @@ class KBFGS(QNOptimizerBase):
         out = []
         for la in self.layers:
             la.ensure_state()
-            la.update_momentum(self._grad_with_l2(la.adapter), self.config.grad_decay)
+            l2 = [self._group_of(p)["l2"] for p in la.adapter.parameters()]
+            la.update_momentum(la.grad_with_l2(l2), self.config.grad_decay)
             out.append(la.direction(self.config.matmul_torch_dtype))
         return out if all_finite(*out) else None
 
-    def _grad_with_l2(self, ad: LayerAdapter) -> Tensor:
-        """``∇W̄ + τ W̄`` in the canonical layout (τ per parameter group: the bias may have none)."""
-        G = ad.grad_matrix().to(torch.float32)
-        wds = [self._group_of(p)["l2"] for p in ad.parameters()]
-        if any(wd != 0 for wd in wds):
-            W = ad.param_matrix().to(torch.float32)
-            if len(set(wds)) == 1:
-                G = G + wds[0] * W
-            else:  # weight and bias in different groups (the Trainer's no-decay split)
-                wd_cols = torch.full((ad.d_in,), wds[0], device=G.device)
-                wd_cols[-1] = wds[1]
-                G = G + W * wd_cols
-        return G
+    def _params(self) -> list[nn.Parameter]:
+        return [p for g in self.param_groups for p in g["params"]]
 
     def _momenta(self) -> list[Tensor]:
         return [la.state["momentum_buffer"] for la in self.layers]
@@ -360,24 +316,10 @@ class KBFGS(QNOptimizerBase):
         sizes = [lr * n for lr, n in zip(self._layer_lrs(), norms)]
         return sizes, self.growth_guard.limit(sizes, scale, self.schedule)
 
-    def _add_to_layers(self, directions: list[Tensor], factor: float) -> None:
-        """W̄ ← W̄ + factor · α · D for every adapted layer (α: the layer's group lr)."""
-        by_alpha: dict[float, tuple[list[Tensor], list[Tensor]]] = {}  # one multi-tensor add per step size
-        for ad, D in zip(self.adapters, directions):
-            targets, updates = by_alpha.setdefault(self._group_of(ad.weight)["lr"] * factor, ([], []))
-            w, b = ad.from_matrix(D)
-            targets.append(ad.weight)
-            updates.append(w.to(ad.weight.dtype))
-            if b is not None and ad.bias is not None:
-                targets.append(ad.bias)
-                updates.append(b.to(ad.bias.dtype))
-        for alpha, (targets, updates) in by_alpha.items():
-            torch._foreach_add_(targets, updates, alpha=alpha)
-
     def _apply(self, directions: list[Tensor], scale: float) -> dict[nn.Parameter, Tensor]:
         """W̄ ← W̄ − α ν D; fallback parameters by their own rule. Returns the fallback parameters as they
         were, when a same-batch curvature step may have to be undone."""
-        self._add_to_layers(directions, -scale)
+        add_to_layers(self.adapters, directions, self._layer_lrs(), -scale)
         backup: dict[nn.Parameter, Tensor] = {}
         needs_backup = self.capture.enabled and self.config.pairs == "same_batch"
         for g in self.param_groups:
@@ -392,7 +334,7 @@ class KBFGS(QNOptimizerBase):
 
     def _restore(self, directions: list[Tensor], scale: float, values: dict[nn.Parameter, Tensor]) -> None:
         """Add ``scale · α · D`` back to the layers and copy ``values`` into the fallback parameters."""
-        self._add_to_layers(directions, scale)
+        add_to_layers(self.adapters, directions, self._layer_lrs(), scale)
         for p, old in values.items():
             p.copy_(old)
 
@@ -407,7 +349,7 @@ class KBFGS(QNOptimizerBase):
     ) -> tuple[Any, bool]:
         """The second pass at θ⁺, the loss guard's verdict, and (if kept) the pairs. Returns the closure's
         loss and whether the step was kept."""
-        loss, value, plus = self._second_pass(closure, now)
+        loss, value, plus = second_pass(closure, now, self._params(), self.adapters, self.capture)
         after: dict[nn.Parameter, Tensor] = {}  # fallback parameters after the step, to redo it
         undone = False
 
@@ -416,7 +358,7 @@ class KBFGS(QNOptimizerBase):
             after.update({p: p.detach().clone() for p in backup})
             self._restore(directions, scale, backup)
             undone = True
-            return self._run_closure(closure, capture=False)[1]
+            return run_closure(closure, self._params(), self.adapters, self.capture, record=False)[1]
 
         why = self.loss_guard.reason_to_undo(value, plus is not None, loss_before)
         if why is not None:
@@ -449,61 +391,6 @@ class KBFGS(QNOptimizerBase):
             pair["h_prev"].copy_(m.h)
             pair["g_prev"].copy_(m.g)
             pair["has_prev"].fill_(True)
-
-    def _second_pass(
-        self, closure: Callable[[], Any], now: list[LayerMeans]
-    ) -> tuple[Any, float | None, list[LayerMeans] | None]:
-        """Re-evaluate the same batch at θ⁺. Returns the closure's loss, its value averaged over ranks (None if
-        the closure returned None) and the second pass's means (None if the loss or a ``ḡ`` is not finite)."""
-        dev = now[0].h_rows.device
-        expect = [r > 0 for r in torch.stack([m.h_rows.reshape(()).to(dev) for m in now]).tolist()]
-        loss, value, stats2 = self._run_closure(closure, capture=True)
-        try:
-            loss_ok = value is None or math.isfinite(value)  # the same verdict on every rank
-            plus = reduce_statistics(self.adapters, stats2, False, "second pass (closure)", expect) if loss_ok else None
-        finally:
-            self.capture.reset("second")
-        if plus is not None and not all_finite(*(m.g for m in plus)):
-            plus = None
-        return loss, value, plus
-
-    def _run_closure(self, closure: Callable[[], Any], capture: bool) -> tuple[Any, float | None, list[LayerStats]]:
-        """Call the closure with gradients saved and restored around it; statistics go to the second-pass
-        sums if ``capture``, nowhere otherwise. Returns the loss, its mean over ranks, and those sums."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        # Only ∂L/∂h is needed: freezing the weights of layers whose bias keeps the output in the graph
-        # skips the weight-gradient GEMMs (a third of the pass). Not under DDP, whose reducer expects
-        # a gradient for every parameter it registered.
-        frozen = [] if is_distributed() else [ad.weight for ad in self.adapters if ad.bias is not None]
-        for w in frozen:
-            w.requires_grad_(False)
-        enabled = self.capture.enabled
-        try:
-            with torch.enable_grad(), self.capture.second_pass() as stats2:
-                self.capture.enabled = capture
-                loss = closure()
-        finally:
-            self.capture.enabled = enabled
-            for w in frozen:
-                w.requires_grad_(True)
-            for p, g in zip(params, saved):
-                p.grad = g
-        return loss, self._mean_over_ranks(loss), stats2
-
-    def _mean_over_ranks(self, loss: Any) -> float | None:
-        """The closure's loss as a float, averaged over ranks (None if the closure returned None). Reduced on
-        the layers' device, which the backend supports (NCCL has no CPU tensors)."""
-        if loss is None:
-            return None
-        dev = self.adapters[0].weight.device
-        t = torch.as_tensor(loss).detach().to(device=dev, dtype=torch.float64).sum().reshape(1)
-        if is_distributed():
-            all_reduce_sum_([t])
-            t /= world_size()
-        return float(t)
 
     # ------------------------------------------------------------------ capture and state
     def _schedule_capture(self) -> None:
@@ -565,6 +452,28 @@ class KBFGS(QNOptimizerBase):
         super().zero_grad(set_to_none=set_to_none)
         if self.capture.mode == "primary":
             self.capture.reset()
+
+
+def _param_groups(assignment: LayerAssignment, cfg: KBFGSConfig, no_decay: set[str]) -> list[dict[str, Any]]:
+    """Adapted parameters (K-BFGS's lr and L2) and fallback parameters, each split by ``no_decay``."""
+    names = assignment.param_names
+
+    def split(params: list[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        return ([p for p in params if names.get(id(p)) not in no_decay],
+                [p for p in params if names.get(id(p)) in no_decay])
+
+    qn_dec, qn_nod = split(assignment.adapted_parameters())
+    fb_dec, fb_nod = split(assignment.fallback_parameters())
+    groups: list[dict[str, Any]] = []
+    for ps, wd in ((qn_dec, cfg.l2), (qn_nod, 0.0)):
+        if ps:
+            groups.append({"params": ps, ROLE: ROLE_QN, "lr": cfg.lr, "l2": wd})
+    fallback = {"fallback": cfg.fallback, "lr": cfg.fallback_lr, "betas": cfg.fallback_betas,
+                "eps": cfg.fallback_eps, "momentum": cfg.fallback_momentum}
+    for ps, wd in ((fb_dec, cfg.fallback_weight_decay), (fb_nod, 0.0)):
+        if ps:
+            groups.append({"params": ps, ROLE: ROLE_FALLBACK, **fallback, "weight_decay": wd})
+    return groups
 
 
 class KBFGSL(KBFGS):

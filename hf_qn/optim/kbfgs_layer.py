@@ -22,12 +22,14 @@ import torch
 from torch import Tensor
 
 from ..adapters import LayerAdapter
-from ..linalg import damped_cholesky_inverse, kron_precondition
+from ..linalg import damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimate
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
 from .output_side import OutputSide, rank2_updates
 from .state import KBFGS_LAYER_COUNTERS
 
-__all__ = ["KroneckerLayer", "PairHyper", "read_flags", "update_input_inverses", "update_output_sides"]
+__all__ = [
+    "KroneckerLayer", "PairHyper", "layer_statistics", "read_flags", "update_input_inverses", "update_output_sides",
+]
 
 
 class KroneckerLayer:
@@ -100,6 +102,21 @@ class KroneckerLayer:
             inp["H_a"].copy_(damped_cholesky_inverse(inp["A"], sqrt_lam))
 
     # ------------------------------------------------------------------ momentum and direction
+    def grad_with_l2(self, l2: list[float]) -> Tensor:
+        """``∇W̄ + τ W̄`` in the canonical layout; ``l2``: τ of the weight and (if any) of the bias, which may
+        differ (the Trainer's no-decay split)."""
+        ad = self.adapter
+        G = ad.grad_matrix().to(torch.float32)
+        if any(wd != 0 for wd in l2):
+            W = ad.param_matrix().to(torch.float32)
+            if len(set(l2)) == 1:
+                G = G + l2[0] * W
+            else:
+                wd_cols = torch.full((ad.d_in,), l2[0], device=G.device)
+                wd_cols[-1] = l2[1]
+                G = G + W * wd_cols
+        return G
+
     def update_momentum(self, G: Tensor, rho: float) -> Tensor:
         """``ĝ ← ρ ĝ + (1−ρ) G``."""
         buf: Tensor = self.state["momentum_buffer"]
@@ -209,6 +226,24 @@ def update_input_inverses(
                 la.state["input"]["H_a"] = H_new
             else:
                 la.count("input_updates_skipped")
+
+
+def layer_statistics(layers: list[KroneckerLayer]) -> dict[str, float]:
+    """The layers' counters summed, and the largest norms of their factors (``qn/max_norm_H_g``, ``_H_a``)."""
+    out: dict[str, float] = dict.fromkeys((f"qn/{k}" for k in KBFGS_LAYER_COUNTERS), 0.0)
+    hg_norm = ha_norm = 0.0
+    for la in layers:
+        if "counters" not in la.state:
+            continue
+        for k in KBFGS_LAYER_COUNTERS:
+            out[f"qn/{k}"] += float(la.state["counters"][k])
+        if la.output.dense_matrix is not None:
+            hg_norm = max(hg_norm, sym_psd_norm_estimate(la.output.dense_matrix))
+        Ha = la.state["input"]["H_a"]
+        ha_norm = max(ha_norm, float(Ha.max()) if Ha.dim() == 1 else sym_psd_norm_estimate(Ha))
+    out["qn/max_norm_H_g"] = hg_norm
+    out["qn/max_norm_H_a"] = ha_norm
+    return out
 
 
 def read_flags(flags: list[Tensor]) -> list[list[list[bool]]]:
