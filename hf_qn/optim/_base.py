@@ -173,6 +173,12 @@ class QNOptimizerBase(torch.optim.Optimizer):
         """A state dict of an older format, converted to the current one (see :mod:`hf_qn.optim.state`)."""
         return state_dict
 
+    def _saved_ids(self, state_dict: dict[str, Any]) -> dict[Any, nn.Parameter]:
+        """Saved parameter id -> this optimizer's parameter, the mapping torch's ``load_state_dict`` uses (the
+        saved groups' ids in order)."""
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        return dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
+
     def state_dict(self) -> dict[str, Any]:
         """torch's ``{"state", "param_groups"}`` plus ``"hf_qn"``, the optimizer-wide state."""
         sd = super().state_dict()
@@ -207,10 +213,8 @@ class QNOptimizerBase(torch.optim.Optimizer):
         stripped = {k: v for k, v in state_dict.items() if k != HF_QN}
         stripped["state"] = stripped_state
         super().load_state_dict(stripped)
-        # Same id -> parameter mapping as torch's: saved groups' param ids in order.
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        id_map = self._saved_ids(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
-        id_map = dict(zip(saved_ids, params))
         for pid, keep in kept.items():
             p = id_map[pid]
             for k, v in keep.items():

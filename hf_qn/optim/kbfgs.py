@@ -437,9 +437,7 @@ class KBFGS(QNOptimizerBase):
         """Format 1 (flat keys) -> 2, through :func:`~hf_qn.optim.state.convert_kbfgs_v1`."""
         if not is_v1(state_dict):
             return state_dict
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        id_of = {id(p): pid for pid, p in zip(saved_ids, params)}
+        id_of = {id(p): pid for pid, p in self._saved_ids(state_dict).items()}
         return convert_kbfgs_v1(state_dict, [id_of[id(ad.weight)] for ad in self.adapters], self._output_side_name())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -525,9 +525,7 @@ class MLBFGS(QNOptimizerBase):
         """Format 1 (flat keys) -> 2, through :func:`~hf_qn.optim.state.convert_mlbfgs_v1`."""
         if not is_v1(state_dict):
             return state_dict
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        id_of = {id(p): pid for pid, p in zip(saved_ids, params)}
+        id_of = {id(p): pid for pid, p in self._saved_ids(state_dict).items()}
         return convert_mlbfgs_v1(state_dict, id_of[id(self.blocks[0].params[0])])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
