@@ -164,8 +164,8 @@ class Capture:
         adapter = self.adapters[index]
         if not (self.enabled and module.training and torch.is_grad_enabled()) or _in_backward():
             return
-        if not isinstance(output, Tensor):
-            return
+        if not isinstance(output, Tensor) or not any(p.requires_grad for p in adapter.parameters()):
+            return  # a frozen layer's curvature is paused: nothing to capture
         mode = self.mode
         st = self.stats[mode][index]
         if mode == PRIMARY and st.pending and adapter.weight.grad is None:

@@ -94,7 +94,7 @@ class LayerPolicy:
 
 @dataclass(frozen=True)
 class FallbackParam:
-    """A trainable parameter updated by the first-order fallback, and why."""
+    """A parameter updated by the first-order fallback, and why."""
 
     name: str
     param: nn.Parameter
@@ -139,14 +139,14 @@ class LayerAssignment:
         for f in self.fallback:
             lines.append(f"{f.name:<48} {'fallback':<22} {f.param.numel():>10}  {f.reason}")
         for name in self.frozen:
-            lines.append(f"{name:<48} {'frozen':<22} {'':>10}  requires_grad=False, left alone")
+            lines.append(f"{name:<48} {'frozen now':<22} {'':>10}  skipped while it has no gradient")
         n_ad = sum(p.numel() for p in self.adapted_parameters())
         n_fb = sum(p.numel() for p in self.fallback_parameters())
         total = max(n_ad + n_fb, 1)
         lines.append(
             f"{len(self.adapters)} adapted layers ({n_ad} params, {100 * n_ad / total:.1f}%), "
             f"{len(self.fallback)} fallback parameters ({n_fb} params, {100 * n_fb / total:.1f}%), "
-            f"{len(self.frozen)} frozen"
+            f"{len(self.frozen)} frozen now (included, trained once unfrozen)"
         )
         return "\n".join(lines)
 
@@ -156,7 +156,12 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 def assign_layers(model: nn.Module, policy: LayerPolicy | None = None) -> LayerAssignment:
-    """Assign every trainable parameter of ``model`` to exactly one adapter or to the fallback."""
+    """Assign every parameter of ``model`` to exactly one adapter or to the fallback.
+
+    Frozen parameters (``requires_grad=False``) are assigned too, as ``torch.optim`` optimizers built from
+    ``model.parameters()`` hold them: the optimizers skip a parameter while it has no gradient, and it trains
+    when it is unfrozen. A layer frozen in part goes to the fallback. ``frozen`` lists the parameters frozen
+    at assignment time, for the report."""
     policy = policy or LayerPolicy()
     result = LayerAssignment()
     # Parameter identity -> every (module name, attribute) that owns it: finds tied weights.
@@ -173,12 +178,12 @@ def assign_layers(model: nn.Module, policy: LayerPolicy | None = None) -> LayerA
         if cls is None:
             continue
         own = list(module.named_parameters(recurse=False))
-        if not own or not any(p.requires_grad for _, p in own):
+        if not own:
             continue
         reason = _refusal(module, mname, cls, policy, owners)
         if reason is not None:
             for _, p in own:
-                if p.requires_grad and id(p) not in taken:
+                if id(p) not in taken:
                     taken.add(id(p))
                     result.fallback.append(FallbackParam(names[id(p)], p, reason))
             continue
@@ -189,7 +194,7 @@ def assign_layers(model: nn.Module, policy: LayerPolicy | None = None) -> LayerA
     for name, p in model.named_parameters():
         if not p.requires_grad:
             result.frozen.append(name)
-        elif id(p) not in taken:
+        if id(p) not in taken:
             taken.add(id(p))
             result.fallback.append(FallbackParam(name, p, "no adapter for its module"))
     return result
@@ -210,7 +215,7 @@ def _refusal(
     if cls is EmbeddingAdapter and not policy.adapt_embeddings:
         return "adapt_embeddings=False"
     own = list(module.named_parameters(recurse=False))
-    if not all(p.requires_grad for _, p in own):
+    if len({p.requires_grad for _, p in own}) > 1:
         return "partially frozen layer"
     for _, p in own:
         if len(owners.get(id(p), [])) > 1:

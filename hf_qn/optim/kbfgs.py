@@ -20,6 +20,7 @@ and returns the loss. The closure's gradients never leak: ``.grad`` is restored 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -198,35 +199,49 @@ class KBFGS(QNOptimizerBase):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One K-BFGS step (paper, Algorithm 1); on same-batch curvature steps ``closure`` is required."""
+        """One K-BFGS step (paper, Algorithm 1). Called after the caller's backward, ``closure`` re-evaluates
+        the same batch at the new point, which same-batch curvature steps need; called without a backward
+        before it, as torch.optim documents, the closure first computes the loss and the gradients. Returns
+        the closure's loss."""
+        try:
+            return self._step(closure)
+        finally:
+            self._remember_gradients()
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         self._refuse_sharded_parameters()
         self._sync_config()
         curvature = bool(self.capture.enabled)
+        loss = self._first_pass(closure)  # torch.optim's call: the closure gives the loss and the gradients
+        if not any(p.grad is not None for p in self._params()):
+            return loss  # nothing has a gradient: nothing moves (as in torch.optim)
         closure = self._closure_for(curvature, closure)
         if not self._all_grads_finite(self._params()):
             self.capture.reset()
-            return self._skip("non-finite gradient; step skipped, curvature untouched")
+            return self._skip("non-finite gradient; step skipped, curvature untouched", loss)
+        active = [la.adapter.weight.grad is not None for la in self.layers]  # the others are paused
+        snapshot = self._snapshot(active) if curvature and self.config.pairs == "same_batch" else None
         # A, ā, h̄, ḡ of this batch: captured sums -> means, all-reduced over ranks         (Alg. 1, line 4)
         now = self._commit_statistics() if curvature else None
         # A ← β_A A + (1−β_A) A_batch                                                       (Alg. 1, line 5)
-        a_means = self._update_input_factors(now) if now is not None else []
+        a_means = self._update_input_factors(now, active) if now is not None else []
         # ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄);  D = H_g ĝ H_a                                       (eq. 3)
-        directions = self._directions()
+        directions = self._directions(active)
         if directions is None:
-            return self._skip("non-finite direction; step skipped")
+            return self._skip("non-finite direction; step skipped", loss)
         # ν: KL clip × loss-guard back-off, then no layer's step outgrows its last curvature step's
-        scale = self.kl_clip.scale(directions, self._momenta(), self._layer_lrs()) * self.backoff.factor
+        scale = self.kl_clip.scale(*self._present(directions)) * self.backoff.factor
         sizes, scale = self._limit_growth(directions, scale, curvature)
         # W̄ ← W̄ − α ν D; the fallback parameters by AdamW / SGD                             (Alg. 1, line 7)
-        backup = self._apply(directions, scale)
-        loss, kept = None, True
+        self._apply(directions, scale)
+        kept = True
         if now is not None:
-            if self.config.pairs == "same_batch":
+            if snapshot is not None:
                 # s = h̄(θ⁺) − h̄(θ), y = ḡ(θ⁺) − ḡ(θ) on the same batch; undone if its loss rose (Alg. 1, l. 9)
                 assert closure is not None
-                loss, kept = self._same_batch_pairs(closure, now, directions, scale, backup)
+                loss, kept = self._same_batch_pairs(closure, now, directions, scale, active, snapshot)
             else:  # s = h̄_k − h̄_{k−1}, y = ḡ_k − ḡ_{k−1} of consecutive curvature batches
-                self._consecutive_pairs(now)
+                self._consecutive_pairs(now, active)
             # H_a by Hessian-action BFGS: s_a = H_a ā, y_a = (A + √λ I) s_a             (section 3.3)
             update_input_inverses(self.layers, a_means, self._cholesky_interval(), self._sqrt_lam(),
                                   self.config.curvature_eps)
@@ -251,16 +266,34 @@ class KBFGS(QNOptimizerBase):
             "KBFGS(..., pairs='consecutive') for the no-second-pass mode."
         )
 
-    def _skip(self, why: str) -> None:
+    def _skip(self, why: str, loss: Any) -> Any:
         self.counters["steps_skipped_nonfinite"] += 1
         warnings.warn(f"KBFGS: {why}", RuntimeWarning, stacklevel=3)
+        return loss
+
+    def _first_pass(self, closure: Callable[[], Any] | None) -> Any:
+        """torch.optim's ``step(closure)``: when no parameter has a fresh gradient (none, or only those the
+        last step used), the closure computes the loss and the gradients (with capture on, as a training
+        forward). Otherwise the caller's backward already ran and the closure is kept for the second pass."""
+        if closure is None or self._fresh_gradients():
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _fresh_gradients(self) -> bool:
+        """Whether a backward ran since the last step: a gradient that is a new tensor, or was added to."""
+        seen = self.__dict__.get("_seen_grads", {})
+        return any(p.grad is not None and seen.get(id(p)) != (id(p.grad), p.grad._version) for p in self._params())
+
+    def _remember_gradients(self) -> None:
+        self._seen_grads = {id(p): (id(p.grad), p.grad._version) for p in self._params() if p.grad is not None}
 
     def _commit_statistics(self) -> list[LayerMeans]:
         out = reduce_statistics(self.adapters, self.capture.stats["primary"], True, "training forward/backward")
         self.capture.reset()
         return out
 
-    def _update_input_factors(self, now: list[LayerMeans]) -> list[Tensor | None]:
+    def _update_input_factors(self, now: list[LayerMeans], active: list[bool]) -> list[Tensor | None]:
         """Each seen layer's ``A`` takes the batch's; returns the ``ā`` whose ``H_a`` update follows the step.
         Each batch's row count and finiteness are read with one host sync for all layers."""
         dev = now[0].h.device
@@ -269,31 +302,39 @@ class KBFGS(QNOptimizerBase):
             for m in now
         ]).tolist()
         cfg, out = self.config, list[Tensor | None]()
-        for la, m, (rows, finite) in zip(self.layers, now, checks):
-            la.ensure_state()
-            if rows <= 0:
+        for la, m, (rows, finite), on in zip(self.layers, now, checks, active):
+            if not on or rows <= 0:
                 out.append(None)
                 continue
             assert m.A is not None and m.a is not None
+            la.ensure_state()
             out.append(la.update_input_factor(m.A, m.a, finite > 0, cfg.factor_decay, cfg.input_warm_start,
                                               self._sqrt_lam()))
         return out
 
-    def _directions(self) -> list[Tensor] | None:
-        """Per layer ``ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄)`` and ``D = H_g ĝ H_a``; None if any is not finite."""
-        out = []
-        for la in self.layers:
+    def _directions(self, active: list[bool]) -> list[Tensor | None] | None:
+        """Per active layer ``ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄)`` and ``D = H_g ĝ H_a`` (None for a paused layer);
+        None if any is not finite."""
+        out: list[Tensor | None] = []
+        for la, on in zip(self.layers, active):
+            if not on:
+                out.append(None)
+                continue
             la.ensure_state()
             l2 = [self._group_of(p)["l2"] for p in la.adapter.parameters()]
             la.update_momentum(la.grad_with_l2(l2), self.config.grad_decay)
             out.append(la.direction(self.config.matmul_torch_dtype))
-        return out if all_finite(*out) else None
+        return out if all_finite(*(D for D in out if D is not None)) else None
+
+    def _present(self, directions: list[Tensor | None]) -> tuple[list[Tensor], list[Tensor], list[float]]:
+        """The active layers' directions, gradient averages and learning rates."""
+        keep = [i for i, D in enumerate(directions) if D is not None]
+        lrs = self._layer_lrs()
+        return ([directions[i] for i in keep], [self.layers[i].state["momentum_buffer"] for i in keep],  # type: ignore[misc]
+                [lrs[i] for i in keep])
 
     def _params(self) -> list[nn.Parameter]:
         return [p for g in self.param_groups for p in g["params"]]
-
-    def _momenta(self) -> list[Tensor]:
-        return [la.state["momentum_buffer"] for la in self.layers]
 
     def _layer_lrs(self) -> list[float]:
         return [self._group_of(ad.weight)["lr"] for ad in self.adapters]
@@ -304,39 +345,65 @@ class KBFGS(QNOptimizerBase):
     def _cholesky_interval(self) -> int | None:
         return self.config.inverse_interval if self.config.input_inverse == "cholesky" else None
 
-    def _limit_growth(self, directions: list[Tensor], scale: float, curvature: bool) -> tuple[list[float], float]:
+    def _limit_growth(
+        self, directions: list[Tensor | None], scale: float, curvature: bool
+    ) -> tuple[list[float], float]:
         """With ``update_interval > 1``: the layers' step sizes ``‖α D‖`` (one host sync for all) and the
         scale the growth guard allows."""
         if self.config.update_interval == 1:
             return [], scale
         if curvature:
             self.schedule.refresh_next(False)  # this step is the refresh
-        dev = directions[0].device
-        norms = torch.stack([D.norm().float().to(dev) for D in directions]).tolist()
-        sizes = [lr * n for lr, n in zip(self._layer_lrs(), norms)]
+        present = [D for D in directions if D is not None]
+        if not present:
+            return [0.0] * len(directions), scale
+        dev = present[0].device
+        norms = iter(torch.stack([D.norm().float().to(dev) for D in present]).tolist())
+        sizes = [0.0 if D is None else lr * next(norms) for D, lr in zip(directions, self._layer_lrs())]
         return sizes, self.growth_guard.limit(sizes, scale, self.schedule)
 
-    def _apply(self, directions: list[Tensor], scale: float) -> dict[nn.Parameter, Tensor]:
-        """W̄ ← W̄ − α ν D; fallback parameters by their own rule. Returns the fallback parameters as they
-        were, when a same-batch curvature step may have to be undone."""
+    def _apply(self, directions: list[Tensor | None], scale: float) -> None:
+        """W̄ ← W̄ − α ν D; fallback parameters by their own rule (parameters without a gradient are skipped)."""
         add_to_layers(self.adapters, directions, self._layer_lrs(), -scale)
-        backup: dict[nn.Parameter, Tensor] = {}
-        needs_backup = self.capture.enabled and self.config.pairs == "same_batch"
         for g in self.param_groups:
             if g[ROLE] == ROLE_FALLBACK:
-                if needs_backup:
-                    params = [p for p in g["params"] if p.grad is not None]
-                    copies = [torch.empty_like(p, requires_grad=False) for p in params]
-                    torch._foreach_copy_(copies, [p.detach() for p in params])  # one multi-tensor copy
-                    backup.update(zip(params, copies))
                 self._fallback_step(g)
-        return backup
 
-    def _restore(self, directions: list[Tensor], scale: float, values: dict[nn.Parameter, Tensor]) -> None:
+    def _restore(self, directions: list[Tensor | None], scale: float, values: dict[nn.Parameter, Tensor]) -> None:
         """Add ``scale · α · D`` back to the layers and copy ``values`` into the fallback parameters."""
         add_to_layers(self.adapters, directions, self._layer_lrs(), scale)
         for p, old in values.items():
             p.copy_(old)
+
+    def _snapshot(self, active: list[bool]) -> dict[str, Any]:
+        """What a same-batch curvature step changes before its closure runs: the parameters with a gradient,
+        the active layers' input factors, gradient averages and counters, the fallback's state and the
+        optimizer-wide state. Put back exactly if the closure raises (:meth:`_put_back`); its fallback
+        parameters also serve the loss guard's undo."""
+        params = [p for p in self._params() if p.grad is not None]
+        copies = [torch.empty_like(p, requires_grad=False) for p in params]
+        torch._foreach_copy_(copies, [p.detach() for p in params])  # one multi-tensor copy
+        layers = {la.adapter.weight: {k: copy.deepcopy(la.state.get(k)) for k in ("input", "momentum_buffer",
+                                                                               "counters")}
+                  for la, on in zip(self.layers, active) if on}
+        fallback = {p: copy.deepcopy(self.state.get(p, {})) for g in self.param_groups if g[ROLE] == ROLE_FALLBACK
+                    for p in g["params"] if p.grad is not None}
+        return {"params": dict(zip(params, copies)), "layers": layers, "fallback": fallback,
+                "global": copy.deepcopy(self._global_state())}
+
+    def _put_back(self, snapshot: dict[str, Any]) -> None:
+        for p, old in snapshot["params"].items():
+            p.copy_(old)
+        for w, saved in snapshot["layers"].items():
+            for k, v in saved.items():
+                if v is None:
+                    self.state[w].pop(k, None)
+                else:
+                    self.state[w][k] = v
+        for p, saved in snapshot["fallback"].items():
+            self.state[p] = saved
+        self._load_global_state(snapshot["global"])
+        self._bind_layers()
 
     # -- pairs -------------------------------------------------------------------------------------
     def _pair_hyper(self) -> PairHyper:
@@ -344,11 +411,24 @@ class KBFGS(QNOptimizerBase):
         return PairHyper(cfg.pair_decay, cfg.powell_mu, self._sqrt_lam(), cfg.lm_damping, cfg.curvature_eps)
 
     def _same_batch_pairs(
-        self, closure: Callable[[], Any], now: list[LayerMeans], directions: list[Tensor], scale: float,
-        backup: dict[nn.Parameter, Tensor],
+        self, closure: Callable[[], Any], now: list[LayerMeans], directions: list[Tensor | None], scale: float,
+        active: list[bool], snapshot: dict[str, Any],
     ) -> tuple[Any, bool]:
         """The second pass at θ⁺, the loss guard's verdict, and (if kept) the pairs. Returns the closure's
-        loss and whether the step was kept."""
+        loss and whether the step was kept. If the closure raises, the step is taken back exactly (parameters
+        and optimizer state as before it) and the exception propagates."""
+        try:
+            return self._second_pass_and_guard(closure, now, directions, scale, active, snapshot)
+        except BaseException:
+            self._put_back(snapshot)
+            raise
+
+    def _second_pass_and_guard(
+        self, closure: Callable[[], Any], now: list[LayerMeans], directions: list[Tensor | None], scale: float,
+        active: list[bool], snapshot: dict[str, Any],
+    ) -> tuple[Any, bool]:
+        fallback = {p for g in self.param_groups if g[ROLE] == ROLE_FALLBACK for p in g["params"]}
+        backup = {p: v for p, v in snapshot["params"].items() if p in fallback}
         loss, value, plus = second_pass(closure, now, self._params(), self.adapters, self.capture)
         after: dict[nn.Parameter, Tensor] = {}  # fallback parameters after the step, to redo it
         undone = False
@@ -375,18 +455,25 @@ class KBFGS(QNOptimizerBase):
         assert plus is not None
         self.backoff.grow()
         self.loss_guard.accept(value)
-        update_output_sides(self.layers, [b.h - a.h for a, b in zip(now, plus)],
-                            [b.g - a.g for a, b in zip(now, plus)], [a.g for a in now], self._pair_hyper())
+        on = [i for i, a in enumerate(active) if a]
+        update_output_sides([self.layers[i] for i in on], [plus[i].h - now[i].h for i in on],
+                            [plus[i].g - now[i].g for i in on], [now[i].g for i in on], self._pair_hyper())
         return loss, True
 
-    def _consecutive_pairs(self, now: list[LayerMeans]) -> None:
-        """s = h̄_k − h̄_{k−1}, y = ḡ_k − ḡ_{k−1} for the layers that have a previous curvature batch."""
-        have = [i for i, la in enumerate(self.layers) if bool(la.state["pair"]["has_prev"])]
+    def _consecutive_pairs(self, now: list[LayerMeans], active: list[bool]) -> None:
+        """s = h̄_k − h̄_{k−1}, y = ḡ_k − ḡ_{k−1} for the active layers that have a previous curvature batch; a
+        paused layer starts over from its next batch."""
+        for la, on in zip(self.layers, active):
+            if not on and "pair" in la.state:
+                la.state["pair"]["has_prev"].fill_(False)
+        have = [i for i, la in enumerate(self.layers) if active[i] and bool(la.state["pair"]["has_prev"])]
         prev = [self.layers[i].state["pair"] for i in have]
         update_output_sides([self.layers[i] for i in have], [now[i].h - p["h_prev"] for i, p in zip(have, prev)],
                             [now[i].g - p["g_prev"] for i, p in zip(have, prev)], [now[i].g for i in have],
                             self._pair_hyper())
-        for la, m in zip(self.layers, now):
+        for la, m, on in zip(self.layers, now, active):
+            if not on:
+                continue
             pair = la.state["pair"]
             pair["h_prev"].copy_(m.h)
             pair["g_prev"].copy_(m.g)

@@ -33,7 +33,9 @@ def run_closure(
     saved = [p.grad for p in params]
     for p in params:
         p.grad = None
-    frozen = [] if is_distributed() else [ad.weight for ad in adapters if ad.bias is not None]
+    frozen = [] if is_distributed() else [
+        ad.weight for ad in adapters if ad.bias is not None and ad.weight.requires_grad  # the user's stay as they are
+    ]
     for w in frozen:
         w.requires_grad_(False)
     enabled = capture.enabled
@@ -82,16 +84,20 @@ def second_pass(
     return loss, value, plus
 
 
-def add_to_layers(adapters: list[LayerAdapter], directions: list[Tensor], lrs: list[float], factor: float) -> None:
-    """``W̄ ← W̄ + factor · α · D`` for every adapted layer (α: the layer's lr), one multi-tensor add per step
-    size."""
+def add_to_layers(
+    adapters: list[LayerAdapter], directions: list[Tensor | None], lrs: list[float], factor: float
+) -> None:
+    """``W̄ ← W̄ + factor · α · D`` for every active layer (α: the layer's lr), one multi-tensor add per step
+    size; a layer without a direction, and a bias without a gradient, are left alone."""
     by_alpha: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
     for ad, D, lr in zip(adapters, directions, lrs):
+        if D is None:
+            continue
         targets, updates = by_alpha.setdefault(lr * factor, ([], []))
         w, b = ad.from_matrix(D)
         targets.append(ad.weight)
         updates.append(w.to(ad.weight.dtype))
-        if b is not None and ad.bias is not None:
+        if b is not None and ad.bias is not None and ad.bias.grad is not None:
             targets.append(ad.bias)
             updates.append(b.to(ad.bias.dtype))
     for alpha, (targets, updates) in by_alpha.items():

@@ -11,7 +11,7 @@ from tests._helpers.models import SmallCNN, tiny_bert, tiny_gpt2, tiny_resnet, t
 
 
 def _check_exactly_once(model, asg):
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    trainable = {id(p) for p in model.parameters()}  # frozen ones too: they train once unfrozen
     covered = [id(p) for p in asg.adapted_parameters()] + [id(p) for p in asg.fallback_parameters()]
     assert len(covered) == len(set(covered)), "a parameter is assigned twice"
     assert set(covered) == trainable
@@ -62,8 +62,9 @@ def test_frozen_and_partially_frozen_layers():
     model[0].requires_grad_(False)
     model[1].bias.requires_grad_(False)
     asg = assign_layers(model)
-    assert [a.name for a in asg.adapters] == ["2"]
-    assert [f.name for f in asg.fallback] == ["1.weight"]
+    assert [a.name for a in asg.adapters] == ["0", "2"]  # a frozen layer is adapted: it trains once unfrozen
+    assert [f.name for f in asg.fallback] == ["1.weight", "1.bias"]
+    assert asg.fallback[0].reason == "partially frozen layer"
     assert set(asg.frozen) == {"0.weight", "0.bias", "1.bias"}
 
 

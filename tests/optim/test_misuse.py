@@ -1,0 +1,135 @@
+"""The cases a user hits outside the happy path: each trains correctly or fails with a clear error."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hf_qn
+from tests._helpers.models import mlp
+from tests._helpers.training import flat_state, loop, mse_loss, regression_batches
+
+KBFGS_MODES = {
+    "same_batch": lambda m: hf_qn.KBFGS(m, lr=0.1),
+    "consecutive": lambda m: hf_qn.KBFGS(m, lr=0.1, pairs="consecutive"),
+    "interval": lambda m: hf_qn.KBFGS(m, lr=0.1, update_interval=3, warmup_curvature_steps=1),
+    "lbfgs": lambda m: hf_qn.KBFGSL(m, lr=0.1, history_size=3),
+}
+ALL = {**KBFGS_MODES, "mlbfgs": lambda m: hf_qn.MLBFGS(m, lr=1e-2, update_interval=2)}
+
+
+def _state(opt, model):
+    return {(i, k): v.clone() for i, p in enumerate(model.parameters()) for k, v in flat_state(opt, p).items()}
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_step_without_gradients_moves_nothing(name):
+    """``zero_grad(); step()`` with no backward: no parameter and no state moves (torch.optim skips them)."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ALL[name](model)
+    loop(model, opt, regression_batches(3), mse_loss)
+    params, state = [p.detach().clone() for p in model.parameters()], _state(opt, model)
+    opt.zero_grad()
+    assert opt.step() is None
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    after = _state(opt, model)
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_a_layer_frozen_mid_run_is_paused_and_resumes(name):
+    """Freezing a layer stops its updates and its curvature (state untouched); unfreezing trains it again."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ALL[name](model)
+    batches = regression_batches(12)
+    loop(model, opt, batches[:4], mse_loss)
+    model[0].requires_grad_(False)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    state = {k: v.clone() for p in model[0].parameters() for k, v in flat_state(opt, p).items()}
+    others = [p.detach().clone() for p in model[2].parameters()]
+    loop(model, opt, batches[4:8], mse_loss)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model[0].parameters()))
+    now = {k: v for p in model[0].parameters() for k, v in flat_state(opt, p).items()}
+    if name == "consecutive":  # a paused layer's consecutive pairs start over from its next batch
+        assert not bool(now.pop("pair/has_prev")) and bool(state.pop("pair/has_prev"))
+    assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
+    assert not all(torch.equal(a, b) for a, b in zip(others, model[2].parameters()))  # the rest trains
+    model[0].requires_grad_(True)
+    loop(model, opt, batches[8:], mse_loss)
+    assert not torch.equal(frozen[0], model[0].weight)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_a_layer_frozen_at_construction_trains_once_unfrozen(name):
+    torch.manual_seed(0)
+    model = mlp()
+    model[0].requires_grad_(False)
+    opt = ALL[name](model)
+    loop(model, opt, regression_batches(3), mse_loss)
+    w = model[0].weight.detach().clone()
+    model[0].requires_grad_(True)
+    loop(model, opt, regression_batches(3, seed=1), mse_loss)
+    assert not torch.equal(w, model[0].weight)
+    if name in KBFGS_MODES:
+        assert "input" in opt.state[model[0].weight]  # it has curvature of its own now
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_torch_style_closure_gives_loss_and_gradients_in_every_mode(name):
+    """``step(closure)`` with no backward before it, as torch.optim documents: the closure is called, its loss
+    returned, and the step uses its gradients."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ALL[name](model)
+    losses = []
+    for x, y in regression_batches(1) * 8:  # one batch again and again: its loss must fall
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = mse_loss(model, (x, y))
+            loss.backward()
+            return loss
+
+        losses.append(float(opt.step(closure).detach()))
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name", ["same_batch", "lbfgs", "interval"])
+def test_a_closure_that_raises_leaves_parameters_and_state_as_they_were(name):
+    """A second pass that raises takes the step back exactly; retrying the step then equals a run in which
+    nothing failed."""
+    batches = regression_batches(6)
+    torch.manual_seed(0)
+    ref = mlp()
+    model = copy.deepcopy(ref)
+    ref_opt, opt = KBFGS_MODES[name](ref), KBFGS_MODES[name](model)
+    loop(ref, ref_opt, batches, mse_loss)
+    loop(model, opt, batches[:3], mse_loss)
+    params, state = [p.detach().clone() for p in model.parameters()], _state(opt, model)
+    global_state = copy.deepcopy(opt.state_dict()["hf_qn"])
+    x, y = batches[3]
+    opt.zero_grad()
+    mse_loss(model, (x, y)).backward()
+
+    def failing():
+        raise KeyboardInterrupt
+
+    assert opt.curvature_step_next()
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(failing)
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    after = _state(opt, model)
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    from hf_qn.optim.state import iter_tensors
+
+    assert dict(iter_tensors(opt.state_dict()["hf_qn"])).keys() == dict(iter_tensors(global_state)).keys()
+    for (k, v), (_, w) in zip(iter_tensors(opt.state_dict()["hf_qn"]), iter_tensors(global_state)):
+        assert torch.equal(v, w), k
+    loop(model, opt, batches[3:], mse_loss)  # the retry
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert torch.equal(a, b)
