@@ -155,6 +155,15 @@ def _merge_small(
     return merged
 
 
+def _named_entry(entry: Any, default: str) -> tuple[str, Any]:
+    """``(name, parameter)`` from a parameter or a ``(name, parameter)`` pair, with a clear error otherwise."""
+    if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], Tensor):
+        return entry
+    if isinstance(entry, Tensor):
+        return default, entry
+    raise TypeError(f"MLBFGS params must be tensors or (name, tensor) pairs, got {type(entry).__name__}")
+
+
 class MLBFGSBlock:
     """One mL-BFGS curvature unit: a :class:`Block`'s L-BFGS history of ``m`` pairs, whether it has a previous
     pair point, and its counters (``state``: the ``"block"`` entry of its first parameter's state). The compact
@@ -276,27 +285,31 @@ class MLBFGS(QNOptimizerBase):
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
     def _named_params_and_groups(
-        params: nn.Module | Iterable[nn.Parameter] | Iterable[dict[str, Any]],
+        params: nn.Module | Iterable[Any],
     ) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
-        named: list[tuple[str, Any]] = []
+        """``(name, parameter)`` pairs and torch param groups from a module (all its parameters, frozen ones
+        too: they train once unfrozen), parameters, ``(name, parameter)`` pairs (``named_parameters()``), or
+        param-group dicts of either."""
         if isinstance(params, nn.Module):
-            named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
-            return named, [{"params": [p for _, p in named]}]
+            module_named = list(params.named_parameters())
+            return module_named, [{"params": [p for _, p in module_named]}]
         items = list(params)
         if not items:
             raise ValueError("MLBFGS got an empty parameter list")
-        if isinstance(items[0], dict):
-            groups = []
-            for i, g in enumerate(items):
-                assert isinstance(g, dict)
-                ps = [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])
-                names = g.get("param_names")
-                for j, p in enumerate(ps):
-                    named.append((names[j] if names else f"group{i}.{j}", p))
-                groups.append(dict(g, params=ps))
-            return named, groups
-        ps = [p for p in items if isinstance(p, Tensor)]
-        return [(f"param{j}", p) for j, p in enumerate(ps)], [{"params": ps}]
+        as_groups = all(isinstance(g, dict) for g in items)
+        named: list[tuple[str, Any]] = []
+        groups = []
+        for i, g in enumerate(items if as_groups else [{"params": items}]):
+            entries = [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])
+            names = g.get("param_names")
+            ps = []
+            for j, entry in enumerate(entries):
+                default = names[j] if names else (f"group{i}.{j}" if as_groups else f"param{j}")
+                name, p = _named_entry(entry, default)
+                named.append((name, p))
+                ps.append(p)
+            groups.append(dict(g, params=ps))
+        return named, groups
 
     def _assign(self) -> None:
         costs = {b.name: float(b.numel) for b in self.blocks}
@@ -332,65 +345,93 @@ class MLBFGS(QNOptimizerBase):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One step. ``closure`` (optional, torch.optim semantics) computes loss and gradients first."""
+        """One step. ``closure`` (optional, torch.optim semantics) computes loss and gradients first. Parameters
+        without a gradient are skipped (no average, momentum or decay); a block none of whose parameters has one
+        forms no pair."""
         self._refuse_sharded_parameters()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = [p for b in self.blocks for p in b.params]
-        if not self._all_grads_finite(params):
+        live = [p for b in self.blocks for p in b.params if p.grad is not None]
+        if not live:
+            return loss
+        if not self._all_grads_finite(live):
             self.counters["steps_skipped_nonfinite"] += 1
             warnings.warn("MLBFGS: non-finite gradient; step skipped, history untouched", RuntimeWarning, stacklevel=2)
             return loss
-        hp = self.defaults
-        for u in self.units:
+        hp = self._hyperparameters()
+        units = [u for u in self.units if any(p.grad is not None for p in u.block.params)]
+        for u in units:
             u.ensure_state(hp["history_size"], hp["gamma"], self.config.history_torch_dtype)
         self.counters["step"] += 1
         t = int(self.counters["step"])
         # M^θ ← β_θ M^θ + (1−β_θ) θ,  M^g ← β_g M^g + (1−β_g) g                              (eq. 5)
-        self._update_averages(first=(t == 1))
+        self._update_averages(live, hp)
         # every T steps: s = M^θ − M^θ_prev, y = M^g − M^g_prev, damped, pushed               (eqs. 6, 7)
         if t % hp["update_interval"] == 0:
-            for u in self.units:
-                self._curvature_pair(u)
+            for u in units:
+                self._curvature_pair(u, hp)
         # d = H g per block (owner ranks, then one all-reduce), scaled by ``normalize``
-        directions = self._directions(t)
+        directions = self._directions(units, t, hp)
         # b ← μ b + d;  θ ← θ(1 − α λ_wd) − α b
-        self._apply(directions)
+        self._apply(units, directions)
         return loss
 
-    @staticmethod
-    def _grads(params: Sequence[Tensor]) -> list[Tensor]:
-        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    def _hyperparameters(self) -> dict[str, Any]:
+        """The hyperparameters of this step, from ``param_groups`` (as torch.optim reads them, so a loaded
+        checkpoint or a user's change takes effect). ``lr``, ``momentum`` and ``weight_decay`` may differ
+        between groups; the others act on whole blocks and must agree."""
+        hp: dict[str, Any] = {}
+        for key in _GROUP_FIELDS:
+            if key in ("lr", "momentum", "weight_decay"):
+                continue
+            values = {repr(g.get(key, self.defaults[key])) for g in self.param_groups}
+            if len(values) > 1:
+                raise ValueError(
+                    f"MLBFGS: param groups disagree on {key!r} ({', '.join(sorted(values))}); it acts on whole blocks, "
+                    "so only lr, momentum and weight_decay can differ between groups"
+                )
+            hp[key] = self.param_groups[0].get(key, self.defaults[key])
+        for key in ("history_size", "history_dtype"):
+            if hp[key] != getattr(self.config, key):
+                raise ValueError(
+                    f"MLBFGS: {key} changed from {getattr(self.config, key)!r} to {hp[key]!r} in param_groups; the "
+                    "histories cannot change shape or dtype during training (build a new optimizer)"
+                )
+        return hp
 
-    def _update_averages(self, first: bool) -> None:
-        """M^θ ← β_θ M^θ + (1−β_θ) θ,  M^g ← β_g M^g + (1−β_g) g  (started at the first θ, g), over every
-        parameter with multi-tensor (``torch._foreach_*``) kernels: four launches per step in all instead of
-        four per parameter."""
-        bp, bg = self.defaults["param_decay"], self.defaults["grad_decay"]
-        params = [p for b in self.blocks for p in b.params]
+    def _update_averages(self, params: list[nn.Parameter], hp: dict[str, Any]) -> None:
+        """M^θ ← β_θ M^θ + (1−β_θ) θ,  M^g ← β_g M^g + (1−β_g) g (each started at its first θ, g), over the
+        parameters with a gradient, with multi-tensor (``torch._foreach_*``) kernels."""
+        bp, bg = hp["param_decay"], hp["grad_decay"]
+        fresh = [p for p in params if "param_avg" not in self.state[p]]
+        for p in fresh:
+            st = self._param_state(p)
+            st["param_avg"].copy_(p)
+            st["grad_avg"].copy_(p.grad)
+        started = {id(p) for p in fresh}
+        params = [p for p in params if id(p) not in started]
+        if not params:
+            return
         states = [self._param_state(p) for p in params]
         p_avg, g_avg = [st["param_avg"] for st in states], [st["grad_avg"] for st in states]
-        grads = self._grads(params)
-        if first:
-            for a, p in zip(p_avg, params):
-                a.copy_(p)
-            for a, g in zip(g_avg, grads):
-                a.copy_(g)
-            return
         torch._foreach_mul_(p_avg, bp)
         torch._foreach_add_(p_avg, [p.detach() for p in params], alpha=1 - bp)
         torch._foreach_mul_(g_avg, bg)
-        torch._foreach_add_(g_avg, grads, alpha=1 - bg)
+        torch._foreach_add_(g_avg, self._grads(params), alpha=1 - bg)
 
-    def _curvature_pair(self, u: MLBFGSBlock) -> None:
+    def _curvature_pair(self, u: MLBFGSBlock, hp: dict[str, Any]) -> None:
         """s = M^θ − M^θ_prev, y = M^g − M^g_prev; pair momentum; damping (eq. 7); push if sᵀy > ε sᵀs."""
-        hp = self.defaults
         first_pair_point = not bool(u.state["has_prev"])
         s_parts, y_parts = [], []
         for p in u.block.params:
-            st = self._param_state(p)
+            if "param_avg" not in self.state[p]:  # never had a gradient: no movement to pair
+                if not first_pair_point:
+                    s_parts.append(torch.zeros(p.numel(), dtype=self._state_dtype(p), device=p.device))
+                    y_parts.append(s_parts[-1])
+                continue
+            st = self.state[p]
             if not first_pair_point:
                 s_parts.append((st["param_avg"] - st["param_avg_prev"]).reshape(-1))
                 y_parts.append((st["grad_avg"] - st["grad_avg_prev"]).reshape(-1))
@@ -418,21 +459,22 @@ class MLBFGS(QNOptimizerBase):
             return
         u.push(hist, s, y)
 
-    def _directions(self, step: int) -> list[Tensor]:
-        """d = H g per block on its owner rank (compact L-BFGS), d = g before the first pair; then one
-        all-reduce so every rank holds every block's direction (non-owners contribute zeros), then the
-        ``normalize`` scaling (``step``, this step's count, bias-corrects the Adam grafting)."""
+    def _directions(self, units: list[MLBFGSBlock], step: int, hp: dict[str, Any]) -> list[Tensor]:
+        """d = H g per block on its owner rank (compact L-BFGS), d = g before the first pair (a parameter without
+        a gradient counts as zeros); then one all-reduce so every rank holds every block's direction
+        (non-owners contribute zeros), then the ``normalize`` scaling (``step``, this step's count,
+        bias-corrects the Adam grafting)."""
         me = rank()
         ws = world_size()
         out = []
-        for u in self.units:
+        for u in units:
             b = u.block
             dtype = self._state_dtype(b.params[0])
             if ws > 1 and self.owners[b.name] != me:
                 out.append(torch.zeros(b.numel, dtype=dtype, device=b.params[0].device))
                 continue
             g = torch.cat([x.reshape(-1) for x in self._grads(b.params)]).to(dtype)
-            hist = u.history(self.defaults["gamma"])
+            hist = u.history(hp["gamma"])
             if len(hist) == 0:
                 out.append(g)  # torch.cat made it a fresh tensor
             else:
@@ -440,56 +482,62 @@ class MLBFGS(QNOptimizerBase):
                 out.append(u.apply(hist, g))
         if ws > 1:
             all_reduce_sum_(out)
-        mode = self.defaults["normalize"]
+        mode = hp["normalize"]
         if mode in ("unit", "grad"):
             total = math.sqrt(sum(float(torch.dot(d.double(), d.double())) for d in out))
             target = 1.0
             if mode == "grad":
-                target = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for b in self.blocks for p in b.params
+                target = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for u in units for p in u.block.params
                                        if p.grad is not None))
             if total > 0:
                 out = [d * (target / total) for d in out]
         elif mode == "adam":
-            out = self._graft_to_adam(out, step)
+            out = self._graft_to_adam(units, out, step)
         return out
 
-    def _graft_to_adam(self, directions: list[Tensor], step: int) -> list[Tensor]:
+    @staticmethod
+    def _grads(params: Sequence[Tensor]) -> list[Tensor]:
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    def _graft_to_adam(self, units: list[MLBFGSBlock], directions: list[Tensor], step: int) -> list[Tensor]:
         """Rescale each block's direction to the norm of Adam's un-momented step in that block,
-        ``‖g / (√v̂ + ε)‖`` with ``v ← β₂ v + (1−β₂) g²`` (β₂ = 0.999, ε = 1e-8, bias-corrected): layer-wise
-        grafting (Agarwal et al. 2020), as Distributed Shampoo grafts its blocks. Every rank keeps ``v`` for
-        every parameter (like the momentum buffers), so replicas agree without communication. Multi-tensor
-        kernels over all parameters, so the launches do not grow with the number of parameters."""
-        params = [p for b in self.blocks for p in b.params]
-        which = [i for i, b in enumerate(self.blocks) for _ in b.params]  # block of each parameter
+        ``‖g / (√v̂ + ε)‖`` with ``v ← β₂ v + (1−β₂) g²`` (β₂ = 0.999, ε = 1e-8, bias-corrected) over its
+        parameters that have a gradient: layer-wise grafting (Agarwal et al. 2020), as Distributed Shampoo
+        grafts its blocks. Every rank keeps ``v`` for every parameter (like the momentum buffers), so replicas
+        agree without communication. Multi-tensor kernels over all parameters."""
+        pairs = [(p, i) for i, u in enumerate(units) for p in u.block.params if p.grad is not None]
+        which = [i for _, i in pairs]  # block of each parameter
         vs, gs = [], []
-        for p, g, i in zip(params, self._grads(params), which):
+        for p, i in pairs:
             st = self._param_state(p)
             dtype = directions[i].dtype
             if "exp_avg_sq" not in st:
                 st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
             vs.append(st["exp_avg_sq"])
-            gs.append(g.to(dtype))
+            gs.append(p.grad.to(dtype))  # type: ignore[union-attr]
         denom = adam_denominators_(vs, gs, _ADAM_BETA2, step, _ADAM_EPS)
         dev = directions[0].device
         adam_norms = torch._foreach_norm(torch._foreach_div(gs, denom))
         adam_sq = torch.stack([n.to(dev, torch.float64) for n in adam_norms]).square()
-        sq = torch.zeros(len(self.blocks), dtype=torch.float64, device=dev)
+        sq = torch.zeros(len(units), dtype=torch.float64, device=dev)
         sq.index_add_(0, torch.tensor(which, device=dev), adam_sq)
         dn = torch.stack([n.to(dev, torch.float64) for n in torch._foreach_norm(directions)])
         scale = torch.where(dn > 0, sq.sqrt() / dn.clamp_min(1e-300), torch.ones_like(dn))
         return [d * s.to(d.device, d.dtype) for d, s in zip(directions, scale.unbind())]
 
-    def _apply(self, directions: list[Tensor]) -> None:
-        """b ← μ b + d;  θ ← θ(1 − α λ_wd) − α b, with multi-tensor kernels per parameter group."""
+    def _apply(self, units: list[MLBFGSBlock], directions: list[Tensor]) -> None:
+        """b ← μ b + d;  θ ← θ(1 − α λ_wd) − α b, with multi-tensor kernels per parameter group, for the
+        parameters with a gradient."""
         per_group: dict[int, tuple[dict[str, Any], list[Tensor], list[Tensor]]] = {}
-        for blk, d in zip(self.blocks, directions):
+        for u, d in zip(units, directions):
             offset = 0
-            for p in blk.params:
+            for p in u.block.params:
                 n = p.numel()
-                group = self._group_of(p)
-                _, ps, ds = per_group.setdefault(id(group), (group, [], []))
-                ps.append(p)
-                ds.append(d[offset : offset + n].view_as(p))
+                if p.grad is not None:
+                    group = self._group_of(p)
+                    _, ps, ds = per_group.setdefault(id(group), (group, [], []))
+                    ps.append(p)
+                    ds.append(d[offset : offset + n].view_as(p))
                 offset += n
         for group, ps, ds in per_group.values():
             mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
