@@ -124,6 +124,14 @@ class Capture:
             h.remove()
         self._handles.clear()
 
+    def add(self, adapter: LayerAdapter) -> None:
+        """Capture one more layer (hooked at once if the others are)."""
+        self.adapters.append(adapter)
+        for mode in (PRIMARY, SECOND):
+            self.stats[mode].append(LayerStats())
+        if self._handles:
+            self._handles.append(adapter.module.register_forward_hook(_ForwardHook(self, len(self.adapters) - 1)))
+
     @property
     def attached(self) -> bool:
         return bool(self._handles)

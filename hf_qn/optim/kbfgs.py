@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import LayerAdapter, LayerAssignment, LayerPolicy, assign_layers
+from ..adapters.registry import FallbackParam
 from ..capture import Capture
 from ..linalg import all_finite, finite_flag
 from ._base import ROLE, ROLE_FALLBACK, ROLE_QN, QNOptimizerBase
@@ -92,6 +93,7 @@ class KBFGS(QNOptimizerBase):
             )
         super().__init__(_param_groups(assignment, cfg, set(no_decay)), dataclasses.asdict(cfg))
         self._refuse_sharded_parameters()
+        self.model, self.policy = model, policy
         self.assignment: LayerAssignment = assignment
         self.adapters: list[LayerAdapter] = assignment.adapters
         self.layers = [KroneckerLayer(ad, output_side_for(ad.name, cfg.history_size)) for ad in self.adapters]
@@ -114,7 +116,8 @@ class KBFGS(QNOptimizerBase):
     # ------------------------------------------------------------------ copies
     # A copy (deepcopy, pickle) works on copies of the layers, with its own hooks on them; it has no
     # closure_provider (a Trainer's bound method): QNTrainer wires the optimizer it is given again.
-    _PICKLED_ATTRS = ("config", "_config_values", "assignment", "adapters", "layers", "schedule", "kl_clip", "backoff",
+    _PICKLED_ATTRS = ("model", "policy", "config", "_config_values", "assignment", "adapters", "layers", "schedule",
+                      "kl_clip", "backoff",
                       "growth_guard", "loss_guard", "counters", "grad_scaler", "capture", "_training")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -123,6 +126,43 @@ class KBFGS(QNOptimizerBase):
             self.closure_provider = None
         if "layers" in self.__dict__:
             self._bind_layers()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch.optim's ``add_param_group`` (e.g. progressive unfreezing, a module added to the model): a new
+        parameter whose whole layer is in the group and adaptable joins K-BFGS as a layer of its own; every
+        other one joins the fallback. The group's own values (``lr``, ``l2`` / ``weight_decay``, ...) apply;
+        missing ones come from the defaults (the fallback's ``lr`` is ``fallback_lr``)."""
+        if "layers" not in self.__dict__:  # torch.optim.Optimizer.__init__ adds the constructor's groups
+            super().add_param_group(param_group)
+            return
+        params = [param_group["params"]] if isinstance(param_group["params"], Tensor) else list(param_group["params"])
+        ids = {id(p) for p in params}
+        fresh = assign_layers(self.model, self.policy)
+        adapters = [ad for ad in fresh.adapters if all(id(p) in ids for p in ad.parameters())]
+        adapted = {id(p) for ad in adapters for p in ad.parameters()}
+        rest = {k: v for k, v in param_group.items() if k != "params"}
+        layer_params = [p for p in params if id(p) in adapted]
+        other = [p for p in params if id(p) not in adapted]
+        if layer_params:
+            super().add_param_group({**rest, "params": layer_params, ROLE: ROLE_QN})
+        if other:
+            cfg = self.config
+            fallback = {"fallback": cfg.fallback, "lr": cfg.fallback_lr, "betas": cfg.fallback_betas,
+                        "eps": cfg.fallback_eps, "momentum": cfg.fallback_momentum,
+                        "weight_decay": cfg.fallback_weight_decay}
+            super().add_param_group({**fallback, **rest, "params": other, ROLE: ROLE_FALLBACK})
+        for ad in adapters:
+            self.adapters.append(ad)
+            self.layers.append(KroneckerLayer(ad, output_side_for(ad.name, self.config.history_size)))
+            self.capture.add(ad)
+        names = dict(fresh.param_names)
+        self.assignment.param_names.update(names)
+        self.assignment.fallback += [FallbackParam(names.get(id(p), "?"), p, "added with add_param_group")  # type: ignore[arg-type]
+                                     for p in other]
+        refs = self.growth_guard.state["ref_step_sizes"]
+        self.growth_guard.state["ref_step_sizes"] = torch.cat([refs, refs.new_zeros(len(adapters))])
+        self._bind_layers()
+        self._schedule_capture()
 
     def _use_config(self, cfg: KBFGSConfig) -> None:
         """Hand the configuration to the parts that read it (the guards and the schedule)."""

@@ -311,6 +311,28 @@ class MLBFGS(QNOptimizerBase):
             groups.append(dict(g, params=ps))
         return named, groups
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch.optim's ``add_param_group``: the new parameters form blocks of their own (by the ``blocks``
+        rule; a mapping of names applies only at construction, so new parameters are blocked per layer),
+        named by the group's ``param_names`` or ``group{i}.{j}``."""
+        if "units" not in self.__dict__:  # torch.optim.Optimizer.__init__ adds the constructor's groups
+            super().add_param_group(param_group)
+            return
+        named, (group,) = self._named_params_and_groups([param_group])
+        index = len(self.param_groups)
+        if not param_group.get("param_names"):
+            named = [(f"group{index}.{j}", p) for j, (_, p) in enumerate(named)]
+        super().add_param_group(group)
+        rule = self.config.blocks if not isinstance(self.config.blocks, Mapping) else "layer"
+        taken = {b.name for b in self.blocks}
+        for b in build_blocks(named, rule, self.config.min_block_size):
+            name = b.name if b.name not in taken else f"{b.name}@group{index}"
+            self.blocks.append(Block(name, b.params))
+            self.units.append(MLBFGSBlock(self.blocks[-1]))
+        self._names.update({id(p): n for n, p in named})
+        self._assign()
+        self._bind_units()
+
     def _assign(self) -> None:
         costs = {b.name: float(b.numel) for b in self.blocks}
         self.owners = greedy_assignment(costs, world_size())

@@ -133,3 +133,75 @@ def test_a_closure_that_raises_leaves_parameters_and_state_as_they_were(name):
     loop(model, opt, batches[3:], mse_loss)  # the retry
     for a, b in zip(ref.parameters(), model.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_add_param_group_trains_the_new_parameters_with_their_groups_values(name):
+    """Progressive unfreezing: a layer left out at construction joins with add_param_group and trains with
+    its group's lr (K-BFGS: an adaptable layer becomes a layer of its own; a bare tensor goes to the fallback)."""
+    torch.manual_seed(0)
+    model = mlp()
+    head = torch.nn.Linear(3, 3)
+    extra = torch.nn.Parameter(torch.zeros(3))
+
+    class Grown(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head, self.extra = model, None, None
+
+        def forward(self, x):
+            out = self.body(x)
+            return out if self.head is None else self.head(out) + self.extra
+
+    grown = Grown()
+    opt = ALL[name](grown)
+    loop(grown, opt, regression_batches(3), mse_loss)
+    grown.head, grown.extra = head, extra
+    lr = 0.05 if name in KBFGS_MODES else 3e-3
+    opt.add_param_group({"params": [*head.parameters(), extra], "lr": lr})
+    before = [p.detach().clone() for p in (head.weight, extra)]
+    loop(grown, opt, regression_batches(4, seed=1), mse_loss)
+    assert not torch.equal(before[0], head.weight) and not torch.equal(before[1], extra)
+    assert opt.param_groups[-1]["lr"] == lr
+    if name in KBFGS_MODES:
+        assert opt.adapters[-1].module is head and "input" in opt.state[head.weight]
+        assert opt.param_groups[-1]["role"] == "fallback" and opt.param_groups[-1]["params"] == [extra]
+    else:
+        # unnamed: the group is one block (as for unnamed groups at construction)
+        assert [id(p) for p in opt.blocks[-1].params] == [id(head.weight), id(head.bias), id(extra)]
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [head.weight]})
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)  # the grown layout round-trips
+    loop(grown, opt, regression_batches(1, seed=2), mse_loss)
+
+
+def test_mlbfgs_takes_named_parameters_and_mixed_lists():
+    model = mlp()
+    opt = hf_qn.MLBFGS(model.named_parameters())
+    assert [b.name for b in opt.blocks] == ["0", "2", "4"]  # per layer, by the real names
+    p0, p1 = model[0].weight, model[0].bias
+    mixed = hf_qn.MLBFGS([("first", p0), p1])
+    assert [b.name for b in mixed.blocks] == ["first", "param1"] and mixed.blocks[0].params[0] is p0
+    with pytest.raises(TypeError, match="tensors or \\(name, tensor\\) pairs"):
+        hf_qn.MLBFGS([("a", "b", p0)])
+
+
+def test_mlbfgs_hyperparameters_come_from_param_groups():
+    """A checkpoint saved with update_interval=2 and loaded into an optimizer built with 1000 forms pairs every
+    2 steps (the loaded groups rule, as in torch.optim); groups that disagree on a block-wide value are
+    refused, naming it."""
+    torch.manual_seed(0)
+    model = mlp()
+    saved = hf_qn.MLBFGS(model, update_interval=2)
+    loop(model, saved, regression_batches(2), mse_loss)
+    fresh = hf_qn.MLBFGS(model, update_interval=1000)
+    fresh.load_state_dict(saved.state_dict())
+    loop(model, fresh, regression_batches(6), mse_loss)
+    assert fresh.statistics()["qn/pairs_accepted"] + fresh.statistics()["qn/pairs_skipped"] > 0
+    split = hf_qn.MLBFGS([{"params": model[0].parameters()}, {"params": model[2].parameters(), "update_interval": 3}])
+    with pytest.raises(ValueError, match="disagree on 'update_interval'"):
+        loop(model, split, regression_batches(1), mse_loss)
+    fresh.param_groups[0]["history_size"] = 4
+    with pytest.raises(ValueError, match="history_size changed"):
+        loop(model, fresh, regression_batches(1), mse_loss)
