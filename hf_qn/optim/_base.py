@@ -102,6 +102,43 @@ def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = F
 class QNOptimizerBase(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` with the hf_qn state contract and a first-order fallback part."""
 
+    def _refuse_unsupported_parameters(self) -> None:
+        """Complex and sparse parameters are refused at construction, naming them (the curvature is real and
+        dense)."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.is_complex():
+                    raise ValueError(
+                        f"{type(self).__name__} does not support complex parameters (got one of shape "
+                        f"{tuple(p.shape)}, {p.dtype}); train torch.view_as_real(param) as a real parameter instead"
+                    )
+                if p.is_sparse:
+                    raise ValueError(
+                        f"{type(self).__name__} does not support sparse parameters (shape {tuple(p.shape)})"
+                    )
+
+    def _check_layout(self, saved: dict[str, Any]) -> None:
+        """Refuse a state whose units (layers or blocks, with their sizes) differ from this optimizer's, naming
+        the first difference. States of the first format carry no layout and are checked by their shapes."""
+        mine, theirs = self._layout(), saved.get("layout")
+        if theirs is None or [list(x) for x in theirs] == mine:
+            return
+        theirs = [list(x) for x in theirs]
+        for a, b in zip(theirs, mine):
+            if a != b:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the saved state's unit {a} differs from this optimizer's "
+                    f"{b} ([name, sizes...]): it was written for another model or another block layout"
+                )
+        raise ValueError(
+            f"{type(self).__name__}.load_state_dict: the saved state has {len(theirs)} units, this optimizer "
+            f"{len(mine)}: it was written for another model or another block layout"
+        )
+
+    def _layout(self) -> list[list[Any]]:
+        """The units and their sizes, saved as ``"hf_qn"/"layout"`` and compared on load."""
+        raise NotImplementedError
+
     def _refuse_sharded_parameters(self) -> None:
         """FSDP2 / tensor parallelism swap DTensors into ``param_groups`` (also after construction)."""
         from ..distributed import is_dtensor
@@ -138,9 +175,13 @@ class QNOptimizerBase(torch.optim.Optimizer):
         for p in params:
             sgd_update_(p, p.grad, self.state[p], group["lr"], group["momentum"], group["weight_decay"])
 
-    @staticmethod
-    def _all_grads_finite(params: Iterable[nn.Parameter]) -> bool:
+    def _all_grads_finite(self, params: Iterable[nn.Parameter]) -> bool:
         grads = [p.grad for p in params if p.grad is not None]
+        if any(g.is_sparse for g in grads):
+            raise ValueError(
+                f"{type(self).__name__} needs dense gradients and got a sparse one: construct nn.Embedding (and "
+                "EmbeddingBag) with sparse=False"
+            )
         if not grads:
             return True
         norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
@@ -182,7 +223,7 @@ class QNOptimizerBase(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's ``{"state", "param_groups"}`` plus ``"hf_qn"``, the optimizer-wide state."""
         sd = super().state_dict()
-        sd[HF_QN] = self._global_state()
+        sd[HF_QN] = {**self._global_state(), "layout": self._layout()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -201,6 +242,7 @@ class QNOptimizerBase(torch.optim.Optimizer):
                 f"{type(self).__name__}.load_state_dict: the state was written by {saved_global.get('optimizer')}, "
                 f"not by {self._global_state()['optimizer']}; load it into the optimizer class that wrote it"
             )
+        self._check_layout(saved_global)
         self._group_cache = None  # torch rebuilds param_groups as new dicts
         saved_state = state_dict.get("state", {})
         kept: dict[Any, dict[str, Any]] = {}

@@ -26,6 +26,8 @@ FALLBACKS = ("adamw", "sgd")
 def check_range(name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = True) -> None:
     """Raise ``TypeError`` unless ``value`` is a real number, ``ValueError`` naming the argument unless it lies
     in the interval."""
+    if isinstance(value, torch.Tensor):
+        raise ValueError(f"Invalid {name}: {name} as a Tensor is not supported (pass a Python float)")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"Invalid {name}: {value!r} (must be a number)")
     ok_lo = value > lo if lo_open else value >= lo

@@ -85,6 +85,11 @@ class KBFGS(QNOptimizerBase):
                 "use hf_qn.MLBFGS for a plain iterable of parameters"
             )
         cfg = KBFGSConfig.from_kwargs(config, **hyperparameters)
+        sparse = [n for n, m in model.named_modules() if getattr(m, "sparse", False) is True]
+        if sparse:
+            raise ValueError(
+                f"KBFGS needs dense gradients, and {sparse} produce sparse ones: construct them with sparse=False"
+            )
         assignment = assign_layers(model, policy)
         if not assignment.adapters:
             raise ValueError(
@@ -93,6 +98,7 @@ class KBFGS(QNOptimizerBase):
             )
         super().__init__(_param_groups(assignment, cfg, set(no_decay)), dataclasses.asdict(cfg))
         self._refuse_sharded_parameters()
+        self._refuse_unsupported_parameters()
         self.model, self.policy = model, policy
         self.assignment: LayerAssignment = assignment
         self.adapters: list[LayerAdapter] = assignment.adapters
@@ -543,6 +549,9 @@ class KBFGS(QNOptimizerBase):
             "loss_guard": self.loss_guard.state,
             "backoff": self.backoff.state,
         }
+
+    def _layout(self) -> list[list[Any]]:
+        return [[ad.name, ad.d_out, ad.d_in] for ad in self.adapters]
 
     def _output_side_name(self) -> str:
         return "dense" if self.config.history_size is None else "lbfgs"

@@ -245,6 +245,7 @@ class MLBFGS(QNOptimizerBase):
         defaults = {k: getattr(cfg, k) for k in _GROUP_FIELDS}
         super().__init__(groups, defaults)
         self._refuse_sharded_parameters()
+        self._refuse_unsupported_parameters()
         in_groups = {id(p) for g in self.param_groups for p in g["params"]}
         named = [(n, p) for n, p in named if id(p) in in_groups]
         if not named:
@@ -587,6 +588,9 @@ class MLBFGS(QNOptimizerBase):
 
     def _global_state(self) -> dict[str, Any]:
         return {"format": FORMAT, "optimizer": "MLBFGS", **self.counters}
+
+    def _layout(self) -> list[list[Any]]:
+        return [[b.name, b.numel] for b in self.blocks]
 
     def _load_global_state(self, saved: dict[str, Any]) -> None:
         self.counters = {k: saved[k] for k in ("step", "steps_skipped_nonfinite")}

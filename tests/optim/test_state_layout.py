@@ -64,6 +64,8 @@ def test_state_dict_layout_is_the_documented_one(case):
     sd = roundtrip(opt.state_dict())  # weights_only=True
     assert set(sd) == {"state", "param_groups", "hf_qn"}
     g = sd["hf_qn"]
+    layout = g.pop("layout")
+    assert layout == opt._layout() and all(isinstance(u[0], str) for u in layout)
     assert {k: v for k, v in g.items() if not isinstance(v, dict | torch.Tensor)} == {"format": FORMAT, **meta}
     assert {k: v.dtype for k, v in iter_tensors(g)} == global_keys
     assert {pid: {k: v.dtype for k, v in iter_tensors(st)} for pid, st in sd["state"].items()} == per_param
@@ -85,3 +87,33 @@ def test_kbfgs_refuses_the_other_output_side_and_another_optimizer():
     loop(model, adamw, regression_batches(1), mse_loss, closure=False)
     with pytest.raises(ValueError, match="not written by an hf_qn optimizer"):
         dense.load_state_dict(roundtrip(adamw.state_dict()))
+
+
+def test_a_state_of_another_model_or_block_layout_is_refused_naming_the_unit():
+    torch.manual_seed(0)
+    small, wide = mlp(), mlp(sizes=(6, 9, 5, 3))
+    for make in (lambda m: hf_qn.KBFGS(m), lambda m: hf_qn.MLBFGS(m)):
+        opt = make(small)
+        loop(small, opt, regression_batches(2), mse_loss)
+        with pytest.raises(ValueError, match="unit \\['0', .*differs.*another model"):
+            make(wide).load_state_dict(roundtrip(opt.state_dict()))
+    per_param = hf_qn.MLBFGS(small, blocks="param")
+    with pytest.raises(ValueError, match="3 units, this optimizer 6|differs"):
+        per_param.load_state_dict(roundtrip(hf_qn.MLBFGS(small).state_dict()))
+
+
+@pytest.mark.parametrize("make", [lambda p: hf_qn.MLBFGS([p]), lambda p: hf_qn.KBFGS(torch.nn.Linear(2, 2).to(p.dtype))])
+def test_complex_parameters_are_refused_at_construction(make):
+    p = torch.nn.Parameter(torch.randn(2, 2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="complex parameters.*view_as_real"):
+        make(p)
+
+
+def test_sparse_gradients_are_refused_with_hf_qns_message():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"\['0'\] produce sparse ones.*sparse=False"):
+        hf_qn.KBFGS(model)
+    opt = hf_qn.MLBFGS(model)
+    model(torch.tensor([[1, 2]])).sum().backward()
+    with pytest.raises(ValueError, match="dense gradients.*sparse=False"):
+        opt.step()
