@@ -106,6 +106,16 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
         default=0.0,
         metadata={"help": "Raw-gradient clipping before the optimizer step (0 = off, the QN default)."},
     )
+    learning_rate: float | None = field(  # type: ignore[assignment]  # None: the optimizer's own
+        default=None,
+        metadata={"help": "Step size; unset: the hf_qn optimizer's own default (K-BFGS 0.3, mL-BFGS 1e-3), "
+                  "else the Trainer's 5e-5."},
+    )
+    weight_decay: float | None = field(  # type: ignore[assignment]  # None: the optimizer's own
+        default=None,
+        metadata={"help": "Regularisation; unset: the hf_qn optimizer's own default (K-BFGS's l2 1e-5, "
+                  "mL-BFGS 0), else the Trainer's 0."},
+    )
     qn_optimizer: str | None = field(
         default=None,
         metadata={"help": f"hf_qn optimizer: one of {QN_OPTIMIZERS}; None uses the Trainer's `optim`."},
@@ -120,7 +130,21 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
         default_factory=list, metadata={"help": "K-BFGS: regexes of module names not to adapt."}
     )
 
+    def _fill_optimizer_defaults(self) -> None:
+        """An unset ``learning_rate`` / ``weight_decay`` is the chosen optimizer's own default (K-BFGS's 0.3 is
+        not AdamW's 5e-5), said in the log."""
+        lr, wd = _optimizer_defaults(self.qn_optimizer)
+        if self.learning_rate is None:
+            self.learning_rate = lr
+            if self.qn_optimizer is not None:
+                logger.info("learning_rate not set: using %s's default %g", self.qn_optimizer, lr)
+        if self.weight_decay is None:
+            self.weight_decay = wd
+            if self.qn_optimizer is not None:
+                logger.info("weight_decay not set: using %s's default %g", self.qn_optimizer, wd)
+
     def __post_init__(self) -> None:
+        self._fill_optimizer_defaults()
         super().__post_init__()
         if self.qn_optimizer is not None and self.qn_optimizer not in QN_OPTIMIZERS:
             raise ValueError(f"Invalid qn_optimizer: {self.qn_optimizer!r} (must be one of {QN_OPTIMIZERS} or None)")
@@ -142,6 +166,15 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
             for key, value in hyper.items():
                 kbfgs = key in {f.name for f in dataclasses.fields(KBFGSConfig)}
                 optimizer_config("kbfgs" if kbfgs else "mlbfgs", {key: value})
+
+
+def _optimizer_defaults(name: str | None) -> tuple[float, float]:
+    """(lr, weight decay) the optimizer ``name`` uses when nobody sets them; the Trainer's for None."""
+    if name in ("kbfgs", "kbfgs_l"):
+        return KBFGSConfig().lr, KBFGSConfig().l2
+    if name == "mlbfgs":
+        return MLBFGSConfig().lr, MLBFGSConfig().weight_decay
+    return 5e-5, 0.0
 
 
 def parse_qn_args(value: dict[str, Any] | str | None) -> dict[str, Any]:

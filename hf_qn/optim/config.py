@@ -57,7 +57,8 @@ def _renamed(cls: Any, owner: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_int(name: str, value: Any, lo: int, what: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < lo:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or int(value) != value or value < lo):
         raise ValueError(f"Invalid {name}: {value!r} (must be {what or 'an integer'} >= {lo})")
 
 

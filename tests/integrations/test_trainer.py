@@ -449,3 +449,21 @@ def test_accelerate_accumulate_route_with_closure():
         assert unwrap_optimizer(opt).statistics()["qn/pairs_accepted"] == 4 * 2
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "lr", "wd"), [("kbfgs", 0.3, 1e-5), ("mlbfgs", 1e-3, 0.0), (None, 5e-5, 0.0)])
+def test_unset_learning_rate_and_weight_decay_are_the_optimizers_own(tmp_path, name, lr, wd, caplog):
+    """K-BFGS's step size is 0.3, not AdamW's 5e-5: an unset learning_rate is the chosen optimizer's default
+    (said in the log); a set one is kept."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="hf_qn.integrations.trainer"):
+        args = QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer=name, use_cpu=True)
+    assert (args.learning_rate, args.weight_decay) == (lr, wd)
+    assert (f"using {name}'s default" in caplog.text) == (name is not None)
+    set_args = QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer=name, use_cpu=True, learning_rate=0.01,
+                                   weight_decay=0.1)
+    assert (set_args.learning_rate, set_args.weight_decay) == (0.01, 0.1)
+    if name is not None:
+        opt = build_optimizer(name, RegressionModel(), args)
+        assert opt.config.lr == lr
