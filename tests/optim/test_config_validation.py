@@ -32,9 +32,7 @@ def _check(cls, name, value):
         raise AssertionError(f"{name}=nan accepted")
     for number in (held,) if not isinstance(held, tuple) else held:
         if isinstance(number, float):
-            assert math.isfinite(number) or name in ("max_update_growth", "max_loss_increase", "kl_clip", "lr",
-                                                     "fallback_lr", "l2", "weight_decay", "fallback_weight_decay",
-                                                     "curvature_eps", "sigma_high", "damping") and number > 0, name
+            assert math.isfinite(number), f"{name}={value!r} accepted as {number}"
     again = cls.from_kwargs(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
     assert again == cfg  # what it holds is itself valid
 
