@@ -126,6 +126,11 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
                   "the names of KBFGSConfig / MLBFGSConfig (e.g. 'damping=0.2,update_interval=10')."},
     )
     qn_max_dim: int = field(default=4096, metadata={"help": "K-BFGS: largest Kronecker factor dimension adapted."})
+    qn_log_statistics: str = field(
+        default="interval",
+        metadata={"help": "The optimizer's qn/* statistics in the logs: interval (counts since the last log), "
+                  "total (counts since the start) or off."},
+    )
     qn_exclude: list[str] = field(
         default_factory=list, metadata={"help": "K-BFGS: regexes of module names not to adapt."}
     )
@@ -148,6 +153,10 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
         super().__post_init__()
         if self.qn_optimizer is not None and self.qn_optimizer not in QN_OPTIMIZERS:
             raise ValueError(f"Invalid qn_optimizer: {self.qn_optimizer!r} (must be one of {QN_OPTIMIZERS} or None)")
+        if self.qn_log_statistics not in ("interval", "total", "off"):
+            raise ValueError(
+                f"Invalid qn_log_statistics: {self.qn_log_statistics!r} (must be 'interval', 'total' or 'off')"
+            )
         hyper = parse_qn_args(self.qn_args)
         for flag, name in _LEGACY_FLAGS.items():
             value = getattr(self, flag)
@@ -247,6 +256,30 @@ def build_optimizer(
     raise ValueError(f"Invalid qn_optimizer: {name!r} (must be one of {QN_OPTIMIZERS})")
 
 
+def coverage_line(optimizer: Any) -> str:
+    """One line on what the optimizer preconditions: K-BFGS's adapted share of the parameters and why the rest
+    goes to the fallback; mL-BFGS's blocks."""
+    inner = unwrap_optimizer(optimizer)
+    if isinstance(inner, KBFGS):
+        asg = inner.assignment
+        n_ad = sum(p.numel() for p in asg.adapted_parameters())
+        n_fb = sum(p.numel() for p in asg.fallback_parameters())
+        reasons: dict[str, int] = {}
+        for f in asg.fallback:
+            why = f.reason.split(" (")[0]
+            reasons[why] = reasons.get(why, 0) + f.param.numel()
+        why = "; ".join(f"{100 * n / max(n_ad + n_fb, 1):.1f}% {r}" for r, n in sorted(reasons.items(),
+                                                                                    key=lambda x: -x[1]))
+        return (f"{type(inner).__name__} preconditions {len(asg.adapters)} layers, "
+                f"{100 * n_ad / max(n_ad + n_fb, 1):.1f}% of the parameters; its {inner.config.fallback} fallback "
+                f"(lr {inner.config.fallback_lr:g}) takes {100 * n_fb / max(n_ad + n_fb, 1):.1f}%"
+                + (f" ({why})" if why else ""))
+    if isinstance(inner, MLBFGS):
+        n = sum(b.numel for b in inner.blocks)
+        return f"MLBFGS preconditions all {n} parameters in {len(inner.blocks)} blocks"
+    return f"{type(inner).__name__}: not an hf_qn optimizer"
+
+
 def unwrap_optimizer(opt: Any) -> Any:
     """The hf_qn optimizer inside Accelerate's ``AcceleratedOptimizer`` (or ``opt`` itself)."""
     while hasattr(opt, "optimizer") and not isinstance(opt, (KBFGS, MLBFGS)):
@@ -285,6 +318,7 @@ class QNTrainer(Trainer):
         no_decay = {n for n, p in opt_model.named_parameters() if n not in decay}
         self.optimizer = build_optimizer(name, opt_model, self.args, no_decay)  # type: ignore[arg-type]
         self._wire(self.optimizer)
+        logger.info("%s", coverage_line(self.optimizer))
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             logger.warning(
                 "max_grad_norm=%s clips the raw gradient before the %s step: mL-BFGS's curvature pairs then see "
@@ -331,9 +365,19 @@ class QNTrainer(Trainer):
 
     # ------------------------------------------------------------------ logging and cards
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, with the optimizer's ``qn/*`` statistics on every line that carries the training
+        loss: counts since the previous such line (``qn_log_statistics="interval"``), since the start
+        (``"total"``), or none (``"off"``)."""
         inner = unwrap_optimizer(self.optimizer) if self.optimizer is not None else None
-        if "loss" in logs and isinstance(inner, (KBFGS, MLBFGS)):
-            logs = {**logs, **inner.statistics()}
+        mode = getattr(self.args, "qn_log_statistics", "interval")
+        if "loss" in logs and isinstance(inner, (KBFGS, MLBFGS)) and mode != "off":
+            stats = inner.statistics()
+            if mode == "interval":
+                last = self.__dict__.setdefault("_qn_last_counts", {})
+                counts = {k: v for k, v in stats.items() if k in inner.COUNTERS}
+                stats.update({k: v - last.get(k, 0.0) for k, v in counts.items()})
+                last.update(counts)
+            logs = {**logs, **stats}
         super().log(logs, start_time)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:

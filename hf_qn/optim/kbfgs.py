@@ -41,7 +41,7 @@ from .kbfgs_layer import KroneckerLayer, PairHyper, layer_statistics, update_inp
 from .kbfgs_pass import add_to_layers, run_closure, second_pass
 from .kbfgs_stats import LayerMeans, reduce_statistics
 from .output_side import output_side_for
-from .state import FORMAT, KBFGS_LAYER_KEYS, convert_kbfgs_v1, is_v1
+from .state import FORMAT, KBFGS_LAYER_COUNTERS, KBFGS_LAYER_KEYS, convert_kbfgs_v1, is_v1
 
 __all__ = ["KBFGS", "KBFGSL", "MATMUL_DTYPES", "KBFGSConfig"]
 
@@ -68,6 +68,9 @@ class KBFGS(QNOptimizerBase):
     """
 
     _CURVATURE_KEYS = frozenset(KBFGS_LAYER_KEYS)
+    #: the keys of :meth:`statistics` that count events since the start (the others are current values).
+    COUNTERS = frozenset(f"qn/{k}" for k in (*KBFGS_LAYER_COUNTERS, "steps_skipped_nonfinite", "steps_rejected",
+                                             "steps_clipped", "loss_checks"))
 
     def __init__(
         self,

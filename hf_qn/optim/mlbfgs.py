@@ -231,6 +231,8 @@ class MLBFGS(QNOptimizerBase):
     """
 
     _CURVATURE_KEYS = frozenset({"block", "exp_avg_sq", *MLBFGS_PARAM_KEYS})
+    #: the keys of :meth:`statistics` that count events since the start (the others are current values).
+    COUNTERS = frozenset(f"qn/{k}" for k in (*MLBFGS_BLOCK_COUNTERS, "steps_skipped_nonfinite"))
 
     def __init__(
         self,

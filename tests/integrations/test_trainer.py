@@ -467,3 +467,43 @@ def test_unset_learning_rate_and_weight_decay_are_the_optimizers_own(tmp_path, n
     if name is not None:
         opt = build_optimizer(name, RegressionModel(), args)
         assert opt.config.lr == lr
+
+
+def test_logs_count_per_interval_and_say_what_is_preconditioned(tmp_path, caplog):
+    """qn/* counters in the logs count since the previous log line (their sum is the optimizer's total); a
+    switch turns them to totals or off; one line at the start says what share each part preconditions."""
+    import logging
+
+    totals = {}
+    for mode in ("interval", "total", "off"):
+        torch.manual_seed(0)
+        with caplog.at_level(logging.INFO, logger="hf_qn.integrations.trainer"):
+            trainer = QNTrainer(model=RegressionModel(), train_dataset=regression_dataset(),
+                                args=_args(tmp_path, qn_optimizer="kbfgs", learning_rate=0.2, max_steps=8,
+                                           logging_steps=2, qn_log_statistics=mode))
+            trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        if mode == "off":
+            assert not any("qn/pairs_accepted" in h for h in logs)
+            continue
+        totals[mode] = [h["qn/pairs_accepted"] for h in logs]
+        assert "KBFGS preconditions 2 layers" in caplog.text and "fallback" in caplog.text
+    assert sum(totals["interval"]) == totals["total"][-1] == 8 * 2
+    assert all(b >= a for a, b in zip(totals["total"], totals["total"][1:]))
+    assert all(v == 2 * 2 for v in totals["interval"])  # two layers, one pair each per step, two steps a line
+    with pytest.raises(ValueError, match="qn_log_statistics"):
+        _args(tmp_path, qn_log_statistics="sometimes")
+
+
+def test_card_carries_the_configured_learning_rate(tmp_path):
+    """After a linear schedule has taken the lr to 0, the card still says the configured one."""
+    torch.manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 97, (16, 8))]
+    trainer = QNTrainer(model=tiny_gpt2(), train_dataset=data,
+                        args=_args(tmp_path, qn_optimizer="kbfgs", learning_rate=0.2, max_steps=4,
+                                   lr_scheduler_type="linear"))
+    trainer.train()
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.0
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "hf_qn.KBFGS with" in card and "lr=0.2," in card and "lr=0.0," not in card
