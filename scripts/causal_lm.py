@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         task_id=("text-generation", "Causal language modelling"),
         base_model=model_args.model_name_or_path,
         extra_metrics=perplexity,
+        tokenizer=tokenizer,
     )
 
 

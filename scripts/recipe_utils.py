@@ -29,15 +29,49 @@ from hf_qn.optim.config import KBFGSConfig, MLBFGSConfig
 logger = logging.getLogger("hf_qn.recipes")
 
 OPTIMIZER_CHOICES = ("kbfgs", "kbfgs_l", "mlbfgs", "adamw", "sgd")
+DEFAULT_OPTIMIZERS = ["adamw", "kbfgs", "mlbfgs"]
+
+
+def check_push_possible(recipe: RecipeArguments, training_args: QNTrainingArguments) -> None:
+    """Fail before any training when the requested upload cannot happen (no repository named, offline, or
+    not logged in), instead of after all of it."""
+    if not recipe.push_card_to_hub:
+        return
+    if not training_args.hub_model_id:
+        raise ValueError("--push_card_to_hub needs --hub_model_id (the repository to upload to)")
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().whoami()
+    except Exception as err:  # offline mode, no token, no network: all stop the upload
+        raise RuntimeError(
+            f"--push_card_to_hub: the Hub cannot be reached or you are not logged in ({type(err).__name__}: "
+            f"{err}); log in with `huggingface-cli login` and unset HF_HUB_OFFLINE, or drop --push_card_to_hub"
+        ) from err
+
+
+def comparison_plan(recipe: RecipeArguments, training_args: QNTrainingArguments,
+                    default_lrs: dict[str, float]) -> tuple[list[str], dict[str, float]]:
+    """Which optimizers, at which learning rates: --learning_rates entries, then --learning_rate (when given,
+    for every optimizer), then the recipe's defaults."""
+    names = recipe.optimizers or ([training_args.qn_optimizer] if training_args.qn_optimizer else DEFAULT_OPTIMIZERS)
+    for name in names:
+        if name not in OPTIMIZER_CHOICES:
+            raise ValueError(f"Invalid optimizer {name!r} (choose from {OPTIMIZER_CHOICES})")
+    base = dict(default_lrs)
+    if getattr(training_args, "learning_rate_given", False):
+        base.update(dict.fromkeys(names, training_args.learning_rate))
+    return names, parse_learning_rates(recipe.learning_rates, base)
 
 
 @dataclass
 class RecipeArguments:
     """Which optimizers to compare and how (the Trainer's own options are in QNTrainingArguments)."""
 
-    optimizers: list[str] = field(
-        default_factory=lambda: ["adamw", "kbfgs", "mlbfgs"],
-        metadata={"help": f"Optimizers to train with, one after another, in {OPTIMIZER_CHOICES}."},
+    optimizers: list[str] | None = field(
+        default=None,
+        metadata={"help": f"Optimizers to train with, one after another, in {OPTIMIZER_CHOICES} (default: "
+                  "--qn_optimizer alone when it is given, else adamw kbfgs mlbfgs)."},
     )
     learning_rates: list[str] = field(
         default_factory=list,
@@ -50,7 +84,16 @@ class RecipeArguments:
     )
     smoke: bool = field(default=False, metadata={"help": "A few steps on tiny sizes (used by the tests)."})
     card_title: str | None = field(default=None)
-    push_card_to_hub: bool = field(default=False, metadata={"help": "Upload the card (needs the Hub)."})
+    push_card_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Upload the card, the best run's model and its tokenizer to --hub_model_id (checked "
+                  "before any training)."},
+    )
+    repeats: int = field(
+        default=1,
+        metadata={"help": "Runs of each optimizer at its chosen lr (seeds seed, seed+1, ...): with 2 or more, the "
+                  "time-to-AdamW verdict is given only when it exceeds the run-to-run spread."},
+    )
 
 
 def _named_values(items: list[str], flag: str, single: bool) -> dict[str, list[float]]:
@@ -166,53 +209,19 @@ def run_comparison(
     task_id: tuple[str, str] = ("", ""),
     base_model: str | None = None,
     extra_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
-    """Train every optimizer in ``recipe.optimizers`` and write results.json, comparison.png, README.md."""
+    """Train every optimizer of the plan and write results.json, comparison.png, README.md, and the best run's
+    model (with ``tokenizer``) beside them, so that the folder is a usable Hub repository."""
     if not training_args.should_log:  # replicas log warnings only (their log_level_replica)
         logger.setLevel(training_args.get_process_log_level())
-    lrs = parse_learning_rates(recipe.learning_rates, default_lrs)
+    check_push_possible(recipe, training_args)
+    names, lrs = comparison_plan(recipe, training_args, default_lrs)
     out_root = training_args.output_dir
     os.makedirs(out_root, exist_ok=True)
     sweeps = parse_lr_sweep(recipe.lr_sweep)
     key = f"eval_{metric_name}"
-
-    def train_one(name: str, lr: float) -> dict[str, Any]:
-        args = optimizer_args(training_args, name, lr, os.path.join(out_root, "runs", f"{name}-lr{lr:g}"))
-        timer = TrainTimeCallback()
-        trainer = QNTrainer(model_init=model_init, args=args, train_dataset=train_dataset,
-                            eval_dataset=eval_dataset, compute_metrics=compute_metrics,
-                            data_collator=data_collator, callbacks=[timer])
-        logger.info("training with %s (lr %g)", name, lr)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        train_out = trainer.train()
-        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        final = trainer.evaluate()
-        if extra_metrics is not None:
-            final.update(extra_metrics(final))
-            for e in timer.evals:
-                e.update(extra_metrics(e))
-        inner = unwrap_optimizer(trainer.optimizer)
-        steps = sorted(timer.step_seconds[1:]) or [float("nan")]
-        run = {
-            "optimizer": name,
-            "learning_rate": lr,
-            "train_seconds": timer.train_seconds,
-            "median_step_seconds": steps[len(steps) // 2],
-            "global_step": train_out.global_step,
-            "train_loss": train_out.training_loss,
-            "final": final,
-            "evals": timer.evals,
-            "log_history": [h for h in trainer.state.log_history if "eval_loss" not in h],  # evals are above
-            "optimizer_statistics": inner.statistics() if hasattr(inner, "statistics") else {},
-            "optimizer_state_bytes": optimizer_state_bytes(inner),
-            "peak_gpu_memory_bytes": peak,  # torch.cuda.max_memory_allocated over training; None on CPU
-        }
-        logger.info("%s (lr %g): %s = %.4f after %.1f s of training", name, lr, metric_name, final[key],
-                    timer.train_seconds)
-        trainer.accelerator.free_memory()  # drop the DDP wrapper before the next run (and before shutdown)
-        del trainer, inner
-        return run
+    best_model: dict[str, Any] = {}
 
     def rank_key(run: dict[str, Any]) -> float:
         v = float(run["final"][key])
@@ -220,23 +229,36 @@ def run_comparison(
             return math.inf
         return -v if greater_is_better else v
 
+    def train_one(name: str, lr: float, repeat: int = 0) -> dict[str, Any]:
+        tag = f"{name}-lr{lr:g}" + (f"-repeat{repeat}" if repeat else "")
+        args = optimizer_args(training_args, name, lr, os.path.join(out_root, "runs", tag))
+        if repeat:
+            args.seed = training_args.seed + repeat
+        run, model = _train(args, name, lr, model_init, train_dataset, eval_dataset, compute_metrics,
+                            data_collator, tokenizer, extra_metrics, key, metric_name,
+                            _resume_point(training_args, args.output_dir, len(names)))
+        if repeat == 0 and ("run" not in best_model or rank_key(run) < rank_key(best_model["run"])):
+            best_model.update(run=run, model=model)
+        return run
+
     runs = []
-    for name in recipe.optimizers:
-        if name not in OPTIMIZER_CHOICES:
-            raise ValueError(f"Invalid optimizer {name!r} (choose from {OPTIMIZER_CHOICES})")
+    for name in names:
         trials = [train_one(name, lr) for lr in sweeps.get(name, [lrs[name]])]
         best = min(trials, key=rank_key)
         best["sweep"] = [{"learning_rate": t["learning_rate"], "final": t["final"][key],
                           "train_seconds": t["train_seconds"]} for t in trials]
+        best["repeats"] = [_brief(train_one(name, best["learning_rate"], r)) for r in range(1, recipe.repeats)]
         runs.append(best)
     summary = summarize(runs, key, greater_is_better)
     is_main = training_args.process_index == 0
     shutdown()  # evaluation metrics are gathered over ranks; rank 0 writes the files
     if not is_main:
         return {"summary": summary, "runs": runs}
+    _save_best(best_model, tokenizer, out_root)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     meta = {"task": task_name, "command": command, "metric": key, "greater_is_better": greater_is_better,
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "model_saved_from": best_model["run"]["optimizer"] if best_model else None}
     with open(os.path.join(out_root, "results.json"), "w") as f:
         json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1, default=str)
     plot_runs(runs, key, os.path.join(out_root, "comparison.png"), task_name)
@@ -253,17 +275,97 @@ def run_comparison(
                          "epochs": training_args.num_train_epochs, "max_steps": training_args.max_steps,
                          "batch_size": training_args.per_device_train_batch_size,
                          "weight_decay": training_args.weight_decay, "seed": training_args.seed,
-                         "lr_sweep (best final eval metric kept)": sweeps or "none"},
+                         "lr_sweep (best final eval metric kept)": sweeps or "none", "repeats": recipe.repeats,
+                         "model in this folder": meta["model_saved_from"]},
         table=table,
         plot="comparison.png",
         notes=summary["verdict"],
         base_model=base_model,
-        push_to_hub=recipe.push_card_to_hub,
-        hub_model_id=f"hf-qn/{task_name}" if recipe.push_card_to_hub else None,
     )
+    if recipe.push_card_to_hub:
+        from huggingface_hub import HfApi
+
+        HfApi().upload_folder(repo_id=str(training_args.hub_model_id), folder_path=out_root,
+                              ignore_patterns=["runs/*"])
     print(table)
     print(summary["verdict"])
     return {"meta": meta, "summary": summary, "runs": runs}
+
+
+def _resume_point(training_args: QNTrainingArguments, run_dir: str, n_optimizers: int) -> str | None:
+    """``--resume_from_checkpoint``: a path resumes a one-optimizer recipe from it; otherwise (or ``True``) each
+    run resumes from the last checkpoint in its own folder, if it has one."""
+    resume = training_args.resume_from_checkpoint
+    if not resume:
+        return None
+    if str(resume).lower() not in ("true", "1") and n_optimizers == 1:
+        return str(resume)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    logger.info("resuming %s from %s", run_dir, last or "the start (no checkpoint there)")
+    return last
+
+
+def _train(args: QNTrainingArguments, name: str, lr: float, model_init: Callable[[], torch.nn.Module],
+           train_dataset: Any, eval_dataset: Any, compute_metrics: Any, data_collator: Any, tokenizer: Any,
+           extra_metrics: Any, key: str, metric_name: str, resume: str | None) -> tuple[dict[str, Any], Any]:
+    """One training run; returns its record and the trained model."""
+    timer = TrainTimeCallback()
+    trainer = QNTrainer(model_init=model_init, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                        compute_metrics=compute_metrics, data_collator=data_collator, callbacks=[timer],
+                        processing_class=tokenizer)
+    logger.info("training with %s (lr %g, seed %d)", name, lr, args.seed)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    train_out = trainer.train(resume_from_checkpoint=resume)
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    final = trainer.evaluate()
+    if extra_metrics is not None:
+        final.update(extra_metrics(final))
+        for e in timer.evals:
+            e.update(extra_metrics(e))
+    inner = unwrap_optimizer(trainer.optimizer)
+    steps = sorted(timer.step_seconds[1:]) or [float("nan")]
+    run = {
+        "optimizer": name,
+        "learning_rate": lr,
+        "seed": args.seed,
+        "train_seconds": timer.train_seconds,
+        "median_step_seconds": steps[len(steps) // 2],
+        "global_step": train_out.global_step,
+        "train_loss": train_out.training_loss,
+        "final": final,
+        "evals": timer.evals,
+        "log_history": [h for h in trainer.state.log_history if "eval_loss" not in h],  # evals are above
+        "optimizer_statistics": inner.statistics() if hasattr(inner, "statistics") else {},
+        "optimizer_state_bytes": optimizer_state_bytes(inner),
+        "peak_gpu_memory_bytes": peak,  # torch.cuda.max_memory_allocated over training; None on CPU
+    }
+    logger.info("%s (lr %g): %s = %.4f after %.1f s of training", name, lr, metric_name, final[key],
+                timer.train_seconds)
+    model = trainer.model
+    trainer.accelerator.free_memory()  # drop the DDP wrapper before the next run (and before shutdown)
+    del trainer, inner
+    return run, model
+
+
+def _brief(run: dict[str, Any]) -> dict[str, Any]:
+    """What a repeat keeps: its seed, time, final metrics and evaluations."""
+    return {k: run[k] for k in ("seed", "train_seconds", "final", "evals", "global_step")}
+
+
+def _save_best(best: dict[str, Any], tokenizer: Any, out_root: str) -> None:
+    """The best run's model (and the tokenizer) beside the card: the folder is a usable Hub repository."""
+    if not best:
+        return
+    model = best["model"]
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(out_root)
+    else:
+        torch.save(model.state_dict(), os.path.join(out_root, "pytorch_model.bin"))
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out_root)
 
 
 def _better(a: float, b: float, greater: bool) -> bool:
@@ -293,7 +395,8 @@ def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, 
         if reached:
             best = min(reached, key=lambda row: row["seconds_to_adamw_final"])
             ratio = best["seconds_to_adamw_final"] / max(adam_row["train_seconds"], 1e-9)
-            pace = "faster" if ratio < 0.995 else "level: within 0.5 %" if ratio <= 1.005 else "not faster"
+            best_run = next(r for r in runs if r["optimizer"] == best["optimizer"])
+            pace = pace_verdict(time_ratios(best_run, adam, key, greater))
             verdict = (f"{best['optimizer']} reached AdamW's final {key} ({adam_row['final']:.4g}) after "
                        f"{best['seconds_to_adamw_final']:.1f} s of training, {ratio:.2f}x AdamW's "
                        f"{adam_row['train_seconds']:.1f} s ({pace}).")
@@ -303,6 +406,30 @@ def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, 
             verdict = (f"No quasi-Newton run reached AdamW's final {key} ({adam_row['final']:.4g}); the best, "
                        f"{best['optimizer']}, ended at {best['final']:.4g} ({gap:+.4g}).")
     return {"rows": rows, "verdict": verdict}
+
+
+def time_ratios(run: dict[str, Any], adam: dict[str, Any], key: str, greater: bool) -> list[float]:
+    """Per repeat (the main run first, then ``repeats``, paired by seed order): the run's time to that AdamW
+    run's final metric over AdamW's training time (inf where it never got there)."""
+    ratios = []
+    for mine, theirs in zip([run, *run.get("repeats", [])], [adam, *adam.get("repeats", [])]):
+        target = theirs["final"][key]
+        t = next((e["seconds"] for e in mine["evals"] if key in e and _better(e[key], target, greater)), None)
+        ratios.append(math.inf if t is None else t / max(theirs["train_seconds"], 1e-9))
+    return ratios
+
+
+def pace_verdict(ratios: list[float]) -> str:
+    """"faster" / "slower" only when every repeat says so, with the spread beside it; one run is no verdict."""
+    if len(ratios) < 2:
+        return "one run each: the run-to-run spread is not measured, so no verdict; --repeats 3 measures it"
+    lo, hi = min(ratios), max(ratios)
+    spread = f"{lo:.2f}-{hi:.2f}x over {len(ratios)} runs each"
+    if hi < 1.0:
+        return f"faster: {spread}"
+    if lo > 1.0:
+        return f"slower: {spread}"
+    return f"within noise: {spread}"
 
 
 def summary_table(summary: dict[str, Any], key: str) -> str:

@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         dataset_id=(data_args.dataset_name or "pang_lee_polarity (gensim test data)", "pang_lee_polarity"),
         task_id=("text-classification", "Sentiment classification"),
         base_model=base_model,
+        tokenizer=tokenizer,
     )
 
 

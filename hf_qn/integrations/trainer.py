@@ -139,6 +139,8 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
         """An unset ``learning_rate`` / ``weight_decay`` is the chosen optimizer's own default (K-BFGS's 0.3 is
         not AdamW's 5e-5), said in the log."""
         lr, wd = _optimizer_defaults(self.qn_optimizer)
+        #: whether the caller set ``learning_rate`` (recipes apply it to every optimizer they compare).
+        self.learning_rate_given = self.learning_rate is not None
         if self.learning_rate is None:
             self.learning_rate = lr
             if self.qn_optimizer is not None:
