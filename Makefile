@@ -1,6 +1,6 @@
 # hf_qn developer commands. Each target bootstraps .venv on first use.
 #
-#   make demo    set up, then run the main job: the optimizer benchmark on real MNIST digits
+#   make demo    set up, then a 10-minute comparison on real MNIST digits (DEMO_ARGS="--preset full": the main job)
 #   make test    set up, then run the test suite (what CI runs)
 #   make fidelity  K-BFGS per epoch against the official code's loop, 5 seeds (about 20 minutes)
 #
@@ -43,7 +43,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy hf_qn
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/benchmark_autoencoder.py $(DEMO_ARGS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/benchmark_autoencoder.py --preset quick $(DEMO_ARGS)
 
 fidelity: $(STAMP)
 	$(PY) scripts/kbfgs_fidelity.py --output_dir model_cards/mnist-autoencoder/fidelity

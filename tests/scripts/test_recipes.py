@@ -148,3 +148,19 @@ def test_push_is_checked_before_any_training(tmp_path):
     with pytest.raises(RuntimeError, match="cannot be reached or you are not logged in"):
         mod.main([*args, "--hub_model_id", "someone/somewhere"])
     assert not (tmp_path / "p" / "runs").exists()  # nothing trained
+
+
+def test_quick_demo_preset_keeps_its_budgets_and_reports_real_step_times(tmp_path):
+    """``make demo``'s preset: its optimizers and budgets unless given; every run stops at its budget (the last
+    step starts before it runs out) and reports a finite step time, even a run of one step."""
+    import math
+
+    mod = load_script("benchmark_autoencoder")
+    out = mod.main(["--preset", "quick", "--smoke", "true", "--budgets", "1", "2", "--output_dir", str(tmp_path)])
+    assert [r["optimizer"] for r in out["results"]] == ["adamw", "kbfgs_int10", "kbfgs", "mlbfgs"]
+    assert out["meta"]["args"]["sweep_seconds"] == 0 and out["meta"]["args"]["budgets"] == [1.0, 2.0]
+    for r in out["results"]:
+        last = r["steps"][-1]
+        assert math.isfinite(r["median_step_seconds"]) and last["seconds"] - last["step_seconds"] < 2.0
+    with pytest.raises(ValueError, match="--preset"):
+        mod.main(["--preset", "huge", "--smoke", "true", "--output_dir", str(tmp_path)])
