@@ -432,23 +432,33 @@ class KBFGS(QNOptimizerBase):
         params = [p for p in self._params() if p.grad is not None]
         copies = [torch.empty_like(p, requires_grad=False) for p in params]
         torch._foreach_copy_(copies, [p.detach() for p in params])  # one multi-tensor copy
-        layers = {la.adapter.weight: {k: copy.deepcopy(la.state.get(k)) for k in ("input", "momentum_buffer",
-                                                                               "counters")}
-                  for la, on in zip(self.layers, active) if on}
+        layers = {la.adapter.weight: self._layer_snapshot(la) for la, on in zip(self.layers, active) if on}
         fallback = {p: copy.deepcopy(self.state.get(p, {})) for g in self.param_groups if g[ROLE] == ROLE_FALLBACK
                     for p in g["params"] if p.grad is not None}
         return {"params": dict(zip(params, copies)), "layers": layers, "fallback": fallback,
                 "global": copy.deepcopy(self._global_state())}
 
+    def _layer_snapshot(self, la: KroneckerLayer) -> dict[str, Any] | None:
+        """A layer's state that the input-factor and average updates change in place before the closure runs:
+        ``A`` and its batch count, ``ĝ``, the counters, and ``H_a`` only while it is re-inverted exactly (the
+        plain-average phase); None for a layer without state yet."""
+        if "input" not in la.state:
+            return None
+        inp = la.state["input"]
+        keep = ["A", "batches"] + (["H_a"] if int(inp["batches"]) < max(1, self.config.input_warm_start) else [])
+        return {"input": {k: inp[k].clone() for k in keep}, "momentum_buffer": la.state["momentum_buffer"].clone(),
+                "counters": {k: v.clone() for k, v in la.state["counters"].items()}}
+
     def _put_back(self, snapshot: dict[str, Any]) -> None:
         for p, old in snapshot["params"].items():
             p.copy_(old)
         for w, saved in snapshot["layers"].items():
-            for k, v in saved.items():
-                if v is None:
-                    self.state[w].pop(k, None)
-                else:
-                    self.state[w][k] = v
+            if saved is None:  # created by this step
+                self.state[w].clear()
+                continue
+            self.state[w]["input"].update(saved["input"])
+            self.state[w]["momentum_buffer"] = saved["momentum_buffer"]
+            self.state[w]["counters"] = saved["counters"]
         for p, saved in snapshot["fallback"].items():
             self.state[p] = saved
         self._load_global_state(snapshot["global"])
