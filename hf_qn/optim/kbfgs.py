@@ -41,7 +41,7 @@ from .kbfgs_layer import KroneckerLayer, PairHyper, layer_statistics, update_inp
 from .kbfgs_pass import add_to_layers, run_closure, second_pass
 from .kbfgs_stats import LayerMeans, reduce_statistics
 from .output_side import output_side_for
-from .state import FORMAT, KBFGS_LAYER_COUNTERS, KBFGS_LAYER_KEYS, convert_kbfgs_v1, is_v1
+from .state import FORMAT, KBFGS_LAYER_COUNTERS, KBFGS_LAYER_KEYS, convert_kbfgs_v1, is_v1, iter_tensors
 
 __all__ = ["KBFGS", "KBFGSL", "MATMUL_DTYPES", "KBFGSConfig"]
 
@@ -94,6 +94,11 @@ class KBFGS(QNOptimizerBase):
                 f"KBFGS needs dense gradients, and {sparse} produce sparse ones: construct them with sparse=False"
             )
         assignment = assign_layers(model, policy)
+        unknown = sorted(set(no_decay) - set(assignment.param_names.values()))
+        if unknown:
+            raise ValueError(
+                f"Invalid no_decay: {unknown} name no parameter of the model (names as in model.named_parameters())"
+            )
         if not assignment.adapters:
             raise ValueError(
                 "The model has no adaptable layer (nn.Linear, nn.Conv2d, nn.Embedding, transformers Conv1D) "
@@ -569,6 +574,23 @@ class KBFGS(QNOptimizerBase):
     def _output_side_name(self) -> str:
         return "dense" if self.config.history_size is None else "lbfgs"
 
+    def _check_layer_keys(self) -> None:
+        """Every loaded layer state has the keys of the layout (:mod:`hf_qn.optim.state`), named if not."""
+        for la in self.layers:
+            if not la.state:
+                continue
+            fresh = KroneckerLayer(la.adapter, output_side_for(la.name, self.config.history_size))
+            fresh.ensure_state()
+            for path, _ in iter_tensors(fresh.state):
+                node: Any = la.state
+                for part in path.split("/"):
+                    node = node.get(part) if isinstance(node, dict) else None
+                if node is None and path != "input/inverse_countdown":
+                    raise ValueError(
+                        f"KBFGS.load_state_dict: the state of layer {la.name!r} has no {path!r}; it is incomplete or "
+                        "was written by another version (see hf_qn.optim.state for the layout)"
+                    )
+
     def _load_global_state(self, saved: dict[str, Any]) -> None:
         if saved["output_side"] != self._output_side_name():
             raise ValueError(
@@ -591,6 +613,7 @@ class KBFGS(QNOptimizerBase):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self._check_layer_keys()
         self._sync_config()
         self._schedule_capture()
 

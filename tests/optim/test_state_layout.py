@@ -117,3 +117,20 @@ def test_sparse_gradients_are_refused_with_hf_qns_message():
     model(torch.tensor([[1, 2]])).sum().backward()
     with pytest.raises(ValueError, match="dense gradients.*sparse=False"):
         opt.step()
+
+
+def test_an_incomplete_state_is_refused_naming_the_missing_key():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = hf_qn.KBFGSL(model, history_size=3)
+    loop(model, opt, regression_batches(2), mse_loss)
+    sd = roundtrip(opt.state_dict())
+    first = next(iter(sd["state"].values()))
+    del first["output"]["S"]
+    with pytest.raises(ValueError, match="layer '0' has no 'output/S'"):
+        hf_qn.KBFGSL(model, history_size=3).load_state_dict(sd)
+
+
+def test_a_no_decay_name_that_matches_nothing_is_refused():
+    with pytest.raises(ValueError, match="Invalid no_decay: \\['0.bais'\\]"):
+        hf_qn.KBFGS(mlp(), no_decay=["0.bias", "0.bais"])
