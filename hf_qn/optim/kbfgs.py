@@ -87,6 +87,14 @@ class KBFGS(QNOptimizerBase):
                 f"KBFGS needs the model (an nn.Module) to find its layers, got {type(model).__name__}; "
                 "use hf_qn.MLBFGS for a plain iterable of parameters"
             )
+        if isinstance(no_decay, str):
+            raise TypeError(
+                f"Invalid no_decay: {no_decay!r} (must be a collection of parameter names, e.g. [{no_decay!r}])"
+            )
+        if policy is not None and not isinstance(policy, LayerPolicy):
+            raise TypeError(f"Invalid policy: {policy!r} (must be an hf_qn.LayerPolicy or None)")
+        if config is not None and not isinstance(config, KBFGSConfig):
+            raise TypeError(f"Invalid config: {config!r} (must be an hf_qn.optim.config.KBFGSConfig or None)")
         cfg = KBFGSConfig.from_kwargs(config, **hyperparameters)
         sparse = [n for n, m in model.named_modules() if getattr(m, "sparse", False) is True]
         if sparse:

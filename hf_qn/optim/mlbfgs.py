@@ -241,6 +241,13 @@ class MLBFGS(QNOptimizerBase):
         config: MLBFGSConfig | None = None,
         **hyperparameters: Any,
     ) -> None:
+        if isinstance(params, Tensor):
+            raise TypeError(
+                "MLBFGS params must be an nn.Module, an iterable of tensors / (name, tensor) pairs, or param-group "
+                f"dicts, got a single {type(params).__name__} (wrap it in a list)"
+            )
+        if config is not None and not isinstance(config, MLBFGSConfig):
+            raise TypeError(f"Invalid config: {config!r} (must be an hf_qn.optim.config.MLBFGSConfig or None)")
         cfg = MLBFGSConfig.from_kwargs(config, **hyperparameters)
         named, groups = self._named_params_and_groups(params)
         self.config = cfg

@@ -205,3 +205,19 @@ def test_mlbfgs_hyperparameters_come_from_param_groups():
     fresh.param_groups[0]["history_size"] = 4
     with pytest.raises(ValueError, match="history_size changed"):
         loop(model, fresh, regression_batches(1), mse_loss)
+
+
+@pytest.mark.parametrize(("make", "error", "match"), [
+    (lambda m: hf_qn.KBFGS(m, no_decay="0.bias"), TypeError, "no_decay.*collection of parameter names"),
+    (lambda m: hf_qn.KBFGS(m, policy="all"), TypeError, "policy.*LayerPolicy"),
+    (lambda m: hf_qn.KBFGS(m, config={"lr": 0.1}), TypeError, "config.*KBFGSConfig"),
+    (lambda m: hf_qn.KBFGS(list(m.parameters())), TypeError, "needs the model"),
+    (lambda m: hf_qn.MLBFGS(m[0].weight), TypeError, "single Parameter.*wrap it in a list"),
+    (lambda m: hf_qn.MLBFGS(m, config=hf_qn.optim.config.KBFGSConfig()), TypeError, "config.*MLBFGSConfig"),
+    (lambda m: hf_qn.MLBFGS([]), ValueError, "empty parameter list"),
+])
+def test_constructor_misuse_names_the_argument(make, error, match):
+    import hf_qn.optim.config  # noqa: F401
+
+    with pytest.raises(error, match=match):
+        make(mlp())
