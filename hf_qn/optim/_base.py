@@ -27,7 +27,6 @@ __all__ = ["QNOptimizerBase", "adamw_updates_", "sgd_update_"]
 ROLE = "role"
 ROLE_QN = "qn"
 ROLE_FALLBACK = "fallback"
-FALLBACKS = ("adamw", "sgd")
 
 
 def adamw_updates_(
@@ -87,16 +86,6 @@ def sgd_update_(p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, momen
             buf.mul_(momentum).add_(d)
         d = buf
     p.add_(d, alpha=-lr)
-
-
-def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = False, hi_open: bool = True) -> None:
-    """Raise ``ValueError`` naming the argument unless ``value`` lies in the interval."""
-    ok_lo = value > lo if lo_open else value >= lo
-    ok_hi = value < hi if hi_open else value <= hi
-    if not (ok_lo and ok_hi) or (isinstance(value, float) and math.isnan(value)):
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise ValueError(f"Invalid {name}: {value} (must be in {lb}{lo}, {hi}{rb})")
 
 
 class QNOptimizerBase(torch.optim.Optimizer):

@@ -67,8 +67,22 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, allowed))})")
 
 
+class _Config:
+    """What both configurations share: building one from keyword arguments."""
+
+    OWNER: ClassVar[str] = ""
+    RENAMED: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def from_kwargs(cls, base: Any = None, **kwargs: Any) -> Any:
+        """``base`` (default: the defaults) with ``kwargs`` replaced; old names renamed with a warning, unknown
+        names refused."""
+        start: Any = base or cls()
+        return dataclasses.replace(start, **_renamed(cls, cls.OWNER, kwargs))
+
+
 @dataclass(frozen=True, kw_only=True)
-class KBFGSConfig:
+class KBFGSConfig(_Config):
     """The hyperparameters of :class:`~hf_qn.KBFGS` (all keyword arguments of ``KBFGS(model, ...)``).
 
     Attributes:
@@ -226,14 +240,9 @@ class KBFGSConfig:
             )
         object.__setattr__(self, "matmul_dtype", name)
 
+    OWNER: ClassVar[str] = "KBFGS"
     #: names of earlier versions: accepted with a FutureWarning (the table in docs/design.md).
     RENAMED: ClassVar[dict[str, str]] = {"momentum": "grad_decay", "weight_decay": "l2", "stat_decay": "factor_decay"}
-
-    @classmethod
-    def from_kwargs(cls, base: KBFGSConfig | None = None, **kwargs: Any) -> KBFGSConfig:
-        """``base`` (default: the defaults) with ``kwargs`` replaced; old names renamed with a warning, unknown
-        names refused."""
-        return dataclasses.replace(base or cls(), **_renamed(cls, "KBFGS", kwargs))
 
     @property
     def matmul_torch_dtype(self) -> torch.dtype:
@@ -246,7 +255,7 @@ HISTORY_DTYPES = ("float32", "bfloat16", "float64")
 
 
 @dataclass(frozen=True, kw_only=True)
-class MLBFGSConfig:
+class MLBFGSConfig(_Config):
     """The hyperparameters of :class:`~hf_qn.MLBFGS` (all keyword arguments of ``MLBFGS(params, ...)``).
 
     Attributes:
@@ -313,6 +322,7 @@ class MLBFGSConfig:
     blocks: str | int | Mapping[str, Sequence[str]] = "layer"
     min_block_size: int = 0
 
+    OWNER: ClassVar[str] = "MLBFGS"
     RENAMED: ClassVar[dict[str, str]] = {
         "param_beta": "param_decay", "grad_beta": "grad_decay", "pair_momentum": "pair_decay", "damping": "min_mix",
     }
@@ -347,12 +357,6 @@ class MLBFGSConfig:
                 or (isinstance(blocks, int) and not isinstance(blocks, bool) and blocks >= 1)):
             raise ValueError(f"Invalid blocks: {blocks!r} (must be 'layer', 'param', 'model', a chunk size >= 1, or "
                              "a mapping {block name: [parameter names]})")
-
-    @classmethod
-    def from_kwargs(cls, base: MLBFGSConfig | None = None, **kwargs: Any) -> MLBFGSConfig:
-        """``base`` (default: the defaults) with ``kwargs`` replaced; old names renamed with a warning, unknown
-        names refused."""
-        return dataclasses.replace(base or cls(), **_renamed(cls, "MLBFGS", kwargs))
 
     @property
     def history_torch_dtype(self) -> torch.dtype:
