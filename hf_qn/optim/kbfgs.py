@@ -41,7 +41,7 @@ from .kbfgs_layer import KroneckerLayer, PairHyper, layer_statistics, update_inp
 from .kbfgs_pass import add_to_layers, run_closure, second_pass
 from .kbfgs_stats import LayerMeans, reduce_statistics
 from .output_side import output_side_for
-from .state import FORMAT, KBFGS_LAYER_COUNTERS, KBFGS_LAYER_KEYS, convert_kbfgs_v1, is_v1, iter_tensors
+from .state import FORMAT, KBFGS_LAYER_COUNTERS, KBFGS_LAYER_KEYS, convert_kbfgs_v1, is_v1
 
 __all__ = ["KBFGS", "KBFGSL", "MATMUL_DTYPES", "KBFGSConfig"]
 
@@ -118,7 +118,7 @@ class KBFGS(QNOptimizerBase):
         self.model, self.policy = model, policy
         self.assignment: LayerAssignment = assignment
         self.adapters: list[LayerAdapter] = assignment.adapters
-        self.layers = [KroneckerLayer(ad, output_side_for(ad.name, cfg.history_size)) for ad in self.adapters]
+        self.layers = [_new_layer(ad, cfg) for ad in self.adapters]
         self.schedule = CurvatureSchedule(cfg.update_interval, cfg.warmup_curvature_steps)
         self.kl_clip = KLClip(cfg.kl_clip)
         self.backoff = StepBackoff()
@@ -168,14 +168,10 @@ class KBFGS(QNOptimizerBase):
         if layer_params:
             super().add_param_group({**rest, "params": layer_params, ROLE: ROLE_QN})
         if other:
-            cfg = self.config
-            fallback = {"fallback": cfg.fallback, "lr": cfg.fallback_lr, "betas": cfg.fallback_betas,
-                        "eps": cfg.fallback_eps, "momentum": cfg.fallback_momentum,
-                        "weight_decay": cfg.fallback_weight_decay}
-            super().add_param_group({**fallback, **rest, "params": other, ROLE: ROLE_FALLBACK})
+            super().add_param_group({**_fallback_values(self.config), **rest, "params": other, ROLE: ROLE_FALLBACK})
         for ad in adapters:
             self.adapters.append(ad)
-            self.layers.append(KroneckerLayer(ad, output_side_for(ad.name, self.config.history_size)))
+            self.layers.append(_new_layer(ad, self.config))
             self.capture.add(ad)
         names = dict(fresh.param_names)
         self.assignment.param_names.update(names)
@@ -587,13 +583,11 @@ class KBFGS(QNOptimizerBase):
         for la in self.layers:
             if not la.state:
                 continue
-            fresh = KroneckerLayer(la.adapter, output_side_for(la.name, self.config.history_size))
-            fresh.ensure_state()
-            for path, _ in iter_tensors(fresh.state):
+            for path in la.state_paths():
                 node: Any = la.state
                 for part in path.split("/"):
                     node = node.get(part) if isinstance(node, dict) else None
-                if node is None and path != "input/inverse_countdown":
+                if node is None:
                     raise ValueError(
                         f"KBFGS.load_state_dict: the state of layer {la.name!r} has no {path!r}; it is incomplete or "
                         "was written by another version (see hf_qn.optim.state for the layout)"
@@ -646,12 +640,21 @@ def _param_groups(assignment: LayerAssignment, cfg: KBFGSConfig, no_decay: set[s
     for ps, wd in ((qn_dec, cfg.l2), (qn_nod, 0.0)):
         if ps:
             groups.append({"params": ps, ROLE: ROLE_QN, "lr": cfg.lr, "l2": wd})
-    fallback = {"fallback": cfg.fallback, "lr": cfg.fallback_lr, "betas": cfg.fallback_betas,
-                "eps": cfg.fallback_eps, "momentum": cfg.fallback_momentum}
     for ps, wd in ((fb_dec, cfg.fallback_weight_decay), (fb_nod, 0.0)):
         if ps:
-            groups.append({"params": ps, ROLE: ROLE_FALLBACK, **fallback, "weight_decay": wd})
+            groups.append({"params": ps, ROLE: ROLE_FALLBACK, **_fallback_values(cfg), "weight_decay": wd})
     return groups
+
+
+def _new_layer(adapter: LayerAdapter, cfg: KBFGSConfig) -> KroneckerLayer:
+    """The curvature unit of an adapted layer, with the output side the configuration asks for."""
+    return KroneckerLayer(adapter, output_side_for(adapter.name, cfg.history_size))
+
+
+def _fallback_values(cfg: KBFGSConfig) -> dict[str, Any]:
+    """A fallback param group's hyperparameters."""
+    return {"fallback": cfg.fallback, "lr": cfg.fallback_lr, "betas": cfg.fallback_betas, "eps": cfg.fallback_eps,
+            "momentum": cfg.fallback_momentum, "weight_decay": cfg.fallback_weight_decay}
 
 
 class KBFGSL(KBFGS):

@@ -70,6 +70,12 @@ class KroneckerLayer:
         self.state["counters"] = {k: torch.tensor(0, dtype=torch.int64) for k in KBFGS_LAYER_COUNTERS}
         self.output.bind(self.state["output"])
 
+    def state_paths(self) -> list[str]:
+        """The paths (``"input/A"``, ``"output/H_g"``, ...) every state of this layer has (``ensure_state``'s)."""
+        return ([f"input/{k}" for k in ("A", "H_a", "batches")] + [f"output/{k}" for k in self.output.STATE_KEYS]
+                + ["momentum_buffer"] + [f"pair/{k}" for k in ("s_avg", "y_avg", "h_prev", "g_prev", "has_prev")]
+                + [f"counters/{k}" for k in KBFGS_LAYER_COUNTERS])
+
     def count(self, key: str) -> None:
         self.state["counters"][key] += 1
 

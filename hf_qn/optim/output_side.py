@@ -32,6 +32,8 @@ class OutputSide(ABC):
 
     #: whether :meth:`propose` wants ``H y`` recomputed with the damped ``y`` (dense BFGS does).
     needs_damped_products: bool = False
+    #: the keys of the state :meth:`init_state` makes.
+    STATE_KEYS: tuple[str, ...] = ()
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -71,6 +73,7 @@ class DenseBFGS(OutputSide):
     """K-BFGS: a dense ``H_g`` (state ``{"H_g"}``), one inverse-BFGS rank-2 update per kept pair."""
 
     needs_damped_products = True
+    STATE_KEYS = ("H_g",)
 
     def init_state(self, d_out: int, device: torch.device) -> dict[str, Any]:
         return {"H_g": torch.eye(d_out, dtype=torch.float32, device=device)}
@@ -98,6 +101,8 @@ class LimitedBFGS(OutputSide):
     head``), applied in compact form with float64 products. The compact form's middle matrix depends on
     the history alone: it is kept from one push (or load) to the next, since a step applies it once or
     twice and pushes at most once."""
+
+    STATE_KEYS = ("S", "Y", "SY", "YY", "count", "head")
 
     def __init__(self, name: str, history_size: int) -> None:
         super().__init__(name)

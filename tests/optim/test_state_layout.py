@@ -134,3 +134,14 @@ def test_an_incomplete_state_is_refused_naming_the_missing_key():
 def test_a_no_decay_name_that_matches_nothing_is_refused():
     with pytest.raises(ValueError, match="Invalid no_decay: \\['0.bais'\\]"):
         hf_qn.KBFGS(mlp(), no_decay=["0.bias", "0.bais"])
+
+
+@pytest.mark.parametrize("history", [None, 3])
+def test_a_layers_declared_state_paths_are_the_ones_it_creates(history):
+    from hf_qn.optim.kbfgs_layer import KroneckerLayer
+    from hf_qn.optim.output_side import output_side_for
+
+    opt = hf_qn.KBFGS(mlp(), history_size=history)
+    layer = KroneckerLayer(opt.adapters[0], output_side_for("0", history))
+    layer.ensure_state()
+    assert sorted(layer.state_paths()) == sorted(path for path, _ in iter_tensors(layer.state))
