@@ -179,7 +179,7 @@ class Capture:
         if mode == PRIMARY and st.pending and adapter.weight.grad is None:
             st.reset()  # a new accumulation window: the previous one was never committed
         self._capture_forward(adapter, st, inputs, output, with_inputs=self.input_stats and mode == PRIMARY)
-        if output.requires_grad:
+        if output.requires_grad and not adapter.one_sided:
             output.register_hook(self._make_grad_hook(adapter, st))
 
     @torch.no_grad()
@@ -201,6 +201,13 @@ class Capture:
                 st.A_sum = LayerStats._add(st.A_sum, (g.T @ g).to(torch.float32))
                 st.a_sum = LayerStats._add(st.a_sum, r.sum(0, dtype=torch.float32))
                 st.a_rows += int(r.shape[0])
+        if adapter.one_sided:  # no output factor, no pairs: its output statistics stay zero, uncomputed
+            rows_out = output.numel() // adapter.d_out
+            st.h_sum = LayerStats._add(st.h_sum, output.new_zeros(adapter.d_out, dtype=torch.float64))
+            st.g_sum = LayerStats._add(st.g_sum, output.new_zeros(adapter.d_out, dtype=torch.float64))
+            st.h_rows += rows_out
+            st.samples += rows_out // max(adapter.output_group_size(output), 1)
+            return
         # Output-side sums in float64: K-BFGS pairs are differences of these means (cancellation).
         h = adapter.output_rows(output.detach())
         st.h_sum = LayerStats._add(st.h_sum, h.sum(0, dtype=torch.float64))

@@ -42,6 +42,11 @@ class LayerAdapter(ABC):
         self.check(module)
         self.module = module
         self.name = name
+        #: preconditioned by its input factor alone (set by ``assign_layers`` for a layer too wide for an
+        #: output factor, e.g. a tied LM head over the vocabulary).
+        self.one_sided = False
+        #: the Embedding whose weight this layer shares, if any (a tied LM head).
+        self.tied_with: str | None = None
         self.d_out: int = 0
         self.d_in: int = 0
         self.has_bias: bool = False

@@ -8,6 +8,7 @@ parameters are listed and never touched. ``print(assignment.report())`` shows th
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -69,19 +70,33 @@ class LayerPolicy:
             (``re.search``) are adapted. (default: all)
         exclude: regular expressions; matching modules are never adapted. (default: none)
         max_dim: largest dense factor dimension allowed (``d_out``, and ``d_in`` unless the input
-            factor is diagonal); larger layers go to the fallback, so a 50k-vocabulary head never
-            builds a 50k × 50k matrix. (default: 4096)
+            factor is diagonal), so a 50k-vocabulary head never builds a 50k × 50k matrix. A layer with a
+            larger ``d_in`` goes to the fallback; one with a larger ``d_out`` is treated as ``wide`` says.
+            (default: 4096)
+        wide: a layer whose ``d_out`` exceeds ``max_dim``: ``"one_sided"`` preconditions it by its input
+            factor alone (``H_g = I``, no pairs), ``"fallback"`` hands it to the fallback. (default: None:
+            ``"one_sided"`` where step lengths are grafted (K-BFGS's ``graft="adam"``), ``"fallback"`` otherwise)
+        tied_heads: an output projection (a bias-free ``nn.Linear``) whose weight is tied to an input
+            ``nn.Embedding`` (GPT-2's ``lm_head``) is adapted as that Linear, one-sided, preconditioned by the
+            covariance of the hidden states it reads; its gradient (head and embedding parts) is the
+            tied weight's. False leaves the tied weight to the fallback. (default: None: True where step
+            lengths are grafted, False otherwise: the paper's unscaled step on an embedding is SGD-like and
+            slower than the fallback's AdamW there)
         adapt_embeddings: whether ``nn.Embedding`` layers are adapted. (default: True)
     """
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     max_dim: int = 4096
+    wide: str | None = None
+    tied_heads: bool | None = None
     adapt_embeddings: bool = True
 
     def __post_init__(self) -> None:
         if self.max_dim < 1:
             raise ValueError(f"Invalid max_dim: {self.max_dim} (must be >= 1)")
+        if self.wide not in (None, "one_sided", "fallback"):
+            raise ValueError(f"Invalid wide: {self.wide!r} (must be 'one_sided', 'fallback' or None)")
         for pat in (*self.include, *self.exclude):
             try:
                 re.compile(pat)
@@ -90,6 +105,14 @@ class LayerPolicy:
         # Accept lists from users and JSON; keep the dataclass hashable.
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+
+
+    def resolved(self, grafted: bool) -> LayerPolicy:
+        """This policy with ``wide`` and ``tied_heads`` decided where they are None (on when ``grafted``)."""
+        return dataclasses.replace(
+            self, wide=self.wide or ("one_sided" if grafted else "fallback"),
+            tied_heads=grafted if self.tied_heads is None else self.tied_heads,
+        )
 
 
 @dataclass(frozen=True)
@@ -135,6 +158,8 @@ class LayerAssignment:
             lines.append(
                 f"{a.name:<48} {type(a).__name__:<22} {numel:>10}  d_out={a.d_out} d_in={a.d_in}"
                 + (" (diagonal input factor)" if a.input_diagonal else "")
+                + (" (one-sided: input factor only)" if a.one_sided else "")
+                + (f" (weight tied with {a.tied_with})" if a.tied_with else "")
             )
         for f in self.fallback:
             lines.append(f"{f.name:<48} {'fallback':<22} {f.param.numel():>10}  {f.reason}")
@@ -161,8 +186,9 @@ def assign_layers(model: nn.Module, policy: LayerPolicy | None = None) -> LayerA
     Frozen parameters (``requires_grad=False``) are assigned too, as ``torch.optim`` optimizers built from
     ``model.parameters()`` hold them: the optimizers skip a parameter while it has no gradient, and it trains
     when it is unfrozen. A layer frozen in part goes to the fallback. ``frozen`` lists the parameters frozen
-    at assignment time, for the report."""
-    policy = policy or LayerPolicy()
+    at assignment time, for the report. A policy's ``wide`` and ``tied_heads`` left None are on here (K-BFGS
+    resolves them by its ``graft`` first, :meth:`LayerPolicy.resolved`)."""
+    policy = (policy or LayerPolicy()).resolved(grafted=True)
     result = LayerAssignment()
     # Parameter identity -> every (module name, attribute) that owns it: finds tied weights.
     owners: dict[int, list[str]] = {}
@@ -172,6 +198,7 @@ def assign_layers(model: nn.Module, policy: LayerPolicy | None = None) -> LayerA
     names = {id(p): n for n, p in model.named_parameters()}
     result.param_names = dict(names)
 
+    heads = _tied_heads(model, policy, owners)
     taken: set[int] = set()
     for mname, module in model.named_modules():
         cls = adapter_class_for(module)
@@ -180,7 +207,9 @@ def assign_layers(model: nn.Module, policy: LayerPolicy | None = None) -> LayerA
         own = list(module.named_parameters(recurse=False))
         if not own:
             continue
-        reason = _refusal(module, mname, cls, policy, owners)
+        if cls is EmbeddingAdapter and id(own[0][1]) in heads:
+            continue  # its weight is preconditioned as the tied head's
+        reason = _refusal(module, mname, cls, policy, owners, heads)
         if reason is not None:
             for _, p in own:
                 if id(p) not in taken:
@@ -188,6 +217,9 @@ def assign_layers(model: nn.Module, policy: LayerPolicy | None = None) -> LayerA
                     result.fallback.append(FallbackParam(names[id(p)], p, reason))
             continue
         adapter = cls(module, mname)
+        if id(adapter.weight) in heads:
+            adapter.one_sided, adapter.tied_with = True, heads[id(adapter.weight)]
+        adapter.one_sided = adapter.one_sided or adapter.d_out > policy.max_dim
         result.adapters.append(adapter)
         taken.update(id(p) for p in adapter.parameters())
 
@@ -200,14 +232,33 @@ def assign_layers(model: nn.Module, policy: LayerPolicy | None = None) -> LayerA
     return result
 
 
+def _tied_heads(model: nn.Module, policy: LayerPolicy, owners: dict[int, list[str]]) -> dict[int, str]:
+    """Weights shared by exactly one ``nn.Embedding`` and one bias-free ``nn.Linear`` that the policy adapts (a
+    tied LM head): id of the weight -> the Embedding's name."""
+    if not policy.tied_heads:
+        return {}
+    embeddings = {id(m.weight): n for n, m in model.named_modules() if adapter_class_for(m) is EmbeddingAdapter}
+    out: dict[int, str] = {}
+    for name, m in model.named_modules():
+        if adapter_class_for(m) is not LinearAdapter or getattr(m, "bias", None) is not None:
+            continue
+        wid = id(m.weight)
+        tied_once = wid in embeddings and len(owners.get(wid, [])) == 2
+        if tied_once and _refusal(m, name, LinearAdapter, policy, owners, {wid: embeddings[wid]}) is None:
+            out[wid] = embeddings[wid]
+    return out
+
+
 def _refusal(
     module: nn.Module,
     name: str,
     cls: type[LayerAdapter],
     policy: LayerPolicy,
     owners: dict[int, list[str]],
+    heads: dict[int, str] | None = None,
 ) -> str | None:
-    """Why this module is not adapted, or None if it is."""
+    """Why this module is not adapted, or None if it is (``heads``: tied head weights, which may be shared)."""
+    heads = heads or {}
     if policy.include and not _matches(name, policy.include):
         return "not matched by include"
     if _matches(name, policy.exclude):
@@ -218,14 +269,15 @@ def _refusal(
     if len({p.requires_grad for _, p in own}) > 1:
         return "partially frozen layer"
     for _, p in own:
-        if len(owners.get(id(p), [])) > 1:
+        if len(owners.get(id(p), [])) > 1 and id(p) not in heads:
             return "tied weight (shared with " + ", ".join(owners[id(p)]) + ")"
     try:
         cls.check(module)
     except UnsupportedLayer as err:
         return f"unsupported: {err}"
     adapter = cls(module, name)
-    dims = [adapter.d_out] + ([] if adapter.input_diagonal else [adapter.d_in])
-    if max(dims) > policy.max_dim:
+    one_sided_ok = policy.wide == "one_sided" or id(adapter.weight) in heads
+    dims = ([] if one_sided_ok else [adapter.d_out]) + ([] if adapter.input_diagonal else [adapter.d_in])
+    if dims and max(dims) > policy.max_dim:
         return f"factor dimension {max(dims)} > max_dim={policy.max_dim}"
     return None

@@ -274,7 +274,7 @@ def coverage_line(optimizer: Any) -> str:
                                                                                     key=lambda x: -x[1]))
         return (f"{type(inner).__name__} preconditions {len(asg.adapters)} layers, "
                 f"{100 * n_ad / max(n_ad + n_fb, 1):.1f}% of the parameters; its {inner.config.fallback} fallback "
-                f"(lr {inner.config.fallback_lr:g}) takes {100 * n_fb / max(n_ad + n_fb, 1):.1f}%"
+                f"(lr {inner.config.fallback_lr_value:g}) takes {100 * n_fb / max(n_ad + n_fb, 1):.1f}%"
                 + (f" ({why})" if why else ""))
     if isinstance(inner, MLBFGS):
         n = sum(b.numel for b in inner.blocks)

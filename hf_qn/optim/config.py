@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -16,10 +17,10 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["MATMUL_DTYPES", "KBFGSConfig", "MLBFGSConfig", "check_range"]
+__all__ = ["MATMUL_DTYPES", "KBFGSConfig", "MLBFGSConfig", "check_range", "fast_bf16", "resolve_matmul_dtype"]
 
 #: the names ``matmul_dtype`` accepts (torch dtypes or these strings); stored as the string.
-MATMUL_DTYPES = ("float32", "bfloat16", "float16")
+MATMUL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 FALLBACKS = ("adamw", "sgd")
 
 
@@ -73,10 +74,20 @@ class _Config:
     OWNER: ClassVar[str] = ""
     RENAMED: ClassVar[dict[str, str]] = {}
 
+    #: named configurations: ``preset=name`` starts from these values instead of the defaults.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
     @classmethod
     def from_kwargs(cls, base: Any = None, **kwargs: Any) -> Any:
-        """``base`` (default: the defaults) with ``kwargs`` replaced; old names renamed with a warning, unknown
-        names refused."""
+        """``base`` (default: the defaults, or ``PRESETS[preset]`` when ``preset`` is given) with ``kwargs``
+        replaced; old names renamed with a warning, unknown names refused."""
+        preset = kwargs.pop("preset", None)
+        if preset is not None:
+            if base is not None:
+                raise TypeError(f"{cls.OWNER} got both config and preset={preset!r}; pass one of them")
+            if preset not in cls.PRESETS:
+                raise ValueError(f"Invalid preset: {preset!r} (must be one of {', '.join(map(repr, cls.PRESETS))})")
+            base = cls(**cls.PRESETS[preset])
         start: Any = base or cls()
         return dataclasses.replace(start, **_renamed(cls, cls.OWNER, kwargs))
 
@@ -144,16 +155,26 @@ class KBFGSConfig(_Config):
             (default: 0.25; measured on the autoencoder at the paper's lr 0.3: without it some runs blow up
             (loss 205 -> 287, 190 -> 320, 317 -> 1450, then 4e8 and inf within 80 steps), others do not,
             depending on floating-point summation order)
+        graft: ``"adam"``: each layer's direction ``D`` is rescaled to the length Adam's step would have in that
+            layer, ``‖m̂ / (√v̂ + ε)‖`` with ``m̂`` the bias-corrected ``ĝ`` and ``v`` the running average of the
+            squared gradient (β₂ and ε: ``fallback_betas[1]`` and ``fallback_eps``; one more float per
+            parameter): layer-wise grafting (Agarwal et al. 2020, as Distributed Shampoo and mL-BFGS's
+            ``normalize="adam"`` do). K-BFGS picks the direction inside a layer, Adam the step length of every
+            layer, so ``lr`` is tuned like AdamW's and also serves the fallback (``fallback_lr`` defaults to
+            ``lr``). ``"none"``: the paper's ``α D``. (default: ``"none"``)
         kl_clip: if set, scales the step down so that ``α² Σ⟨D, ĝ⟩ ≤ kl_clip`` (kfac-pytorch's
             KL clipping); None follows the paper. (default: None)
         matmul_dtype: dtype of the two large products of every step, the input Gram ``Σ ā āᵀ`` of the
             capture and the direction ``H_g ĝ H_a``; factors, their updates, sums and ĝ stay
             float32. ``torch.bfloat16`` makes those products about 3x faster on a CPU with AVX512-BF16
             (measured: 1000-wide GEMM 5.9 vs 19.5 ms), at about 3 significant digits; the autoencoder's
-            per-epoch loss did not change (docs/design.md). (default: float32, the paper's)
+            per-epoch loss did not change (docs/design.md); on a CPU without it (AVX2 only) they are slower than
+            float32 (a 1.1M-parameter GPT-2: 2.3x AdamW's step against 1.1x). ``"auto"``: bfloat16 where the
+            device multiplies it natively (a CUDA GPU of compute capability 8.0 or newer, a CPU with
+            AVX512-BF16 or AMX), float32 elsewhere (:func:`resolve_matmul_dtype`). (default: ``"auto"``)
         fallback: first-order rule for parameters no adapter takes: ``"adamw"`` or ``"sgd"``.
             (default: ``"adamw"``)
-        fallback_lr: learning rate of the fallback. (default: 1e-3)
+        fallback_lr: learning rate of the fallback. (default: None: ``lr`` with ``graft="adam"``, else 1e-3)
         fallback_betas, fallback_eps: AdamW's. (default: (0.9, 0.999), 1e-8)
         fallback_momentum: SGD's momentum when ``fallback="sgd"``. (default: 0.9)
         fallback_weight_decay: decoupled (AdamW) or coupled (SGD) weight decay of the fallback.
@@ -178,10 +199,11 @@ class KBFGSConfig(_Config):
     curvature_eps: float = 1e-4
     max_update_growth: float | None = 2.0
     max_loss_increase: float | None = 0.25
+    graft: str = "none"
     kl_clip: float | None = None
-    matmul_dtype: str | torch.dtype = "float32"
+    matmul_dtype: str | torch.dtype = "auto"
     fallback: str = "adamw"
-    fallback_lr: float = 1e-3
+    fallback_lr: float | None = None
     fallback_betas: tuple[float, float] = (0.9, 0.999)
     fallback_eps: float = 1e-8
     fallback_momentum: float = 0.9
@@ -200,7 +222,8 @@ class KBFGSConfig(_Config):
         check_range("pair_decay", self.pair_decay, 0.0, 1.0)
         check_range("powell_mu", self.powell_mu, 0.0, 1.0, lo_open=True)
         check_range("curvature_eps", self.curvature_eps, 0.0, math.inf)
-        check_range("fallback_lr", self.fallback_lr, 0.0, math.inf)
+        if self.fallback_lr is not None:
+            check_range("fallback_lr", self.fallback_lr, 0.0, math.inf)
         check_range("fallback_eps", self.fallback_eps, 0.0, math.inf, lo_open=True)
         check_range("fallback_momentum", self.fallback_momentum, 0.0, 1.0)
         check_range("fallback_weight_decay", self.fallback_weight_decay, 0.0, math.inf)
@@ -233,21 +256,67 @@ class KBFGSConfig(_Config):
         check_choice("input_inverse", self.input_inverse, ("bfgs", "cholesky"))
         check_choice("pairs", self.pairs, ("same_batch", "consecutive"))
         check_choice("fallback", self.fallback, FALLBACKS)
+        check_choice("graft", self.graft, ("none", "adam"))
         name = str(self.matmul_dtype).replace("torch.", "")
         if name not in MATMUL_DTYPES:
             raise ValueError(
-                f"Invalid matmul_dtype: {self.matmul_dtype!r} (must be torch.float32, torch.bfloat16 or torch.float16)"
+                f"Invalid matmul_dtype: {self.matmul_dtype!r} (must be 'auto', torch.float32, torch.bfloat16 or "
+                "torch.float16)"
             )
         object.__setattr__(self, "matmul_dtype", name)
 
     OWNER: ClassVar[str] = "KBFGS"
+    #: ``preset="paper"``: the K-BFGS paper's MNIST autoencoder setting (Goldfarb et al. 2020, section 5):
+    #: curvature every step, the paper's lr, damping and L2, no grafting, float32 products.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {"lr": 0.3, "damping": 0.3, "l2": 1e-5, "update_interval": 1, "warmup_curvature_steps": 20,
+                  "graft": "none", "matmul_dtype": "float32"},
+    }
     #: names of earlier versions: accepted with a FutureWarning (the table in docs/design.md).
     RENAMED: ClassVar[dict[str, str]] = {"momentum": "grad_decay", "weight_decay": "l2", "stat_decay": "factor_decay"}
 
+    def matmul_torch_dtype(self, device: torch.device) -> torch.dtype:
+        """``matmul_dtype`` as a torch dtype, ``"auto"`` resolved for ``device``."""
+        return resolve_matmul_dtype(str(self.matmul_dtype), device)
+
     @property
-    def matmul_torch_dtype(self) -> torch.dtype:
-        dtype: torch.dtype = getattr(torch, str(self.matmul_dtype))
+    def fallback_lr_value(self) -> float:
+        """The fallback's learning rate: ``fallback_lr``, or by default ``lr`` when grafted to Adam, else 1e-3."""
+        if self.fallback_lr is not None:
+            return self.fallback_lr
+        return self.lr if self.graft == "adam" else 1e-3
+
+
+def resolve_matmul_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of ``name``; ``"auto"`` is bfloat16 where ``device`` multiplies it natively (CUDA compute
+    capability >= 8.0; a CPU with the ``avx512_bf16`` or ``amx_bf16`` flag), float32 elsewhere."""
+    if name != "auto":
+        dtype: torch.dtype = getattr(torch, name)
         return dtype
+    return torch.bfloat16 if fast_bf16(torch.device(device)) else torch.float32
+
+
+@functools.lru_cache(maxsize=16)
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` has native bfloat16 matrix products."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 NORMALIZE_MODES = ("adam", "unit", "grad", "none")

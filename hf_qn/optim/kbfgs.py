@@ -60,6 +60,8 @@ class KBFGS(QNOptimizerBase):
         grad_scaler: a ``torch.amp.GradScaler`` (or anything with ``get_scale()``) when training in
             fp16, so that captured output gradients are unscaled. (default: None)
         config: a :class:`~hf_qn.optim.config.KBFGSConfig`; keyword ``hyperparameters`` override its fields.
+        preset: start from a named configuration instead of the defaults: ``"paper"`` is the K-BFGS paper's
+            autoencoder setting (``KBFGSConfig.PRESETS``); keyword ``hyperparameters`` override it.
         **hyperparameters: the fields of :class:`~hf_qn.optim.config.KBFGSConfig` (``lr``, ``damping``,
             ``update_interval``, ...), each documented there with its default.
 
@@ -67,7 +69,7 @@ class KBFGS(QNOptimizerBase):
         ValueError, TypeError: for a bad hyperparameter (naming it), or a model with no adaptable layer.
     """
 
-    _CURVATURE_KEYS = frozenset(KBFGS_LAYER_KEYS)
+    _CURVATURE_KEYS = frozenset({*KBFGS_LAYER_KEYS, "graft"})
     #: the keys of :meth:`statistics` that count events since the start (the others are current values).
     COUNTERS = frozenset(f"qn/{k}" for k in (*KBFGS_LAYER_COUNTERS, "steps_skipped_nonfinite", "steps_rejected",
                                              "steps_clipped", "loss_checks"))
@@ -101,6 +103,8 @@ class KBFGS(QNOptimizerBase):
             raise ValueError(
                 f"KBFGS needs dense gradients, and {sparse} produce sparse ones: construct them with sparse=False"
             )
+        # layers too wide for an output factor and a tied head are adapted one-sided when steps are grafted
+        policy = (policy or LayerPolicy()).resolved(grafted=cfg.graft == "adam")
         assignment = assign_layers(model, policy)
         unknown = sorted(set(no_decay) - set(assignment.param_names.values()))
         if unknown:
@@ -380,8 +384,13 @@ class KBFGS(QNOptimizerBase):
                 continue
             la.ensure_state()
             l2 = [self._group_of(p)["l2"] for p in la.adapter.parameters()]
-            la.update_momentum(la.grad_with_l2(l2), self.config.grad_decay)
-            out.append(la.direction(self.config.matmul_torch_dtype))
+            G = la.grad_with_l2(l2)
+            la.update_momentum(G, self.config.grad_decay)
+            D = la.direction(self._matmul_dtype)
+            if self.config.graft == "adam":  # D ← D · ‖m̂ / (√v̂ + ε)‖ / ‖D‖
+                D = la.graft_to_adam(D, G, self.config.grad_decay, self.config.fallback_betas[1],
+                                     self.config.fallback_eps)
+            out.append(D)
         return out if all_finite(*(D for D in out if D is not None)) else None
 
     def _present(self, directions: list[Tensor | None]) -> tuple[list[Tensor], list[Tensor], list[float]]:
@@ -396,6 +405,12 @@ class KBFGS(QNOptimizerBase):
 
     def _layer_lrs(self) -> list[float]:
         return [self._group_of(ad.weight)["lr"] for ad in self.adapters]
+
+    @property
+    def _matmul_dtype(self) -> torch.dtype:
+        """The dtype of the large products, ``"auto"`` resolved for the device the model is on now (it may have
+        moved since construction, e.g. by ``accelerator.prepare``)."""
+        return self.config.matmul_torch_dtype(self.adapters[0].weight.device)
 
     def _sqrt_lam(self) -> float:
         return math.sqrt(self.config.damping)
@@ -455,8 +470,11 @@ class KBFGS(QNOptimizerBase):
             return None
         inp = la.state["input"]
         keep = ["A", "batches"] + (["H_a"] if int(inp["batches"]) < max(1, self.config.input_warm_start) else [])
-        return {"input": {k: inp[k].clone() for k in keep}, "momentum_buffer": la.state["momentum_buffer"].clone(),
-                "counters": {k: v.clone() for k, v in la.state["counters"].items()}}
+        out = {"input": {k: inp[k].clone() for k in keep}, "momentum_buffer": la.state["momentum_buffer"].clone(),
+               "counters": {k: v.clone() for k, v in la.state["counters"].items()}}
+        if "graft" in la.state:
+            out["graft"] = {k: v.clone() for k, v in la.state["graft"].items()}
+        return out
 
     def _put_back(self, snapshot: dict[str, Any]) -> None:
         for p, old in snapshot["params"].items():
@@ -468,6 +486,8 @@ class KBFGS(QNOptimizerBase):
             self.state[w]["input"].update(saved["input"])
             self.state[w]["momentum_buffer"] = saved["momentum_buffer"]
             self.state[w]["counters"] = saved["counters"]
+            if "graft" in saved:
+                self.state[w]["graft"] = saved["graft"]
         for p, saved in snapshot["fallback"].items():
             self.state[p] = saved
         self._load_global_state(snapshot["global"])
@@ -555,7 +575,7 @@ class KBFGS(QNOptimizerBase):
         pass off."""
         if self.adapters and self.capture.mode == "primary":
             self.capture.enabled = self._training and self.curvature_step_next()
-            self.capture.gram_dtype = self.config.matmul_torch_dtype
+            self.capture.gram_dtype = self._matmul_dtype
 
     def _current_scale(self) -> float:
         return float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
@@ -583,7 +603,7 @@ class KBFGS(QNOptimizerBase):
         for la in self.layers:
             if not la.state:
                 continue
-            for path in la.state_paths():
+            for path in la.state_paths(self.config.graft):
                 node: Any = la.state
                 for part in path.split("/"):
                     node = node.get(part) if isinstance(node, dict) else None
@@ -648,12 +668,12 @@ def _param_groups(assignment: LayerAssignment, cfg: KBFGSConfig, no_decay: set[s
 
 def _new_layer(adapter: LayerAdapter, cfg: KBFGSConfig) -> KroneckerLayer:
     """The curvature unit of an adapted layer, with the output side the configuration asks for."""
-    return KroneckerLayer(adapter, output_side_for(adapter.name, cfg.history_size))
+    return KroneckerLayer(adapter, output_side_for(adapter.name, cfg.history_size, adapter.one_sided))
 
 
 def _fallback_values(cfg: KBFGSConfig) -> dict[str, Any]:
     """A fallback param group's hyperparameters."""
-    return {"fallback": cfg.fallback, "lr": cfg.fallback_lr, "betas": cfg.fallback_betas, "eps": cfg.fallback_eps,
+    return {"fallback": cfg.fallback, "lr": cfg.fallback_lr_value, "betas": cfg.fallback_betas, "eps": cfg.fallback_eps,
             "momentum": cfg.fallback_momentum, "weight_decay": cfg.fallback_weight_decay}
 
 

@@ -70,10 +70,13 @@ class KroneckerLayer:
         self.state["counters"] = {k: torch.tensor(0, dtype=torch.int64) for k in KBFGS_LAYER_COUNTERS}
         self.output.bind(self.state["output"])
 
-    def state_paths(self) -> list[str]:
-        """The paths (``"input/A"``, ``"output/H_g"``, ...) every state of this layer has (``ensure_state``'s)."""
-        return ([f"input/{k}" for k in ("A", "H_a", "batches")] + [f"output/{k}" for k in self.output.STATE_KEYS]
-                + ["momentum_buffer"] + [f"pair/{k}" for k in ("s_avg", "y_avg", "h_prev", "g_prev", "has_prev")]
+    def state_paths(self, graft: str = "none") -> list[str]:
+        """The paths (``"input/A"``, ``"output/H_g"``, ...) every state of this layer has (``ensure_state``'s,
+        and the grafting's)."""
+        grafting = [f"graft/{k}" for k in ("exp_avg_sq", "steps")] if graft == "adam" else []
+        return (grafting + [f"input/{k}" for k in ("A", "H_a", "batches")]
+                + [f"output/{k}" for k in self.output.STATE_KEYS] + ["momentum_buffer"]
+                + [f"pair/{k}" for k in ("s_avg", "y_avg", "h_prev", "g_prev", "has_prev")]
                 + [f"counters/{k}" for k in KBFGS_LAYER_COUNTERS])
 
     def count(self, key: str) -> None:
@@ -128,6 +131,19 @@ class KroneckerLayer:
         buf: Tensor = self.state["momentum_buffer"]
         return buf.mul_(rho).add_(G, alpha=1.0 - rho)
 
+    def graft_to_adam(self, D: Tensor, G: Tensor, rho: float, beta2: float, eps: float) -> Tensor:
+        """``D`` rescaled to the norm of Adam's step ``m̂ / (√v̂ + ε)`` in this layer, where ``m̂ = ĝ / (1 − ρᵗ)``
+        and ``v ← β₂ v + (1 − β₂) G²`` (``G``: this step's gradient with L2); ``t`` counts this layer's steps.
+        No host sync: the ratio of norms stays a tensor."""
+        graft = self.state.setdefault("graft", {
+            "exp_avg_sq": torch.zeros_like(G, dtype=torch.float32), "steps": torch.tensor(0, dtype=torch.int64)})
+        graft["steps"] += 1
+        t = int(graft["steps"])
+        v: Tensor = graft["exp_avg_sq"].mul_(beta2).addcmul_(G, G, value=1.0 - beta2)
+        denom = (v / (1.0 - beta2**t)).sqrt_().add_(eps)
+        adam_norm = (self.state["momentum_buffer"] / denom).norm() / (1.0 - rho**t)
+        return D * (adam_norm / D.norm().clamp_min(torch.finfo(torch.float32).tiny))
+
     def direction(self, matmul_dtype: torch.dtype) -> Tensor:
         """``D = H_g ĝ H_a`` (the two large products in ``matmul_dtype``)."""
         buf, H_a = self.state["momentum_buffer"], self.state["input"]["H_a"]
@@ -156,7 +172,9 @@ def update_output_sides(
     happened to every layer is read back with one host sync at the end."""
     beta = hp.pair_decay
     results = []  # per group: its layers, flags (powell, lm, kept) x L, damped pairs, the proposal
-    for rows in group_indices(layers, key=lambda la: (la.adapter.d_out, la.adapter.weight.device)):
+    learners = [i for i, la in enumerate(layers) if la.output.learns]  # one-sided layers form no pairs
+    for members in group_indices(learners, key=lambda i: (layers[i].adapter.d_out, layers[i].adapter.weight.device)):
+        rows = [learners[m] for m in members]
         group = [layers[r] for r in rows]
         pairs = [la.state["pair"] for la in group]
         S = torch.stack([p["s_avg"] for p in pairs]).mul_(beta)

@@ -4,7 +4,9 @@ applied and learned from its damped pairs ``(s, y)``.
 * :class:`DenseBFGS` (K-BFGS): ``H_g`` as a dense matrix, updated by the inverse BFGS formula
   ``H ← (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ`` (paper, eq. 6), as one rank-2 update per layer;
 * :class:`LimitedBFGS` (K-BFGS(L)): ``H_g`` implied by the last ``history_size`` pairs (compact form), never
-  formed.
+  formed;
+* :class:`OneSided`: ``H_g = I``, for layers too wide for an output factor (a tied LM head over the
+  vocabulary): the layer is preconditioned by its input factor alone, ``D = ĝ H_a``, and learns no pairs.
 
 A strategy owns the ``"output"`` part of its layer's state. Pairs of the layers of one output width are
 proposed together (:meth:`OutputSide.propose`, the rows of one matrix, so one set of kernels per width);
@@ -24,7 +26,7 @@ from torch import Tensor
 from ..linalg import LBFGSHistory
 from ..linalg.batched import bfgs_rank2_rows
 
-__all__ = ["DenseBFGS", "LimitedBFGS", "OutputSide", "output_side_for"]
+__all__ = ["DenseBFGS", "LimitedBFGS", "OneSided", "OutputSide", "output_side_for"]
 
 
 class OutputSide(ABC):
@@ -34,6 +36,8 @@ class OutputSide(ABC):
     needs_damped_products: bool = False
     #: the keys of the state :meth:`init_state` makes.
     STATE_KEYS: tuple[str, ...] = ()
+    #: whether the layer learns from ``(s, y)`` pairs (its pairs are not formed when it does not).
+    learns: bool = True
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -141,8 +145,32 @@ class LimitedBFGS(OutputSide):
         self._middle = None
 
 
-def output_side_for(name: str, history_size: int | None) -> OutputSide:
-    """The strategy a configuration asks for: dense BFGS, or L-BFGS with ``history_size`` pairs."""
+class OneSided(OutputSide):
+    """``H_g = I``: no output-side state, no pairs; the direction is ``ĝ H_a``."""
+
+    learns = False
+
+    def init_state(self, d_out: int, device: torch.device) -> dict[str, Any]:
+        return {}
+
+    def apply(self, X: Tensor) -> Tensor:
+        return X
+
+    @staticmethod
+    def propose(
+        sides: list[OutputSide], s: Tensor, y: Tensor, Hy: Tensor, sy: Tensor, ok: Tensor
+    ) -> tuple[Tensor, Any]:
+        return torch.zeros_like(ok), None
+
+    def commit(self, k: int, s: Tensor, y: Tensor, proposal: Any) -> None:
+        raise AssertionError("a one-sided layer takes no pair")
+
+
+def output_side_for(name: str, history_size: int | None, one_sided: bool = False) -> OutputSide:
+    """The strategy a layer gets: none (``one_sided``, for a layer the policy marks too wide), dense BFGS, or
+    L-BFGS with ``history_size`` pairs."""
+    if one_sided:
+        return OneSided(name)
     return DenseBFGS(name) if history_size is None else LimitedBFGS(name, history_size)
 
 

@@ -26,14 +26,19 @@ def test_every_parameter_assigned_exactly_once(build):
     assert "adapted layers" in report and len(asg.adapters) > 0
 
 
-def test_gpt2_tied_embedding_goes_to_fallback_once():
+def test_gpt2_tied_embedding_is_the_one_sided_head_or_goes_to_fallback_once():
     model = tiny_gpt2()
     asg = assign_layers(model)
     kinds = {type(a).__name__ for a in asg.adapters}
     assert "Conv1DAdapter" in kinds
-    tied = [f for f in asg.fallback if f.param is model.lm_head.weight]
-    assert len(tied) == 1 and "tied" in tied[0].reason
+    heads = [a for a in asg.adapters if a.weight is model.lm_head.weight]
+    assert [(a.name, a.one_sided, a.tied_with) for a in heads] == [("lm_head", True, "transformer.wte")]
+    assert not any(f.param is model.lm_head.weight for f in asg.fallback)
     assert "transformer.wpe" in {a.name for a in asg.adapters}
+    off = assign_layers(model, LayerPolicy(tied_heads=False))
+    tied = [f for f in off.fallback if f.param is model.lm_head.weight]
+    assert len(tied) == 1 and "tied" in tied[0].reason
+    assert not any(a.weight is model.lm_head.weight for a in off.adapters)
 
 
 def test_vit_free_parameters_and_patch_conv():
@@ -47,11 +52,15 @@ def test_vit_free_parameters_and_patch_conv():
 
 def test_policy_include_exclude_and_max_dim():
     model = tiny_bert()
-    asg = assign_layers(model, LayerPolicy(exclude=(r"attention",), max_dim=48))
+    asg = assign_layers(model, LayerPolicy(exclude=(r"attention",), max_dim=48, wide="fallback"))
     assert all("attention" not in a.name for a in asg.adapters)
     assert all(max(a.d_out, 0 if a.input_diagonal else a.d_in) <= 48 for a in asg.adapters)
     assert any("max_dim" in f.reason for f in asg.fallback)
     _check_exactly_once(model, asg)
+    wide = assign_layers(model, LayerPolicy(exclude=(r"attention",), max_dim=48))  # wide outputs: one-sided
+    assert all((a.d_out > 48) == a.one_sided for a in wide.adapters) and any(a.one_sided for a in wide.adapters)
+    assert all(a.input_diagonal or a.d_in <= 48 for a in wide.adapters)
+    _check_exactly_once(model, wide)
     only = assign_layers(model, LayerPolicy(include=(r"classifier",)))
     assert [a.name for a in only.adapters] == ["classifier"]
     _check_exactly_once(model, only)

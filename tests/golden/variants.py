@@ -28,31 +28,37 @@ THREADS = 1  # one thread: reductions in a fixed order
 
 Factory = Callable[[nn.Module], torch.optim.Optimizer]
 
+#: what the K-BFGS variants were recorded with, spelled out so that a change of defaults cannot move them: the
+#: paper's configuration, and the layer assignment of the time (a tied embedding and layers wider than max_dim
+#: went to the fallback).
+RECORDED_POLICY = hf_qn.LayerPolicy(tied_heads=False, wide="fallback")
+PAPER = {"preset": "paper", "policy": RECORDED_POLICY}
+
 KBFGS_VARIANTS: dict[str, Factory] = {
-    "kbfgs_dense": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3),
-    "kbfgs_lbfgs": lambda m: hf_qn.KBFGSL(m, lr=0.1, damping=0.3, history_size=5),
-    "kbfgs_consecutive": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, pairs="consecutive"),
-    "kbfgs_lbfgs_consecutive": lambda m: hf_qn.KBFGSL(m, lr=0.1, damping=0.3, history_size=4, pairs="consecutive"),
+    "kbfgs_dense": lambda m: hf_qn.KBFGS(m, **PAPER, lr=0.1, damping=0.3),
+    "kbfgs_lbfgs": lambda m: hf_qn.KBFGSL(m, **PAPER, lr=0.1, damping=0.3, history_size=5),
+    "kbfgs_consecutive": lambda m: hf_qn.KBFGS(m, **PAPER, lr=0.1, damping=0.3, pairs="consecutive"),
+    "kbfgs_lbfgs_consecutive": lambda m: hf_qn.KBFGSL(m, **PAPER, lr=0.1, damping=0.3, history_size=4, pairs="consecutive"),
     "kbfgs_interval_guards": lambda m: hf_qn.KBFGS(
-        m, lr=0.3, damping=0.3, update_interval=4, warmup_curvature_steps=5, max_update_growth=1.2
+        m, **PAPER, lr=0.3, damping=0.3, update_interval=4, warmup_curvature_steps=5, max_update_growth=1.2
     ),
-    "kbfgs_loss_guard_high_lr": lambda m: hf_qn.KBFGS(m, lr=8.0, damping=0.1, max_loss_increase=0.0),
-    "kbfgs_kl_clip": lambda m: hf_qn.KBFGS(m, lr=0.3, damping=0.3, kl_clip=1e-6),
+    "kbfgs_loss_guard_high_lr": lambda m: hf_qn.KBFGS(m, **PAPER, lr=8.0, damping=0.1, max_loss_increase=0.0),
+    "kbfgs_kl_clip": lambda m: hf_qn.KBFGS(m, **PAPER, lr=0.3, damping=0.3, kl_clip=1e-6),
     "kbfgs_cholesky": lambda m: hf_qn.KBFGS(
-        m, lr=0.1, damping=0.3, input_inverse="cholesky", inverse_interval=3, update_interval=2,
+        m, **PAPER, lr=0.1, damping=0.3, input_inverse="cholesky", inverse_interval=3, update_interval=2,
         warmup_curvature_steps=2,
     ),
     "kbfgs_warm_start_additive": lambda m: hf_qn.KBFGS(
-        m, lr=0.1, damping=0.3, input_warm_start=4, lm_damping="additive", factor_decay=0.8, pair_decay=0.5
+        m, **PAPER, lr=0.1, damping=0.3, input_warm_start=4, lm_damping="additive", factor_decay=0.8, pair_decay=0.5
     ),
-    "kbfgs_bf16_products": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, matmul_dtype=torch.bfloat16),
+    "kbfgs_bf16_products": lambda m: hf_qn.KBFGS(m, **PAPER, lr=0.1, damping=0.3, matmul_dtype=torch.bfloat16),
     "kbfgs_adamw_fallback": lambda m: hf_qn.KBFGS(
-        m, lr=0.1, damping=0.3, fallback_lr=3e-3, fallback_weight_decay=0.01,
-        policy=hf_qn.LayerPolicy(exclude=[r"(^0$|\.c_fc$)"]),
+        m, preset="paper", lr=0.1, damping=0.3, fallback_lr=3e-3, fallback_weight_decay=0.01,
+        policy=hf_qn.LayerPolicy(exclude=[r"(^0$|\.c_fc$)"], tied_heads=False, wide="fallback"),
     ),
     "kbfgs_sgd_fallback": lambda m: hf_qn.KBFGS(
-        m, lr=0.1, damping=0.3, fallback="sgd", fallback_lr=0.05, fallback_weight_decay=1e-3,
-        policy=hf_qn.LayerPolicy(exclude=[r"(^0$|\.c_fc$)"]),
+        m, preset="paper", lr=0.1, damping=0.3, fallback="sgd", fallback_lr=0.05, fallback_weight_decay=1e-3,
+        policy=hf_qn.LayerPolicy(exclude=[r"(^0$|\.c_fc$)"], tied_heads=False, wide="fallback"),
     ),
 }
 

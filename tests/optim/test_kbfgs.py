@@ -551,3 +551,139 @@ def test_renamed_hyperparameters_still_work_with_a_warning():
         hf_qn.KBFGS(mlp(), momentum=0.8, grad_decay=0.8)
     with pytest.raises(TypeError, match="Unknown KBFGS hyperparameter.*'betas'"):
         hf_qn.KBFGS(mlp(), betas=(0.9, 0.99))
+
+
+def _layer_matrix(layer: nn.Linear, grad: bool = False) -> torch.Tensor:
+    """``[W | b]`` (or its gradient) as the canonical matrix of a Linear layer, in float64."""
+    w, b = (layer.weight.grad, layer.bias.grad) if grad else (layer.weight, layer.bias)
+    return torch.cat([w, b[:, None]], dim=1).detach().double()
+
+
+def test_adam_grafting_takes_adams_step_length_per_layer_and_keeps_the_direction():
+    """graft="adam": every layer moves by lr·‖m̂/(√v̂+ε)‖ (Adam's step length, from a float64 reference of the
+    gradients seen), in the direction of the plain K-BFGS step; the fallback's lr defaults to lr."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
+    plain_model = copy.deepcopy(model)
+    kw = {"lr": 3e-3, "l2": 0.0, "max_loss_increase": None}
+    opt = hf_qn.KBFGS(model, graft="adam", **kw)
+    plain = hf_qn.KBFGS(plain_model, **kw)
+    assert {g["lr"] for g in opt.param_groups} == {3e-3}  # one lr for the layers and the fallback
+    rho, beta2, eps = opt.config.grad_decay, opt.config.fallback_betas[1], opt.config.fallback_eps
+    layers = [model[0], model[3]]
+    m = [torch.zeros(8, 7, dtype=torch.float64), torch.zeros(3, 9, dtype=torch.float64)]
+    v = [torch.zeros_like(x) for x in m]
+    for t, batch in enumerate(regression_batches(5), start=1):
+        before = [_layer_matrix(la) for la in layers]
+        opt.zero_grad()
+        mse_loss(model, batch).backward()
+        for i, la in enumerate(layers):
+            G = _layer_matrix(la, grad=True)
+            m[i] = rho * m[i] + (1 - rho) * G
+            v[i] = beta2 * v[i] + (1 - beta2) * G * G
+        opt.step(lambda batch=batch: mse_loss(model, batch).backward())
+        for i, la in enumerate(layers):
+            expected = 3e-3 * (m[i] / (1 - rho**t) / ((v[i] / (1 - beta2**t)).sqrt() + eps)).norm()
+            moved = (_layer_matrix(la) - before[i]).norm()
+            torch.testing.assert_close(moved, expected, rtol=1e-4, atol=0.0)
+        if t == 1:  # same start, same batch: the grafted step is the plain one rescaled, layer by layer
+            plain_before = [_layer_matrix(la) for la in (plain_model[0], plain_model[3])]
+            plain.zero_grad()
+            mse_loss(plain_model, batch).backward()
+            plain.step(lambda batch=batch: mse_loss(plain_model, batch).backward())
+            for i, la in enumerate((plain_model[0], plain_model[3])):
+                d_plain = _layer_matrix(la) - plain_before[i]
+                d_graft = _layer_matrix(layers[i]) - before[i]
+                cos = (d_plain * d_graft).sum() / (d_plain.norm() * d_graft.norm())
+                assert float(cos) > 1 - 1e-5
+    assert set(flat_state(opt, model[0].weight)) >= {"graft/exp_avg_sq", "graft/steps"}
+    assert int(opt.state[model[0].weight]["graft"]["steps"]) == 5
+
+
+def test_matmul_dtype_auto_is_bfloat16_only_where_the_device_multiplies_it_natively(monkeypatch):
+    from hf_qn.optim import config as config_module
+
+    cpu = torch.device("cpu")
+    for flags, expected in ((frozenset({"avx2", "fma"}), torch.float32),
+                            (frozenset({"avx2", "avx512_bf16"}), torch.bfloat16),
+                            (frozenset({"amx_bf16"}), torch.bfloat16)):
+        monkeypatch.setattr(config_module, "_cpu_flags", lambda flags=flags: flags)
+        config_module.fast_bf16.cache_clear()
+        assert config_module.resolve_matmul_dtype("auto", cpu) is expected
+        opt = hf_qn.KBFGS(mlp())
+        assert opt.config.matmul_dtype == "auto" and opt._matmul_dtype is expected
+        assert hf_qn.KBFGS(mlp(), matmul_dtype="float32")._matmul_dtype is torch.float32  # explicit wins
+    config_module.fast_bf16.cache_clear()
+
+
+def test_paper_preset_is_the_papers_setting_and_keywords_override_it():
+    cfg = hf_qn.KBFGS(mlp(), preset="paper", damping=0.1).config
+    assert (cfg.lr, cfg.damping, cfg.l2, cfg.update_interval, cfg.graft, cfg.matmul_dtype) == (
+        0.3, 0.1, 1e-5, 1, "none", "float32")
+    with pytest.raises(ValueError, match="Invalid preset: 'fast'"):
+        hf_qn.KBFGS(mlp(), preset="fast")
+    with pytest.raises(TypeError, match="both config and preset"):
+        hf_qn.KBFGS(mlp(), preset="paper", config=cfg)
+
+
+class _TiedLM(nn.Module):
+    """Embedding -> tanh -> a bias-free head tied to the embedding (a one-layer GPT-2 in miniature)."""
+
+    def __init__(self, vocab: int = 11, width: int = 5) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.wte(ids))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(ids))
+
+
+def _lm_loss(model, ids):
+    return nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+
+
+def test_tied_head_is_adapted_one_sided_and_wide_layers_follow_the_policy():
+    model = _TiedLM()
+    a = hf_qn.assign_layers(model)
+    assert [(ad.name, ad.one_sided, ad.tied_with) for ad in a.adapters] == [("head", True, "wte")]
+    assert a.fallback == [] and a.adapted_parameters() == [model.wte.weight]
+    off = hf_qn.assign_layers(model, hf_qn.LayerPolicy(tied_heads=False))
+    assert off.adapters == [] and [f.reason for f in off.fallback] == ["tied weight (shared with wte.weight, head.weight)"]
+    wide = nn.Sequential(nn.Linear(4, 12), nn.Linear(12, 3), nn.Linear(3, 2))  # d_out 12, d_in 13 > max_dim 10
+    one_sided = hf_qn.assign_layers(wide, hf_qn.LayerPolicy(max_dim=10))
+    assert [(ad.name, ad.one_sided) for ad in one_sided.adapters] == [("0", True), ("2", False)]
+    assert [f.reason for f in one_sided.fallback] == ["factor dimension 13 > max_dim=10"] * 2
+    fallback = hf_qn.assign_layers(wide, hf_qn.LayerPolicy(max_dim=10, wide="fallback"))
+    assert [ad.name for ad in fallback.adapters] == ["2"] and len(fallback.fallback) == 4
+    # K-BFGS turns both on only with grafted step lengths
+    assert [ad.name for ad in hf_qn.KBFGS(_TiedLM(), graft="adam").adapters] == ["head"]
+    with pytest.raises(ValueError, match="no adaptable layer"):
+        hf_qn.KBFGS(_TiedLM())
+    with pytest.raises(ValueError, match="Invalid wide"):
+        hf_qn.LayerPolicy(wide="diagonal")
+
+
+def test_one_sided_tied_head_step_equals_the_float64_reference():
+    """First step of a one-sided layer: ΔW = −α (1−ρ) G (A + √λ I)⁻¹ with A = mean h hᵀ of the hidden states
+    the head reads and G the tied weight's whole gradient (head and embedding parts); no pair is formed."""
+    torch.manual_seed(0)
+    model = _TiedLM()
+    ids = torch.randint(0, 11, (4, 7))
+    opt = hf_qn.KBFGS(model, lr=0.1, damping=0.3, max_loss_increase=None, policy=hf_qn.LayerPolicy(tied_heads=True))
+    W0 = model.wte.weight.detach().double().clone()
+    opt.zero_grad()
+    loss = _lm_loss(model, ids)
+    loss.backward()
+    G = model.wte.weight.grad.double().clone()
+    with torch.no_grad():
+        h = model.hidden(ids[:, :-1]).reshape(-1, 5).double()
+    A = h.T @ h / h.shape[0]
+    opt.step(lambda: _lm_loss(model, ids).backward())
+    expected = W0 - 0.1 * (1 - 0.9) * G @ torch.linalg.inv(A + 0.3**0.5 * torch.eye(5, dtype=torch.float64))
+    torch.testing.assert_close(model.wte.weight.detach().double(), expected, rtol=1e-5, atol=1e-7)
+    st = opt.state[model.wte.weight]
+    assert st["output"] == {} and int(st["counters"]["pairs_accepted"]) == int(st["counters"]["pairs_skipped"]) == 0

@@ -42,6 +42,10 @@ CASES = {
         {0: {**DENSE_LAYER, "input/inverse_countdown": I64}, 2: {**DENSE_LAYER, "input/inverse_countdown": I64},
          4: ADAMW, 5: ADAMW},
     ),
+    "kbfgs_grafted": (
+        lambda m: hf_qn.KBFGS(m, graft="adam"), {"optimizer": "KBFGS", "output_side": "dense"}, KBFGS_GLOBAL,
+        {i: {**DENSE_LAYER, "graft/exp_avg_sq": F32, "graft/steps": I64} for i in (0, 2, 4)},
+    ),
     "kbfgsl": (
         lambda m: hf_qn.KBFGSL(m, history_size=3), {"optimizer": "KBFGS", "output_side": "lbfgs"}, KBFGS_GLOBAL,
         {0: LBFGS_LAYER, 2: LBFGS_LAYER, 4: LBFGS_LAYER},

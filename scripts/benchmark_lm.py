@@ -1,0 +1,642 @@
+#!/usr/bin/env python
+"""Causal language modelling on real Wikipedia text: hf_qn against tuned AdamW, Muon and SOAP at equal time.
+
+Data: the Wikipedia excerpt shipped in gensim's test data (106 articles, about 3 MB of text after the markup
+is stripped by gensim's own ``filter_wiki``); every 10th article is held out whole for validation. A
+byte-level BPE tokenizer is trained on the training articles only. Model: GPT-2 built from a config (tied
+embeddings, transformers' Conv1D layers, no dropout), ``--size small`` (4 layers of width 128, about 1.3M
+parameters at a 4096 vocabulary) or ``large`` (6 layers of width 256, about 5.8M).
+
+How the comparison is kept fair:
+
+* all runs live in one process and take turns in slices of ``--slice_seconds`` of training, so that a change
+  of machine load hits every optimizer alike; each is charged only its own training time (evaluation and the
+  other runs' turns are off its clock);
+* every run of a seed starts from the same initial weights and sees the same batches in the same order;
+* each optimizer's learning rate is swept (the candidates interleaved the same way, ``--sweep_seconds``
+  each, long enough to leave the warm-up); when the best candidate is at an end of the grid, the grid is
+  extended past it until the optimum is interior;
+* all use the same linear warm-up (``--warmup_steps``), then a constant learning rate, and no weight decay.
+
+Outputs in ``--output_dir``: ``results.json`` (every evaluation of every run), ``results.md`` (the table),
+``loss_curves.png`` (validation loss against seconds and against steps) and a model card ``README.md``.
+
+    python scripts/benchmark_lm.py --output_dir model_cards/lm-gpt2-wikipedia
+    python scripts/benchmark_lm.py --size large --output_dir model_cards/lm-gpt2-wikipedia-large
+    python scripts/benchmark_lm.py --optimizers adamw kbfgs --lr adamw=1e-3 kbfgs=1e-3 --budget 30
+"""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger("benchmark_lm")
+
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+SIZES = {"tiny": (32, 1, 2), "small": (128, 4, 4), "large": (256, 6, 8)}  # n_embd, n_layer, n_head
+
+#: the optimizers this benchmark knows: constructor keyword arguments of the hf_qn rows, and the peers.
+KBFGS_VARIANTS: dict[str, dict[str, Any]] = {
+    "kbfgs": {},  # KBFGS(model) with its defaults: what a user gets untuned
+    "kbfgs_int10": {"update_interval": 10},
+    "kbfgs_graft": {"graft": "adam"},
+    "kbfgs_graft_int10": {"graft": "adam", "update_interval": 10},
+}
+PEERS = ("adamw", "muon", "muon_fp32", "soap", "mlbfgs")
+ALL_OPTIMIZERS = [*PEERS, *KBFGS_VARIANTS]
+DEFAULT_OPTIMIZERS = ["adamw", "muon", "muon_fp32", "soap", "kbfgs", "mlbfgs"]
+
+#: initial lr grids (extended past an end that wins); Muon's lr is its own (spectral) scale. A variant written
+#: ``kbfgs:name=value,...`` (KBFGSConfig fields, and LayerPolicy's tied_heads / wide / max_dim) or
+#: ``mlbfgs:...`` sweeps the grid of its kind.
+SWEEPS: dict[str, list[float]] = {
+    "adamw": [3e-4, 1e-3, 3e-3],
+    "muon": [0.01, 0.03, 0.1],
+    "muon_fp32": [0.01, 0.03, 0.1],
+    "soap": [1e-3, 3e-3, 1e-2],
+    "mlbfgs": [1e-4, 3e-4, 1e-3],
+    "kbfgs": [0.03, 0.1, 0.3],
+    "kbfgs_int10": [0.03, 0.1, 0.3],
+    "kbfgs_graft": [3e-4, 1e-3, 3e-3],
+    "kbfgs_graft_int10": [3e-4, 1e-3, 3e-3],
+}
+
+
+@dataclass
+class LMBenchmarkArguments:
+    """Command-line options (parsed by ``transformers.HfArgumentParser``)."""
+
+    output_dir: str = field(default="outputs/lm", metadata={"help": "Where results, plot and card go."})
+    size: str = field(default="small", metadata={"help": f"Model size: one of {list(SIZES)}."})
+    optimizers: list[str] = field(default_factory=lambda: list(DEFAULT_OPTIMIZERS),
+                                  metadata={"help": f"Any of {ALL_OPTIMIZERS}."})
+    budget: float = field(default=120.0, metadata={"help": "Training seconds of every final run."})
+    sweep_seconds: float = field(default=30.0, metadata={"help": "Training seconds of every lr candidate."})
+    lr: list[str] = field(default_factory=list, metadata={
+        "help": "Fixed learning rates as NAME=VALUE (that optimizer is not swept), e.g. adamw=1e-3."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={
+        "help": "One final run per optimizer and seed (initial weights and batch order); sweeps use the first."})
+    slice_seconds: float = field(default=1.0, metadata={"help": "Training seconds of one turn of a run."})
+    eval_every: float = field(default=5.0, metadata={"help": "Training seconds between validation evaluations."})
+    vocab_size: int = field(default=4096)
+    block_size: int = field(default=128)
+    batch_size: int = field(default=16)
+    warmup_steps: int = field(default=20, metadata={"help": "Linear lr warm-up of every optimizer."})
+    val_blocks: int = field(default=64, metadata={"help": "Validation blocks evaluated (from held-out articles)."})
+    threads: int = field(default=2, metadata={"help": "torch.set_num_threads."})
+    max_articles: int | None = field(default=None, metadata={"help": "Use only this many articles (tests)."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the card (needs the Hub)."})
+    hub_model_id: str = field(default="hf-qn/lm-gpt2-wikipedia-benchmark")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_wikipedia(max_articles: int | None = None) -> list[str]:
+    """Plain text of the articles of gensim's Wikipedia excerpt (redirects dropped, markup stripped by gensim's
+    ``filter_wiki``, bold/italic quotes and empty lines removed)."""
+    from importlib.resources import files
+
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    path = files("gensim") / "test" / "test_data" / WIKI_FILE
+    articles = []
+    with bz2.BZ2File(str(path)) as f:
+        for _title, text, _pageid in extract_pages(f):
+            if not text or text.lstrip().lower().startswith("#redirect"):
+                continue
+            plain = re.sub(r"'{2,}", "", filter_wiki(text))
+            plain = "\n".join(line.strip() for line in plain.splitlines() if line.strip())
+            articles.append(plain)
+            if max_articles and len(articles) >= max_articles:
+                break
+    return articles
+
+
+def split_articles(articles: list[str]) -> tuple[list[str], list[str]]:
+    """Every 10th article (whole) for validation, the rest for training."""
+    return [a for i, a in enumerate(articles) if i % 10 != 9], [a for i, a in enumerate(articles) if i % 10 == 9]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on ``texts`` (the ``tokenizers`` library)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def to_blocks(texts: list[str], tokenizer: Any, block_size: int) -> Tensor:
+    """The texts tokenized, joined with the end-of-text token, cut into rows of ``block_size`` tokens."""
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    ids: list[int] = []
+    for enc in tokenizer.encode_batch(texts):
+        ids.extend([*enc.ids, eos])
+    n = len(ids) // block_size
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def batch_stream(blocks: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Batches of rows in a fresh seeded permutation every epoch (the same for every optimizer of a seed)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    while True:
+        perm = torch.randperm(len(blocks), generator=gen)
+        for b in range(len(blocks) // batch_size):
+            yield blocks[perm[b * batch_size : (b + 1) * batch_size]]
+
+
+def gpt2(size: str, vocab_size: int, block_size: int, seed: int) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_embd, n_layer, n_head = SIZES[size]
+    config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                        bos_token_id=0, eos_token_id=0)  # <|endoftext|> is the first token
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def lm_loss(model: nn.Module, x: Tensor) -> Tensor:
+    """Mean next-token cross-entropy in nats per token."""
+    return model(input_ids=x, labels=x).loss
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+def newton_schulz_float32(grad: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+                          eps: float) -> Tensor:
+    """Muon's quintic Newton-Schulz orthogonalization in float32 (torch's runs it in bfloat16, which is slow on a
+    CPU without native bf16): ``X ← aX + (b XXᵀ + c (XXᵀ)²) X`` from ``X = G/‖G‖``, on the wide orientation."""
+    a, b, c = ns_coefficients
+    X = grad.to(torch.float32)
+    tall = X.size(0) > X.size(1)
+    if tall:
+        X = X.T
+    X = X / (X.norm() + eps)
+    for _ in range(ns_steps):
+        gram = X @ X.T
+        X = a * X + (b * gram + c * gram @ gram) @ X
+    return X.T if tall else X
+
+
+@contextmanager
+def muon_float32() -> Iterator[None]:
+    """torch.optim.Muon with :func:`newton_schulz_float32` while the block runs."""
+    import torch.optim._muon as muon_module
+
+    original = muon_module._zeropower_via_newtonschulz
+    muon_module._zeropower_via_newtonschulz = newton_schulz_float32
+    try:
+        yield
+    finally:
+        muon_module._zeropower_via_newtonschulz = original
+
+
+class Optimizers:
+    """Several optimizers stepped together (Muon's hidden matrices and AdamW for the rest)."""
+
+    def __init__(self, *opts: torch.optim.Optimizer) -> None:
+        self.opts = opts
+        self.param_groups = [g for o in opts for g in o.param_groups]
+
+    def zero_grad(self) -> None:
+        for o in self.opts:
+            o.zero_grad()
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+
+def split_variant(name: str) -> tuple[str, dict[str, Any]]:
+    """``"kbfgs:graft=adam,update_interval=10"`` -> ``("kbfgs", {...})``; a named row -> its base and keywords."""
+    from hf_qn.integrations.trainer import parse_qn_args
+
+    base, sep, extra = name.partition(":")
+    if base not in ALL_OPTIMIZERS or (sep and base not in (*KBFGS_VARIANTS, "mlbfgs")):
+        raise ValueError(f"Invalid optimizer {name!r}: one of {ALL_OPTIMIZERS}, or kbfgs:k=v,... / mlbfgs:k=v,...")
+    return base, {**KBFGS_VARIANTS.get(base, {}), **parse_qn_args(extra)}
+
+
+def sweep_grid(name: str) -> list[float]:
+    base, kwargs = split_variant(name)
+    if base in KBFGS_VARIANTS and kwargs.get("graft") == "adam":
+        return list(SWEEPS["kbfgs_graft"])
+    return list(SWEEPS[base])
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> Any:
+    """``name``'s optimizer over ``model`` at ``lr``; ``adamw_lr`` is AdamW's tuned lr, used by Muon for the
+    parameters it does not take (embeddings, biases, norms), as Muon's authors do."""
+    import hf_qn
+
+    name, kwargs = split_variant(name)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    if name in ("muon", "muon_fp32"):
+        hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and ".h." in n]
+        rest = [p for n, p in model.named_parameters() if not (p.dim() == 2 and ".h." in n)]
+        return Optimizers(torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"),
+                          torch.optim.AdamW(rest, lr=adamw_lr, weight_decay=0.0))
+    if name == "soap":
+        import heavyball
+
+        heavyball.utils.compile_mode = None  # eager: compiling on 2 CPU cores costs minutes
+        return heavyball.SOAP(model.parameters(), lr=lr, weight_decay=0.0)
+    if name == "mlbfgs":
+        return hf_qn.MLBFGS(model, lr=lr, **kwargs)
+    if name in KBFGS_VARIANTS:
+        policy = {k: kwargs.pop(k) for k in ("tied_heads", "wide", "max_dim") if k in kwargs}
+        return hf_qn.KBFGS(model, policy=hf_qn.LayerPolicy(**policy), **{"lr": lr, "l2": 0.0, **kwargs})
+    raise ValueError(f"Unknown optimizer {name!r} (choose from {ALL_OPTIMIZERS})")
+
+
+def make_step(name: str, model: nn.Module, opt: Any) -> Callable[[Tensor], float]:
+    """One training step of ``name`` on a batch; returns the batch loss before the step."""
+    import hf_qn
+
+    def objective(x: Tensor) -> Tensor:
+        return lm_loss(model, x)
+
+    if isinstance(opt, hf_qn.KBFGS):
+
+        def kbfgs_step(x: Tensor) -> float:
+            opt.zero_grad()
+            loss = objective(x)
+            loss.backward()
+            if opt.curvature_step_next() and opt.config.pairs == "same_batch":
+
+                def closure() -> Tensor:  # the same batch at the new point: the second pass
+                    out = objective(x)
+                    out.backward()
+                    return out
+
+                opt.step(closure)
+            else:
+                opt.step()
+            return float(loss.detach())
+
+        return kbfgs_step
+
+    def step(x: Tensor) -> float:
+        opt.zero_grad()
+        loss = objective(x)
+        loss.backward()
+        if name == "muon_fp32":
+            with muon_float32():
+                opt.step()
+        else:
+            opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------------ runs
+@torch.no_grad()
+def evaluate(model: nn.Module, blocks: Tensor, batch_size: int) -> float:
+    model.eval()
+    total = sum(float(lm_loss(model, blocks[i : i + batch_size])) * len(blocks[i : i + batch_size])
+                for i in range(0, len(blocks), batch_size))
+    model.train()
+    return total / len(blocks)
+
+
+class Run:
+    """One optimizer at one lr and seed: its model, optimizer, batches and its own training clock."""
+
+    def __init__(self, name: str, lr: float, seed: int, budget: float, data: dict[str, Any],
+                 args: LMBenchmarkArguments, adamw_lr: float) -> None:
+        self.name, self.lr, self.seed, self.budget = name, lr, seed, budget
+        self.model = gpt2(args.size, data["vocab_size"], args.block_size, seed)
+        self.opt = build_optimizer(name, self.model, lr, adamw_lr)
+        warmup = max(1, args.warmup_steps)
+        self._groups = [(g, g["lr"]) for g in self.opt.param_groups]
+        self._warmup = warmup
+        self._step_fn = make_step(name, self.model, self.opt)
+        self._batches = batch_stream(data["train"], args.batch_size, seed)
+        self._val, self._eval_every, self._eval_batch = data["val"], args.eval_every, args.batch_size
+        self.clock, self.steps, self.error = 0.0, 0, None
+        self.step_seconds: list[float] = []
+        self.evals: list[dict[str, float]] = []
+        self._evaluate()
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or self.clock >= self.budget
+
+    def _evaluate(self) -> None:
+        self.evals.append({"seconds": self.clock, "step": self.steps,
+                           "val_loss": evaluate(self.model, self._val, self._eval_batch)})
+
+    def _set_lr(self) -> None:
+        factor = min(1.0, (self.steps + 1) / self._warmup)
+        for g, base in self._groups:
+            g["lr"] = base * factor
+
+    def advance(self, until: float) -> None:
+        """Train until this run's clock reaches ``until`` (or its budget), evaluating every ``eval_every``."""
+        until = min(until, self.budget)
+        try:
+            while self.clock < until:
+                self._set_lr()
+                x = next(self._batches)
+                t0 = time.perf_counter()
+                loss = self._step_fn(x)
+                dt = time.perf_counter() - t0
+                self.clock += dt
+                self.steps += 1
+                self.step_seconds.append(dt)
+                if not math.isfinite(loss):
+                    self.error = "diverged (non-finite loss)"
+                    break
+                if self.clock >= self.budget or self.clock >= self.evals[-1]["seconds"] + self._eval_every:
+                    self._evaluate()
+        except Exception as err:  # a peer library failing is a result to report, not a crash
+            logger.exception("%s lr=%g failed", self.name, self.lr)
+            self.error = f"{type(err).__name__}: {err}"
+
+    def record(self) -> dict[str, Any]:
+        stats = getattr(self.opt, "statistics", None)
+        timed = sorted(self.step_seconds[1:] or self.step_seconds) or [float("nan")]
+        return {"optimizer": self.name, "lr": self.lr, "seed": self.seed, "evals": self.evals, "steps": self.steps,
+                "seconds": self.clock, "median_step_seconds": timed[len(timed) // 2],
+                "mean_step_seconds": self.clock / max(1, self.steps), "error": self.error,
+                "final_val_loss": self.evals[-1]["val_loss"] if self.error is None else float("inf"),
+                "optimizer_statistics": stats() if callable(stats) else {}}
+
+
+def interleave(runs: list[Run], slice_seconds: float, label: str) -> None:
+    """Advance all runs in turns of ``slice_seconds`` of their own training time until each is done."""
+    from tqdm.auto import tqdm
+
+    horizon = max(r.budget for r in runs)
+    t = 0.0
+    with tqdm(total=round(horizon), desc=label, unit="s", disable=None) as bar:
+        while not all(r.done for r in runs):
+            t += slice_seconds
+            for r in runs:
+                if not r.done:
+                    r.advance(t)
+            bar.update(min(slice_seconds, max(horizon - bar.n, 0)))
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+def sweep(names: list[str], data: dict[str, Any], args: LMBenchmarkArguments,
+          fixed: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """lr sweeps of ``names`` (AdamW first: Muon uses its lr for the rest of the model), interleaved; a grid
+    whose best lr is at an end is extended by 3x past it (at most twice), so the optimum is interior."""
+    out: dict[str, dict[str, Any]] = {}
+    todo = [n for n in names if n not in fixed]
+    if "adamw" in todo:  # AdamW's lr is needed by Muon's runs
+        out["adamw"] = _sweep_group(["adamw"], data, args, 0.0)["adamw"]
+        todo.remove("adamw")
+    adamw_lr = fixed.get("adamw", out.get("adamw", {}).get("lr", 1e-3))
+    if todo:
+        out.update(_sweep_group(todo, data, args, adamw_lr))
+    return out
+
+
+def _sweep_group(names: list[str], data: dict[str, Any], args: LMBenchmarkArguments,
+                 adamw_lr: float) -> dict[str, dict[str, Any]]:
+    grids = {n: sweep_grid(n) for n in names}
+    finals: dict[str, dict[float, float]] = {n: {} for n in names}
+    pending = {n: list(g) for n, g in grids.items()}
+    for _round in range(3):
+        runs = [Run(n, lr, args.seeds[0], args.sweep_seconds, data, args, adamw_lr)
+                for n, lrs in pending.items() for lr in lrs]
+        if not runs:
+            break
+        interleave(runs, args.slice_seconds, "sweep")
+        for r in runs:
+            finals[r.name][r.lr] = r.record()["final_val_loss"]
+            logger.info("sweep %s lr=%g: val loss %.3f after %.0f s (%d steps)", r.name, r.lr,
+                        finals[r.name][r.lr], r.clock, r.steps)
+        pending = {}
+        for n in names:
+            lrs = sorted(finals[n])
+            best = min(lrs, key=lambda lr: finals[n][lr])
+            if best == lrs[0] and math.isfinite(finals[n][best]):
+                pending[n] = [lrs[0] / 3]
+            elif best == lrs[-1]:
+                pending[n] = [lrs[-1] * 3]
+    result = {}
+    for n in names:
+        lrs = sorted(finals[n])
+        best = min(lrs, key=lambda lr: finals[n][lr])
+        interior = lrs[0] < best < lrs[-1]
+        if not interior:
+            logger.warning("sweep %s: the best lr %g is still at an end of %s", n, best, lrs)
+        result[n] = {"lr": best, "grid": {f"{lr:g}": finals[n][lr] for lr in lrs}, "interior": interior}
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def time_to_reach(rec: dict[str, Any], target: float) -> float:
+    """Training seconds at which the validation loss first reaches ``target`` (linear between evaluations)."""
+    ev = rec["evals"]
+    for prev, cur in zip(ev, ev[1:]):
+        if cur["val_loss"] <= target:
+            if prev["val_loss"] <= target:
+                return prev["seconds"]
+            w = (prev["val_loss"] - target) / (prev["val_loss"] - cur["val_loss"])
+            return prev["seconds"] + w * (cur["seconds"] - prev["seconds"])
+    return float("inf")
+
+
+def loss_at(rec: dict[str, Any], seconds: float) -> float:
+    """Validation loss at ``seconds`` of training time (linear between evaluations; the last one past the end)."""
+    ev = rec["evals"]
+    for prev, cur in zip(ev, ev[1:]):
+        if cur["seconds"] >= seconds:
+            w = (seconds - prev["seconds"]) / max(cur["seconds"] - prev["seconds"], 1e-12)
+            return prev["val_loss"] + w * (cur["val_loss"] - prev["val_loss"])
+    return ev[-1]["val_loss"] if ev else float("nan")
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < len(values):
+        return "never" if not finite else f"{fmt.format(sum(finite) / len(finite))} ({len(values) - len(finite)} never)"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def summarize(records: list[dict[str, Any]], budget: float) -> list[dict[str, Any]]:
+    """One row per optimizer, every ratio paired with AdamW's run of the same seed."""
+    adam = {r["seed"]: r for r in records if r["optimizer"] == "adamw"}
+    rows = []
+    for name in dict.fromkeys(r["optimizer"] for r in records):
+        recs = [r for r in records if r["optimizer"] == name]
+        row: dict[str, Any] = {"optimizer": name, "lr": recs[0]["lr"], "seeds": [r["seed"] for r in recs],
+                               "final": [r["final_val_loss"] for r in recs], "half": [loss_at(r, budget / 2)
+                                                                                    for r in recs],
+                               "steps": [r["steps"] for r in recs], "errors": [r["error"] for r in recs if r["error"]]}
+        pairs = [(r, adam[r["seed"]]) for r in recs if r["seed"] in adam]
+        row["median_ratio"] = [r["median_step_seconds"] / a["median_step_seconds"] for r, a in pairs]
+        row["mean_ratio"] = [r["mean_step_seconds"] / a["mean_step_seconds"] for r, a in pairs]
+        row["reach"] = [time_to_reach(r, a["final_val_loss"]) / a["seconds"] for r, a in pairs]
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], budget: float) -> str:
+    head = ["optimizer", "lr", f"val loss @ {budget / 2:g} s", f"val loss @ {budget:g} s", "steps",
+            "step x AdamW (median / mean)", "time to AdamW's final (x AdamW's)", "notes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        ratio = f"{_spread(row['median_ratio'], '{:.2f}')} / {_spread(row['mean_ratio'], '{:.2f}')}"
+        cells = [row["optimizer"], f"{row['lr']:g}", _spread(row["half"], "{:.3f}"), _spread(row["final"], "{:.3f}"),
+                 _spread([float(s) for s in row["steps"]], "{:.0f}"), ratio, _spread(row["reach"], "{:.2f}"),
+                 "; ".join(sorted(set(row["errors"])))]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = len(rows[0]["seeds"]) if rows else 0
+    lines.append("")
+    lines.append(f"Validation loss in nats per token; {n} seed(s): mean (min-max). Ratios are paired with AdamW's "
+                 "run of the same seed; the time to AdamW's final loss is interpolated between evaluations.")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict[str, Any]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors: dict[str, Any] = {}
+    for r in records:
+        first = r["optimizer"] not in colors
+        style = "-" if r["optimizer"].startswith(("kbfgs", "mlbfgs")) else "--"
+        for ax, key in zip(axes, ("seconds", "step")):
+            (line,) = ax.plot([e[key] for e in r["evals"]], [e["val_loss"] for e in r["evals"]], style,
+                              color=colors.get(r["optimizer"]), alpha=1.0 if first else 0.35,
+                              label=f"{r['optimizer']} (lr {r['lr']:g})" if first else None)
+            colors.setdefault(r["optimizer"], line.get_color())
+    for ax, xl in zip(axes, ("training seconds (each run's own clock)", "steps")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+        finals = [e["val_loss"] for r in records for e in r["evals"][1:]]
+        if finals:
+            ax.set_ylim(min(finals) - 0.1, sorted(finals)[int(0.95 * (len(finals) - 1))] + 0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_card(rows: list[dict[str, Any]], args: LMBenchmarkArguments, table: str, command: str,
+               sweeps: dict[str, Any], n_params: int) -> str:
+    from hf_qn.integrations.model_card import write_benchmark_card
+
+    n_embd, n_layer, n_head = SIZES[args.size]
+    return write_benchmark_card(
+        output_dir=args.output_dir,
+        title=f"hf_qn: causal language modelling on Wikipedia, GPT-2 {args.size} ({n_params / 1e6:.1f}M parameters)",
+        command=command,
+        dataset=("Wikipedia excerpt (gensim test data, 106 articles)", "wikipedia"),
+        task=("text-generation", "Causal language modelling"),
+        metric_name="val_loss_nats_per_token",
+        results=[{"optimizer": r["optimizer"], "value": sum(r["final"]) / len(r["final"])} for r in rows
+                 if not r["errors"]],
+        hyperparameters={"n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "vocab_size": args.vocab_size,
+                         "block_size": args.block_size, "batch_size": args.batch_size, "budget_s": args.budget,
+                         "sweep_s": args.sweep_seconds, "warmup_steps": args.warmup_steps, "seeds": args.seeds,
+                         "threads": args.threads, "lrs_used": {r["optimizer"]: r["lr"] for r in rows},
+                         "sweeps": {n: s["grid"] for n, s in sweeps.items()}},
+        table=table,
+        plot="loss_curves.png",
+        push_to_hub=args.push_to_hub,
+        hub_model_id=args.hub_model_id,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ main
+def prepare_data(args: LMBenchmarkArguments) -> dict[str, Any]:
+    articles = load_wikipedia(args.max_articles)
+    train_texts, val_texts = split_articles(articles)
+    tokenizer = train_tokenizer(train_texts, args.vocab_size)
+    train = to_blocks(train_texts, tokenizer, args.block_size)
+    val = to_blocks(val_texts, tokenizer, args.block_size)[: args.val_blocks]
+    logger.info("Wikipedia: %d train / %d validation articles; BPE vocabulary %d; %d train blocks (%d tokens), "
+                "%d validation blocks", len(train_texts), len(val_texts), tokenizer.get_vocab_size(), len(train),
+                train.numel(), len(val))
+    return {"train": train, "val": val, "vocab_size": args.vocab_size}
+
+
+def parse_fixed_lrs(items: list[str]) -> dict[str, float]:
+    fixed = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        if not sep:
+            raise ValueError(f"Invalid --lr {item!r}: write NAME=VALUE with NAME one of {ALL_OPTIMIZERS}")
+        fixed[name] = float(value)
+    return fixed
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from transformers import HfArgumentParser
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    (args,) = HfArgumentParser(LMBenchmarkArguments).parse_args_into_dataclasses(args=argv)
+    if args.size not in SIZES:
+        raise ValueError(f"Invalid --size {args.size!r}: one of {list(SIZES)}")
+    for name in args.optimizers:
+        split_variant(name)  # refuses an unknown name before any work
+    fixed = parse_fixed_lrs(args.lr)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    os.makedirs(args.output_dir, exist_ok=True)
+    data = prepare_data(args)
+    names = ["adamw"] + [n for n in args.optimizers if n != "adamw"]  # AdamW is the reference of every ratio
+    sweeps = sweep(names, data, args, fixed) if args.sweep_seconds > 0 else {}
+    lrs = {n: fixed.get(n, sweeps.get(n, {}).get("lr", sweep_grid(n)[1])) for n in names}
+    runs = [Run(n, lrs[n], seed, args.budget, data, args, lrs["adamw"]) for seed in args.seeds for n in names]
+    n_params = sum(p.numel() for p in runs[0].model.parameters())
+    logger.info("GPT-2 %s: %.2fM parameters; final runs %s", args.size, n_params / 1e6, lrs)
+    interleave(runs, args.slice_seconds, "final runs")
+    records = [r.record() for r in runs]
+    rows = summarize(records, args.budget)
+    table = markdown_table(rows, args.budget)
+    command = "python " + " ".join(["scripts/benchmark_lm.py", *argv])
+    meta = {"command": command, "args": dataclasses.asdict(args), "torch": torch.__version__, "params": n_params,
+            "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
+            "date": time.strftime("%Y-%m-%d")}
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump({"meta": meta, "sweeps": sweeps, "rows": rows, "records": records}, f, indent=1)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    plot(records, os.path.join(args.output_dir, "loss_curves.png"),
+         f"GPT-2 {args.size} ({n_params / 1e6:.1f}M) on Wikipedia (gensim excerpt), batch {args.batch_size}x"
+         f"{args.block_size} tokens")
+    write_card(rows, args, table, command, sweeps, n_params)
+    print(table)
+    return {"meta": meta, "sweeps": sweeps, "rows": rows, "records": records}
+
+
+if __name__ == "__main__":
+    main()
