@@ -153,3 +153,17 @@ def test_bf16_gram_keeps_float32_sums_within_bf16_accuracy():
     err = (st.A_sum.double() - ref).norm() / ref.norm()
     assert 1e-5 < err < 1e-2
     torch.testing.assert_close(st.a_sum.double(), xa.sum(0), rtol=1e-5, atol=1e-4)  # not rounded to bf16
+
+
+@pytest.mark.parametrize("rows", [7, 256, 2048, 2049 + 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_row_sums_match_the_float64_sum(rows, dtype):
+    """Blocked row sums (float32 blocks, float64 across them) stay within 1e-6 of the exact float64 sum of the
+    same values, for any row count and input dtype."""
+    from hf_qn.capture import row_sums
+
+    x = (torch.randn(rows, 33, generator=torch.Generator().manual_seed(rows)) * 3 + 1).to(dtype)
+    got = row_sums(x)
+    exact = x.double().sum(0)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, exact, rtol=1e-6, atol=1e-6 * rows)
