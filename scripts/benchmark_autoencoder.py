@@ -166,7 +166,8 @@ def make_runner(name: str, model: nn.Module, lr: float | None, args: BenchmarkAr
             extra["matmul_dtype"] = torch.bfloat16
         if name == "kbfgs_consecutive":
             extra["pairs"] = "consecutive"
-        opt = cls(model, lr=lr or kbfgs_row_lr(name, args), damping=args.kbfgs_damping, l2=0.0, **extra)
+        opt = cls(model, preset="paper", lr=lr or kbfgs_row_lr(name, args), damping=args.kbfgs_damping, l2=0.0,
+                  **extra)
 
         def step(x: torch.Tensor) -> float:
             opt.zero_grad()

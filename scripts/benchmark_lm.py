@@ -55,13 +55,12 @@ SIZES = {"tiny": (32, 1, 2), "small": (128, 4, 4), "large": (256, 6, 8)}  # n_em
 #: the optimizers this benchmark knows: constructor keyword arguments of the hf_qn rows, and the peers.
 KBFGS_VARIANTS: dict[str, dict[str, Any]] = {
     "kbfgs": {},  # KBFGS(model) with its defaults: what a user gets untuned
-    "kbfgs_int10": {"update_interval": 10},
-    "kbfgs_graft": {"graft": "adam"},
-    "kbfgs_graft_int10": {"graft": "adam", "update_interval": 10},
+    "kbfgs_paper": {"preset": "paper"},  # the K-BFGS paper's setting: same-batch pairs, no grafting
+    "kbfgs_paper_int10": {"preset": "paper", "update_interval": 10},
 }
 PEERS = ("adamw", "muon", "muon_fp32", "soap", "mlbfgs")
 ALL_OPTIMIZERS = [*PEERS, *KBFGS_VARIANTS]
-DEFAULT_OPTIMIZERS = ["adamw", "muon", "muon_fp32", "soap", "kbfgs", "mlbfgs"]
+DEFAULT_OPTIMIZERS = ["adamw", "muon", "muon_fp32", "soap", "mlbfgs", "kbfgs", "kbfgs_paper_int10"]
 
 #: initial lr grids (extended past an end that wins); Muon's lr is its own (spectral) scale. A variant written
 #: ``kbfgs:name=value,...`` (KBFGSConfig fields, and LayerPolicy's tied_heads / wide / max_dim) or
@@ -72,10 +71,9 @@ SWEEPS: dict[str, list[float]] = {
     "muon_fp32": [0.01, 0.03, 0.1],
     "soap": [1e-3, 3e-3, 1e-2],
     "mlbfgs": [1e-4, 3e-4, 1e-3],
-    "kbfgs": [0.03, 0.1, 0.3],
-    "kbfgs_int10": [0.03, 0.1, 0.3],
-    "kbfgs_graft": [3e-4, 1e-3, 3e-3],
-    "kbfgs_graft_int10": [3e-4, 1e-3, 3e-3],
+    "kbfgs": [1e-3, 3e-3, 1e-2],  # grafted to Adam's step length: AdamW's scale
+    "kbfgs_paper": [0.03, 0.1, 0.3],
+    "kbfgs_paper_int10": [0.03, 0.1, 0.3],
 }
 
 
@@ -239,8 +237,10 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
 
 def sweep_grid(name: str) -> list[float]:
     base, kwargs = split_variant(name)
-    if base in KBFGS_VARIANTS and kwargs.get("graft") == "adam":
-        return list(SWEEPS["kbfgs_graft"])
+    if base in KBFGS_VARIANTS and kwargs.get("preset") == "paper" and kwargs.get("graft") == "adam":
+        return list(SWEEPS["kbfgs"])
+    if base in KBFGS_VARIANTS and kwargs.get("graft") == "none":
+        return list(SWEEPS["kbfgs_paper"])
     return list(SWEEPS[base])
 
 

@@ -37,11 +37,11 @@ VARIANTS = {
     "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01),
     "mlbfgs": lambda m: hf_qn.MLBFGS(m, lr=1e-4),
     "mlbfgs_bf16": lambda m: hf_qn.MLBFGS(m, lr=1e-4, history_dtype=torch.bfloat16),
-    "kbfgs": lambda m: hf_qn.KBFGS(m, lr=0.05, fallback_lr=1e-4),
-    "kbfgs_bf16": lambda m: hf_qn.KBFGS(m, lr=0.05, fallback_lr=1e-4, matmul_dtype="bfloat16"),
-    "kbfgs_int10_bf16": lambda m: hf_qn.KBFGS(m, lr=0.05, fallback_lr=1e-4, update_interval=10,
+    "kbfgs": lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.05, fallback_lr=1e-4),
+    "kbfgs_bf16": lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.05, fallback_lr=1e-4, matmul_dtype="bfloat16"),
+    "kbfgs_int10_bf16": lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.05, fallback_lr=1e-4, update_interval=10,
                                               matmul_dtype="bfloat16"),
-    "kbfgs_l": lambda m: hf_qn.KBFGSL(m, lr=0.05, fallback_lr=1e-4),
+    "kbfgs_l": lambda m: hf_qn.KBFGSL(m, preset="paper", lr=0.05, fallback_lr=1e-4),
 }
 
 

@@ -222,7 +222,7 @@ def time_steps(args: FloorArguments, interval: int, X: torch.Tensor) -> dict[str
     torch.manual_seed(args.seed)
     model = ae.autoencoder(sizes=args.widths)
     twin = copy.deepcopy(model)
-    kbfgs = hf_qn.KBFGS(model, lr=0.2, damping=0.3, l2=0.0, update_interval=interval,
+    kbfgs = hf_qn.KBFGS(model, preset="paper", lr=0.2, damping=0.3, l2=0.0, update_interval=interval,
                         matmul_dtype=args.matmul_dtype)
     adamw = torch.optim.AdamW(twin.parameters(), lr=3e-3, weight_decay=0.0)
     n_batches = max(1, len(X) // args.batch_size)

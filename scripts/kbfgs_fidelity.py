@@ -224,7 +224,7 @@ def run_variant(variant: str, seed: int, Xtr: torch.Tensor, args: FidelityArgume
                                batches_per_epoch=per_epoch)
     else:
         extra = {"input_warm_start": per_epoch} if variant == "hf_qn_input_warm_start" else {}
-        opt = hf_qn.KBFGS(model, lr=args.lr, damping=args.damping, l2=args.weight_decay,
+        opt = hf_qn.KBFGS(model, preset="paper", lr=args.lr, damping=args.damping, l2=args.weight_decay,
                           max_loss_increase=None, **extra)  # the paper's algorithm: no guard
         losses = []
         for k, x in enumerate(batches):

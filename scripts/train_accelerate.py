@@ -48,9 +48,9 @@ def build(args: Arguments):
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.LayerNorm(32), nn.Linear(32, 10))
     lr = args.lr
     if args.optimizer == "kbfgs":
-        opt = hf_qn.KBFGS(model, lr=lr or 0.2)
+        opt = hf_qn.KBFGS(model, preset="paper", lr=lr or 0.2)
     elif args.optimizer == "kbfgs_l":
-        opt = hf_qn.KBFGSL(model, lr=lr or 0.2, history_size=10)
+        opt = hf_qn.KBFGSL(model, preset="paper", lr=lr or 0.2, history_size=10)
     elif args.optimizer == "mlbfgs":
         opt = hf_qn.MLBFGS(model, lr=lr or 1e-3, update_interval=2, history_size=4)
     elif args.optimizer == "adamw":

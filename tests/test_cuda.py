@@ -149,7 +149,7 @@ def test_bf16_model_on_cuda_keeps_float32_factors_across_a_checkpoint():
     torch.manual_seed(0)
     model = tiny_gpt2().cuda().to(torch.bfloat16)
     batch = {k: v.cuda() for k, v in token_batch(8, 16).items()}
-    opt = hf_qn.KBFGS(model, lr=0.2, fallback_lr=3e-3)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.2, fallback_lr=3e-3)
 
     def loss_fn():
         return model(**batch, labels=batch["input_ids"]).loss
@@ -162,7 +162,7 @@ def test_bf16_model_on_cuda_keeps_float32_factors_across_a_checkpoint():
         opt.step(lambda: loss_fn().backward())
         losses.append(float(loss))
     assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
-    fresh = hf_qn.KBFGS(model, lr=0.2, fallback_lr=3e-3)
+    fresh = hf_qn.KBFGS(model, preset="paper", lr=0.2, fallback_lr=3e-3)
     fresh.load_state_dict(roundtrip(opt.state_dict()))
     n_factors = 0
     for o in (opt, fresh):

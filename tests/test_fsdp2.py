@@ -26,7 +26,7 @@ def test_fully_sharded_parameters_are_refused(single_rank_group):
     plain = hf_qn.MLBFGS(model)  # built before sharding, as accelerate does
     fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
     with pytest.raises(NotImplementedError, match="FSDP2"):
-        hf_qn.KBFGS(model)
+        hf_qn.KBFGS(model, preset="paper")
     with pytest.raises(NotImplementedError, match="FSDP2"):
         hf_qn.MLBFGS(model)
     # accelerate swaps the sharded parameters into an existing optimizer's groups: refused at step time

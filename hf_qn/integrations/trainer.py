@@ -108,7 +108,7 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
     )
     learning_rate: float | None = field(  # type: ignore[assignment]  # None: the optimizer's own
         default=None,
-        metadata={"help": "Step size; unset: the hf_qn optimizer's own default (K-BFGS 0.3, mL-BFGS 1e-3), "
+        metadata={"help": "Step size; unset: the hf_qn optimizer's own default (K-BFGS 3e-3, mL-BFGS 1e-3), "
                   "else the Trainer's 5e-5."},
     )
     weight_decay: float | None = field(  # type: ignore[assignment]  # None: the optimizer's own
@@ -136,9 +136,10 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
     )
 
     def _fill_optimizer_defaults(self) -> None:
-        """An unset ``learning_rate`` / ``weight_decay`` is the chosen optimizer's own default (K-BFGS's 0.3 is
-        not AdamW's 5e-5), said in the log."""
-        lr, wd = _optimizer_defaults(self.qn_optimizer)
+        """An unset ``learning_rate`` / ``weight_decay`` is the chosen optimizer's own default (K-BFGS's 3e-3 is
+        not the Trainer's 5e-5; a ``preset`` in ``qn_args`` gives its own), said in the log."""
+        preset = parse_qn_args(self.qn_args).get("preset") if self.qn_optimizer is not None else None
+        lr, wd = _optimizer_defaults(self.qn_optimizer, preset)
         #: whether the caller set ``learning_rate`` (recipes apply it to every optimizer they compare).
         self.learning_rate_given = self.learning_rate is not None
         if self.learning_rate is None:
@@ -179,12 +180,15 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
                 optimizer_config("kbfgs" if kbfgs else "mlbfgs", {key: value})
 
 
-def _optimizer_defaults(name: str | None) -> tuple[float, float]:
-    """(lr, weight decay) the optimizer ``name`` uses when nobody sets them; the Trainer's for None."""
+def _optimizer_defaults(name: str | None, preset: str | None = None) -> tuple[float, float]:
+    """(lr, weight decay) the optimizer ``name`` uses when nobody sets them (those of ``preset`` if given); the
+    Trainer's for None."""
     if name in ("kbfgs", "kbfgs_l"):
-        return KBFGSConfig().lr, KBFGSConfig().l2
+        cfg = KBFGSConfig.from_kwargs(preset=preset)
+        return cfg.lr, cfg.l2
     if name == "mlbfgs":
-        return MLBFGSConfig().lr, MLBFGSConfig().weight_decay
+        mcfg = MLBFGSConfig.from_kwargs(preset=preset)
+        return mcfg.lr, mcfg.weight_decay
     return 5e-5, 0.0
 
 

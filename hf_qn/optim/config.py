@@ -181,7 +181,7 @@ class KBFGSConfig(_Config):
             (default: 0.0)
     """
 
-    lr: float = 0.3
+    lr: float = 3e-3
     damping: float = 0.3
     grad_decay: float = 0.9
     l2: float = 1e-5
@@ -195,11 +195,11 @@ class KBFGSConfig(_Config):
     inverse_interval: int = 20
     input_warm_start: int = 0
     history_size: int | None = None
-    pairs: str = "same_batch"
+    pairs: str = "consecutive"
     curvature_eps: float = 1e-4
     max_update_growth: float | None = 2.0
     max_loss_increase: float | None = 0.25
-    graft: str = "none"
+    graft: str = "adam"
     kl_clip: float | None = None
     matmul_dtype: str | torch.dtype = "auto"
     fallback: str = "adamw"
@@ -270,7 +270,7 @@ class KBFGSConfig(_Config):
     #: curvature every step, the paper's lr, damping and L2, no grafting, float32 products.
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {"lr": 0.3, "damping": 0.3, "l2": 1e-5, "update_interval": 1, "warmup_curvature_steps": 20,
-                  "graft": "none", "matmul_dtype": "float32"},
+                  "pairs": "same_batch", "graft": "none", "matmul_dtype": "float32"},
     }
     #: names of earlier versions: accepted with a FutureWarning (the table in docs/design.md).
     RENAMED: ClassVar[dict[str, str]] = {"momentum": "grad_decay", "weight_decay": "l2", "stat_decay": "factor_decay"}

@@ -18,8 +18,8 @@ __all__ = ["KBFGSFactory", "MLBFGSFactory"]
 
 class KBFGSFactory:
     """For ``Trainer(optimizer_cls_and_kwargs=(hf_qn.KBFGSFactory, kwargs))``: the Trainer calls
-    ``KBFGSFactory()(model, **kwargs)``. The plain Trainer gives no second pass: use ``QNTrainer``, or
-    ``pairs="consecutive"`` in ``kwargs``."""
+    ``KBFGSFactory()(model, **kwargs)``. The plain Trainer gives no second pass: the default consecutive pairs
+    need none; for the paper's same-batch pairs (``preset="paper"``) use ``QNTrainer``."""
 
     def __call__(self, model: nn.Module, **kwargs: Any) -> KBFGS:
         history = kwargs.pop("history_size", None)

@@ -321,11 +321,12 @@ class KBFGS(QNOptimizerBase):
         if self.closure_provider is not None:
             return self.closure_provider
         raise RuntimeError(
-            "KBFGS.step() needs a closure on curvature steps: a function that re-evaluates the same batch "
+            "KBFGS.step() with pairs='same_batch' (the paper's, as in preset='paper') needs a closure on "
+            "curvature steps: a function that re-evaluates the same batch "
             "at the current parameters, calls backward and returns the loss, e.g. "
             "optimizer.step(lambda: compute_loss(model, batch).backward() or ...). Use hf_qn.QNTrainer with "
             "the Trainer, pass the closure through accelerator's optimizer.step(closure), or construct "
-            "KBFGS(..., pairs='consecutive') for the no-second-pass mode."
+            "KBFGS(..., pairs='consecutive') (the default) for the no-second-pass mode."
         )
 
     def _skip(self, why: str, loss: Any) -> Any:

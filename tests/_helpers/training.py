@@ -66,12 +66,12 @@ def regression_batches(n: int, batch: int = 16, d_in: int = 6, d_out: int = 3, s
 #: One constructor per optimizer variant whose state contract is tested (on the CPU in
 #: tests/optim/test_state_contract.py, on a GPU in tests/test_cuda.py).
 OPTIMIZERS = {
-    "kbfgs": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3),
-    "kbfgsl": lambda m: hf_qn.KBFGSL(m, lr=0.1, damping=0.3, history_size=3),
-    "kbfgs_interval": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, update_interval=3, input_inverse="cholesky",
+    "kbfgs": lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.1, damping=0.3),
+    "kbfgsl": lambda m: hf_qn.KBFGSL(m, preset="paper", lr=0.1, damping=0.3, history_size=3),
+    "kbfgs_interval": lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.1, damping=0.3, update_interval=3, input_inverse="cholesky",
                                             inverse_interval=2),
-    "kbfgs_consecutive": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, pairs="consecutive"),
-    "kbfgs_warm_start": lambda m: hf_qn.KBFGS(m, lr=0.1, damping=0.3, input_warm_start=6),  # saved mid-way
+    "kbfgs_consecutive": lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.1, damping=0.3, pairs="consecutive"),
+    "kbfgs_warm_start": lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.1, damping=0.3, input_warm_start=6),  # saved mid-way
     "mlbfgs": lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=2, history_size=3),
     "mlbfgs_bf16": lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=2, history_size=3,
                                           history_dtype=torch.bfloat16),

@@ -16,7 +16,7 @@ def test_kbfgs_and_mlbfgs_on_a_compiled_model_match_eager():
     eager = mlp()
     comp_src = copy.deepcopy(eager)
     batches = regression_batches(4)
-    for make in (lambda m: hf_qn.KBFGS(m, lr=0.1), lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=2)):
+    for make in (lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.1), lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=2)):
         a, b = copy.deepcopy(eager), copy.deepcopy(comp_src)
         opt_a, opt_b = make(a), make(b)  # built on the plain module, as the Trainer does before prepare
         compiled = torch.compile(b, backend="eager")

@@ -17,7 +17,7 @@ from tests._helpers.training import flat_state, loop, mse_loss, regression_batch
 
 def test_closure_required_on_curvature_steps_with_clear_error():
     model = mlp()
-    opt = hf_qn.KBFGS(model)
+    opt = hf_qn.KBFGS(model, preset="paper")
     mse_loss(model, regression_batches(1)[0]).backward()
     with pytest.raises(RuntimeError, match="needs a closure"):
         opt.step()
@@ -27,7 +27,7 @@ def test_closure_required_on_curvature_steps_with_clear_error():
 
 def test_closure_gradients_do_not_leak():
     model = mlp()
-    opt = hf_qn.KBFGS(model)
+    opt = hf_qn.KBFGS(model, preset="paper")
     batch = regression_batches(1)[0]
     mse_loss(model, batch).backward()
     grads = [p.grad.clone() for p in model.parameters()]
@@ -45,7 +45,7 @@ def test_closure_gradients_do_not_leak():
 def test_no_second_pass_mode_trains_without_closure():
     torch.manual_seed(0)
     model = mlp()
-    opt = hf_qn.KBFGS(model, lr=0.3, pairs="consecutive")
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.3, pairs="consecutive")
     losses = loop(model, opt, regression_batches(60), mse_loss, closure=False)
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
     assert opt.statistics()["qn/pairs_accepted"] > 0
@@ -53,7 +53,7 @@ def test_no_second_pass_mode_trains_without_closure():
 
 def test_update_interval_captures_and_calls_closure_only_on_curvature_steps():
     model = mlp()
-    opt = hf_qn.KBFGS(model, lr=0.1, update_interval=3, warmup_curvature_steps=0, max_update_growth=None)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.1, update_interval=3, warmup_curvature_steps=0, max_update_growth=None)
     calls = []
     for i, batch in enumerate(regression_batches(7)):
         opt.zero_grad()
@@ -69,7 +69,7 @@ def test_update_interval_captures_and_calls_closure_only_on_curvature_steps():
 
 def test_warmup_updates_curvature_every_step_first():
     model = mlp()
-    opt = hf_qn.KBFGS(model, lr=0.1, update_interval=4, warmup_curvature_steps=3, max_update_growth=None)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.1, update_interval=4, warmup_curvature_steps=3, max_update_growth=None)
     seen = []
     for batch in regression_batches(9):
         opt.zero_grad()
@@ -85,7 +85,7 @@ def test_refresh_step_captures_its_second_pass_when_the_closure_calls_train():
     second pass's capture off (it did: GPT-2 small under the Trainer raised "hooks ... did not fire")."""
     torch.manual_seed(0)
     model = mlp()
-    opt = hf_qn.KBFGS(model, lr=0.1, update_interval=4, warmup_curvature_steps=0, max_update_growth=None)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.1, update_interval=4, warmup_curvature_steps=0, max_update_growth=None)
     batches = regression_batches(3)
 
     def train_step(batch, closure):
@@ -124,7 +124,7 @@ def test_growth_guard_bounds_a_stale_step_and_refreshes_curvature(momentum):
     bias here, so ‖ΔW‖ is ‖α ν D‖ exactly), is counted, and makes the next step a curvature step."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.Tanh(), nn.Linear(6, 2, bias=False))
-    opt = hf_qn.KBFGS(model, lr=0.1, grad_decay=momentum, l2=0.0, update_interval=5,
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.1, grad_decay=momentum, l2=0.0, update_interval=5,
                       warmup_curvature_steps=0, max_update_growth=2.0)
     batches = regression_batches(3, d_in=4, d_out=2)
     steps = []
@@ -148,8 +148,8 @@ def test_growth_guard_leaves_the_paper_algorithm_alone_at_interval_one():
     torch.manual_seed(0)
     model = mlp()
     ref = copy.deepcopy(model)
-    opt = hf_qn.KBFGS(model, lr=0.1, max_update_growth=1.0001)
-    ref_opt = hf_qn.KBFGS(ref, lr=0.1, max_update_growth=None)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.1, max_update_growth=1.0001)
+    ref_opt = hf_qn.KBFGS(ref, preset="paper", lr=0.1, max_update_growth=None)
     loop(model, opt, regression_batches(6), mse_loss)
     loop(ref, ref_opt, regression_batches(6), mse_loss)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
@@ -161,7 +161,7 @@ def test_fallback_equals_torch_adamw_exactly():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
     ref = copy.deepcopy(model)
-    opt = hf_qn.KBFGS(model, lr=0.1, fallback_lr=1e-2, fallback_weight_decay=0.01)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.1, fallback_lr=1e-2, fallback_weight_decay=0.01)
     ref_opt = torch.optim.AdamW(ref[1].parameters(), lr=1e-2, weight_decay=0.01, foreach=False)
     for batch in regression_batches(5):
         opt.zero_grad()
@@ -184,7 +184,7 @@ def test_fallback_equals_torch_adamw_exactly():
 
 def test_param_groups_cover_every_parameter_once_and_scheduler_scales_both_parts():
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
-    opt = hf_qn.KBFGS(model, lr=0.2, fallback_lr=1e-3)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.2, fallback_lr=1e-3)
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
@@ -194,7 +194,7 @@ def test_param_groups_cover_every_parameter_once_and_scheduler_scales_both_parts
 
 def test_nonfinite_gradient_skips_step_and_keeps_curvature():
     model = mlp()
-    opt = hf_qn.KBFGS(model, lr=0.1)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.1)
     loop(model, opt, regression_batches(2), mse_loss)
     snap_p = [p.detach().clone() for p in model.parameters()]
     snap_s = {k: v.clone() for k, v in flat_state(opt, model[0].weight).items()}
@@ -217,8 +217,8 @@ def test_gradscaler_skipped_step_commits_no_statistics_or_pair():
     model = mlp()
     ref = copy.deepcopy(model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    opt = hf_qn.KBFGS(model, lr=0.1, grad_scaler=scaler)
-    ref_opt = hf_qn.KBFGS(ref, lr=0.1)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.1, grad_scaler=scaler)
+    ref_opt = hf_qn.KBFGS(ref, preset="paper", lr=0.1)
     good = regression_batches(3, seed=1)
     # poisoned step: the model never moves, nothing is committed
     opt.zero_grad()
@@ -246,7 +246,7 @@ def test_accumulation_2x4_equals_1x8():
     torch.manual_seed(0)
     model = mlp()
     ref = copy.deepcopy(model)
-    opt, ref_opt = hf_qn.KBFGS(model, lr=0.1), hf_qn.KBFGS(ref, lr=0.1)
+    opt, ref_opt = hf_qn.KBFGS(model, preset="paper", lr=0.1), hf_qn.KBFGS(ref, preset="paper", lr=0.1)
     for x, y in regression_batches(3, batch=8):
         ref_opt.zero_grad()
         mse_loss(ref, (x, y)).backward()
@@ -270,7 +270,7 @@ def test_accumulation_2x4_equals_1x8():
 
 def test_eval_mode_and_optimizer_eval_capture_nothing():
     model = mlp()
-    opt = hf_qn.KBFGS(model)
+    opt = hf_qn.KBFGS(model, preset="paper")
     opt.eval()
     model(torch.randn(3, 6)).sum().backward()
     assert all(not s.pending for s in opt.capture.stats["primary"])
@@ -291,7 +291,7 @@ def test_functionally_used_layer_gives_clear_error():
             return nn.functional.linear(x, self.lin.weight, self.lin.bias)
 
     model = Functional()
-    opt = hf_qn.KBFGS(model)
+    opt = hf_qn.KBFGS(model, preset="paper")
     x = torch.randn(3, 4)
     model(x).sum().backward()
     with pytest.raises(RuntimeError, match="did not fire.*exclude"):
@@ -331,22 +331,22 @@ def test_functionally_used_layer_gives_clear_error():
 )
 def test_validation_names_the_argument(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        hf_qn.KBFGS(mlp(), **kwargs)
+        hf_qn.KBFGS(mlp(), preset="paper", **kwargs)
 
 
 def test_model_without_adaptable_layer_and_non_module():
     with pytest.raises(ValueError, match="no adaptable layer"):
-        hf_qn.KBFGS(nn.Sequential(nn.LayerNorm(4)))
+        hf_qn.KBFGS(nn.Sequential(nn.LayerNorm(4)), preset="paper")
     with pytest.raises(TypeError, match="MLBFGS"):
-        hf_qn.KBFGS(list(mlp().parameters()))  # type: ignore[arg-type]
+        hf_qn.KBFGS(list(mlp().parameters()), preset="paper")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="history_size"):
-        hf_qn.KBFGSL(mlp(), history_size=None)  # type: ignore[arg-type]
+        hf_qn.KBFGSL(mlp(), preset="paper", history_size=None)  # type: ignore[arg-type]
 
 
 def test_large_lr_never_produces_nonfinite_parameters():
     torch.manual_seed(0)
     model = mlp()
-    opt = hf_qn.KBFGS(model, lr=50.0, damping=0.3)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=50.0, damping=0.3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loop(model, opt, regression_batches(15), mse_loss)
@@ -373,7 +373,7 @@ def test_loss_guard_undoes_a_step_that_raises_the_batch_loss():
     the next step is half as long, and both counters say so."""
     torch.manual_seed(0)
     model = mlp()
-    opt = hf_qn.KBFGS(model, lr=0.05, damping=0.3, max_loss_increase=0.25)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.05, damping=0.3, max_loss_increase=0.25)
     batches = regression_batches(3)
     _guarded_step(model, opt, batches[0])  # initialises the running average
     for g in opt.param_groups:
@@ -399,7 +399,7 @@ def test_loss_guard_checks_and_keeps_a_good_step_on_a_hard_batch():
     for guard in (0.25, None):
         torch.manual_seed(0)
         model = mlp()
-        opt = hf_qn.KBFGS(model, lr=0.05, damping=0.3, max_loss_increase=guard)
+        opt = hf_qn.KBFGS(model, preset="paper", lr=0.05, damping=0.3, max_loss_increase=guard)
         batches = regression_batches(3)
         _guarded_step(model, opt, batches[0])
         _guarded_step(model, opt, batches[1], loss_scale=100.0)  # a hard batch: 100x the loss
@@ -423,7 +423,7 @@ def test_loss_guard_keeps_the_paper_lr_finite_on_a_blowup():
     for guard in (0.25, None):
         torch.manual_seed(0)
         model = mlp()
-        opt = hf_qn.KBFGS(model, lr=30.0, damping=0.3, max_loss_increase=guard)
+        opt = hf_qn.KBFGS(model, preset="paper", lr=30.0, damping=0.3, max_loss_increase=guard)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             losses = [_guarded_step(model, opt, b) for b in batches]
@@ -459,12 +459,13 @@ def test_loss_falls_gpt2_conv1d_tied_and_bert_embedding(cls):
     torch.manual_seed(0)
     gpt = tiny_gpt2()
     batch = token_batch(8, 16)
-    opt = cls(gpt, lr=0.2, fallback_lr=3e-3)
+    opt = cls(gpt)  # the defaults: grafted, consecutive pairs, the tied head one-sided
     assert any(type(a).__name__ == "Conv1DAdapter" for a in opt.adapters)
+    assert any(a.tied_with == "transformer.wte" for a in opt.adapters)
     _falls(gpt, opt, [batch] * 15, lambda m, b: m(**b, labels=b["input_ids"]).loss, 0.85)
     bert = tiny_bert()
     labels = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0])
-    opt = cls(bert, lr=0.2, fallback_lr=3e-3)
+    opt = cls(bert)
     assert any(type(a).__name__ == "EmbeddingAdapter" for a in opt.adapters)
     _falls(bert, opt, [batch] * 15, lambda m, b: m(**b, labels=labels).loss, 0.85)
 
@@ -484,7 +485,7 @@ def test_bf16_matmuls_follow_the_float32_run_and_keep_float32_state():
         torch.manual_seed(0)
         model = mlp()
         before = full_loss(model)
-        opt = hf_qn.KBFGS(model, lr=0.1, matmul_dtype=dtype)
+        opt = hf_qn.KBFGS(model, preset="paper", lr=0.1, matmul_dtype=dtype)
         losses = loop(model, opt, batches * 3, mse_loss)
         runs[dtype] = (model, opt, losses, before, full_loss(model))
     (m32, _, l32, _, after32), (m16, o16, l16, before, after16) = runs[torch.float32], runs[torch.bfloat16]
@@ -500,7 +501,7 @@ def test_bf16_matmuls_follow_the_float32_run_and_keep_float32_state():
                 assert v.dtype == torch.float32, k
     sd = roundtrip(o16.state_dict())
     assert sd["param_groups"][0]["matmul_dtype"] == "bfloat16"
-    fresh = hf_qn.KBFGS(m16)  # float32 by default; the loaded group switches the capture to bf16
+    fresh = hf_qn.KBFGS(m16, preset="paper")  # float32 by default; the loaded group switches the capture to bf16
     fresh.load_state_dict(sd)
     assert fresh.capture.gram_dtype == torch.bfloat16
 
@@ -515,7 +516,7 @@ def test_kbfgsl_kept_compact_matrix_is_never_stale(interval):
     for rebuild in (False, True):
         torch.manual_seed(0)
         model = mlp()
-        opt = hf_qn.KBFGSL(model, lr=0.1, history_size=2, update_interval=interval, warmup_curvature_steps=0)
+        opt = hf_qn.KBFGSL(model, preset="paper", lr=0.1, history_size=2, update_interval=interval, warmup_curvature_steps=0)
         calls = {"n": 0}
         for la in opt.layers:
             apply = la.output.apply
@@ -545,12 +546,12 @@ def test_renamed_hyperparameters_still_work_with_a_warning():
     """One name per concept: K-BFGS's ``momentum``, ``weight_decay`` and ``stat_decay`` are now ``grad_decay``,
     ``l2`` and ``factor_decay``; the old names map onto them with a FutureWarning."""
     with pytest.warns(FutureWarning, match="'momentum' is now called 'grad_decay'"):
-        opt = hf_qn.KBFGS(mlp(), momentum=0.8, weight_decay=1e-3, stat_decay=0.7)
+        opt = hf_qn.KBFGS(mlp(), preset="paper", momentum=0.8, weight_decay=1e-3, stat_decay=0.7)
     assert (opt.config.grad_decay, opt.config.l2, opt.config.factor_decay) == (0.8, 1e-3, 0.7)
     with pytest.raises(TypeError, match="both 'momentum' and its new name 'grad_decay'"):
-        hf_qn.KBFGS(mlp(), momentum=0.8, grad_decay=0.8)
+        hf_qn.KBFGS(mlp(), preset="paper", momentum=0.8, grad_decay=0.8)
     with pytest.raises(TypeError, match="Unknown KBFGS hyperparameter.*'betas'"):
-        hf_qn.KBFGS(mlp(), betas=(0.9, 0.99))
+        hf_qn.KBFGS(mlp(), preset="paper", betas=(0.9, 0.99))
 
 
 def _layer_matrix(layer: nn.Linear, grad: bool = False) -> torch.Tensor:
@@ -566,8 +567,8 @@ def test_adam_grafting_takes_adams_step_length_per_layer_and_keeps_the_direction
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
     plain_model = copy.deepcopy(model)
     kw = {"lr": 3e-3, "l2": 0.0, "max_loss_increase": None}
-    opt = hf_qn.KBFGS(model, graft="adam", **kw)
-    plain = hf_qn.KBFGS(plain_model, **kw)
+    opt = hf_qn.KBFGS(model, preset="paper", graft="adam", **kw)
+    plain = hf_qn.KBFGS(plain_model, preset="paper", **kw)
     assert {g["lr"] for g in opt.param_groups} == {3e-3}  # one lr for the layers and the fallback
     rho, beta2, eps = opt.config.grad_decay, opt.config.fallback_betas[1], opt.config.fallback_eps
     layers = [model[0], model[3]]
@@ -660,9 +661,9 @@ def test_tied_head_is_adapted_one_sided_and_wide_layers_follow_the_policy():
     fallback = hf_qn.assign_layers(wide, hf_qn.LayerPolicy(max_dim=10, wide="fallback"))
     assert [ad.name for ad in fallback.adapters] == ["2"] and len(fallback.fallback) == 4
     # K-BFGS turns both on only with grafted step lengths
-    assert [ad.name for ad in hf_qn.KBFGS(_TiedLM(), graft="adam").adapters] == ["head"]
+    assert [ad.name for ad in hf_qn.KBFGS(_TiedLM(), preset="paper", graft="adam").adapters] == ["head"]
     with pytest.raises(ValueError, match="no adaptable layer"):
-        hf_qn.KBFGS(_TiedLM())
+        hf_qn.KBFGS(_TiedLM(), preset="paper")
     with pytest.raises(ValueError, match="Invalid wide"):
         hf_qn.LayerPolicy(wide="diagonal")
 
@@ -673,7 +674,7 @@ def test_one_sided_tied_head_step_equals_the_float64_reference():
     torch.manual_seed(0)
     model = _TiedLM()
     ids = torch.randint(0, 11, (4, 7))
-    opt = hf_qn.KBFGS(model, lr=0.1, damping=0.3, max_loss_increase=None, policy=hf_qn.LayerPolicy(tied_heads=True))
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.1, damping=0.3, max_loss_increase=None, policy=hf_qn.LayerPolicy(tied_heads=True))
     W0 = model.wte.weight.detach().double().clone()
     opt.zero_grad()
     loss = _lm_loss(model, ids)

@@ -46,7 +46,7 @@ def test_steps_match_dense_reference(warm):
     lr, lam, rho, tau, beta_a, beta_p, mu1 = 0.2, 0.3, 0.9, 1e-5, 0.9, 0.9, 0.2
     sl = math.sqrt(lam)
     model, ref = _mlp(), _mlp()
-    opt = hf_qn.KBFGS(model, lr=lr, damping=lam, grad_decay=rho, l2=tau, factor_decay=beta_a,
+    opt = hf_qn.KBFGS(model, preset="paper", lr=lr, damping=lam, grad_decay=rho, l2=tau, factor_decay=beta_a,
                       pair_decay=beta_p, powell_mu=mu1, input_warm_start=warm)
     n_plain = max(1, warm)  # batches in A's plain average
     g = torch.Generator().manual_seed(1)

@@ -12,10 +12,10 @@ from tests._helpers.models import mlp
 from tests._helpers.training import flat_state, loop, mse_loss, regression_batches
 
 KBFGS_MODES = {
-    "same_batch": lambda m: hf_qn.KBFGS(m, lr=0.1),
-    "consecutive": lambda m: hf_qn.KBFGS(m, lr=0.1, pairs="consecutive"),
-    "interval": lambda m: hf_qn.KBFGS(m, lr=0.1, update_interval=3, warmup_curvature_steps=1),
-    "lbfgs": lambda m: hf_qn.KBFGSL(m, lr=0.1, history_size=3),
+    "same_batch": lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.1),
+    "consecutive": lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.1, pairs="consecutive"),
+    "interval": lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.1, update_interval=3, warmup_curvature_steps=1),
+    "lbfgs": lambda m: hf_qn.KBFGSL(m, preset="paper", lr=0.1, history_size=3),
 }
 ALL = {**KBFGS_MODES, "mlbfgs": lambda m: hf_qn.MLBFGS(m, lr=1e-2, update_interval=2)}
 
@@ -208,10 +208,10 @@ def test_mlbfgs_hyperparameters_come_from_param_groups():
 
 
 @pytest.mark.parametrize(("make", "error", "match"), [
-    (lambda m: hf_qn.KBFGS(m, no_decay="0.bias"), TypeError, "no_decay.*collection of parameter names"),
-    (lambda m: hf_qn.KBFGS(m, policy="all"), TypeError, "policy.*LayerPolicy"),
-    (lambda m: hf_qn.KBFGS(m, config={"lr": 0.1}), TypeError, "config.*KBFGSConfig"),
-    (lambda m: hf_qn.KBFGS(list(m.parameters())), TypeError, "needs the model"),
+    (lambda m: hf_qn.KBFGS(m, preset="paper", no_decay="0.bias"), TypeError, "no_decay.*collection of parameter names"),
+    (lambda m: hf_qn.KBFGS(m, preset="paper", policy="all"), TypeError, "policy.*LayerPolicy"),
+    (lambda m: hf_qn.KBFGS(m, preset="paper", config={"lr": 0.1}), TypeError, "config.*KBFGSConfig"),
+    (lambda m: hf_qn.KBFGS(list(m.parameters()), preset="paper"), TypeError, "needs the model"),
     (lambda m: hf_qn.MLBFGS(m[0].weight), TypeError, "single Parameter.*wrap it in a list"),
     (lambda m: hf_qn.MLBFGS(m, config=hf_qn.optim.config.KBFGSConfig()), TypeError, "config.*MLBFGSConfig"),
     (lambda m: hf_qn.MLBFGS([]), ValueError, "empty parameter list"),

@@ -175,7 +175,7 @@ def test_copied_model_alone_does_not_feed_the_optimizer(how):
     """A model copied after K-BFGS attached its hooks (an EMA or teacher copy) carries inert hooks:
     training passes through the copy capture nothing into the original optimizer."""
     model = mlp()
-    opt = hf_qn.KBFGS(model, lr=0.1)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.1)
     copied = _copy(model, how)
     mse_loss(copied, regression_batches(1)[0]).backward()
     assert all(st.forward_calls == 0 and st.grad_calls == 0 for st in opt.capture.stats["primary"])
@@ -192,6 +192,6 @@ def test_copied_optimizer_has_readable_block_map_and_names():
     again.load_state_dict(opt.state_dict())  # torch's load calls __setstate__ with part of the state
     assert again.block_map() == opt.block_map()
     assert "?" not in again.block_map()
-    kb = pickle.loads(pickle.dumps(hf_qn.KBFGS(model)))
+    kb = pickle.loads(pickle.dumps(hf_qn.KBFGS(model, preset="paper")))
     names = [kb.assignment.param_names[id(p)] for p in kb.assignment.adapted_parameters()]
     assert names == [n for n, _ in model.named_parameters()]

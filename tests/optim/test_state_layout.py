@@ -37,17 +37,17 @@ MLBFGS_FIRST = {**MLBFGS_PARAM, **{f"block/history/{k}": v for k, v in HISTORY.i
 # mlp(): Linear 6->8 (ids 0, 1), Linear 8->5 (2, 3), Linear 5->3 (4, 5); state on each layer's weight.
 CASES = {
     "kbfgs_dense_cholesky_with_fallback": (
-        lambda m: hf_qn.KBFGS(m, lr=0.1, input_inverse="cholesky", policy=hf_qn.LayerPolicy(exclude=[r"^2$"])),
+        lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.1, input_inverse="cholesky", policy=hf_qn.LayerPolicy(exclude=[r"^2$"])),
         {"optimizer": "KBFGS", "output_side": "dense"}, KBFGS_GLOBAL,
         {0: {**DENSE_LAYER, "input/inverse_countdown": I64}, 2: {**DENSE_LAYER, "input/inverse_countdown": I64},
          4: ADAMW, 5: ADAMW},
     ),
     "kbfgs_grafted": (
-        lambda m: hf_qn.KBFGS(m, graft="adam"), {"optimizer": "KBFGS", "output_side": "dense"}, KBFGS_GLOBAL,
+        lambda m: hf_qn.KBFGS(m, preset="paper", graft="adam"), {"optimizer": "KBFGS", "output_side": "dense"}, KBFGS_GLOBAL,
         {i: {**DENSE_LAYER, "graft/exp_avg_sq": F32, "graft/steps": I64} for i in (0, 2, 4)},
     ),
     "kbfgsl": (
-        lambda m: hf_qn.KBFGSL(m, history_size=3), {"optimizer": "KBFGS", "output_side": "lbfgs"}, KBFGS_GLOBAL,
+        lambda m: hf_qn.KBFGSL(m, preset="paper", history_size=3), {"optimizer": "KBFGS", "output_side": "lbfgs"}, KBFGS_GLOBAL,
         {0: LBFGS_LAYER, 2: LBFGS_LAYER, 4: LBFGS_LAYER},
     ),
     "mlbfgs": (
@@ -81,7 +81,7 @@ def test_state_dict_layout_is_the_documented_one(case):
 def test_kbfgs_refuses_the_other_output_side_and_another_optimizer():
     torch.manual_seed(0)
     model = mlp()
-    dense, lbfgs, ml = hf_qn.KBFGS(model), hf_qn.KBFGSL(model, history_size=3), hf_qn.MLBFGS(model)
+    dense, lbfgs, ml = hf_qn.KBFGS(model, preset="paper"), hf_qn.KBFGSL(model, preset="paper", history_size=3), hf_qn.MLBFGS(model)
     loop(model, dense, regression_batches(2), mse_loss)
     with pytest.raises(ValueError, match="'dense' output-side factors"):
         lbfgs.load_state_dict(roundtrip(dense.state_dict()))
@@ -96,7 +96,7 @@ def test_kbfgs_refuses_the_other_output_side_and_another_optimizer():
 def test_a_state_of_another_model_or_block_layout_is_refused_naming_the_unit():
     torch.manual_seed(0)
     small, wide = mlp(), mlp(sizes=(6, 9, 5, 3))
-    for make in (lambda m: hf_qn.KBFGS(m), lambda m: hf_qn.MLBFGS(m)):
+    for make in (lambda m: hf_qn.KBFGS(m, preset="paper"), lambda m: hf_qn.MLBFGS(m)):
         opt = make(small)
         loop(small, opt, regression_batches(2), mse_loss)
         with pytest.raises(ValueError, match="unit \\['0', .*differs.*another model"):
@@ -106,7 +106,7 @@ def test_a_state_of_another_model_or_block_layout_is_refused_naming_the_unit():
         per_param.load_state_dict(roundtrip(hf_qn.MLBFGS(small).state_dict()))
 
 
-@pytest.mark.parametrize("make", [lambda p: hf_qn.MLBFGS([p]), lambda p: hf_qn.KBFGS(torch.nn.Linear(2, 2).to(p.dtype))])
+@pytest.mark.parametrize("make", [lambda p: hf_qn.MLBFGS([p]), lambda p: hf_qn.KBFGS(torch.nn.Linear(2, 2).to(p.dtype), preset="paper")])
 def test_complex_parameters_are_refused_at_construction(make):
     p = torch.nn.Parameter(torch.randn(2, 2, dtype=torch.complex64))
     with pytest.raises(ValueError, match="complex parameters.*view_as_real"):
@@ -116,7 +116,7 @@ def test_complex_parameters_are_refused_at_construction(make):
 def test_sparse_gradients_are_refused_with_hf_qns_message():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"\['0'\] produce sparse ones.*sparse=False"):
-        hf_qn.KBFGS(model)
+        hf_qn.KBFGS(model, preset="paper")
     opt = hf_qn.MLBFGS(model)
     model(torch.tensor([[1, 2]])).sum().backward()
     with pytest.raises(ValueError, match="dense gradients.*sparse=False"):
@@ -126,18 +126,18 @@ def test_sparse_gradients_are_refused_with_hf_qns_message():
 def test_an_incomplete_state_is_refused_naming_the_missing_key():
     torch.manual_seed(0)
     model = mlp()
-    opt = hf_qn.KBFGSL(model, history_size=3)
+    opt = hf_qn.KBFGSL(model, preset="paper", history_size=3)
     loop(model, opt, regression_batches(2), mse_loss)
     sd = roundtrip(opt.state_dict())
     first = next(iter(sd["state"].values()))
     del first["output"]["S"]
     with pytest.raises(ValueError, match="layer '0' has no 'output/S'"):
-        hf_qn.KBFGSL(model, history_size=3).load_state_dict(sd)
+        hf_qn.KBFGSL(model, preset="paper", history_size=3).load_state_dict(sd)
 
 
 def test_a_no_decay_name_that_matches_nothing_is_refused():
     with pytest.raises(ValueError, match="Invalid no_decay: \\['0.bais'\\]"):
-        hf_qn.KBFGS(mlp(), no_decay=["0.bias", "0.bais"])
+        hf_qn.KBFGS(mlp(), preset="paper", no_decay=["0.bias", "0.bais"])
 
 
 @pytest.mark.parametrize("history", [None, 3])
@@ -145,7 +145,7 @@ def test_a_layers_declared_state_paths_are_the_ones_it_creates(history):
     from hf_qn.optim.kbfgs_layer import KroneckerLayer
     from hf_qn.optim.output_side import output_side_for
 
-    opt = hf_qn.KBFGS(mlp(), history_size=history)
+    opt = hf_qn.KBFGS(mlp(), preset="paper", history_size=history)
     layer = KroneckerLayer(opt.adapters[0], output_side_for("0", history))
     layer.ensure_state()
     assert sorted(layer.state_paths()) == sorted(path for path, _ in iter_tensors(layer.state))

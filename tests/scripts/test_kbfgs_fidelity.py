@@ -30,7 +30,7 @@ def test_hf_qn_equals_the_official_loop_without_its_quirks():
     ref = copy.deepcopy(model)
     ref_losses = fid.official_loop(ref, batches, _bce, lr=LR, damping=0.3, tau=1e-5, mean_coordinate=False)
 
-    opt = hf_qn.KBFGS(model, lr=LR, damping=0.3, l2=1e-5, max_loss_increase=None)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=LR, damping=0.3, l2=1e-5, max_loss_increase=None)
     losses = []
     for x in batches:
         opt.zero_grad()

@@ -1,0 +1,100 @@
+"""The language-modelling benchmark: its pieces against hand-computed values, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests._helpers.scripts import load_script
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("benchmark_lm")
+
+
+def test_wikipedia_text_is_real_and_split_by_whole_articles(bench):
+    articles = bench.load_wikipedia(max_articles=20)
+    assert len(articles) == 20 and articles[0].startswith("Anarchism is a political philosophy")
+    assert not any("[[" in a or "'''" in a for a in articles)  # markup and bold quotes stripped
+    train, val = bench.split_articles(articles)
+    assert val == [articles[9], articles[19]] and len(train) == 18
+
+
+def test_time_to_reach_and_loss_at_interpolate_between_evaluations(bench):
+    rec = {"evals": [{"seconds": 0.0, "val_loss": 8.0}, {"seconds": 10.0, "val_loss": 6.0},
+                     {"seconds": 20.0, "val_loss": 5.0}]}
+    assert bench.time_to_reach(rec, 7.0) == pytest.approx(5.0)
+    assert bench.time_to_reach(rec, 5.5) == pytest.approx(15.0)
+    assert bench.time_to_reach(rec, 4.0) == float("inf")
+    assert bench.loss_at(rec, 15.0) == pytest.approx(5.5) and bench.loss_at(rec, 30.0) == 5.0
+
+
+def test_float32_newton_schulz_orthogonalizes_like_torchs(bench):
+    """The float32 Newton-Schulz gives Muon's ``U S' Vᵀ`` with S' near 1, as torch's bf16 one does, closer."""
+    import torch.optim._muon as muon
+
+    G = torch.randn(48, 24, generator=torch.Generator().manual_seed(0))
+    args = ((3.4445, -4.775, 2.0315), 5, 1e-7)
+    ours, torchs = bench.newton_schulz_float32(G, *args), muon._zeropower_via_newtonschulz(G, *args).float()
+    assert ours.dtype == torch.float32 and ours.shape == G.shape
+    s = torch.linalg.svdvals(ours)
+    assert float(s.min()) > 0.5 and float(s.max()) < 1.5
+    assert float((ours - torchs).norm() / torchs.norm()) < 0.05  # the same map, bf16 rounding apart
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    assert float((ours * (U @ Vh)).sum() / (ours.norm() * (U @ Vh).norm())) > 0.95
+
+
+def test_variants_and_bad_names(bench):
+    assert bench.split_variant("kbfgs:damping=0.1,tied_heads=False") == ("kbfgs", {"damping": 0.1,
+                                                                                    "tied_heads": False})
+    assert bench.split_variant("kbfgs_paper_int10") == ("kbfgs_paper_int10", {"preset": "paper",
+                                                                                "update_interval": 10})
+    assert bench.sweep_grid("kbfgs:graft=none") == bench.SWEEPS["kbfgs_paper"]
+    with pytest.raises(ValueError, match="Invalid optimizer 'lion'"):
+        bench.split_variant("lion")
+    with pytest.raises(ValueError, match="Invalid optimizer"):
+        bench.split_variant("adamw:lr=1")
+    assert bench.parse_fixed_lrs(["kbfgs:damping=0.1=3e-3"]) == {"kbfgs:damping=0.1": 3e-3}
+
+
+def test_sweep_extends_a_grid_whose_best_lr_is_at_an_end(bench, monkeypatch):
+    """A grid won at its top end grows by 3x until the optimum is interior (the loss is least at 0.05)."""
+    monkeypatch.setitem(bench.SWEEPS, "adamw", [0.001, 0.01])
+
+    class FakeRun:
+        def __init__(self, name, lr, seed, budget, data, args, adamw_lr):
+            self.name, self.lr, self.clock, self.steps = name, lr, budget, 1
+
+        def record(self):
+            return {"final_val_loss": (torch.log10(torch.tensor(self.lr)) - torch.log10(torch.tensor(0.05))).abs()
+                    .item()}
+
+    monkeypatch.setattr(bench, "Run", FakeRun)
+    monkeypatch.setattr(bench, "interleave", lambda runs, slice_seconds, label: None)
+    args = bench.LMBenchmarkArguments(seeds=[0])
+    out = bench._sweep_group(["adamw"], {}, args, 1e-3)["adamw"]
+    assert out["lr"] == pytest.approx(0.03) and out["interior"]
+    assert sorted(float(k) for k in out["grid"]) == pytest.approx([0.001, 0.01, 0.03, 0.09])
+
+
+def test_tiny_end_to_end_run_writes_table_plot_and_card(bench, tmp_path):
+    names = ["adamw", "kbfgs", "mlbfgs"]
+    result = bench.main(["--size", "tiny", "--max_articles", "12", "--optimizers", *names, "--budget", "1.5",
+                         "--sweep_seconds", "0", "--eval_every", "0.5", "--slice_seconds", "0.5", "--seeds", "0", "1",
+                         "--output_dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["optimizer"], r["seed"]) for r in saved["records"]] == [(n, s) for s in (0, 1) for n in names]
+    for r in saved["records"]:
+        assert r["error"] is None and r["seconds"] >= 1.5 and r["steps"] > 0
+        assert r["evals"][0]["seconds"] == 0.0 and len(r["evals"]) >= 3
+    first = {r["optimizer"]: r["evals"][0]["val_loss"] for r in saved["records"] if r["seed"] == 0}
+    assert len(set(first.values())) == 1  # the same initial weights for every optimizer of a seed
+    adam = result["rows"][0]
+    assert adam["optimizer"] == "adamw" and adam["median_ratio"] == [1.0, 1.0]
+    assert all(0 < x <= 1.0 for x in adam["reach"])  # AdamW reaches its own final loss by its end
+    for f in ("results.md", "loss_curves.png", "README.md"):
+        assert (tmp_path / f).stat().st_size > 0
+    assert "| kbfgs | 0.003 |" in (tmp_path / "results.md").read_text()
