@@ -86,6 +86,8 @@ class Capture:
         gram_dtype: dtype of the product ``āᵀā`` behind ``A_sum`` (the sums stay float32); bfloat16 runs
             that product, the capture's main cost, about 3x faster on a CPU with AVX512-BF16.
             (default: float32)
+        max_input_rows: the input side (``A_sum``, ``a_sum``) of a forward call uses at most this many of its
+            rows, evenly strided (every ``ceil(R / max_input_rows)``-th); None uses all. (default: None)
 
     ``enabled`` switches all capture on or off (the optimizer turns it on only for steps that
     update curvature, so the others pay nothing). :meth:`second_pass` switches the hooks to a
@@ -99,9 +101,11 @@ class Capture:
         input_stats: bool = True,
         grad_scale: Callable[[], float | Tensor] | None = None,
         gram_dtype: torch.dtype = torch.float32,
+        max_input_rows: int | None = None,
     ) -> None:
         self.adapters = list(adapters)
         self.gram_dtype = gram_dtype
+        self.max_input_rows = max_input_rows
         self.input_stats = input_stats
         self.grad_scale = grad_scale
         self.enabled = True
@@ -197,6 +201,8 @@ class Capture:
                 st.a_rows += int(ids.numel())
             else:
                 r = rows.detach()
+                if self.max_input_rows is not None and r.shape[0] > self.max_input_rows:
+                    r = r[:: -(-r.shape[0] // self.max_input_rows)]  # evenly strided rows
                 g = r.to(self.gram_dtype)
                 st.A_sum = LayerStats._add(st.A_sum, (g.T @ g).to(torch.float32))
                 st.a_sum = LayerStats._add(st.a_sum, r.sum(0, dtype=torch.float32))

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from hf_qn.adapters import assign_layers
 from hf_qn.capture import Capture
 from tests._helpers.models import mlp
+from tests._helpers.training import loop, mse_loss, regression_batches
 
 
 def _capture(model):
@@ -167,3 +168,27 @@ def test_row_sums_match_the_float64_sum(rows, dtype):
     exact = x.double().sum(0)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, exact, rtol=1e-6, atol=1e-6 * rows)
+
+
+def test_max_input_rows_uses_evenly_strided_rows_and_changes_nothing_when_not_exceeded():
+    """The input Gram of a call with R rows uses every ceil(R/m)-th row; m >= R is the whole batch, bitwise."""
+    import hf_qn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(10, 4)
+    asg, cap = _capture(model)
+    cap.max_input_rows = 4
+    model(x).sum().backward()
+    rows = torch.cat([x, torch.ones(10, 1)], dim=1)[::3]  # ceil(10 / 4) = 3: rows 0, 3, 6, 9
+    st = cap.stats["primary"][0]
+    torch.testing.assert_close(st.A_sum, rows.T @ rows)
+    assert st.a_rows == 4 and st.h_rows == 10  # the output side keeps every row
+    batches = regression_batches(4, batch=16)
+    runs = []
+    for m in (None, 16):
+        torch.manual_seed(0)
+        net = mlp()
+        loop(net, hf_qn.KBFGS(net, max_input_rows=m), batches, mse_loss)
+        runs.append([p.detach().clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -131,6 +131,9 @@ class KBFGSConfig(_Config):
             without the extra pass (steps per epoch = that pass). 0 or 1: ``A`` starts from the first batch.
             (default: 0; measured on the autoencoder, 5 seeds: no per-epoch difference beyond the
             seed-to-seed spread, docs/design.md)
+        max_input_rows: the input factor's batch statistics (``A_batch = Σ ā āᵀ / R``, ``ā``) use at most this
+            many rows of each forward call (tokens, samples or positions), evenly strided; the Gram over all
+            rows is the largest cost of a curvature step on a transformer. None uses every row. (default: None)
         history_size: ``None`` for a dense BFGS ``H_g`` (K-BFGS); an integer ``p`` for an L-BFGS
             ``H_g`` with ``p`` pairs (K-BFGS(L); the paper uses 100). (default: None)
         pairs: ``"same_batch"`` (the paper: a second pass on the same batch at the new point, given by
@@ -194,6 +197,7 @@ class KBFGSConfig(_Config):
     input_inverse: str = "bfgs"
     inverse_interval: int = 20
     input_warm_start: int = 0
+    max_input_rows: int | None = None
     history_size: int | None = None
     pairs: str = "consecutive"
     curvature_eps: float = 1e-4
@@ -250,6 +254,9 @@ class KBFGSConfig(_Config):
                          ("input_warm_start", 0)):
             check_int(name, getattr(self, name), lo)
             object.__setattr__(self, name, int(getattr(self, name)))
+        if self.max_input_rows is not None:
+            check_int("max_input_rows", self.max_input_rows, 1, "None or an integer")
+            object.__setattr__(self, "max_input_rows", int(self.max_input_rows))
         if self.history_size is not None:
             check_int("history_size", self.history_size, 1, "None for dense BFGS, or an integer")
             object.__setattr__(self, "history_size", int(self.history_size))

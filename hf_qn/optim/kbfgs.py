@@ -577,6 +577,7 @@ class KBFGS(QNOptimizerBase):
         if self.adapters and self.capture.mode == "primary":
             self.capture.enabled = self._training and self.curvature_step_next()
             self.capture.gram_dtype = self._matmul_dtype
+            self.capture.max_input_rows = self.config.max_input_rows
 
     def _current_scale(self) -> float:
         return float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
