@@ -89,7 +89,7 @@ def test_tiny_end_to_end_run_writes_table_plot_and_card(bench, tmp_path):
     assert [(r["optimizer"], r["seed"]) for r in saved["records"]] == [(n, s) for s in (0, 1) for n in names]
     for r in saved["records"]:
         assert r["error"] is None and r["seconds"] >= 1.5 and r["steps"] > 0
-        assert r["evals"][0]["seconds"] == 0.0 and len(r["evals"]) >= 3
+        assert r["evals"][0]["seconds"] == 0.0 and len(r["evals"]) >= 2  # at the start, then every 0.5 s
     first = {r["optimizer"]: r["evals"][0]["val_loss"] for r in saved["records"] if r["seed"] == 0}
     assert len(set(first.values())) == 1  # the same initial weights for every optimizer of a seed
     adam = result["rows"][0]
