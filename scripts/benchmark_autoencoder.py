@@ -140,6 +140,26 @@ class Runner:
         self.model, self.step, self.opt = model, step, opt
 
 
+def kbfgs_step(opt: Any, objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
+    """One K-BFGS training step on batch ``x`` (also the LM benchmark's): backward, then ``opt.step``, with a
+    closure that re-evaluates ``x`` at the new point (the second pass) on curvature steps that form same-batch
+    pairs. Returns the batch loss before the step."""
+    opt.zero_grad()
+    loss = objective(x)
+    loss.backward()
+    if opt.curvature_step_next() and opt.config.pairs == "same_batch":
+
+        def closure() -> torch.Tensor:
+            out = objective(x)
+            out.backward()
+            return out
+
+        opt.step(closure)
+    else:
+        opt.step()
+    return float(loss.detach())
+
+
 def _l2(model: nn.Module, wd: float) -> torch.Tensor:
     return 0.5 * wd * sum((p * p).sum() for p in model.parameters())
 
@@ -169,23 +189,7 @@ def make_runner(name: str, model: nn.Module, lr: float | None, args: BenchmarkAr
         opt = cls(model, preset="paper", lr=lr or kbfgs_row_lr(name, args), damping=args.kbfgs_damping, l2=0.0,
                   **extra)
 
-        def step(x: torch.Tensor) -> float:
-            opt.zero_grad()
-            loss = objective(x)
-            loss.backward()
-            if opt.curvature_step_next() and name != "kbfgs_consecutive":
-
-                def closure() -> torch.Tensor:
-                    out = objective(x)
-                    out.backward()
-                    return out
-
-                opt.step(closure)
-            else:
-                opt.step()
-            return float(loss.detach())
-
-        return Runner(model, step, opt)
+        return Runner(model, lambda x: kbfgs_step(opt, objective, x), opt)
 
     if name in ("adamw", "sgd", "mlbfgs", "mlbfgs_unit", "soap", "psgd"):
         if name == "adamw":

@@ -47,6 +47,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_autoencoder import kbfgs_step
+
 logger = logging.getLogger("benchmark_lm")
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -278,24 +281,7 @@ def make_step(name: str, model: nn.Module, opt: Any) -> Callable[[Tensor], float
         return lm_loss(model, x)
 
     if isinstance(opt, hf_qn.KBFGS):
-
-        def kbfgs_step(x: Tensor) -> float:
-            opt.zero_grad()
-            loss = objective(x)
-            loss.backward()
-            if opt.curvature_step_next() and opt.config.pairs == "same_batch":
-
-                def closure() -> Tensor:  # the same batch at the new point: the second pass
-                    out = objective(x)
-                    out.backward()
-                    return out
-
-                opt.step(closure)
-            else:
-                opt.step()
-            return float(loss.detach())
-
-        return kbfgs_step
+        return lambda x: kbfgs_step(opt, objective, x)
 
     def step(x: Tensor) -> float:
         opt.zero_grad()

@@ -106,7 +106,6 @@ class LayerPolicy:
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
-
     def resolved(self, grafted: bool) -> LayerPolicy:
         """This policy with ``wide`` and ``tied_heads`` decided where they are None (on when ``grafted``)."""
         return dataclasses.replace(

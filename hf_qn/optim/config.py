@@ -164,7 +164,7 @@ class KBFGSConfig(_Config):
             parameter): layer-wise grafting (Agarwal et al. 2020, as Distributed Shampoo and mL-BFGS's
             ``normalize="adam"`` do). K-BFGS picks the direction inside a layer, Adam the step length of every
             layer, so ``lr`` is tuned like AdamW's and also serves the fallback (``fallback_lr`` defaults to
-            ``lr``). ``"none"``: the paper's ``α D``. (default: ``"none"``)
+            ``lr``). ``"none"``: the paper's ``α D``. (default: ``"adam"``; ``preset="paper"``: ``"none"``)
         kl_clip: if set, scales the step down so that ``α² Σ⟨D, ĝ⟩ ≤ kl_clip`` (kfac-pytorch's
             KL clipping); None follows the paper. (default: None)
         matmul_dtype: dtype of the two large products of every step, the input Gram ``Σ ā āᵀ`` of the

@@ -379,6 +379,7 @@ class KBFGS(QNOptimizerBase):
         """Per active layer ``ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄)`` and ``D = H_g ĝ H_a`` (None for a paused layer);
         None if any is not finite."""
         out: list[Tensor | None] = []
+        dtype = self._matmul_dtype
         for la, on in zip(self.layers, active):
             if not on:
                 out.append(None)
@@ -387,7 +388,7 @@ class KBFGS(QNOptimizerBase):
             l2 = [self._group_of(p)["l2"] for p in la.adapter.parameters()]
             G = la.grad_with_l2(l2)
             la.update_momentum(G, self.config.grad_decay)
-            D = la.direction(self._matmul_dtype)
+            D = la.direction(dtype)
             if self.config.graft == "adam":  # D ← D · ‖m̂ / (√v̂ + ε)‖ / ‖D‖
                 D = la.graft_to_adam(D, G, self.config.grad_decay, self.config.fallback_betas[1],
                                      self.config.fallback_eps)

@@ -24,6 +24,7 @@ from torch import Tensor
 from ..adapters import LayerAdapter
 from ..linalg import damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimate
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
+from ._base import adam_denominators_
 from .output_side import OutputSide, rank2_updates
 from .state import KBFGS_LAYER_COUNTERS
 
@@ -139,8 +140,7 @@ class KroneckerLayer:
             "exp_avg_sq": torch.zeros_like(G, dtype=torch.float32), "steps": torch.tensor(0, dtype=torch.int64)})
         graft["steps"] += 1
         t = int(graft["steps"])
-        v: Tensor = graft["exp_avg_sq"].mul_(beta2).addcmul_(G, G, value=1.0 - beta2)
-        denom = (v / (1.0 - beta2**t)).sqrt_().add_(eps)
+        (denom,) = adam_denominators_([graft["exp_avg_sq"]], [G], beta2, t, eps)
         adam_norm = (self.state["momentum_buffer"] / denom).norm() / (1.0 - rho**t)
         return D * (adam_norm / D.norm().clamp_min(torch.finfo(torch.float32).tiny))
 
