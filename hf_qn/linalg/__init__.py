@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from .bfgs import CurvatureCheck, all_finite, bfgs_inverse_update, check_curvature, dot64, finite_flag
-from .damping import DampedPair, double_damping, lm_damping, mlbfgs_damping, powell_damping_inverse
+from .bfgs import (
+    CurvatureCheck,
+    all_finite,
+    bfgs_inverse_update,
+    check_curvature,
+    curvature_verdict,
+    dot64,
+    finite_flag,
+)
+from .damping import DampedPair, double_damping, lm_damping, mlbfgs_damping, mlbfgs_mix, powell_damping_inverse
 from .kron import damped_cholesky_inverse, kron_precondition
 from .lbfgs import LBFGSHistory
 from .spectral import sym_psd_norm_estimate
@@ -15,6 +23,7 @@ __all__ = [
     "all_finite",
     "bfgs_inverse_update",
     "check_curvature",
+    "curvature_verdict",
     "damped_cholesky_inverse",
     "dot64",
     "double_damping",
@@ -22,6 +31,7 @@ __all__ = [
     "kron_precondition",
     "lm_damping",
     "mlbfgs_damping",
+    "mlbfgs_mix",
     "powell_damping_inverse",
     "sym_psd_norm_estimate",
 ]

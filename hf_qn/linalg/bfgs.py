@@ -18,6 +18,7 @@ __all__ = [
     "all_finite",
     "bfgs_inverse_update",
     "check_curvature",
+    "curvature_verdict",
     "dot64",
     "dots64",
     "finite_flag",
@@ -80,12 +81,17 @@ def check_curvature(s: Tensor, y: Tensor, eps: float = 0.0, grad_norm: float | T
         parts.append(grad_norm.detach().double().to(s.device))
     vals = torch.stack(parts).tolist()
     gnorm = vals[4] if isinstance(grad_norm, Tensor) else float(grad_norm)
-    if not (vals[0] and vals[1]):
+    return curvature_verdict(bool(vals[0] and vals[1]), vals[2], vals[3], eps, gnorm)
+
+
+def curvature_verdict(finite: bool, sy: float, ss: float, eps: float = 0.0, grad_norm: float = 1.0) -> CurvatureCheck:
+    """:func:`check_curvature`'s rules applied to products already formed (a pair split over ranks is judged
+    from its all-reduced ``sᵀy``, ``sᵀs`` and finiteness)."""
+    if not finite:
         return CurvatureCheck(False, "nonfinite", float("nan"))
-    sy, ss = vals[2], vals[3]
     if not sy > 0.0:
         return CurvatureCheck(False, "nonpositive", sy, ss)
-    if eps > 0.0 and sy <= eps * ss * gnorm:
+    if eps > 0.0 and sy <= eps * ss * grad_norm:
         return CurvatureCheck(False, "relative", sy, ss)
     return CurvatureCheck(True, "ok", sy, ss)
 

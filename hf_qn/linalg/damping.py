@@ -104,13 +104,27 @@ def double_damping(
 def mlbfgs_damping(
     s: Tensor, y: Tensor, sigma_low: float = 0.01, sigma_high: float = 1.5, tau0: float = 0.99
 ) -> tuple[Tensor, bool]:
-    r"""mL-BFGS damping (Niu et al. 2023, eq. 7): ``ŷ = τ y + (1-τ) s``.
+    r"""mL-BFGS damping (Niu et al. 2023, eq. 7): ``ŷ = τ y + (1-τ) s``, with ``τ`` from
+    :func:`mlbfgs_mix` of ``sᵀs`` and ``sᵀy`` (float64). Returns ``(ŷ, fired)`` where ``fired`` says whether a
+    bound was active."""
+    ss, sy = dots64((s, s), (s, y))
+    tau, fired = mlbfgs_mix(ss, sy, sigma_low, sigma_high, tau0)
+    if tau == 1.0:
+        return y, fired
+    return tau * y + (1.0 - tau) * s.to(y.dtype), fired
+
+
+def mlbfgs_mix(
+    ss: float, sy: float, sigma_low: float = 0.01, sigma_high: float = 1.5, tau0: float = 0.99
+) -> tuple[float, bool]:
+    r"""The weight ``τ`` of mL-BFGS damping ``ŷ = τ y + (1-τ) s`` from the pair's ``sᵀs`` and ``sᵀy`` alone (so a
+    pair split over ranks is damped from its all-reduced products), and whether a bound fired.
 
     With ``μ = sᵀy / sᵀs``:
     ``τ = min((1-σ_L)/(1-μ), τ₀)`` if ``μ ≤ σ_L``; ``τ = min((σ_H-1)/(μ-1), τ₀)`` if ``μ ≥ σ_H``;
     ``τ = τ₀`` otherwise. Afterwards ``σ_L ≤ sᵀŷ / sᵀs ≤ σ_H``. ``τ₀ = 1`` leaves in-range pairs
     untouched; the official code's ``damping=0.01`` is ``τ₀ = 0.99`` (1 % of ``s`` always mixed in).
-    Returns ``(ŷ, fired)`` where ``fired`` says whether a bound was active.
+    ``sᵀs = 0`` gives ``τ = 1`` (nothing to mix).
     """
     if not 0.0 <= sigma_low < 1.0 < sigma_high:
         raise ValueError(
@@ -119,17 +133,11 @@ def mlbfgs_damping(
         )
     if not 0.0 < tau0 <= 1.0:
         raise ValueError(f"Invalid tau0: {tau0} (must be in (0, 1])")
-    ss, sy = dots64((s, s), (s, y))
     if ss == 0.0:
-        return y, False
+        return 1.0, False
     mu = sy / ss
-    fired = False
     if mu <= sigma_low:
-        tau, fired = min((1.0 - sigma_low) / (1.0 - mu), tau0), True
-    elif mu >= sigma_high:
-        tau, fired = min((sigma_high - 1.0) / (mu - 1.0), tau0), True
-    else:
-        tau = tau0
-    if tau == 1.0:
-        return y, fired
-    return tau * y + (1.0 - tau) * s.to(y.dtype), fired
+        return min((1.0 - sigma_low) / (1.0 - mu), tau0), True
+    if mu >= sigma_high:
+        return min((sigma_high - 1.0) / (mu - 1.0), tau0), True
+    return tau0, False

@@ -66,8 +66,8 @@ class LBFGSHistory:
     ) -> None:
         if history_size < 1:
             raise ValueError(f"Invalid history_size: {history_size} (must be >= 1)")
-        if dim < 1:
-            raise ValueError(f"Invalid dim: {dim} (must be >= 1)")
+        if dim < 0:
+            raise ValueError(f"Invalid dim: {dim} (must be >= 0; 0 for a rank that holds none of a block)")
         if isinstance(gamma, str):
             if gamma != "auto":
                 raise ValueError(f"Invalid gamma: {gamma!r} (must be 'auto' or a positive float)")
@@ -140,24 +140,39 @@ class LBFGSHistory:
 
     def push(self, s: Tensor, y: Tensor) -> None:
         """Store a pair (the caller has checked ``sᵀy > 0``), dropping the oldest if full."""
+        self.commit_push(self.write_pair(s, y))
+
+    def write_pair(self, s: Tensor, y: Tensor) -> Tensor:
+        """First half of :meth:`push`: write the pair into the ring row the next push fills and return its
+        products with the history, ``[Sᵀy_new, Yᵀs_new, Yᵀy_new, s_newᵀy_new, y_newᵀy_new]`` (``3m + 2`` values,
+        float64, formed from the *stored*, possibly rounded, vectors so that the compact form stays consistent).
+        A history split over ranks sums these over the ranks before :meth:`commit_push`."""
         idx = self.head
         self.S[idx].copy_(s.reshape(-1))
         self.Y[idx].copy_(y.reshape(-1))
-        # Products with the *stored* (possibly rounded) vectors keep the compact form consistent.
         s_st, y_st = self.S[idx], self.Y[idx]
-        Sy = self._rows_dot(self.S, y_st)  # s_i^T y_new
-        Ys = self._rows_dot(self.Y, s_st)  # y_i^T s_new
-        Yy = self._rows_dot(self.Y, y_st)  # y_i^T y_new
-        mask = torch.zeros(self.m, dtype=torch.bool, device=self.SY.device)
-        mask[: min(self.count + 1, self.m)] = True  # stored rows plus the new one (head == count until full)
+        return torch.cat([
+            self._rows_dot(self.S, y_st),  # s_i^T y_new
+            self._rows_dot(self.Y, s_st),  # y_i^T s_new
+            self._rows_dot(self.Y, y_st),  # y_i^T y_new
+            torch.stack([_dot64_t(s_st, y_st), _dot64_t(y_st, y_st)]),  # device scalars: no host sync
+        ])
+
+    def commit_push(self, products: Tensor) -> None:
+        """Second half of :meth:`push`: enter :meth:`write_pair`'s products into ``SᵀY`` and ``YᵀY`` and advance
+        the ring."""
+        m, idx = self.m, self.head
+        Sy, Ys, Yy = products[:m], products[m : 2 * m], products[2 * m : 3 * m]
+        mask = torch.zeros(m, dtype=torch.bool, device=self.SY.device)
+        mask[: min(self.count + 1, m)] = True  # stored rows plus the new one (head == count until full)
         self.SY[:, idx] = torch.where(mask, Sy, torch.zeros_like(Sy))
         self.SY[idx, :] = torch.where(mask, Ys, torch.zeros_like(Ys))
         self.YY[:, idx] = torch.where(mask, Yy, torch.zeros_like(Yy))
         self.YY[idx, :] = self.YY[:, idx]
-        self.SY[idx, idx] = _dot64_t(s_st, y_st)  # device scalars: no host sync
-        self.YY[idx, idx] = _dot64_t(y_st, y_st)
-        self.head = (self.head + 1) % self.m
-        self.count = min(self.count + 1, self.m)
+        self.SY[idx, idx] = products[3 * m]
+        self.YY[idx, idx] = products[3 * m + 1]
+        self.head = (self.head + 1) % m
+        self.count = min(self.count + 1, m)
 
     def _rows_dot(self, M: Tensor, v: Tensor) -> Tensor:
         """``M @ v`` in float64 output, computed in ``compute_dtype``; chunk by chunk only when ``M`` needs an
@@ -205,17 +220,30 @@ class LBFGSHistory:
     def apply(self, V: Tensor, middle: tuple[Tensor, float | Tensor] | None = None) -> Tensor:
         """``H @ V`` by the compact representation; ``V`` is ``(n,)`` or ``(n, k)``. ``middle`` is
         :meth:`middle`'s result for the current history, when the caller keeps it."""
-        Vm = V.reshape(self.n, -1)
-        if Vm.dtype != self.compute_dtype:
-            Vm = Vm.to(self.compute_dtype)
+        return self.finish(V, self.project(V), middle)
+
+    def project(self, V: Tensor) -> Tensor:
+        """First half of :meth:`apply`: ``[S V; Y V]`` over the stored rows, ``(2c, k)`` in float64. A history
+        split over ranks (each holding some columns of ``S`` and ``Y`` and the same rows of ``V``) sums these
+        over the ranks before :meth:`finish`."""
+        return self._project(self._as_matrix(V), self.count)
+
+    def finish(self, V: Tensor, P: Tensor, middle: tuple[Tensor, float | Tensor] | None = None) -> Tensor:
+        """Second half of :meth:`apply`: ``γ V + [S; Y]ᵀ M P`` from :meth:`project`'s ``P``."""
+        Vm = self._as_matrix(V)
         M, gamma = self.middle() if middle is None else middle
         c = self.count
         out = gamma * Vm
         if c > 0:
-            Q = (M @ self._project(Vm, c)).to(Vm.dtype)  # [S V; Y V] in float64, ring order, then M
+            Q = (M @ P).to(Vm.dtype)  # [S V; Y V] in float64, ring order, then M
             self._reconstruct_into(out, Q[:c], Q[c:], c)
         out = out.reshape(V.shape)
         return out if out.dtype == V.dtype else out.to(V.dtype)
+
+    def _as_matrix(self, V: Tensor) -> Tensor:
+        """``V`` as ``(n, k)`` in the compute dtype (``n`` may be 0: a rank holding none of a block's elements)."""
+        Vm = V.reshape(self.n, -1) if self.n else V.reshape(0, 1)
+        return Vm if Vm.dtype == self.compute_dtype else Vm.to(self.compute_dtype)
 
     def _project(self, Vm: Tensor, c: int) -> Tensor:
         """``[S V; Y V]`` over the ``c`` stored rows, ``(2c, k)`` in float64."""

@@ -88,8 +88,34 @@ def test_state_round_trip_and_shape_check():
 
 
 @pytest.mark.parametrize(("kw", "match"), [({"history_size": 0}, "history_size"), ({"gamma": -1.0}, "gamma"),
-                                           ({"gamma": "nocedal"}, "gamma"), ({"dim": 0}, "dim")])
+                                           ({"gamma": "nocedal"}, "gamma"), ({"dim": -1}, "dim")])
 def test_validation(kw, match):
     args = {"history_size": 3, "dim": 4} | kw
     with pytest.raises(ValueError, match=match):
         LBFGSHistory(**args)
+
+
+def test_split_history_sums_to_the_whole():
+    """A history whose columns are split between two holders (as over ranks) gives the whole history's pushes
+    and products once the halves' partial products are summed: write_pair/commit_push and project/finish."""
+    torch.manual_seed(0)
+    m, n, cut = 3, 9, 4
+    whole, parts = LBFGSHistory(m, n, dtype=torch.float64, compute_dtype=torch.float64), [
+        LBFGSHistory(m, k, dtype=torch.float64, compute_dtype=torch.float64) for k in (cut, n - cut)]
+    empty = LBFGSHistory(m, 0, dtype=torch.float64, compute_dtype=torch.float64)  # holds none of the block
+    for _ in range(m + 2):  # wraps the ring
+        s = torch.randn(n, dtype=torch.float64)
+        y = s + 0.1 * torch.randn(n, dtype=torch.float64)
+        whole.push(s, y)
+        halves = [s[:cut], s[cut:]], [y[:cut], y[cut:]]
+        total = sum(h.write_pair(a, b) for h, a, b in zip(parts, *halves)) + empty.write_pair(s[:0], y[:0])
+        for h in (*parts, empty):
+            h.commit_push(total)
+    for h in (*parts, empty):
+        torch.testing.assert_close(h.SY, whole.SY, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h.YY, whole.YY, rtol=1e-12, atol=1e-12)
+    v = torch.randn(n, dtype=torch.float64)
+    P = parts[0].project(v[:cut]) + parts[1].project(v[cut:]) + empty.project(v[:0])
+    got = torch.cat([parts[0].finish(v[:cut], P), parts[1].finish(v[cut:], P), empty.finish(v[:0], P)])
+    torch.testing.assert_close(got, whole.apply(v), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, whole.two_loop(v), rtol=1e-10, atol=1e-12)
