@@ -1,4 +1,5 @@
-"""FSDP2 (fully_shard) parameters are refused with a clear message, never a silent wrong answer."""
+"""FSDP2 (fully_shard) on one rank: K-BFGS refuses it with a clear message; mL-BFGS splits its state (the two-rank
+checks are in ``test_sharded_state.py``) and on one rank takes the unsharded run's steps."""
 
 from __future__ import annotations
 
@@ -18,19 +19,57 @@ def single_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_fully_sharded_parameters_are_refused(single_rank_group):
+def _sharded_mlp():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    plain = hf_qn.MLBFGS(model)  # built before sharding, as accelerate does
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    return model
+
+
+def test_kbfgs_refuses_fully_sharded_parameters(single_rank_group):
+    model = _sharded_mlp()
     with pytest.raises(NotImplementedError, match="FSDP2"):
         hf_qn.KBFGS(model, preset="paper")
-    with pytest.raises(NotImplementedError, match="FSDP2"):
-        hf_qn.MLBFGS(model)
+    torch.manual_seed(0)
+    plain_model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    plain = hf_qn.KBFGS(plain_model, preset="paper")
     # accelerate swaps the sharded parameters into an existing optimizer's groups: refused at step time
     plain.param_groups[0]["params"] = list(model.parameters())
     model(torch.randn(3, 4)).sum().backward()
     with pytest.raises(NotImplementedError, match="DDP"):
         plain.step()
+
+
+def test_mlbfgs_on_one_fully_sharded_rank_takes_the_unsharded_steps(single_rank_group):
+    torch.manual_seed(0)
+    plain_model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    model = _sharded_mlp()
+    cfg = {"history_size": 3, "update_interval": 2, "lr": 0.05}
+    plain, sharded = hf_qn.MLBFGS(plain_model, **cfg), hf_qn.MLBFGS(model, **cfg)
+    assert sharded._plan.kind == "fsdp2" and not hf_qn.MLBFGS(plain_model)._plan.sharded
+    g = torch.Generator().manual_seed(1)
+    for _ in range(7):
+        x = torch.randn(5, 4, generator=g)
+        for m, opt in ((plain_model, plain), (model, sharded)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(plain_model.parameters(), model.parameters()):
+        torch.testing.assert_close(q.full_tensor(), p.detach(), rtol=1e-6, atol=1e-7)
+    assert sharded.statistics()["qn/pairs_accepted"] == plain.statistics()["qn/pairs_accepted"] > 0
+    with pytest.raises(ValueError, match="shard_state"):
+        hf_qn.MLBFGS(model, shard_state=False)
+
+
+def test_chunk_range_splits_as_torch_chunk():
+    from hf_qn.distributed.shards import chunk_range
+
+    for n in (0, 1, 2, 5, 7, 64):
+        for parts in (1, 2, 3, 8):
+            pieces = torch.arange(n).chunk(parts) if n else ()
+            got = [chunk_range(n, parts, r) for r in range(parts)]
+            assert [hi - lo for lo, hi in got if hi > lo] == [len(c) for c in pieces]
+            assert torch.equal(torch.cat([torch.arange(n)[lo:hi] for lo, hi in got]), torch.arange(n))

@@ -376,6 +376,12 @@ class MLBFGSConfig(_Config):
         blocks: ``"layer"``, ``"param"``, ``"model"``, a chunk size, or ``{name: [param names]}``; see
             :func:`~hf_qn.optim.mlbfgs.build_blocks`. (default: ``"layer"``)
         min_block_size: merge consecutive blocks smaller than this. (default: 0)
+        shard_state: split the per-element state (averages, histories, momentum) over the ranks, each keeping
+            a ``1/N`` slice of every parameter, with the L-BFGS products summed over ranks (the same
+            directions as one process, within float rounding). ``None``: split under FSDP2 ``fully_shard``
+            (where it is the only choice), whole on every rank otherwise. ``True`` under DDP: ZeRO-1 (each
+            rank updates its slices, which are then all-gathered). Checkpoints are then per rank (see
+            :meth:`~hf_qn.MLBFGS.full_state_dict` to move between rank counts). (default: None)
     """
 
     lr: float = 1e-3
@@ -397,6 +403,7 @@ class MLBFGSConfig(_Config):
     history_dtype: str | torch.dtype = "float32"
     blocks: str | int | Mapping[str, Sequence[str]] = "layer"
     min_block_size: int = 0
+    shard_state: bool | None = None
 
     OWNER: ClassVar[str] = "MLBFGS"
     RENAMED: ClassVar[dict[str, str]] = {
@@ -417,6 +424,8 @@ class MLBFGSConfig(_Config):
         for name in ("damp", "grad_avg_reset"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Invalid {name}: {getattr(self, name)!r} (must be True or False)")
+        if self.shard_state is not None and not isinstance(self.shard_state, bool):
+            raise TypeError(f"Invalid shard_state: {self.shard_state!r} (must be None, True or False)")
         normalize = self.normalize
         if isinstance(normalize, bool):
             object.__setattr__(self, "normalize", "unit" if normalize else "none")

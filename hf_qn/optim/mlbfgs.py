@@ -15,9 +15,18 @@ the step is heavy-ball momentum with decoupled weight decay:
 
     b ← μ b + d,    θ ← θ − α (b + λ_wd θ).
 
-Distributed: the pair pushes are replicated on every rank (cheap, every T steps) so rank 0 holds the
-complete state; the per-step L-BFGS products, the dominant cost, are computed only by each block's
-owner (greedy assignment by size) and exchanged with one all-reduce, so replicas take identical steps.
+Distributed, two ways (:mod:`hf_qn.distributed.shards`):
+
+* whole state on every rank (one process; DDP by default): the pair pushes are replicated on every rank
+  (cheap, every T steps) so rank 0 holds the complete state; the per-step L-BFGS products, the dominant
+  cost, are computed only by each block's owner (greedy assignment by size) and exchanged with one
+  all-reduce, so replicas take identical steps;
+* split state (FSDP2 ``fully_shard``; DDP with ``shard_state=True``): every rank keeps the averages,
+  momentum and history columns of its ``1/N`` of every parameter. The compact form needs the whole block
+  only through inner products, so each stage sums its partial products over the ranks in one all-reduce
+  for all blocks: ``sᵀs, sᵀy`` (damping), finiteness and ``sᵀŷ`` (the curvature test), the new pair's
+  products with the history (the push), ``[Sᵀg; Yᵀg]`` (the direction, every step: ``2m`` numbers per
+  block) and the grafting norms. The directions are those of one process up to the order of float sums.
 """
 
 from __future__ import annotations
@@ -33,15 +42,21 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum_, greedy_assignment, rank, world_size
-from ..linalg import LBFGSHistory, check_curvature, mlbfgs_damping
+from ..distributed.shards import ShardPlan, plan_for
+from ..linalg import LBFGSHistory, curvature_verdict, mlbfgs_mix
+from ..linalg.bfgs import _dot64_t
 from ._base import QNOptimizerBase, adam_denominators_
 from .config import MLBFGSConfig
-from .state import FORMAT, MLBFGS_BLOCK_COUNTERS, MLBFGS_PARAM_KEYS, convert_mlbfgs_v1, is_v1, iter_tensors
+from .state import FORMAT, HF_QN, MLBFGS_BLOCK_COUNTERS, MLBFGS_PARAM_KEYS, convert_mlbfgs_v1, is_v1, iter_tensors
 
 __all__ = ["MLBFGS", "Block", "MLBFGSBlock", "MLBFGSConfig", "build_blocks"]
 
 #: the hyperparameters kept in every param group (``blocks`` and ``min_block_size`` are fixed at construction).
-_GROUP_FIELDS = tuple(f.name for f in dataclasses.fields(MLBFGSConfig) if f.name not in ("blocks", "min_block_size"))
+_GROUP_FIELDS = tuple(
+    f.name for f in dataclasses.fields(MLBFGSConfig) if f.name not in ("blocks", "min_block_size", "shard_state")
+)
+#: the per-parameter state with one value per element (split over ranks with the parameter).
+_ELEMENT_KEYS = (*MLBFGS_PARAM_KEYS, "exp_avg_sq")
 
 _ADAM_BETA2, _ADAM_EPS = 0.999, 1e-8
 
@@ -173,6 +188,8 @@ class MLBFGSBlock:
         self.block = block
         self.state: dict[str, Any] = {}
         self._middle: Any = None
+        #: elements of the block held by this rank (all of them unless the state is split over ranks).
+        self.local_numel = block.numel
 
     @property
     def name(self) -> str:
@@ -187,7 +204,7 @@ class MLBFGSBlock:
     def ensure_state(self, history_size: int, gamma: float | str, dtype: torch.dtype) -> None:
         if "history" in self.state:
             return
-        hist = LBFGSHistory(history_size, self.block.numel, gamma=gamma, dtype=dtype,
+        hist = LBFGSHistory(history_size, self.local_numel, gamma=gamma, dtype=dtype,
                             device=self.block.params[0].device)
         self.state = self._param_state["block"] = {
             "history": hist.state_dict(),
@@ -203,17 +220,18 @@ class MLBFGSBlock:
         compute = torch.float64 if S.dtype == torch.float64 else torch.float32
         return LBFGSHistory.from_state(self.state["history"], gamma=gamma, compute_dtype=compute)
 
-    def push(self, hist: LBFGSHistory, s: Tensor, y: Tensor) -> None:
-        hist.push(s, y)
+    def commit_push(self, hist: LBFGSHistory, products: Tensor) -> None:
+        """Complete a push begun by ``hist.write_pair`` with its (summed) products."""
+        hist.commit_push(products)
         self.state["history"].update(hist.state_dict())
         self._middle = None
         self.count("pairs_accepted")
 
-    def apply(self, hist: LBFGSHistory, g: Tensor) -> Tensor:
-        """``H g`` (compact form)."""
+    def finish(self, hist: LBFGSHistory, g: Tensor, products: Tensor) -> Tensor:
+        """``H g`` (compact form) from ``hist.project(g)``'s (summed) products."""
         if self._middle is None:
             self._middle = hist.middle()
-        return hist.apply(g, middle=self._middle)
+        return hist.finish(g, products, middle=self._middle)
 
 
 class MLBFGS(QNOptimizerBase):
@@ -253,7 +271,6 @@ class MLBFGS(QNOptimizerBase):
         self.config = cfg
         defaults = {k: getattr(cfg, k) for k in _GROUP_FIELDS}
         super().__init__(groups, defaults)
-        self._refuse_sharded_parameters()
         self._refuse_unsupported_parameters()
         in_groups = {id(p) for g in self.param_groups for p in g["params"]}
         named = [(n, p) for n, p in named if id(p) in in_groups]
@@ -266,6 +283,8 @@ class MLBFGS(QNOptimizerBase):
             "steps_skipped_nonfinite": torch.tensor(0, dtype=torch.int64),
         }
         self._names = {id(p): n for n, p in named}
+        self._built_params = self._all_params()
+        self._plan: ShardPlan = plan_for(self._built_params, cfg.shard_state)
         self._assign()
         self._bind_units()
         #: L-BFGS products computed by this rank (to show the distributed work split).
@@ -284,13 +303,53 @@ class MLBFGS(QNOptimizerBase):
         super().__setstate__(state)  # also called by torch's load_state_dict, with state and param_groups only
         if named is not None:  # a copy
             self._names = {id(p): n for p, n in named}
+            self._plan = plan_for(self._all_params(), self.config.shard_state)
             self._assign()  # owners follow this process's world size
         if "units" in self.__dict__:
             self._bind_units()
 
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
     def _bind_units(self) -> None:
         for u in self.units:
             u.bind(self.state[u.block.params[0]])
+            u.local_numel = sum(self._plan.local(p).numel() for p in u.block.params)
+
+    def _follow_swapped_parameters(self) -> None:
+        """Accelerate (FSDP2) and similar wrappers replace the parameters in ``param_groups`` after the optimizer
+        was built (by the sharded DTensors, in the same order): move the blocks, names and state to the new
+        parameters and choose the sharding plan again. Nothing happens when the parameters are the ones the
+        blocks were built on."""
+        current = self._all_params()
+        known = [p for b in self.blocks for p in b.params]
+        if {id(p) for p in current} == {id(p) for p in known}:
+            return
+        old = getattr(self, "_built_params", None)
+        if old is None or len(old) != len(current):
+            raise RuntimeError(
+                "MLBFGS: the parameters in param_groups changed and cannot be matched to the blocks; build the "
+                "optimizer after wrapping the model (fully_shard, DDP) or let accelerate.prepare swap them"
+            )
+        new_of = {id(o): n for o, n in zip(old, current)}
+        self.blocks = [Block(b.name, tuple(new_of[id(p)] for p in b.params)) for b in self.blocks]  # type: ignore[misc]
+        for u, b in zip(self.units, self.blocks):
+            u.block = b
+        plan = plan_for(current, self.config.shard_state)
+        if plan.sharded and any(True for st in self.state.values() for _ in iter_tensors(st)):
+            raise RuntimeError(
+                "MLBFGS: the parameters were swapped for sharded ones after the optimizer had taken steps, so its "
+                "state is whole; save full_state_dict() and load it into an optimizer built on the sharded model"
+            )
+        self._names = {id(new_of[i]): n for i, n in self._names.items() if i in new_of}
+        for o in old:
+            if o in self.state:
+                self.state[new_of[id(o)]] = self.state.pop(o)
+        self._built_params = current
+        self._group_cache = None
+        self._plan = plan
+        self._assign()
+        self._bind_units()
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -340,6 +399,8 @@ class MLBFGS(QNOptimizerBase):
             self.blocks.append(Block(name, b.params))
             self.units.append(MLBFGSBlock(self.blocks[-1]))
         self._names.update({id(p): n for n, p in named})
+        self._built_params = self._all_params()
+        self._plan = plan_for(self._built_params, self.config.shard_state)
         self._assign()
         self._bind_units()
 
@@ -352,11 +413,12 @@ class MLBFGS(QNOptimizerBase):
         lines = [f"{'block':<40} {'numel':>10} {'owner':>5}  parameters"]
         for b in self.blocks:
             pn = ", ".join(self._names.get(id(p), "?") for p in b.params)
-            lines.append(f"{b.name:<40} {b.numel:>10} {self.owners[b.name]:>5}  {pn}")
+            owner = "all" if self._plan.sharded else str(self.owners[b.name])
+            lines.append(f"{b.name:<40} {b.numel:>10} {owner:>5}  {pn}")
         return "\n".join(lines)
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state held now (all tensors in ``self.state``)."""
+        """Bytes of optimizer state held now by this rank (all tensors in ``self.state``)."""
         tensors = [v for st in self.state.values() for _, v in iter_tensors(st)]
         return sum(v.numel() * v.element_size() for v in tensors)
 
@@ -380,7 +442,7 @@ class MLBFGS(QNOptimizerBase):
         """One step. ``closure`` (optional, torch.optim semantics) computes loss and gradients first. Parameters
         without a gradient are skipped (no average, momentum or decay); a block none of whose parameters has one
         forms no pair."""
-        self._refuse_sharded_parameters()
+        self._follow_swapped_parameters()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -388,7 +450,7 @@ class MLBFGS(QNOptimizerBase):
         live = [p for b in self.blocks for p in b.params if p.grad is not None]
         if not live:
             return loss
-        if not self._all_grads_finite(live):
+        if not self._grads_finite(live):
             self.counters["steps_skipped_nonfinite"] += 1
             warnings.warn("MLBFGS: non-finite gradient; step skipped, history untouched", RuntimeWarning, stacklevel=2)
             return loss
@@ -402,13 +464,25 @@ class MLBFGS(QNOptimizerBase):
         self._update_averages(live, hp)
         # every T steps: s = M^θ − M^θ_prev, y = M^g − M^g_prev, damped, pushed               (eqs. 6, 7)
         if t % hp["update_interval"] == 0:
-            for u in units:
-                self._curvature_pair(u, hp)
+            self._curvature_pairs(units, hp)
         # d = H g per block (owner ranks, then one all-reduce), scaled by ``normalize``
         directions = self._directions(units, t, hp)
         # b ← μ b + d;  θ ← θ(1 − α λ_wd) − α b
         self._apply(units, directions)
+        self._plan.after_update(live)
         return loss
+
+    def _grads_finite(self, params: list[nn.Parameter]) -> bool:
+        """Every gradient finite, on every rank (under split state each rank sees only its pieces)."""
+        if not self._plan.sharded:
+            return self._all_grads_finite(params)
+        grads = [g for p in params if (g := self._plan.local_grad(p)) is not None and g.numel()]
+        bad = torch.zeros(1, dtype=torch.float64, device=params[0].device)
+        if grads:
+            norms = torch.stack([n.double() for n in torch._foreach_norm(grads)])
+            bad += (~torch.isfinite(norms)).sum()
+        self._plan.all_reduce_([bad])
+        return not bool(bad.item())
 
     def _hyperparameters(self) -> dict[str, Any]:
         """The hyperparameters of this step, from ``param_groups`` (as torch.optim reads them, so a loaded
@@ -437,11 +511,12 @@ class MLBFGS(QNOptimizerBase):
         """M^θ ← β_θ M^θ + (1−β_θ) θ,  M^g ← β_g M^g + (1−β_g) g (each started at its first θ, g), over the
         parameters with a gradient, with multi-tensor (``torch._foreach_*``) kernels."""
         bp, bg = hp["param_decay"], hp["grad_decay"]
+        local = self._plan.local
         fresh = [p for p in params if "param_avg" not in self.state[p]]
         for p in fresh:
             st = self._param_state(p)
-            st["param_avg"].copy_(p)
-            st["grad_avg"].copy_(p.grad)
+            st["param_avg"].copy_(local(p))
+            st["grad_avg"].copy_(self._plan.local_grad(p))
         started = {id(p) for p in fresh}
         params = [p for p in params if id(p) not in started]
         if not params:
@@ -449,18 +524,69 @@ class MLBFGS(QNOptimizerBase):
         states = [self._param_state(p) for p in params]
         p_avg, g_avg = [st["param_avg"] for st in states], [st["grad_avg"] for st in states]
         torch._foreach_mul_(p_avg, bp)
-        torch._foreach_add_(p_avg, [p.detach() for p in params], alpha=1 - bp)
+        torch._foreach_add_(p_avg, [local(p).detach() for p in params], alpha=1 - bp)
         torch._foreach_mul_(g_avg, bg)
         torch._foreach_add_(g_avg, self._grads(params), alpha=1 - bg)
 
-    def _curvature_pair(self, u: MLBFGSBlock, hp: dict[str, Any]) -> None:
-        """s = M^θ − M^θ_prev, y = M^g − M^g_prev; pair momentum; damping (eq. 7); push if sᵀy > ε sᵀs."""
+    def _curvature_pairs(self, units: list[MLBFGSBlock], hp: dict[str, Any]) -> None:
+        """Per block: s = M^θ − M^θ_prev, y = M^g − M^g_prev; pair momentum; damping (eq. 7); push if
+        sᵀy > ε sᵀs. Every product over a block is summed over the ranks (one all-reduce per stage, for all
+        blocks; nothing to sum when the state is whole), so every rank takes the same decisions."""
+        pairs = []
+        for u in units:
+            s_y = self._pair_vectors(u, hp)
+            if s_y is not None:
+                pairs.append((u, u.history(hp["gamma"]), *s_y))
+        if not pairs:
+            return
+        c = hp["pair_decay"]
+        if c > 0:
+            for i, (u, hist, s, y) in enumerate(pairs):
+                if len(hist) > 0:
+                    j = hist.newest()
+                    s = (1 - c) * s + c * hist.S[j].to(s.dtype)
+                    pairs[i] = (u, hist, s, (1 - c) * y + c * hist.Y[j].to(y.dtype))
+        if hp["damp"]:  # ŷ = τ y + (1−τ) s with τ from the block's sᵀs, sᵀy
+            ss_sy = self._summed([torch.stack([_dot64_t(s, s), _dot64_t(s, y)]) for _, _, s, y in pairs])
+            for i, ((u, hist, s, y), (ss, sy)) in enumerate(zip(pairs, ss_sy)):
+                tau, fired = mlbfgs_mix(ss, sy, hp["sigma_low"], hp["sigma_high"], 1.0 - hp["min_mix"])
+                if fired:
+                    u.count("pairs_damped")
+                if tau != 1.0:
+                    pairs[i] = (u, hist, s, tau * y + (1.0 - tau) * s.to(y.dtype))
+        checks = self._summed([
+            torch.stack([(~torch.isfinite(s)).sum().double() + (~torch.isfinite(y)).sum().double(),
+                         _dot64_t(s, y), _dot64_t(s, s)])
+            for _, _, s, y in pairs
+        ])
+        accepted = []
+        for (u, hist, s, y), (bad, sy, ss) in zip(pairs, checks):
+            check = curvature_verdict(bad == 0, sy, ss)
+            if not check.ok or check.sy <= hp["curvature_eps"] * check.ss:
+                u.count("pairs_skipped")
+            else:
+                accepted.append((u, hist, hist.write_pair(s, y)))
+        products = [pr for _, _, pr in accepted]
+        self._plan.all_reduce_(products)
+        for (u, hist, _), pr in zip(accepted, products):
+            u.commit_push(hist, pr)
+
+    def _summed(self, parts: list[Tensor]) -> list[list[float]]:
+        """Each block's partial products summed over the ranks (one all-reduce), read back in one host sync."""
+        flat = torch.stack(parts)
+        self._plan.all_reduce_([flat])
+        return flat.tolist()
+
+    def _pair_vectors(self, u: MLBFGSBlock, hp: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
+        """s = M^θ − M^θ_prev, y = M^g − M^g_prev over the block (this rank's pieces); the averages become
+        the next pair's starting point. ``None`` at the block's first pair point."""
         first_pair_point = not bool(u.state["has_prev"])
         s_parts, y_parts = [], []
         for p in u.block.params:
             if "param_avg" not in self.state[p]:  # never had a gradient: no movement to pair
                 if not first_pair_point:
-                    s_parts.append(torch.zeros(p.numel(), dtype=self._state_dtype(p), device=p.device))
+                    n = self._plan.local(p).numel()
+                    s_parts.append(torch.zeros(n, dtype=self._state_dtype(p), device=p.device))
                     y_parts.append(s_parts[-1])
                 continue
             st = self.state[p]
@@ -470,83 +596,81 @@ class MLBFGS(QNOptimizerBase):
             st["param_avg_prev"].copy_(st["param_avg"])
             st["grad_avg_prev"].copy_(st["grad_avg"])
             if hp["grad_avg_reset"] and p.grad is not None:
-                st["grad_avg"].copy_(p.grad)
+                st["grad_avg"].copy_(self._plan.local_grad(p))
         u.state["has_prev"].fill_(True)
         if first_pair_point:
-            return
-        s, y = torch.cat(s_parts), torch.cat(y_parts)
-        hist = u.history(hp["gamma"])
-        c = hp["pair_decay"]
-        if c > 0 and len(hist) > 0:
-            j = hist.newest()
-            s = (1 - c) * s + c * hist.S[j].to(s.dtype)
-            y = (1 - c) * y + c * hist.Y[j].to(y.dtype)
-        if hp["damp"]:
-            y, fired = mlbfgs_damping(s, y, hp["sigma_low"], hp["sigma_high"], 1.0 - hp["min_mix"])
-            if fired:
-                u.count("pairs_damped")
-        check = check_curvature(s, y)
-        if not check.ok or check.sy <= hp["curvature_eps"] * check.ss:
-            u.count("pairs_skipped")
-            return
-        u.push(hist, s, y)
+            return None
+        return torch.cat(s_parts), torch.cat(y_parts)
 
     def _directions(self, units: list[MLBFGSBlock], step: int, hp: dict[str, Any]) -> list[Tensor]:
-        """d = H g per block on its owner rank (compact L-BFGS), d = g before the first pair (a parameter without
-        a gradient counts as zeros); then one all-reduce so every rank holds every block's direction
-        (non-owners contribute zeros), then the ``normalize`` scaling (``step``, this step's count,
-        bias-corrects the Adam grafting)."""
+        """d = H g per block (compact L-BFGS), d = g before the first pair (a parameter without a gradient counts
+        as zeros), then the ``normalize`` scaling (``step``, this step's count, bias-corrects the Adam grafting).
+
+        Whole state on several ranks: each block's owner computes its direction, non-owners contribute zeros to
+        one all-reduce. Split state: every rank computes its pieces of every direction from ``[Sᵀg; Yᵀg]``
+        summed over the ranks (one all-reduce for all blocks)."""
+        split_by_owner = not self._plan.sharded and world_size() > 1
         me = rank()
-        ws = world_size()
-        out = []
+        out: list[Tensor] = []
+        pending = []
         for u in units:
             b = u.block
             dtype = self._state_dtype(b.params[0])
-            if ws > 1 and self.owners[b.name] != me:
-                out.append(torch.zeros(b.numel, dtype=dtype, device=b.params[0].device))
+            if split_by_owner and self.owners[b.name] != me:
+                out.append(torch.zeros(u.local_numel, dtype=dtype, device=b.params[0].device))
                 continue
             g = torch.cat([x.reshape(-1) for x in self._grads(b.params)]).to(dtype)
+            out.append(g)  # d = g until the block has a pair (torch.cat made it a fresh tensor)
             hist = u.history(hp["gamma"])
-            if len(hist) == 0:
-                out.append(g)  # torch.cat made it a fresh tensor
-            else:
+            if len(hist) > 0:
                 self.work_counter += 1
-                out.append(u.apply(hist, g))
-        if ws > 1:
+                pending.append((len(out) - 1, u, hist, g, hist.project(g)))
+        self._plan.all_reduce_([P for *_, P in pending])
+        for i, u, hist, g, P in pending:
+            out[i] = u.finish(hist, g, P)
+        if split_by_owner:
             all_reduce_sum_(out)
         mode = hp["normalize"]
         if mode in ("unit", "grad"):
-            total = math.sqrt(sum(float(torch.dot(d.double(), d.double())) for d in out))
-            target = 1.0
+            sums = [sum(float(torch.dot(d.double(), d.double())) for d in out), 1.0]
             if mode == "grad":
-                target = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for u in units for p in u.block.params
-                                       if p.grad is not None))
+                local_grads = [self._plan.local_grad(p) for u in units for p in u.block.params]
+                sums[1] = sum((float(x.double().pow(2).sum()) for x in local_grads if x is not None), 0.0)
+            if self._plan.sharded:
+                summed = torch.tensor(sums, dtype=torch.float64)
+                self._plan.all_reduce_([summed])
+                sums = summed.tolist()
+            total, target = math.sqrt(sums[0]), (math.sqrt(sums[1]) if mode == "grad" else 1.0)
             if total > 0:
                 out = [d * (target / total) for d in out]
         elif mode == "adam":
             out = self._graft_to_adam(units, out, step)
         return out
 
-    @staticmethod
-    def _grads(params: Sequence[Tensor]) -> list[Tensor]:
-        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    def _grads(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """This rank's pieces of the gradients (zeros for a parameter without one)."""
+        local = self._plan.local
+        return [g if (g := self._plan.local_grad(p)) is not None else torch.zeros_like(local(p)) for p in params]
 
     def _graft_to_adam(self, units: list[MLBFGSBlock], directions: list[Tensor], step: int) -> list[Tensor]:
         """Rescale each block's direction to the norm of Adam's un-momented step in that block,
         ``‖g / (√v̂ + ε)‖`` with ``v ← β₂ v + (1−β₂) g²`` (β₂ = 0.999, ε = 1e-8, bias-corrected) over its
         parameters that have a gradient: layer-wise grafting (Agarwal et al. 2020), as Distributed Shampoo
         grafts its blocks. Every rank keeps ``v`` for every parameter (like the momentum buffers), so replicas
-        agree without communication. Multi-tensor kernels over all parameters."""
+        agree without communication (under split state each rank keeps its pieces of ``v`` and the squared norms
+        are summed over the ranks). Multi-tensor kernels over all parameters."""
         pairs = [(p, i) for i, u in enumerate(units) for p in u.block.params if p.grad is not None]
         which = [i for _, i in pairs]  # block of each parameter
         vs, gs = [], []
         for p, i in pairs:
             st = self._param_state(p)
             dtype = directions[i].dtype
+            g = self._plan.local_grad(p)
+            assert g is not None
             if "exp_avg_sq" not in st:
-                st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+                st["exp_avg_sq"] = torch.zeros_like(g, dtype=dtype, memory_format=torch.contiguous_format)
             vs.append(st["exp_avg_sq"])
-            gs.append(p.grad.to(dtype))  # type: ignore[union-attr]
+            gs.append(g.to(dtype))
         denom = adam_denominators_(vs, gs, _ADAM_BETA2, step, _ADAM_EPS)
         dev = directions[0].device
         adam_norms = torch._foreach_norm(torch._foreach_div(gs, denom))
@@ -554,28 +678,34 @@ class MLBFGS(QNOptimizerBase):
         sq = torch.zeros(len(units), dtype=torch.float64, device=dev)
         sq.index_add_(0, torch.tensor(which, device=dev), adam_sq)
         dn = torch.stack([n.to(dev, torch.float64) for n in torch._foreach_norm(directions)])
+        if self._plan.sharded:  # this rank's pieces: sum the squares over the ranks
+            both = torch.cat([sq, dn.square()])
+            self._plan.all_reduce_([both])
+            sq, dn = both[: len(units)], both[len(units) :].sqrt()
         scale = torch.where(dn > 0, sq.sqrt() / dn.clamp_min(1e-300), torch.ones_like(dn))
         return [d * s.to(d.device, d.dtype) for d, s in zip(directions, scale.unbind())]
 
     def _apply(self, units: list[MLBFGSBlock], directions: list[Tensor]) -> None:
         """b ← μ b + d;  θ ← θ(1 − α λ_wd) − α b, with multi-tensor kernels per parameter group, for the
         parameters with a gradient."""
-        per_group: dict[int, tuple[dict[str, Any], list[Tensor], list[Tensor]]] = {}
+        per_group: dict[int, tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor]]] = {}
         for u, d in zip(units, directions):
             offset = 0
             for p in u.block.params:
-                n = p.numel()
+                piece = self._plan.local(p)
+                n = piece.numel()
                 if p.grad is not None:
                     group = self._group_of(p)
-                    _, ps, ds = per_group.setdefault(id(group), (group, [], []))
+                    _, ps, pieces, ds = per_group.setdefault(id(group), (group, [], [], []))
                     ps.append(p)
-                    ds.append(d[offset : offset + n].view_as(p))
+                    pieces.append(piece)
+                    ds.append(d[offset : offset + n].view_as(piece))
                 offset += n
-        for group, ps, ds in per_group.values():
+        for group, params, ps, ds in per_group.values():
             mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
             upd = ds
             if mu > 0:
-                upd = [self._param_state(p)["momentum_buffer"] for p in ps]
+                upd = [self._param_state(p)["momentum_buffer"] for p in params]
                 torch._foreach_mul_(upd, mu)
                 torch._foreach_add_(upd, ds)
             if wd != 0:
@@ -591,12 +721,16 @@ class MLBFGS(QNOptimizerBase):
     def _param_state(self, p: Tensor) -> dict[str, Any]:
         st = self.state[p]
         if "param_avg" not in st:
+            piece = self._plan.local(p)
             for k in MLBFGS_PARAM_KEYS:
-                st[k] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.contiguous_format)
+                st[k] = torch.zeros_like(piece, dtype=self._state_dtype(p), memory_format=torch.contiguous_format)
         return st
 
     def _global_state(self) -> dict[str, Any]:
-        return {"format": FORMAT, "optimizer": "MLBFGS", **self.counters}
+        out = {"format": FORMAT, "optimizer": "MLBFGS", **self.counters}
+        if self._plan.sharded:
+            out["shards"] = self._plan.signature()
+        return out
 
     def _layout(self) -> list[list[Any]]:
         return [[b.name, b.numel] for b in self.blocks]
@@ -611,11 +745,98 @@ class MLBFGS(QNOptimizerBase):
         id_of = {id(p): pid for pid, p in self._saved_ids(state_dict).items()}
         return convert_mlbfgs_v1(state_dict, id_of[id(self.blocks[0].params[0])])
 
+    def full_state_dict(self) -> dict[str, Any]:
+        """The whole state, as one process holds it: loads into an ``MLBFGS`` on one process or on any number
+        of ranks, with whole or split state (a split optimizer keeps its pieces of it). Equal to
+        :meth:`state_dict` when the state is whole; under split state a collective (every rank calls it and
+        gets the whole dict)."""
+        sd = self.state_dict()
+        if not self._plan.sharded:
+            return sd
+        plan, params = self._plan, self._saved_ids(sd)
+        first_of = {id(u.block.params[0]): u for u in self.units}
+        state = {}
+        for pid in sorted(sd["state"]):  # the same order on every rank: the gathers pair up
+            p, st = params[pid], dict(sd["state"][pid])
+            for k in _ELEMENT_KEYS:
+                if k in st:
+                    st[k] = plan.gather(p, st[k].reshape(1, -1)).reshape(p.shape)
+            if "history" in st.get("block", {}):
+                hist = dict(st["block"]["history"])
+                for key in ("S", "Y"):
+                    pieces, offset = [], 0
+                    for q in first_of[id(p)].block.params:
+                        n = plan.local(q).numel()
+                        pieces.append(plan.gather(q, hist[key][:, offset : offset + n]))
+                        offset += n
+                    hist[key] = torch.cat(pieces, dim=1)
+                st["block"] = {**st["block"], "history": hist}
+            state[pid] = st
+        sd["state"] = state
+        sd[HF_QN] = {k: v for k, v in sd[HF_QN].items() if k != "shards"}
+        return sd
+
+    def _pieces_of(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """This rank's pieces of a whole state (:meth:`full_state_dict`, or one process's ``state_dict()``)."""
+        plan, params = self._plan, self._saved_ids(state_dict)
+        first_of = {id(u.block.params[0]): u for u in self.units}
+        state = {}
+        for pid, saved in state_dict["state"].items():
+            p, st = params[pid], dict(saved)
+            lo, hi = plan.flat_range(p)
+            shape = plan.local(p).shape
+            for k in _ELEMENT_KEYS:
+                if k in st:
+                    if st[k].numel() != p.numel():
+                        raise ValueError(
+                            f"MLBFGS.load_state_dict: state {k!r} of parameter {self._names.get(id(p), pid)!r} has "
+                            f"{st[k].numel()} elements, the parameter {p.numel()}: it was written for another model"
+                        )
+                    st[k] = st[k].reshape(-1)[lo:hi].reshape(shape).clone()
+            if "history" in st.get("block", {}):
+                hist = dict(st["block"]["history"])
+                starts = [0]
+                for q in first_of[id(p)].block.params:
+                    starts.append(starts[-1] + q.numel())
+                for key in ("S", "Y"):
+                    hist[key] = torch.cat([
+                        hist[key][:, start + a : start + b]
+                        for q, start in zip(first_of[id(p)].block.params, starts)
+                        for a, b in [plan.flat_range(q)]
+                    ], dim=1).clone()
+                st["block"] = {**st["block"], "history": hist}
+            state[pid] = st
+        return {**state_dict, "state": state}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        for u in self.units:
-            if "history" in u.state and u.state["history"]["S"].shape[1] != u.block.numel:
+        """Load :meth:`state_dict`'s output. Under split state a rank loads the pieces it saved itself (same rank
+        of the same number of ranks), or splits a whole state (:meth:`full_state_dict`, or one process's)."""
+        self._follow_swapped_parameters()
+        state_dict = self._upgrade(state_dict)
+        saved = state_dict.get(HF_QN, {}).get("shards")
+        mine = self._plan.signature() if self._plan.sharded else None
+        if saved is not None and saved != mine:
+            here = (f"rank {mine['rank']} of {mine['world_size']} ({mine['kind']})" if mine
+                    else "whole (not split over ranks)")
+            raise ValueError(
+                f"MLBFGS.load_state_dict: this state is rank {saved['rank']}'s piece of a state split over "
+                f"{saved['world_size']} ranks ({saved['kind']}), and this optimizer's state is {here}. A piece loads "
+                "only into the same rank of the same split; to change the number of ranks, call full_state_dict() "
+                "on every rank of the run that wrote it and load that whole state instead"
+            )
+        ours = state_dict.get(HF_QN, {}).get("optimizer") == "MLBFGS"  # else the base class says whose it is
+        if ours:
+            self._check_layout(state_dict[HF_QN])
+        if saved is None and mine is not None and ours:
+            state_dict = self._pieces_of(state_dict)
+        params = self._saved_ids(state_dict)
+        first_of = {id(u.block.params[0]): u for u in self.units}
+        for pid, st in state_dict.get("state", {}).items():
+            hist = st.get("block", {}).get("history")
+            unit = first_of.get(id(params.get(pid)))
+            if hist is not None and unit is not None and hist["S"].shape[1] != unit.local_numel:
                 raise ValueError(
-                    f"MLBFGS state for block {u.name!r} has {u.state['history']['S'].shape[1]} elements but the "
-                    f"block has {u.block.numel}: the block layout (blocks=, min_block_size=) differs from the saved run"
+                    f"MLBFGS state for block {unit.name!r} has {hist['S'].shape[1]} elements but the block has "
+                    f"{unit.local_numel} here: the block layout (blocks=, min_block_size=) differs from the saved run"
                 )
+        super().load_state_dict(state_dict)

@@ -1,0 +1,221 @@
+"""Where a parameter's elements live when an optimizer's state is split over ranks.
+
+An optimizer that keeps per-element state (running averages, histories, momentum) works on each parameter's
+*local piece*: the elements this rank holds state for. A :class:`ShardPlan` says what that piece is, how to
+sum partial inner products over the ranks that share a parameter, and what to do after the update:
+
+* :class:`Replicated` - every rank holds whole parameters and whole state (one process, or DDP as before):
+  the local piece is the parameter itself and nothing is summed.
+* :class:`FullyShardedPlan` - FSDP2 ``fully_shard``: parameters are DTensors sharded on dim 0 over a 1-D
+  mesh; the local piece is the rank's shard (``to_local()``), gradients arrive reduce-scattered alike,
+  partial products are all-reduced over the mesh, and FSDP2 all-gathers the updated shards itself.
+* :class:`SlicedPlan` - ZeRO-1 under DDP: parameters and gradients are whole on every rank, each rank keeps
+  state for a contiguous ``1/N`` slice of every parameter (``torch.chunk`` of its flat view, the split FSDP2
+  uses on dim 0), updates that slice, and the slices are all-gathered after the step so that every replica
+  holds the same bits.
+
+Every element belongs to exactly one rank, so a sum of per-rank partial products is the whole product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .comm import is_distributed, is_dtensor
+
+__all__ = ["FullyShardedPlan", "Replicated", "ShardPlan", "SlicedPlan", "chunk_range", "plan_for"]
+
+
+def chunk_range(n: int, parts: int, index: int) -> tuple[int, int]:
+    """``[lo, hi)`` of piece ``index`` when ``n`` items are split as ``torch.chunk(x, parts)`` splits them
+    (pieces of ``ceil(n / parts)``; trailing pieces may be short or empty)."""
+    size = -(-n // parts) if n else 0
+    lo = min(index * size, n)
+    return lo, min(lo + size, n)
+
+
+class ShardPlan:
+    """The interface (see the module docstring). ``world`` ranks share every parameter; this is ``rank``."""
+
+    kind = "replicated"
+    sharded = False
+    world = 1
+    rank = 0
+
+    def local(self, p: Tensor) -> Tensor:
+        """This rank's piece of ``p``, a view that in-place updates write through."""
+        return p
+
+    def local_grad(self, p: Tensor) -> Tensor | None:
+        """This rank's piece of ``p.grad`` (``None`` without a gradient)."""
+        return p.grad
+
+    def flat_range(self, p: Tensor, rank: int | None = None) -> tuple[int, int]:
+        """``[lo, hi)`` of ``rank``'s piece (default: this rank's) in ``p``'s flat, row-major elements."""
+        return 0, p.numel()
+
+    def all_reduce_(self, tensors: Sequence[Tensor]) -> None:
+        """Sum partial products in place over the ranks that share the parameters (one collective per dtype)."""
+
+    def after_update(self, params: Sequence[Tensor]) -> None:
+        """Called after the local pieces of ``params`` were updated."""
+
+    def gather(self, p: Tensor, pieces: Tensor) -> Tensor:
+        """The whole of a per-element quantity of ``p`` from every rank's ``pieces`` (``(k, local numel)``: ``k``
+        rows, e.g. a history's, of this rank's elements): ``(k, p.numel())``, on every rank. Collective."""
+        return pieces
+
+    def signature(self) -> dict[str, Any]:
+        """What a rank-local checkpoint must match to be loaded here."""
+        return {"kind": self.kind, "world_size": self.world, "rank": self.rank}
+
+
+class Replicated(ShardPlan):
+    """Whole parameters and whole state on every rank (see the module docstring)."""
+
+
+class _SplitPlan(ShardPlan):
+    """Shared by the sharded plans: a process group, sums and gathers over it."""
+
+    sharded = True
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def all_reduce_(self, tensors: Sequence[Tensor]) -> None:
+        if not tensors:
+            return
+        buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for t in tensors:
+            buckets.setdefault((t.dtype, t.device), []).append(t)
+        for ts in buckets.values():
+            flat = torch.cat([t.reshape(-1) for t in ts])
+            dist.all_reduce(flat, group=self.group)
+            offset = 0
+            for t in ts:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def gather(self, p: Tensor, pieces: Tensor) -> Tensor:
+        k = pieces.shape[0]
+        ranges = [self.flat_range(p, r) for r in range(self.world)]
+        width = max(hi - lo for lo, hi in ranges)
+        padded = torch.zeros(k, width, dtype=pieces.dtype, device=pieces.device)
+        padded[:, : pieces.shape[1]] = pieces
+        out = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(out, padded.contiguous(), group=self.group)
+        cols = [o[:, : hi - lo] for o, (lo, hi) in zip(out, ranges)]
+        return torch.cat(cols, dim=1)
+
+
+class FullyShardedPlan(_SplitPlan):
+    """FSDP2 ``fully_shard`` (see the module docstring)."""
+
+    kind = "fsdp2"
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        from torch.distributed.tensor import Shard
+
+        mesh = None
+        for p in params:
+            if not is_dtensor(p):
+                raise NotImplementedError(
+                    f"a parameter of shape {tuple(p.shape)} is a plain tensor while others are FSDP2 DTensors: "
+                    "apply fully_shard to the root module too, so that every parameter is sharded"
+                )
+            if tuple(p.placements) != (Shard(0),) or p.device_mesh.ndim != 1:  # type: ignore[attr-defined]
+                raise NotImplementedError(
+                    f"a DTensor parameter has placements {tuple(p.placements)} on a "  # type: ignore[attr-defined]
+                    f"{p.device_mesh.ndim}-D mesh; hf_qn supports FSDP2 fully_shard on a 1-D mesh (Shard(0)), "  # type: ignore[attr-defined]
+                    "not HSDP or tensor parallelism"
+                )
+            if mesh is None:
+                mesh = p.device_mesh  # type: ignore[attr-defined]
+            elif p.device_mesh != mesh:  # type: ignore[attr-defined]
+                raise NotImplementedError("the parameters are sharded over different device meshes; use one mesh")
+        assert mesh is not None
+        super().__init__(mesh.get_group())
+
+    def local(self, p: Tensor) -> Tensor:
+        return p.to_local()  # type: ignore[attr-defined]
+
+    def local_grad(self, p: Tensor) -> Tensor | None:
+        return None if p.grad is None else p.grad.to_local()  # type: ignore[attr-defined]
+
+    def flat_range(self, p: Tensor, rank: int | None = None) -> tuple[int, int]:
+        rows = p.shape[0] if p.dim() else 1
+        lo, hi = chunk_range(rows, self.world, self.rank if rank is None else rank)
+        per_row = p.numel() // rows if rows else 0
+        return lo * per_row, hi * per_row
+
+
+class SlicedPlan(_SplitPlan):
+    """ZeRO-1 under DDP (see the module docstring)."""
+
+    kind = "zero1"
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        for p in params:
+            if not p.is_contiguous():
+                raise ValueError(f"sharded state needs contiguous parameters; one of shape {tuple(p.shape)} is not")
+        super().__init__(dist.group.WORLD)
+
+    def flat_range(self, p: Tensor, rank: int | None = None) -> tuple[int, int]:
+        return chunk_range(p.numel(), self.world, self.rank if rank is None else rank)
+
+    def local(self, p: Tensor) -> Tensor:
+        lo, hi = self.flat_range(p)
+        return p.detach().view(-1)[lo:hi]
+
+    def local_grad(self, p: Tensor) -> Tensor | None:
+        if p.grad is None:
+            return None
+        lo, hi = self.flat_range(p)
+        return p.grad.reshape(-1)[lo:hi]
+
+    def after_update(self, params: Sequence[Tensor]) -> None:
+        """Every rank's updated slices to every rank: one all-gather per dtype of the padded slices."""
+        buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for p in params:
+            buckets.setdefault((p.dtype, p.device), []).append(p)
+        for ps in buckets.values():
+            widths = [-(-p.numel() // self.world) for p in ps]
+            mine = torch.zeros(sum(widths), dtype=ps[0].dtype, device=ps[0].device)
+            offset = 0
+            for p, w in zip(ps, widths):
+                piece = self.local(p)
+                mine[offset : offset + piece.numel()] = piece
+                offset += w
+            out = [torch.empty_like(mine) for _ in range(self.world)]
+            dist.all_gather(out, mine, group=self.group)
+            for r, buf in enumerate(out):
+                if r == self.rank:
+                    continue
+                offset = 0
+                for p, w in zip(ps, widths):
+                    lo, hi = self.flat_range(p, r)
+                    p.detach().view(-1)[lo:hi] = buf[offset : offset + hi - lo]
+                    offset += w
+
+
+def plan_for(params: Sequence[Tensor], shard_state: bool | None) -> ShardPlan:
+    """The plan for these parameters: :class:`FullyShardedPlan` for DTensors (FSDP2; ``shard_state=False`` is
+    refused there), :class:`SlicedPlan` when ``shard_state`` is true on several ranks, else
+    :class:`Replicated`."""
+    if any(is_dtensor(p) for p in params):
+        if shard_state is False:
+            raise ValueError(
+                "Invalid shard_state: False with FSDP2 (fully_shard) parameters, whose elements live on different "
+                "ranks; leave shard_state=None"
+            )
+        return FullyShardedPlan(params)
+    if shard_state and is_distributed():
+        return SlicedPlan(params)
+    return Replicated()
