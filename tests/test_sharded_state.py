@@ -5,7 +5,11 @@ whole states moved between one process and two ranks. The worker is ``tests/_hel
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.distributed as dist
 
+import hf_qn
+from tests._helpers import sharded_worker as w
 from tests._helpers.launch import results, run_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -15,10 +19,15 @@ CASES = [f"{case}/{kind}/{cfg}" for case in ("fsdp2", "fsdp2_swapped", "zero1") 
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def worker_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
     run_script("tests/_helpers/sharded_worker.py", [str(out)], nproc=2, timeout=400)
-    res = results(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks(worker_out):
+    res = results(worker_out)
     assert res["world_size"] == 2
     return res["ranks"]
 
@@ -51,7 +60,52 @@ def test_rank_local_resume_is_bitwise_and_another_ranks_piece_is_refused(ranks, 
     for rank, r in enumerate(ranks):
         assert r[case]["resume_bitwise"]
         msg = r[case]["other_rank_refused"]
-        assert f"rank {1 - rank}'s piece of a state split over 2 ranks" in msg and "full_state_dict()" in msg
+        if case.startswith("zero1"):
+            assert f"rank {1 - rank}'s piece of a state split over 2 ranks" in msg and "full_state_dict()" in msg
+        else:  # DTensor pieces: told apart by the rank marker
+            assert f"another rank's (elements {2048 * (1 - rank)}-" in msg and "torch.distributed.checkpoint" in msg
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("fsdp2/")])
+def test_torch_distributed_checkpoint_resume_is_bitwise(ranks, case):
+    for r in ranks:
+        assert r[case]["dcp_resume_bitwise"]
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "cnn"])
+def test_a_two_rank_checkpoint_reshards_to_one_rank(worker_out, one_rank_group, kind):
+    """torch.distributed.checkpoint written by 2 ranks, read by 1 (fully_shard over one rank): the run goes on as
+    the one-process reference does."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    ref = w.reference(kind, w.CONFIGS["adam"])
+    _, model, opt = w.make("fsdp2", kind, w.CONFIGS["adam"], init_device_mesh("cpu", (1,)))
+    w.dcp_restore(model, opt, worker_out / "dcp" / f"{kind}-adam")
+    assert int(opt.counters["step"]) == w.SAVE_AT
+    w.train(kind, model, opt, w.STEPS - w.SAVE_AT, start=w.SAVE_AT)
+    assert w.max_rel(w.full_params(model), ref["params"]) < 1e-11
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "cnn"])
+def test_a_gathered_checkpoint_loads_into_one_plain_process(worker_out, kind):
+    """``get_optimizer_state_dict(..., full_state_dict=True)`` on 2 FSDP2 ranks: whole tensors by parameter name,
+    which a plain one-process MLBFGS loads (the parameters' columns joined into each block's history)."""
+    ref = w.reference(kind, w.CONFIGS["adam"])
+    whole = torch.load(worker_out / f"full-{kind}-adam.pt", weights_only=True)
+    model = w.build(kind)
+    model.load_state_dict(whole["model"])
+    opt = hf_qn.MLBFGS(model, **w.CONFIGS["adam"])
+    opt.load_state_dict(whole["optim"])
+    assert int(opt.counters["step"]) == w.SAVE_AT and not opt._plan.sharded
+    w.train(kind, model, opt, w.STEPS - w.SAVE_AT, start=w.SAVE_AT)
+    assert w.max_rel(w.full_params(model), ref["params"]) < 1e-11
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "cnn"])

@@ -141,6 +141,7 @@ class FullyShardedPlan(_SplitPlan):
             elif p.device_mesh != mesh:  # type: ignore[attr-defined]
                 raise NotImplementedError("the parameters are sharded over different device meshes; use one mesh")
         assert mesh is not None
+        self.mesh = mesh
         super().__init__(mesh.get_group())
 
     def local(self, p: Tensor) -> Tensor:
@@ -148,6 +149,37 @@ class FullyShardedPlan(_SplitPlan):
 
     def local_grad(self, p: Tensor) -> Tensor | None:
         return None if p.grad is None else p.grad.to_local()  # type: ignore[attr-defined]
+
+    def like_param(self, p: Tensor, piece: Tensor, rows: int = 0) -> Tensor:
+        """This rank's ``piece`` of a per-element quantity of ``p`` as a DTensor sharded like ``p`` (what
+        ``torch.distributed.checkpoint`` saves and reshards by name). ``rows > 0``: ``piece`` holds ``rows`` rows of
+        ``p``'s elements (``(rows, local numel)``, e.g. its columns of a history), giving ``(rows, *p.shape)``
+        sharded on dim 1."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        local_shape = p.to_local().shape  # type: ignore[attr-defined]
+        if rows:
+            shape, placement = (rows, *p.shape), Shard(1)
+            piece = piece.reshape(rows, *local_shape)
+        else:
+            shape, placement = tuple(p.shape), Shard(0)
+            piece = piece.reshape(local_shape)
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(piece.contiguous(), self.mesh, [placement], run_check=False,
+                                  shape=torch.Size(shape), stride=stride)
+
+    #: length of :meth:`rank_marker`: fixed, so that it reshards to any number of ranks up to this many.
+    MARKER_LENGTH = 4096
+
+    def rank_marker(self) -> Tensor:
+        """``arange(MARKER_LENGTH)`` sharded over the ranks. Loaded through ``torch.distributed.checkpoint`` (on any
+        number of ranks) each rank holds its own piece of it; a rank that holds another piece was given another
+        rank's file."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        lo, hi = chunk_range(self.MARKER_LENGTH, self.world, self.rank)
+        return DTensor.from_local(torch.arange(lo, hi), self.mesh, [Shard(0)], run_check=False,
+                                  shape=torch.Size([self.MARKER_LENGTH]), stride=(1,))
 
     def flat_range(self, p: Tensor, rank: int | None = None) -> tuple[int, int]:
         rows = p.shape[0] if p.dim() else 1

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum_, greedy_assignment, rank, world_size
-from ..distributed.shards import ShardPlan, plan_for
+from ..distributed.shards import FullyShardedPlan, ShardPlan, chunk_range, plan_for
 from ..linalg import LBFGSHistory, curvature_verdict, mlbfgs_mix
 from ..linalg.bfgs import _dot64_t
 from ._base import QNOptimizerBase, adam_denominators_
@@ -195,10 +195,12 @@ class MLBFGSBlock:
     def name(self) -> str:
         return self.block.name
 
-    def bind(self, param_state: dict[str, Any]) -> None:
-        """Use ``param_state`` (the optimizer's entry for the block's first parameter)."""
-        self._param_state = param_state
-        self.state = param_state.get("block", {})
+    def bind(self, states: Any) -> None:
+        """Use ``states`` (the optimizer's ``state``): the block's entry is that of its first parameter, created
+        at the first step (an optimizer that has not stepped has an empty ``state``, as torch's do)."""
+        self._states = states
+        key = self.block.params[0]
+        self.state = states[key].get("block", {}) if key in states else {}
         self._middle = None
 
     def ensure_state(self, history_size: int, gamma: float | str, dtype: torch.dtype) -> None:
@@ -206,7 +208,7 @@ class MLBFGSBlock:
             return
         hist = LBFGSHistory(history_size, self.local_numel, gamma=gamma, dtype=dtype,
                             device=self.block.params[0].device)
-        self.state = self._param_state["block"] = {
+        self.state = self._states[self.block.params[0]]["block"] = {
             "history": hist.state_dict(),
             "has_prev": torch.tensor(False),
             "counters": {k: torch.tensor(0, dtype=torch.int64) for k in MLBFGS_BLOCK_COUNTERS},
@@ -313,7 +315,7 @@ class MLBFGS(QNOptimizerBase):
 
     def _bind_units(self) -> None:
         for u in self.units:
-            u.bind(self.state[u.block.params[0]])
+            u.bind(self.state)
             u.local_numel = sum(self._plan.local(p).numel() for p in u.block.params)
 
     def _follow_swapped_parameters(self) -> None:
@@ -745,12 +747,117 @@ class MLBFGS(QNOptimizerBase):
         id_of = {id(p): pid for pid, p in self._saved_ids(state_dict).items()}
         return convert_mlbfgs_v1(state_dict, id_of[id(self.blocks[0].params[0])])
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``{"state", "param_groups"}`` plus ``"hf_qn"``, the optimizer-wide state.
+
+        Under split state the tensors are this rank's pieces. Under FSDP2 they are DTensors sharded like their
+        parameters, as torch's optimizers' are, so that ``torch.distributed.checkpoint`` (what the Trainer and
+        ``accelerator.save_state`` use with FSDP) saves them by parameter name and reshards them for another
+        number of ranks: each parameter's columns of its block's history become a ``(m, *shape)`` DTensor of its
+        own (``"columns"``), and the optimizer-wide entry is also kept in the state of the first block's first
+        parameter (``get_optimizer_state_dict`` keeps only ``"state"`` and ``"param_groups"``) with a marker of
+        the rank that wrote each piece."""
+        sd = super().state_dict()
+        return self._as_dtensors(sd) if self._plan.kind == "fsdp2" else sd
+
+    def _as_dtensors(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`state_dict`'s FSDP2 form of this rank's pieces (see there)."""
+        plan, params = self._plan, self._saved_ids(sd)
+        assert isinstance(plan, FullyShardedPlan)
+        pid_of = {id(p): pid for pid, p in params.items()}
+        columns: dict[Any, dict[str, Tensor]] = {}
+        state = {}
+        for pid, saved in sd["state"].items():
+            p, st = params[pid], dict(saved)
+            for k in _ELEMENT_KEYS:
+                if k in st:
+                    st[k] = plan.like_param(p, st[k])
+            if "history" in st.get("block", {}):
+                hist = dict(st["block"]["history"])
+                S, Y = hist.pop("S"), hist.pop("Y")
+                offset = 0
+                for q in self._unit_of_first[id(p)].block.params:
+                    n = plan.local(q).numel()
+                    columns[pid_of[id(q)]] = {key: plan.like_param(q, M[:, offset : offset + n], rows=M.shape[0])
+                                              for key, M in (("S", S), ("Y", Y))}
+                    offset += n
+                st["block"] = {**st["block"], "history": hist}
+            state[pid] = st
+        for pid, cols in columns.items():
+            state.setdefault(pid, {})["columns"] = cols
+        glob = {k: v for k, v in sd[HF_QN].items() if k != "shards"}
+        home = pid_of[id(self.units[0].block.params[0])]
+        state.setdefault(home, {})[HF_QN] = {**glob, "ranks": plan.rank_marker()}
+        return {**sd, "state": state, HF_QN: glob}
+
+    def _from_columns(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """The block layout from :meth:`state_dict`'s FSDP2 form, or from the whole tensors that
+        ``get_optimizer_state_dict(..., full_state_dict=True)`` gathers from it: each block's ``S`` and ``Y`` joined
+        from its parameters' columns; DTensors replaced by this rank's pieces, once the rank marker shows that
+        they are this rank's (refused otherwise)."""
+        from ..distributed import is_dtensor
+
+        glob = sd.get(HF_QN) or next((st[HF_QN] for st in sd["state"].values() if HF_QN in st), None)
+        if glob is None:
+            return sd
+        marker = next((st[HF_QN]["ranks"] for st in sd["state"].values() if "ranks" in st.get(HF_QN, {})), None)
+        pieces = marker is not None and is_dtensor(marker)
+        if pieces:
+            assert marker is not None
+            plan = self._plan
+            got = marker.to_local()
+            if plan.kind != "fsdp2":
+                raise ValueError(
+                    "MLBFGS.load_state_dict: this state holds one rank's DTensor pieces of an FSDP2 run, and this "
+                    f"optimizer's state is {plan.kind}; load a whole state instead: full_state_dict(), or "
+                    "get_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True)) on the FSDP2 run"
+                )
+            lo, hi = chunk_range(marker.shape[0], plan.world, plan.rank)
+            if not torch.equal(got, torch.arange(lo, hi)):
+                wrote = f"elements {int(got[0])}-{int(got[-1])} of the rank marker" if got.numel() else "none"
+                raise ValueError(
+                    f"MLBFGS.load_state_dict: these DTensor pieces are another rank's ({wrote}; this is rank "
+                    f"{plan.rank} of {plan.world}): a file saved per rank loads only on the rank that wrote it. Load "
+                    "through torch.distributed.checkpoint, which reshards by parameter name for any number of ranks, "
+                    "or save a full_state_dict()"
+                )
+
+        def plain(v: Any) -> Any:
+            return v.to_local() if is_dtensor(v) else v
+
+        params = self._saved_ids(sd)
+        state = {}
+        for pid, saved in sd["state"].items():
+            st = {k: v for k, v in saved.items() if k not in ("columns", HF_QN)}
+            for k in _ELEMENT_KEYS:
+                if k in st:
+                    st[k] = plain(st[k])
+            state[pid] = st
+        pid_of = {id(p): pid for pid, p in params.items()}
+        for pid, st in state.items():
+            unit = self._unit_of_first.get(id(params[pid]))
+            if unit is None or "history" not in st.get("block", {}) or "S" in st["block"]["history"]:
+                continue
+            joined = {}
+            for key in ("S", "Y"):
+                parts = [plain(sd["state"][pid_of[id(q)]]["columns"][key]) for q in unit.block.params]
+                joined[key] = torch.cat([c.reshape(c.shape[0], -1) for c in parts], dim=1)
+            st["block"] = {**st["block"], "history": {**st["block"]["history"], **joined}}
+        glob = {k: v for k, v in glob.items() if k != "ranks"}
+        if pieces:
+            glob["shards"] = self._plan.signature()
+        return {**sd, "state": state, HF_QN: glob}
+
+    @property
+    def _unit_of_first(self) -> dict[int, MLBFGSBlock]:
+        return {id(u.block.params[0]): u for u in self.units}
+
     def full_state_dict(self) -> dict[str, Any]:
         """The whole state, as one process holds it: loads into an ``MLBFGS`` on one process or on any number
         of ranks, with whole or split state (a split optimizer keeps its pieces of it). Equal to
         :meth:`state_dict` when the state is whole; under split state a collective (every rank calls it and
         gets the whole dict)."""
-        sd = self.state_dict()
+        sd = super().state_dict()
         if not self._plan.sharded:
             return sd
         plan, params = self._plan, self._saved_ids(sd)
@@ -812,7 +919,7 @@ class MLBFGS(QNOptimizerBase):
         """Load :meth:`state_dict`'s output. Under split state a rank loads the pieces it saved itself (same rank
         of the same number of ranks), or splits a whole state (:meth:`full_state_dict`, or one process's)."""
         self._follow_swapped_parameters()
-        state_dict = self._upgrade(state_dict)
+        state_dict = self._from_columns(self._upgrade(state_dict))
         saved = state_dict.get(HF_QN, {}).get("shards")
         mine = self._plan.signature() if self._plan.sharded else None
         if saved is not None and saved != mine:

@@ -136,7 +136,26 @@ def saved(obj) -> dict:
     return torch.load(buf, weights_only=True)
 
 
-def run_case(case: str, kind: str, cfg_name: str, ref: dict, mesh, rank: int, world: int) -> dict:
+def dcp_state(model, opt, full: bool = False) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=full)
+    return {"model": get_model_state_dict(model, options=options),
+            "optim": get_optimizer_state_dict(model, opt, options=options)}
+
+
+def dcp_restore(model, opt, path) -> None:
+    """What ``accelerator.load_state`` does with FSDP2: the current state as the template, filled from disk."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    sd = dcp_state(model, opt)
+    dcp.load(sd, checkpoint_id=str(path))
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+
+
+def run_case(case: str, kind: str, cfg_name: str, ref: dict, mesh, rank: int, world: int, out_dir: Path) -> dict:
     cfg = CONFIGS[cfg_name]
     part = (rank, world)
     wrapped, model, opt = make(case, kind, cfg, mesh)
@@ -169,6 +188,18 @@ def run_case(case: str, kind: str, cfg_name: str, ref: dict, mesh, rank: int, wo
     wrapped, model, opt = make(case, kind, cfg, mesh)
     train(kind, wrapped, opt, SAVE_AT, part)
     snap_params, snap_state = local_params(model), saved(opt.state_dict())
+    if case == "fsdp2":  # through torch.distributed.checkpoint, as the Trainer and accelerate save FSDP runs
+        import torch.distributed.checkpoint as dcp
+
+        dcp_dir = out_dir / "dcp" / f"{kind}-{cfg_name}"
+        dcp.save(dcp_state(model, opt), checkpoint_id=str(dcp_dir))
+        whole = dcp_state(model, opt, full=True)  # gathered: for one process
+        if rank == 0:
+            torch.save(whole, out_dir / f"full-{kind}-{cfg_name}.pt")
+        _, model2, opt2 = make(case, kind, cfg, mesh)
+        dcp_restore(model2, opt2, dcp_dir)
+        train(kind, model2, opt2, STEPS - SAVE_AT, part, start=SAVE_AT)
+        out["dcp_resume_bitwise"] = all(torch.equal(a, b) for a, b in zip(local_params(model2), final))
     wrapped, model, opt = make(case, kind, cfg, mesh)
     with torch.no_grad():
         for p, v in zip(model.parameters(), snap_params):
@@ -221,7 +252,7 @@ def main() -> None:
         for kind in ("gpt2", "cnn"):
             for cfg_name in CONFIGS:
                 results[f"{case}/{kind}/{cfg_name}"] = run_case(case, kind, cfg_name, refs[kind, cfg_name], mesh,
-                                                                rank, world)
+                                                                rank, world, out_dir)
     for kind in ("gpt2", "cnn"):
         results[f"from_whole/{kind}"] = resume_from_whole(kind, "adam", mids[kind, "adam"], refs[kind, "adam"], mesh,
                                                           rank, world)
