@@ -112,3 +112,26 @@ def test_a_gathered_checkpoint_loads_into_one_plain_process(worker_out, kind):
 def test_a_one_process_state_loads_into_two_ranks(ranks, kind):
     for r in ranks:
         assert r[f"from_whole/{kind}"]["max_rel_diff"] < 1e-11
+
+
+def test_qn_trainer_under_fsdp2_matches_one_process_and_resumes_bitwise(tmp_path):
+    """QNTrainer(qn_optimizer="mlbfgs") with ``--fsdp full_shard`` and ``fsdp_version: 2`` on 2 ranks x batch 4 (the
+    optimizer follows the parameters accelerate swaps for DTensors and splits its state): the same run as one
+    plain process x batch 8; saved at step 3 through accelerate's torch.distributed.checkpoint and resumed, it
+    ends on the same bits as without the interruption."""
+    from tests._helpers.launch import ROOT
+
+    one, two, res = tmp_path / "one", tmp_path / "two", tmp_path / "res"
+    run_script("tests/_helpers/fsdp_trainer.py", [str(one), str(ROOT), "8", "0"], nproc=1)
+    run_script("tests/_helpers/fsdp_trainer.py", [str(two), str(ROOT), "4", "1", "--save_at", "3"], nproc=2)
+    assert (two / "checkpoint-3" / "optimizer_0").is_dir()  # a sharded (DCP) optimizer checkpoint
+    run_script("tests/_helpers/fsdp_trainer.py", [str(res), str(ROOT), "4", "1", "--resume",
+                                                   str(two / "checkpoint-3")], nproc=2)
+    a, b, c = results(one), results(two), results(res)
+    assert (a["plan"], b["plan"], c["plan"]) == ("replicated", "fsdp2", "fsdp2") and b["fsdp_enabled"]
+    assert a["world_size"] == 1 and b["world_size"] == c["world_size"] == 2
+    assert len(b["losses"]) == 6 and c["step"] == 6
+    for name, values in a["params"].items():
+        assert torch.allclose(torch.tensor(b["params"][name]), torch.tensor(values), atol=1e-5, rtol=0), name
+    assert b["params"] == c["params"]
+    assert torch.allclose(torch.tensor(b["losses"]), torch.tensor(a["losses"]), atol=1e-5, rtol=0)

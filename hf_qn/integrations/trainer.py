@@ -312,12 +312,7 @@ class QNTrainer(Trainer):
             opt = super().create_optimizer(model) if self.optimizer is None else self.optimizer
             self._wire(opt)
             return opt
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                f"qn_optimizer={name!r} supports single-process and DDP training (torchrun / accelerate launch "
-                "--multi_gpu); DeepSpeed ZeRO and FSDP flatten or shard parameters, which breaks the per-layer "
-                "curvature. Disable deepspeed/fsdp in the TrainingArguments."
-            )
+        self._refuse_unsupported_sharding(name)
         opt_model = self.model if model is None else model
         assert opt_model is not None
         decay = set(self.get_decay_parameter_names(opt_model))
@@ -334,6 +329,29 @@ class QNTrainer(Trainer):
                 name,
             )
         return self.optimizer
+
+    def _refuse_unsupported_sharding(self, name: str) -> None:
+        """DeepSpeed always, FSDP unless it is FSDP2 with mL-BFGS, each with the reason and what works."""
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                f"qn_optimizer={name!r} does not support DeepSpeed: ZeRO hands the optimizer flat partitions of the "
+                "parameters, which have no layer shape for the curvature. Use DDP (torchrun / accelerate launch "
+                "--multi_gpu), or FSDP2 (fsdp_config fsdp_version: 2) with qn_optimizer='mlbfgs'."
+            )
+        if not self.is_fsdp_enabled:
+            return
+        version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        if version != 2:
+            raise ValueError(
+                f"qn_optimizer={name!r} does not support FSDP version {version}, which flattens the parameters into "
+                "FlatParameters without layer shapes; set fsdp_config fsdp_version: 2 (FSDP2, per-parameter "
+                "sharding)."
+            )
+        if name != "mlbfgs":
+            raise ValueError(
+                f"qn_optimizer={name!r} does not support FSDP2 yet (its Kronecker factors need whole layers); "
+                "qn_optimizer='mlbfgs' does, with its state split over the ranks. Or train K-BFGS with DDP."
+            )
 
     def _wire(self, opt: Any) -> None:
         """Give a K-BFGS optimizer (however it was built) its closure provider and the loss scaler."""

@@ -306,11 +306,21 @@ def test_callbacks_see_steps_in_order(tmp_path):
     assert events[:4] == ["pre", "step", "pre", "step"] and "log" in events and "log-without-stats" not in events
 
 
-def test_deepspeed_or_fsdp_refused(tmp_path, monkeypatch):
-    trainer = QNTrainer(model=RegressionModel(), args=_args(tmp_path, qn_optimizer="kbfgs"),
+@pytest.mark.parametrize(("name", "setting", "match"), [
+    ("kbfgs", "deepspeed", "flat partitions"), ("mlbfgs", "deepspeed", "flat partitions"),
+    ("mlbfgs", "fsdp1", "fsdp_version: 2"), ("kbfgs", "fsdp2", "does not support FSDP2 yet.*mlbfgs"),
+])
+def test_deepspeed_fsdp1_and_kbfgs_under_fsdp2_are_refused_with_the_reason(tmp_path, monkeypatch, name, setting, match):
+    from types import SimpleNamespace
+
+    trainer = QNTrainer(model=RegressionModel(), args=_args(tmp_path, qn_optimizer=name),
                         train_dataset=regression_dataset())
-    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
-    with pytest.raises(ValueError, match="DDP"):
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", setting == "deepspeed")
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", setting.startswith("fsdp"))
+    version = 2 if setting == "fsdp2" else 1
+    monkeypatch.setattr(trainer.accelerator.state, "fsdp_plugin", SimpleNamespace(fsdp_version=version),
+                        raising=False)
+    with pytest.raises(ValueError, match=match):
         trainer.create_optimizer()
 
 

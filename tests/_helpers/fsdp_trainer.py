@@ -1,0 +1,87 @@
+"""Launched by tests/test_sharded_state.py: QNTrainer with mL-BFGS on a tiny GPT-2 (tied embeddings), either on
+one plain process or on 2 ranks with FSDP2 (``--fsdp full_shard`` with ``fsdp_version: 2``), at the same global
+batch; optionally saving a checkpoint or resuming from one. Writes the final parameters and the loss log as JSON.
+
+Usage: fsdp_trainer.py OUT_DIR ROOT PER_DEVICE_BATCH FSDP(0/1) [--save_at N | --resume CHECKPOINT_DIR]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, sys.argv[2])
+from hf_qn.distributed import shutdown
+from hf_qn.integrations.trainer import QNTrainer, QNTrainingArguments
+from tests._helpers.models import tiny_gpt2
+
+STEPS = 6
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 96) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.ids = torch.randint(0, 61, (n, 8), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def main() -> None:
+    out, per_device, fsdp = sys.argv[1], int(sys.argv[3]), sys.argv[4] == "1"
+    extra = sys.argv[5:]
+    save_at = int(extra[1]) if extra[:1] == ["--save_at"] else 0
+    resume = extra[1] if extra[:1] == ["--resume"] else None
+    torch.manual_seed(0)
+    model = tiny_gpt2(vocab=61, n_embd=16, n_layer=2)
+    fsdp_args = {}
+    if fsdp:
+
+        fsdp_args = {"fsdp": "full_shard", "fsdp_config": {
+            "fsdp_version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": ["GPT2Block"], "state_dict_type": "SHARDED_STATE_DICT"}}
+    args = QNTrainingArguments(
+        output_dir=out, qn_optimizer="mlbfgs", qn_args="history_size=3,update_interval=2", learning_rate=0.01,
+        per_device_train_batch_size=per_device, max_steps=STEPS, logging_steps=1,
+        save_strategy="steps" if save_at else "no", save_steps=save_at or 500, report_to="none", use_cpu=True,
+        seed=0, disable_tqdm=True, lr_scheduler_type="constant", warmup_steps=0, dataloader_num_workers=0,
+        data_seed=0, max_grad_norm=0.0, **fsdp_args)
+    if fsdp:
+        # accelerate enables its FSDP plugin only for GPU-type runs (on a CPU it would silently train DDP): mark
+        # this gloo run as one once the arguments have set up the process state, so that it takes accelerate's
+        # FSDP2 path (fully_shard, the optimizer's parameters swapped for the DTensors, torch.distributed.checkpoint
+        # for the optimizer state)
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        assert args.world_size == 2
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    trainer = QNTrainer(model=model, args=args, train_dataset=Tokens())
+    trainer.train(resume_from_checkpoint=resume)
+    params = {}
+    for n, p in trainer.model.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        params[n.replace("_orig_mod.", "")] = full.detach().reshape(-1).tolist()
+    inner = trainer.optimizer
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if trainer.is_world_process_zero():
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+        with open(f"{out}/results.json", "w") as f:
+            json.dump({"world_size": world, "losses": losses, "params": params, "sharded": inner._plan.sharded,
+                       "plan": inner._plan.kind, "step": int(inner.counters["step"]),
+                       "fsdp_enabled": trainer.is_fsdp_enabled}, f)
+    trainer.accelerator.free_memory()
+    del trainer
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
