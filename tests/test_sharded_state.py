@@ -114,21 +114,23 @@ def test_a_one_process_state_loads_into_two_ranks(ranks, kind):
         assert r[f"from_whole/{kind}"]["max_rel_diff"] < 1e-11
 
 
-def test_qn_trainer_under_fsdp2_matches_one_process_and_resumes_bitwise(tmp_path):
-    """QNTrainer(qn_optimizer="mlbfgs") with ``--fsdp full_shard`` and ``fsdp_version: 2`` on 2 ranks x batch 4 (the
-    optimizer follows the parameters accelerate swaps for DTensors and splits its state): the same run as one
-    plain process x batch 8; saved at step 3 through accelerate's torch.distributed.checkpoint and resumed, it
-    ends on the same bits as without the interruption."""
+@pytest.mark.parametrize("mode", ["fsdp", "zero1"])
+def test_qn_trainer_with_split_state_matches_one_process_and_resumes_bitwise(tmp_path, mode):
+    """QNTrainer(qn_optimizer="mlbfgs") on 2 ranks x batch 4, with FSDP2 (``--fsdp full_shard``, ``fsdp_version: 2``:
+    the optimizer follows the parameters accelerate swaps for DTensors) or DDP with ``shard_state=True``: the same
+    run as one plain process x batch 8; saved at step 3 (FSDP2: accelerate's torch.distributed.checkpoint; DDP:
+    the whole state gathered into the Trainer's optimizer.pt) and resumed, it ends on the same bits."""
     from tests._helpers.launch import ROOT
 
     one, two, res = tmp_path / "one", tmp_path / "two", tmp_path / "res"
-    run_script("tests/_helpers/fsdp_trainer.py", [str(one), str(ROOT), "8", "0"], nproc=1)
-    run_script("tests/_helpers/fsdp_trainer.py", [str(two), str(ROOT), "4", "1", "--save_at", "3"], nproc=2)
-    assert (two / "checkpoint-3" / "optimizer_0").is_dir()  # a sharded (DCP) optimizer checkpoint
-    run_script("tests/_helpers/fsdp_trainer.py", [str(res), str(ROOT), "4", "1", "--resume",
-                                                   str(two / "checkpoint-3")], nproc=2)
+    run_script("tests/_helpers/fsdp_trainer.py", [str(one), str(ROOT), "8", "plain"], nproc=1)
+    run_script("tests/_helpers/fsdp_trainer.py", [str(two), str(ROOT), "4", mode, "--save_at", "3"], nproc=2)
+    saved = two / "checkpoint-3"
+    assert (saved / "optimizer_0").is_dir() if mode == "fsdp" else (saved / "optimizer.pt").is_file()
+    run_script("tests/_helpers/fsdp_trainer.py", [str(res), str(ROOT), "4", mode, "--resume", str(saved)], nproc=2)
     a, b, c = results(one), results(two), results(res)
-    assert (a["plan"], b["plan"], c["plan"]) == ("replicated", "fsdp2", "fsdp2") and b["fsdp_enabled"]
+    kind = "fsdp2" if mode == "fsdp" else "zero1"
+    assert (a["plan"], b["plan"], c["plan"]) == ("replicated", kind, kind) and b["fsdp_enabled"] == (mode == "fsdp")
     assert a["world_size"] == 1 and b["world_size"] == c["world_size"] == 2
     assert len(b["losses"]) == 6 and c["step"] == 6
     for name, values in a["params"].items():

@@ -362,6 +362,26 @@ class QNTrainer(Trainer):
             if scaler is not None:
                 inner.set_grad_scaler(scaler)
 
+    # ------------------------------------------------------------------ checkpoints
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The Trainer's, except for mL-BFGS with its state split under DDP (``shard_state=True``): the Trainer
+        saves ``optimizer.state_dict()`` from rank 0 alone, which would hold rank 0's pieces only, so every rank
+        gathers the whole state (:meth:`~hf_qn.MLBFGS.full_state_dict`, a collective) and rank 0 saves it where the
+        Trainer expects it; on resume each rank loads that file and keeps its own pieces."""
+        inner = unwrap_optimizer(self.optimizer)
+        if not (isinstance(inner, MLBFGS) and inner.state_split_over_ranks and not self.is_fsdp_enabled):
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        import os
+
+        from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+        whole = inner.full_state_dict()
+        if self.args.should_save:
+            torch.save(whole, os.path.join(output_dir, OPTIMIZER_NAME))
+            if self.lr_scheduler is not None:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
     # ------------------------------------------------------------------ second pass
     def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         """The Trainer's step, keeping this micro-batch for K-BFGS's same-batch second pass."""

@@ -410,6 +410,11 @@ class MLBFGS(QNOptimizerBase):
         costs = {b.name: float(b.numel) for b in self.blocks}
         self.owners = greedy_assignment(costs, world_size())
 
+    @property
+    def state_split_over_ranks(self) -> bool:
+        """Whether each rank keeps state for its pieces of the parameters only (FSDP2, or ``shard_state=True``)."""
+        return self._plan.sharded
+
     def block_map(self) -> str:
         """A table of the blocks: name, parameters, size and owner rank."""
         lines = [f"{'block':<40} {'numel':>10} {'owner':>5}  parameters"]

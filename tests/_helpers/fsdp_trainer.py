@@ -1,8 +1,9 @@
-"""Launched by tests/test_sharded_state.py: QNTrainer with mL-BFGS on a tiny GPT-2 (tied embeddings), either on
-one plain process or on 2 ranks with FSDP2 (``--fsdp full_shard`` with ``fsdp_version: 2``), at the same global
-batch; optionally saving a checkpoint or resuming from one. Writes the final parameters and the loss log as JSON.
+"""Launched by tests/test_sharded_state.py: QNTrainer with mL-BFGS on a tiny GPT-2 (tied embeddings): on one
+plain process (mode ``plain``), on 2 ranks with FSDP2 (``fsdp``: ``--fsdp full_shard`` with ``fsdp_version: 2``)
+or with DDP and ``shard_state=True`` (``zero1``), at the same global batch; optionally saving a checkpoint or
+resuming from one. Writes the final parameters and the loss log as JSON.
 
-Usage: fsdp_trainer.py OUT_DIR ROOT PER_DEVICE_BATCH FSDP(0/1) [--save_at N | --resume CHECKPOINT_DIR]
+Usage: fsdp_trainer.py OUT_DIR ROOT PER_DEVICE_BATCH MODE [--save_at N | --resume CHECKPOINT_DIR]
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ class Tokens(torch.utils.data.Dataset):
 
 
 def main() -> None:
-    out, per_device, fsdp = sys.argv[1], int(sys.argv[3]), sys.argv[4] == "1"
+    out, per_device, mode = sys.argv[1], int(sys.argv[3]), sys.argv[4]
+    fsdp = mode == "fsdp"
+    qn_args = "history_size=3,update_interval=2" + (",shard_state=True" if mode == "zero1" else "")
     extra = sys.argv[5:]
     save_at = int(extra[1]) if extra[:1] == ["--save_at"] else 0
     resume = extra[1] if extra[:1] == ["--resume"] else None
@@ -47,7 +50,7 @@ def main() -> None:
             "fsdp_version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": ["GPT2Block"], "state_dict_type": "SHARDED_STATE_DICT"}}
     args = QNTrainingArguments(
-        output_dir=out, qn_optimizer="mlbfgs", qn_args="history_size=3,update_interval=2", learning_rate=0.01,
+        output_dir=out, qn_optimizer="mlbfgs", qn_args=qn_args, learning_rate=0.01,
         per_device_train_batch_size=per_device, max_steps=STEPS, logging_steps=1,
         save_strategy="steps" if save_at else "no", save_steps=save_at or 500, report_to="none", use_cpu=True,
         seed=0, disable_tqdm=True, lr_scheduler_type="constant", warmup_steps=0, dataloader_num_workers=0,
