@@ -1,5 +1,5 @@
-"""FSDP2 (fully_shard) on one rank: K-BFGS refuses it with a clear message; mL-BFGS splits its state (the two-rank
-checks are in ``test_sharded_state.py``) and on one rank takes the unsharded run's steps."""
+"""FSDP2 (fully_shard) on one rank: both optimizers take the unsharded run's steps (the two-rank checks are in
+``test_sharded_state.py``); a model sharded only in part is refused."""
 
 from __future__ import annotations
 
@@ -29,18 +29,32 @@ def _sharded_mlp():
     return model
 
 
-def test_kbfgs_refuses_fully_sharded_parameters(single_rank_group):
-    model = _sharded_mlp()
-    with pytest.raises(NotImplementedError, match="FSDP2"):
-        hf_qn.KBFGS(model, preset="paper")
+def test_kbfgs_on_one_fully_sharded_rank_takes_the_unsharded_steps(single_rank_group):
     torch.manual_seed(0)
     plain_model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
-    plain = hf_qn.KBFGS(plain_model, preset="paper")
-    # accelerate swaps the sharded parameters into an existing optimizer's groups: refused at step time
-    plain.param_groups[0]["params"] = list(model.parameters())
-    model(torch.randn(3, 4)).sum().backward()
-    with pytest.raises(NotImplementedError, match="DDP"):
-        plain.step()
+    model = _sharded_mlp()
+    plain, sharded = hf_qn.KBFGS(plain_model), hf_qn.KBFGS(model)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(5, 4, generator=g)
+        for m, opt in ((plain_model, plain), (model, sharded)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(plain_model.parameters(), model.parameters()):
+        torch.testing.assert_close(q.full_tensor(), p.detach(), rtol=1e-6, atol=1e-7)
+    assert sharded.statistics()["qn/pairs_accepted"] == plain.statistics()["qn/pairs_accepted"] > 0
+
+
+@pytest.mark.parametrize("make", [hf_qn.KBFGS, hf_qn.MLBFGS])
+def test_sharded_and_plain_parameters_mixed_are_refused(single_rank_group, make):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    fully_shard(model[0], mesh=init_device_mesh("cpu", (1,)))  # the root left plain
+    with pytest.raises(NotImplementedError, match="apply fully_shard to the root module"):
+        make(model)
 
 
 def test_mlbfgs_on_one_fully_sharded_rank_takes_the_unsharded_steps(single_rank_group):

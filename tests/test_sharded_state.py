@@ -72,6 +72,18 @@ def test_torch_distributed_checkpoint_resume_is_bitwise(ranks, case):
         assert r[case]["dcp_resume_bitwise"]
 
 
+@pytest.mark.parametrize("case", [f"kbfgs/{kind}/{cfg}" for kind in ("gpt2", "cnn") for cfg in ("default", "paper")])
+def test_kbfgs_under_fsdp2_equals_one_process_and_resumes_bitwise(ranks, case):
+    """K-BFGS on FSDP2 shards: each layer's gradient gathered whole, the factors (from the hooks' all-reduced
+    statistics) and the direction replicated, each rank adding its shard's rows; the defaults (grafted,
+    consecutive pairs) and the paper's same-batch pairs, whose second pass runs through the sharded model."""
+    for r in ranks:
+        got = r[case]
+        assert got["pairs"] == got["reference_pairs"] > 0
+        assert got["max_rel_diff"] < 1e-5, got["max_rel_diff"]  # float32 factors: sums in another order
+        assert got["dcp_resume_bitwise"]
+
+
 @pytest.fixture
 def one_rank_group(tmp_path):
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
@@ -114,26 +126,42 @@ def test_a_one_process_state_loads_into_two_ranks(ranks, kind):
         assert r[f"from_whole/{kind}"]["max_rel_diff"] < 1e-11
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "zero1"])
-def test_qn_trainer_with_split_state_matches_one_process_and_resumes_bitwise(tmp_path, mode):
-    """QNTrainer(qn_optimizer="mlbfgs") on 2 ranks x batch 4, with FSDP2 (``--fsdp full_shard``, ``fsdp_version: 2``:
-    the optimizer follows the parameters accelerate swaps for DTensors) or DDP with ``shard_state=True``: the same
-    run as one plain process x batch 8; saved at step 3 (FSDP2: accelerate's torch.distributed.checkpoint; DDP:
-    the whole state gathered into the Trainer's optimizer.pt) and resumed, it ends on the same bits."""
+@pytest.fixture(scope="module")
+def one_process_trainer_runs(tmp_path_factory):
+    """The one-process reference runs of the Trainer tests (batch 8), per optimizer."""
     from tests._helpers.launch import ROOT
 
-    one, two, res = tmp_path / "one", tmp_path / "two", tmp_path / "res"
-    run_script("tests/_helpers/fsdp_trainer.py", [str(one), str(ROOT), "8", "plain"], nproc=1)
-    run_script("tests/_helpers/fsdp_trainer.py", [str(two), str(ROOT), "4", mode, "--save_at", "3"], nproc=2)
+    def run(name: str) -> dict:
+        out = tmp_path_factory.mktemp(f"one-{name}")
+        run_script("tests/_helpers/fsdp_trainer.py", [str(out), str(ROOT), "8", "plain", "--optimizer", name])
+        return results(out)
+
+    return {name: run(name) for name in ("mlbfgs", "kbfgs")}
+
+
+@pytest.mark.parametrize(("name", "mode"), [("mlbfgs", "fsdp"), ("mlbfgs", "zero1"), ("kbfgs", "fsdp")])
+def test_qn_trainer_on_sharded_ranks_matches_one_process_and_resumes_bitwise(
+    tmp_path, one_process_trainer_runs, name, mode
+):
+    """QNTrainer on 2 ranks x batch 4, with FSDP2 (``--fsdp full_shard``, ``fsdp_version: 2``: the optimizer follows
+    the parameters accelerate swaps for DTensors) or, for mL-BFGS, DDP with ``shard_state=True``: the same run as
+    one plain process x batch 8; saved at step 3 (FSDP2: accelerate's torch.distributed.checkpoint; DDP: the whole
+    state gathered into the Trainer's optimizer.pt) and resumed, it ends on the same bits."""
+    from tests._helpers.launch import ROOT
+
+    two, res = tmp_path / "two", tmp_path / "res"
+    opt = ["--optimizer", name]
+    run_script("tests/_helpers/fsdp_trainer.py", [str(two), str(ROOT), "4", mode, "--save_at", "3", *opt], nproc=2)
     saved = two / "checkpoint-3"
     assert (saved / "optimizer_0").is_dir() if mode == "fsdp" else (saved / "optimizer.pt").is_file()
-    run_script("tests/_helpers/fsdp_trainer.py", [str(res), str(ROOT), "4", mode, "--resume", str(saved)], nproc=2)
-    a, b, c = results(one), results(two), results(res)
+    run_script("tests/_helpers/fsdp_trainer.py", [str(res), str(ROOT), "4", mode, "--resume", str(saved), *opt],
+               nproc=2)
+    a, b, c = one_process_trainer_runs[name], results(two), results(res)
     kind = "fsdp2" if mode == "fsdp" else "zero1"
     assert (a["plan"], b["plan"], c["plan"]) == ("replicated", kind, kind) and b["fsdp_enabled"] == (mode == "fsdp")
     assert a["world_size"] == 1 and b["world_size"] == c["world_size"] == 2
     assert len(b["losses"]) == 6 and c["step"] == 6
-    for name, values in a["params"].items():
-        assert torch.allclose(torch.tensor(b["params"][name]), torch.tensor(values), atol=1e-5, rtol=0), name
+    for param, values in a["params"].items():
+        assert torch.allclose(torch.tensor(b["params"][param]), torch.tensor(values), atol=1e-5, rtol=0), param
     assert b["params"] == c["params"]
     assert torch.allclose(torch.tensor(b["losses"]), torch.tensor(a["losses"]), atol=1e-5, rtol=0)

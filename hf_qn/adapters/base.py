@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed.shards import whole
+
 __all__ = ["LayerAdapter", "UnsupportedLayer"]
 
 
@@ -82,7 +84,8 @@ class LayerAdapter(ABC):
         """Inverse of :meth:`to_matrix`: views/copies shaped like the weight and the bias."""
 
     def grad_matrix(self) -> Tensor:
-        """The gradient in canonical layout (zeros for a parameter whose ``.grad`` is None)."""
+        """The gradient in canonical layout (zeros for a parameter whose ``.grad`` is None; an FSDP2-sharded
+        gradient is all-gathered whole)."""
         w = self.weight
         gw = w.grad if w.grad is not None else torch.zeros_like(w)
         if gw.is_sparse:
@@ -94,11 +97,11 @@ class LayerAdapter(ABC):
         if self.bias is not None:
             b = self.bias
             gb = b.grad if b.grad is not None else torch.zeros_like(b)
-        return self.to_matrix(gw, gb)
+        return self.to_matrix(whole(gw), None if gb is None else whole(gb))
 
     def param_matrix(self) -> Tensor:
         """The current parameters in canonical layout."""
-        return self.to_matrix(self.weight.detach(), None if self.bias is None else self.bias.detach())
+        return self.to_matrix(whole(self.weight.detach()), None if self.bias is None else whole(self.bias.detach()))
 
     # ----------------------------------------------------------------- captured rows
     @abstractmethod

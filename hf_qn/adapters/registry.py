@@ -54,11 +54,23 @@ def register_adapter(module_type: type | str, adapter: type[LayerAdapter]) -> No
 
 
 def adapter_class_for(module: nn.Module) -> type[LayerAdapter] | None:
-    """The adapter registered for this module's exact type, if any."""
-    t = type(module)
+    """The adapter registered for this module's exact type, if any (for a module FSDP2's ``fully_shard`` wrapped,
+    the type it wrapped)."""
+    t = _unsharded_type(module)
     if t in _BY_TYPE:
         return _BY_TYPE[t]
     return _BY_NAME.get(f"{t.__module__}.{t.__qualname__}")
+
+
+def _unsharded_type(module: nn.Module) -> type:
+    """``fully_shard(module)`` swaps its class for ``FSDP<Class>(FSDPModule, Class)``: the wrapped class."""
+    t = type(module)
+    if not t.__name__.startswith("FSDP"):
+        return t
+    from torch.distributed.fsdp import FSDPModule
+
+    bases = [b for b in t.__bases__ if b is not FSDPModule]
+    return bases[0] if issubclass(t, FSDPModule) and len(bases) == 1 else t
 
 
 @dataclass(frozen=True)

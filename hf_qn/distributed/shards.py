@@ -28,7 +28,9 @@ from torch import Tensor
 
 from .comm import is_distributed, is_dtensor
 
-__all__ = ["FullyShardedPlan", "Replicated", "ShardPlan", "SlicedPlan", "chunk_range", "plan_for"]
+__all__ = [
+    "FullyShardedPlan", "Replicated", "ShardPlan", "SlicedPlan", "chunk_range", "local_part", "plan_for", "whole",
+]
 
 
 def chunk_range(n: int, parts: int, index: int) -> tuple[int, int]:
@@ -37,6 +39,21 @@ def chunk_range(n: int, parts: int, index: int) -> tuple[int, int]:
     size = -(-n // parts) if n else 0
     lo = min(index * size, n)
     return lo, min(lo + size, n)
+
+
+def whole(t: Tensor) -> Tensor:
+    """The whole of a DTensor (all-gathered), or ``t`` itself."""
+    return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def local_part(p: Tensor, full: Tensor) -> tuple[Tensor, Tensor]:
+    """``(p's local piece, the part of a whole p-shaped tensor that the piece holds)``: for an FSDP2 DTensor its
+    shard and the matching rows (dim 0, ``torch.chunk``'s split); ``(p, full)`` for a plain tensor."""
+    if not is_dtensor(p):
+        return p, full
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    lo, hi = chunk_range(p.shape[0], mesh.size(), mesh.get_local_rank())
+    return p.to_local(), full[lo:hi]  # type: ignore[attr-defined]
 
 
 class ShardPlan:

@@ -331,12 +331,12 @@ class QNTrainer(Trainer):
         return self.optimizer
 
     def _refuse_unsupported_sharding(self, name: str) -> None:
-        """DeepSpeed always, FSDP unless it is FSDP2 with mL-BFGS, each with the reason and what works."""
+        """DeepSpeed, and FSDP other than FSDP2, each with the reason and what works."""
         if self.is_deepspeed_enabled:
             raise ValueError(
                 f"qn_optimizer={name!r} does not support DeepSpeed: ZeRO hands the optimizer flat partitions of the "
                 "parameters, which have no layer shape for the curvature. Use DDP (torchrun / accelerate launch "
-                "--multi_gpu), or FSDP2 (fsdp_config fsdp_version: 2) with qn_optimizer='mlbfgs'."
+                "--multi_gpu) or FSDP2 (--fsdp full_shard with fsdp_config fsdp_version: 2)."
             )
         if not self.is_fsdp_enabled:
             return
@@ -346,11 +346,6 @@ class QNTrainer(Trainer):
                 f"qn_optimizer={name!r} does not support FSDP version {version}, which flattens the parameters into "
                 "FlatParameters without layer shapes; set fsdp_config fsdp_version: 2 (FSDP2, per-parameter "
                 "sharding)."
-            )
-        if name != "mlbfgs":
-            raise ValueError(
-                f"qn_optimizer={name!r} does not support FSDP2 yet (its Kronecker factors need whole layers); "
-                "qn_optimizer='mlbfgs' does, with its state split over the ranks. Or train K-BFGS with DDP."
             )
 
     def _wire(self, opt: Any) -> None:

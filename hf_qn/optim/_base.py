@@ -128,16 +128,18 @@ class QNOptimizerBase(torch.optim.Optimizer):
         """The units and their sizes, saved as ``"hf_qn"/"layout"`` and compared on load."""
         raise NotImplementedError
 
-    def _refuse_sharded_parameters(self) -> None:
-        """FSDP2 / tensor parallelism swap DTensors into ``param_groups`` (also after construction)."""
+    def _check_sharded_parameters(self) -> None:
+        """DTensor parameters (FSDP2 swaps them into ``param_groups``, also after construction) must be FSDP2's:
+        every parameter sharded on dim 0 over one 1-D mesh (not HSDP, not tensor parallelism)."""
         from ..distributed import is_dtensor
+        from ..distributed.shards import FullyShardedPlan
 
-        if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
-            raise NotImplementedError(
-                f"{type(self).__name__} got DTensor parameters (FSDP2 fully_shard or tensor parallelism), which "
-                "it does not support yet: its curvature needs whole layers. Supported: one process, or DDP "
-                "(torchrun / accelerate launch --multi_gpu). The FSDP2 design is in docs/design.md."
-            )
+        params = [p for g in self.param_groups for p in g["params"]]
+        if any(is_dtensor(p) for p in params):
+            try:
+                FullyShardedPlan(params)
+            except NotImplementedError as e:
+                raise NotImplementedError(f"{type(self).__name__}: {e}") from None
 
     #: per-parameter state keys whose saved dtype is kept on load (curvature, histories, counters).
     _CURVATURE_KEYS: frozenset[str] = frozenset()
@@ -173,6 +175,18 @@ class QNOptimizerBase(torch.optim.Optimizer):
             )
         if not grads:
             return True
+        from ..distributed import is_dtensor
+
+        sharded = [g for g in grads if is_dtensor(g)]
+        if sharded:  # FSDP2: each rank sees its shards; every rank must take the same decision
+            import torch.distributed as dist
+
+            local = [x for g in grads if (x := g.to_local() if is_dtensor(g) else g).numel()]  # type: ignore[attr-defined]
+            bad = torch.zeros(1, dtype=torch.float64, device=grads[0].device)
+            if local:
+                bad += (~torch.isfinite(torch.stack([n.double() for n in torch._foreach_norm(local)]))).sum()
+            dist.all_reduce(bad, group=sharded[0].device_mesh.get_group())  # type: ignore[attr-defined]
+            return not bool(bad.item())
         norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
         return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
 
@@ -210,14 +224,58 @@ class QNOptimizerBase(torch.optim.Optimizer):
         return dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's ``{"state", "param_groups"}`` plus ``"hf_qn"``, the optimizer-wide state."""
+        """torch's ``{"state", "param_groups"}`` plus ``"hf_qn"``, the optimizer-wide state. Under FSDP2 the latter
+        is also kept inside ``"state"`` (see :meth:`_embed_global`)."""
         sd = super().state_dict()
         sd[HF_QN] = {**self._global_state(), "layout": self._layout()}
-        return sd
+        return self._embed_global(sd) if self._fully_sharded() else sd
+
+    def _fully_sharded(self) -> bool:
+        from ..distributed import is_dtensor
+
+        return any(is_dtensor(p) for g in self.param_groups for p in g["params"])
+
+    @staticmethod
+    def _embed_global(sd: dict[str, Any]) -> dict[str, Any]:
+        """``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` (the Trainer's and accelerate's FSDP path)
+        keeps only ``"state"`` and ``"param_groups"``, and a load fills only the keys of a fresh optimizer's
+        state: so the optimizer-wide state is also stored, serialized whole into one string (its structure may
+        grow during training), as ``state[first parameter]["hf_qn"]["encoded"]``."""
+        if not sd["state"]:
+            return sd
+        import base64
+        import io
+
+        buf = io.BytesIO()
+        torch.save(sd[HF_QN], buf)
+        home = min(sd["state"])
+        state = dict(sd["state"])
+        state[home] = {**state[home], HF_QN: {"encoded": base64.b64encode(buf.getvalue()).decode("ascii")}}
+        return {**sd, "state": state}
+
+    @staticmethod
+    def _extract_global(sd: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`_embed_global` undone: ``"hf_qn"`` at the top again, decoded if it only came inside ``"state"``,
+        and no longer inside ``"state"``."""
+        inside = [pid for pid, st in sd.get("state", {}).items() if isinstance(st, dict) and HF_QN in st]
+        if not inside:
+            return sd
+        state = dict(sd["state"])
+        embedded = state[inside[0]][HF_QN]
+        for pid in inside:
+            state[pid] = {k: v for k, v in state[pid].items() if k != HF_QN}
+        out = {**sd, "state": state}
+        if HF_QN not in sd:
+            import base64
+            import io
+
+            raw = base64.b64decode(embedded["encoded"])
+            out[HF_QN] = torch.load(io.BytesIO(raw), weights_only=True)
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, keeping curvature tensors in their saved dtype (see module docstring)."""
-        state_dict = self._upgrade(state_dict)
+        state_dict = self._upgrade(self._extract_global(state_dict))
         saved_global = state_dict.get(HF_QN)
         if saved_global is None and not any(state_dict.get("state", {}).values()):
             saved_global = self._global_state()  # saved before any step (hf_qn's first format): nothing to restore

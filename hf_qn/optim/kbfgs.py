@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..adapters import LayerAdapter, LayerAssignment, LayerPolicy, assign_layers
 from ..adapters.registry import FallbackParam
 from ..capture import Capture
+from ..distributed import is_dtensor
 from ..linalg import all_finite, finite_flag
 from ._base import ROLE, ROLE_FALLBACK, ROLE_QN, QNOptimizerBase
 from .config import MATMUL_DTYPES, KBFGSConfig
@@ -41,7 +42,7 @@ from .kbfgs_layer import KroneckerLayer, PairHyper, layer_statistics, update_inp
 from .kbfgs_pass import add_to_layers, run_closure, second_pass
 from .kbfgs_stats import LayerMeans, reduce_statistics
 from .output_side import output_side_for
-from .state import FORMAT, KBFGS_LAYER_COUNTERS, KBFGS_LAYER_KEYS, convert_kbfgs_v1, is_v1
+from .state import FORMAT, KBFGS_LAYER_COUNTERS, KBFGS_LAYER_KEYS, convert_kbfgs_v1, is_v1, iter_tensors
 
 __all__ = ["KBFGS", "KBFGSL", "MATMUL_DTYPES", "KBFGSConfig"]
 
@@ -117,7 +118,7 @@ class KBFGS(QNOptimizerBase):
                 "under the given policy; K-BFGS has nothing to precondition. Assignment:\n" + assignment.report()
             )
         super().__init__(_param_groups(assignment, cfg, set(no_decay)), dataclasses.asdict(cfg))
-        self._refuse_sharded_parameters()
+        self._check_sharded_parameters()
         self._refuse_unsupported_parameters()
         self.model, self.policy = model, policy
         self.assignment: LayerAssignment = assignment
@@ -211,6 +212,24 @@ class KBFGS(QNOptimizerBase):
     def _bind_layers(self) -> None:
         for la in self.layers:
             la.bind(self.state[la.adapter.weight])
+        self._bound_params = [id(p) for p in self._params()]
+
+    def _follow_swapped_parameters(self) -> None:
+        """Accelerate's FSDP2 path builds the optimizer on the plain model, then puts the sharded DTensors (the
+        modules' parameters now) into ``param_groups``: bind the layers to their state and forget the cached
+        groups. Refused once steps were taken, since the state would stay with the old parameters."""
+        if [id(p) for p in self._params()] == self.__dict__.get("_bound_params"):
+            return
+        current = {id(p) for p in self._params()}
+        if any(True for p, st in self.state.items() if id(p) not in current for _ in iter_tensors(st)):
+            raise RuntimeError(
+                "KBFGS: the parameters in param_groups were replaced after the optimizer had taken steps; build "
+                "the optimizer on the wrapped (sharded) model, or let accelerate.prepare swap them before training"
+            )
+        for p in [p for p in self.state if id(p) not in current]:  # the replaced parameters' (empty) entries
+            del self.state[p]
+        self._group_cache = None
+        self._bind_layers()
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -271,7 +290,8 @@ class KBFGS(QNOptimizerBase):
             self._remember_gradients()
 
     def _step(self, closure: Callable[[], Any] | None) -> Any:
-        self._refuse_sharded_parameters()
+        self._follow_swapped_parameters()
+        self._check_sharded_parameters()
         self._sync_config()
         curvature = bool(self.capture.enabled)
         loss = self._first_pass(closure)  # torch.optim's call: the closure gives the loss and the gradients
@@ -448,7 +468,7 @@ class KBFGS(QNOptimizerBase):
         """Add ``scale · α · D`` back to the layers and copy ``values`` into the fallback parameters."""
         add_to_layers(self.adapters, directions, self._layer_lrs(), scale)
         for p, old in values.items():
-            p.copy_(old)
+            _local(p).copy_(old)
 
     def _snapshot(self, active: list[bool]) -> dict[str, Any]:
         """What a same-batch curvature step changes before its closure runs: the parameters with a gradient,
@@ -456,8 +476,9 @@ class KBFGS(QNOptimizerBase):
         optimizer-wide state. Put back exactly if the closure raises (:meth:`_put_back`); its fallback
         parameters also serve the loss guard's undo."""
         params = [p for p in self._params() if p.grad is not None]
-        copies = [torch.empty_like(p, requires_grad=False) for p in params]
-        torch._foreach_copy_(copies, [p.detach() for p in params])  # one multi-tensor copy
+        pieces = [_local(p).detach() for p in params]  # an FSDP2 parameter: its shard
+        copies = [torch.empty_like(x, requires_grad=False) for x in pieces]
+        torch._foreach_copy_(copies, pieces)  # one multi-tensor copy
         layers = {la.adapter.weight: self._layer_snapshot(la) for la, on in zip(self.layers, active) if on}
         fallback = {p: copy.deepcopy(self.state.get(p, {})) for g in self.param_groups if g[ROLE] == ROLE_FALLBACK
                     for p in g["params"] if p.grad is not None}
@@ -480,7 +501,7 @@ class KBFGS(QNOptimizerBase):
 
     def _put_back(self, snapshot: dict[str, Any]) -> None:
         for p, old in snapshot["params"].items():
-            p.copy_(old)
+            _local(p).copy_(old)
         for w, saved in snapshot["layers"].items():
             if saved is None:  # created by this step
                 self.state[w].clear()
@@ -636,7 +657,37 @@ class KBFGS(QNOptimizerBase):
         id_of = {id(p): pid for pid, p in self._saved_ids(state_dict).items()}
         return convert_kbfgs_v1(state_dict, [id_of[id(ad.weight)] for ad in self.adapters], self._output_side_name())
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``{"state", "param_groups"}`` plus ``"hf_qn"``. Under FSDP2 every state a step creates is
+        created first, as zeros (what the first step would start from): ``torch.distributed.checkpoint`` loads
+        into the state of a fresh optimizer, which must therefore hold every key, and checks that every trainable
+        parameter has an entry. The layers' factors are whole on every rank (replicated, as under DDP); the
+        fallback's AdamW state is sharded like its parameters."""
+        self._follow_swapped_parameters()
+        if self._fully_sharded():
+            self._complete_state()
+        return super().state_dict()
+
+    def _complete_state(self) -> None:
+        for la in self.layers:
+            la.ensure_state()
+            if self.config.graft == "adam":
+                ad = la.adapter
+                la.state.setdefault("graft", {
+                    "exp_avg_sq": torch.zeros(ad.d_out, ad.d_in, dtype=torch.float32, device=ad.weight.device),
+                    "steps": torch.tensor(0, dtype=torch.int64)})
+        for g in self.param_groups:
+            for p in g["params"]:
+                st = self.state[p]  # an entry for every parameter (an adapted layer's bias: empty)
+                if g[ROLE] != ROLE_FALLBACK:
+                    continue
+                if g["fallback"] == "adamw" and "step" not in st:
+                    st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                elif g["fallback"] == "sgd" and g["momentum"] != 0 and "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(p)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._follow_swapped_parameters()
         super().load_state_dict(state_dict)
         self._check_layer_keys()
         self._sync_config()
@@ -693,3 +744,8 @@ class KBFGSL(KBFGS):
         if kwargs.get("history_size", 1) is None:
             raise ValueError("Invalid history_size: None (KBFGSL needs an integer >= 1; use KBFGS for dense BFGS)")
         super().__init__(model, **kwargs)
+
+
+def _local(p: Tensor) -> Tensor:
+    """An FSDP2 parameter's shard, a plain parameter itself."""
+    return p.to_local() if is_dtensor(p) else p  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..adapters import LayerAdapter
 from ..capture import Capture, LayerStats
 from ..distributed import all_reduce_sum_, is_distributed, world_size
+from ..distributed.shards import local_part
 from ..linalg import all_finite
 from .kbfgs_stats import LayerMeans, reduce_statistics
 
@@ -88,17 +89,20 @@ def add_to_layers(
     adapters: list[LayerAdapter], directions: list[Tensor | None], lrs: list[float], factor: float
 ) -> None:
     """``W̄ ← W̄ + factor · α · D`` for every active layer (α: the layer's lr), one multi-tensor add per step
-    size; a layer without a direction, and a bias without a gradient, are left alone."""
+    size; a layer without a direction, and a bias without a gradient, are left alone. Under FSDP2 ``D`` is
+    whole on every rank and each rank adds its shard's rows."""
     by_alpha: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
     for ad, D, lr in zip(adapters, directions, lrs):
         if D is None:
             continue
         targets, updates = by_alpha.setdefault(lr * factor, ([], []))
         w, b = ad.from_matrix(D)
-        targets.append(ad.weight)
-        updates.append(w.to(ad.weight.dtype))
+        pairs = [(ad.weight, w)]
         if b is not None and ad.bias is not None and ad.bias.grad is not None:
-            targets.append(ad.bias)
-            updates.append(b.to(ad.bias.dtype))
+            pairs.append((ad.bias, b))
+        for p, whole_update in pairs:  # an FSDP2 parameter takes the rows of its shard
+            target, update = local_part(p, whole_update)
+            targets.append(target)
+            updates.append(update.to(p.dtype))
     for alpha, (targets, updates) in by_alpha.items():
         torch._foreach_add_(targets, updates, alpha=alpha)

@@ -762,7 +762,8 @@ class MLBFGS(QNOptimizerBase):
         own (``"columns"``), and the optimizer-wide entry is also kept in the state of the first block's first
         parameter (``get_optimizer_state_dict`` keeps only ``"state"`` and ``"param_groups"``) with a marker of
         the rank that wrote each piece."""
-        sd = super().state_dict()
+        self._follow_swapped_parameters()
+        sd = super().state_dict()  # under FSDP2 with the optimizer-wide state embedded
         return self._as_dtensors(sd) if self._plan.kind == "fsdp2" else sd
 
     def _as_dtensors(self, sd: dict[str, Any]) -> dict[str, Any]:
@@ -790,10 +791,9 @@ class MLBFGS(QNOptimizerBase):
             state[pid] = st
         for pid, cols in columns.items():
             state.setdefault(pid, {})["columns"] = cols
-        glob = {k: v for k, v in sd[HF_QN].items() if k != "shards"}
-        home = pid_of[id(self.units[0].block.params[0])]
-        state.setdefault(home, {})[HF_QN] = {**glob, "ranks": plan.rank_marker()}
-        return {**sd, "state": state, HF_QN: glob}
+        home = next(pid for pid, st in state.items() if HF_QN in st)  # _embed_global's entry: the marker joins it
+        state[home] = {**state[home], HF_QN: {**state[home][HF_QN], "ranks": plan.rank_marker()}}
+        return {**sd, "state": state}
 
     def _from_columns(self, sd: dict[str, Any]) -> dict[str, Any]:
         """The block layout from :meth:`state_dict`'s FSDP2 form, or from the whole tensors that
@@ -802,10 +802,11 @@ class MLBFGS(QNOptimizerBase):
         they are this rank's (refused otherwise)."""
         from ..distributed import is_dtensor
 
-        glob = sd.get(HF_QN) or next((st[HF_QN] for st in sd["state"].values() if HF_QN in st), None)
-        if glob is None:
-            return sd
         marker = next((st[HF_QN]["ranks"] for st in sd["state"].values() if "ranks" in st.get(HF_QN, {})), None)
+        sd = self._extract_global(sd)
+        glob = sd.get(HF_QN)
+        if glob is None or not any("columns" in st for st in sd["state"].values()):
+            return sd  # the block layout already (one process, ZeRO-1 pieces, an older state)
         pieces = marker is not None and is_dtensor(marker)
         if pieces:
             assert marker is not None
@@ -833,7 +834,7 @@ class MLBFGS(QNOptimizerBase):
         params = self._saved_ids(sd)
         state = {}
         for pid, saved in sd["state"].items():
-            st = {k: v for k, v in saved.items() if k not in ("columns", HF_QN)}
+            st = {k: v for k, v in saved.items() if k != "columns"}
             for k in _ELEMENT_KEYS:
                 if k in st:
                     st[k] = plain(st[k])
@@ -848,7 +849,7 @@ class MLBFGS(QNOptimizerBase):
                 parts = [plain(sd["state"][pid_of[id(q)]]["columns"][key]) for q in unit.block.params]
                 joined[key] = torch.cat([c.reshape(c.shape[0], -1) for c in parts], dim=1)
             st["block"] = {**st["block"], "history": {**st["block"]["history"], **joined}}
-        glob = {k: v for k, v in glob.items() if k != "ranks"}
+        glob = {k: v for k, v in glob.items() if k != "shards"}
         if pieces:
             glob["shards"] = self._plan.signature()
         return {**sd, "state": state, HF_QN: glob}
@@ -862,6 +863,7 @@ class MLBFGS(QNOptimizerBase):
         of ranks, with whole or split state (a split optimizer keeps its pieces of it). Equal to
         :meth:`state_dict` when the state is whole; under split state a collective (every rank calls it and
         gets the whole dict)."""
+        self._follow_swapped_parameters()
         sd = super().state_dict()
         if not self._plan.sharded:
             return sd

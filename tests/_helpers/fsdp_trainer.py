@@ -1,9 +1,10 @@
-"""Launched by tests/test_sharded_state.py: QNTrainer with mL-BFGS on a tiny GPT-2 (tied embeddings): on one
+"""Launched by tests/test_sharded_state.py: QNTrainer with mL-BFGS (or K-BFGS) on a tiny GPT-2 (tied embeddings): on one
 plain process (mode ``plain``), on 2 ranks with FSDP2 (``fsdp``: ``--fsdp full_shard`` with ``fsdp_version: 2``)
 or with DDP and ``shard_state=True`` (``zero1``), at the same global batch; optionally saving a checkpoint or
 resuming from one. Writes the final parameters and the loss log as JSON.
 
 Usage: fsdp_trainer.py OUT_DIR ROOT PER_DEVICE_BATCH MODE [--save_at N | --resume CHECKPOINT_DIR]
+[--optimizer mlbfgs|kbfgs]
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ class Tokens(torch.utils.data.Dataset):
 
 def main() -> None:
     out, per_device, mode = sys.argv[1], int(sys.argv[3]), sys.argv[4]
+    extra = dict(zip(sys.argv[5::2], sys.argv[6::2]))
+    save_at, resume = int(extra.get("--save_at", 0)), extra.get("--resume")
+    name = extra.get("--optimizer", "mlbfgs")
     fsdp = mode == "fsdp"
     qn_args = "history_size=3,update_interval=2" + (",shard_state=True" if mode == "zero1" else "")
-    extra = sys.argv[5:]
-    save_at = int(extra[1]) if extra[:1] == ["--save_at"] else 0
-    resume = extra[1] if extra[:1] == ["--resume"] else None
+    if name == "kbfgs":
+        qn_args = ""
     torch.manual_seed(0)
     model = tiny_gpt2(vocab=61, n_embd=16, n_layer=2)
     fsdp_args = {}
@@ -50,7 +53,7 @@ def main() -> None:
             "fsdp_version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": ["GPT2Block"], "state_dict_type": "SHARDED_STATE_DICT"}}
     args = QNTrainingArguments(
-        output_dir=out, qn_optimizer="mlbfgs", qn_args=qn_args, learning_rate=0.01,
+        output_dir=out, qn_optimizer=name, qn_args=qn_args or None, learning_rate=0.01,
         per_device_train_batch_size=per_device, max_steps=STEPS, logging_steps=1,
         save_strategy="steps" if save_at else "no", save_steps=save_at or 500, report_to="none", use_cpu=True,
         seed=0, disable_tqdm=True, lr_scheduler_type="constant", warmup_steps=0, dataloader_num_workers=0,
@@ -78,8 +81,9 @@ def main() -> None:
     if trainer.is_world_process_zero():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
         with open(f"{out}/results.json", "w") as f:
-            json.dump({"world_size": world, "losses": losses, "params": params, "sharded": inner._plan.sharded,
-                       "plan": inner._plan.kind, "step": int(inner.counters["step"]),
+            plan = inner._plan.kind if name == "mlbfgs" else ("fsdp2" if inner._fully_sharded() else "replicated")
+            steps = int(inner.counters["step"]) if name == "mlbfgs" else int(inner.schedule.state["step"])
+            json.dump({"world_size": world, "losses": losses, "params": params, "plan": plan, "step": steps,
                        "fsdp_enabled": trainer.is_fsdp_enabled}, f)
     trainer.accelerator.free_memory()
     del trainer

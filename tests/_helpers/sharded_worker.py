@@ -41,6 +41,40 @@ CONFIGS = {  # float64 histories, so that sums in another order are the only dif
 }
 
 
+KBFGS_CONFIGS = {"default": {}, "paper": {"preset": "paper", "lr": 0.05}}
+
+
+def kbfgs_model(kind: str, cfg: dict, mesh=None) -> tuple[nn.Module, object]:
+    model = build(kind)
+    if mesh is not None:
+        shard(model, kind, mesh)
+    return model, hf_qn.KBFGS(model, **cfg)
+
+
+def kbfgs_train(kind: str, cfg: dict, model, opt, steps: int = STEPS, part=None, start: int = 0):
+    """K-BFGS steps; the paper setting's same-batch pairs get the closure that re-evaluates the rank's batch."""
+    data = batches(kind)
+    for t in range(start, start + steps):
+        x, y = data[t]
+        if part is not None:
+            x, y = x.chunk(part[1])[part[0]], y.chunk(part[1])[part[0]]
+        opt.zero_grad()
+        loss_of(kind, model, x, y).backward()
+
+        def closure(x=x, y=y):
+            loss = loss_of(kind, model, x, y)
+            loss.backward()
+            return loss
+
+        opt.step(closure if cfg.get("preset") == "paper" else None)
+    return model, opt
+
+
+def kbfgs_run(kind: str, cfg: dict, mesh=None, part=None) -> tuple[nn.Module, object]:
+    """K-BFGS for STEPS steps, on one process or FSDP2-sharded (``mesh``)."""
+    return kbfgs_train(kind, cfg, *kbfgs_model(kind, cfg, mesh), part=part)
+
+
 def cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2, padding=1),
                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
@@ -242,6 +276,7 @@ def main() -> None:
             opt = hf_qn.MLBFGS(model, **cfg)
             train(kind, model, opt, SAVE_AT)
             mids[kind, cfg_name] = {"params": full_params(model), "state": copy.deepcopy(opt.state_dict())}
+    kbfgs_refs = {(kind, name): kbfgs_run(kind, cfg) for kind in ("gpt2", "cnn") for name, cfg in KBFGS_CONFIGS.items()}
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     from torch.distributed.device_mesh import init_device_mesh
@@ -253,6 +288,25 @@ def main() -> None:
             for cfg_name in CONFIGS:
                 results[f"{case}/{kind}/{cfg_name}"] = run_case(case, kind, cfg_name, refs[kind, cfg_name], mesh,
                                                                 rank, world, out_dir)
+    for kind in ("gpt2", "cnn"):
+        for cfg_name, cfg in KBFGS_CONFIGS.items():
+            model, opt = kbfgs_run(kind, cfg, mesh, (rank, world))
+            ref_model, ref_opt = kbfgs_refs[kind, cfg_name]
+            out = results[f"kbfgs/{kind}/{cfg_name}"] = {
+                "max_rel_diff": max_rel(full_params(model), full_params(ref_model)),
+                "pairs": opt.statistics()["qn/pairs_accepted"],
+                "reference_pairs": ref_opt.statistics()["qn/pairs_accepted"],
+            }
+            # torch.distributed.checkpoint at SAVE_AT into fresh objects, then on: the uninterrupted run's bits
+            import torch.distributed.checkpoint as dcp
+
+            half, half_opt = kbfgs_train(kind, cfg, *kbfgs_model(kind, cfg, mesh), SAVE_AT, (rank, world))
+            path = out_dir / "dcp" / f"kbfgs-{kind}-{cfg_name}"
+            dcp.save(dcp_state(half, half_opt), checkpoint_id=str(path))
+            again, again_opt = kbfgs_model(kind, cfg, mesh)
+            dcp_restore(again, again_opt, path)
+            kbfgs_train(kind, cfg, again, again_opt, STEPS - SAVE_AT, (rank, world), start=SAVE_AT)
+            out["dcp_resume_bitwise"] = all(torch.equal(a, b) for a, b in zip(local_params(again), local_params(model)))
     for kind in ("gpt2", "cnn"):
         results[f"from_whole/{kind}"] = resume_from_whole(kind, "adam", mids[kind, "adam"], refs[kind, "adam"], mesh,
                                                           rank, world)

@@ -308,9 +308,9 @@ def test_callbacks_see_steps_in_order(tmp_path):
 
 @pytest.mark.parametrize(("name", "setting", "match"), [
     ("kbfgs", "deepspeed", "flat partitions"), ("mlbfgs", "deepspeed", "flat partitions"),
-    ("mlbfgs", "fsdp1", "fsdp_version: 2"), ("kbfgs", "fsdp2", "does not support FSDP2 yet.*mlbfgs"),
+    ("mlbfgs", "fsdp1", "fsdp_version: 2"), ("kbfgs", "fsdp1", "fsdp_version: 2"),
 ])
-def test_deepspeed_fsdp1_and_kbfgs_under_fsdp2_are_refused_with_the_reason(tmp_path, monkeypatch, name, setting, match):
+def test_deepspeed_and_fsdp1_are_refused_with_the_reason(tmp_path, monkeypatch, name, setting, match):
     from types import SimpleNamespace
 
     trainer = QNTrainer(model=RegressionModel(), args=_args(tmp_path, qn_optimizer=name),
