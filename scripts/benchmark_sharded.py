@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Optimizer state per rank, extra communication and step time of mL-BFGS under FSDP2, against AdamW.
+"""Optimizer state per rank, extra communication and step time of mL-BFGS and K-BFGS under FSDP2, against AdamW.
 
 Every optimizer trains the same GPT-2 (built from a config, same seed, tied embeddings), sharded with FSDP2
 ``fully_shard`` (per transformer block, then the root) over all ranks, on the same random token batches. Run it
@@ -13,7 +13,8 @@ Measured, per rank:
 
 * **state bytes**: the optimizer's state tensors held by the rank (its local pieces of DTensors);
 * **bytes sent per step**, split into FSDP2's own collectives (all-gathers of parameters, reduce-scatters of
-  gradients: during forward and backward) and the optimizer's (during ``step``), each counted as a ring
+  gradients: during forward and backward) and the optimizer's (during ``step``; K-BFGS's statistics
+  all-reduce and gradient all-gathers, mL-BFGS's products), each counted as a ring
   algorithm sends it: ``(N−1)/N`` of an all-gather's output or a reduce-scatter's input, twice that for an
   all-reduce;
 * **step time** (forward, backward, step): all optimizers take turns step by step in one process, so machine
@@ -50,6 +51,7 @@ OPTIMIZERS = {
     "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
     "mlbfgs": lambda m: hf_qn.MLBFGS(m, lr=1e-3),
     "mlbfgs_bf16": lambda m: hf_qn.MLBFGS(m, lr=1e-3, history_dtype="bfloat16"),
+    "kbfgs": lambda m: hf_qn.KBFGS(m, lr=1e-3),
 }
 
 

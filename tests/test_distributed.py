@@ -51,9 +51,11 @@ def test_example_runs_unchanged_under_accelerate_launch(tmp_path):
     assert out["world_size"] == 2 and out["replicas_equal"]
 
 
-@pytest.mark.parametrize("optimizer", ["kbfgs", "mlbfgs"])
+@pytest.mark.parametrize("optimizer", ["kbfgs"])
 def test_qn_trainer_on_two_ranks_matches_one_rank(tmp_path, optimizer):
-    """The Trainer's own DDP path: 2 ranks x batch 8 (replicas bitwise equal) vs 1 rank x batch 16."""
+    """The Trainer's own DDP path: 2 ranks x batch 8 (replicas bitwise equal) vs 1 rank x batch 16. (mL-BFGS's
+    Trainer DDP path is checked with its state split, in test_sharded_state.py; its replicated DDP path by
+    test_two_ranks_match_one_rank_at_the_same_global_batch.)"""
     one, two = tmp_path / "one", tmp_path / "two"
     for out, n, per_device in ((one, 1, "16"), (two, 2, "8")):
         out.mkdir()

@@ -3,8 +3,8 @@ plain process (mode ``plain``), on 2 ranks with FSDP2 (``fsdp``: ``--fsdp full_s
 or with DDP and ``shard_state=True`` (``zero1``), at the same global batch; optionally saving a checkpoint or
 resuming from one. Writes the final parameters and the loss log as JSON.
 
-Usage: fsdp_trainer.py OUT_DIR ROOT PER_DEVICE_BATCH MODE [--save_at N | --resume CHECKPOINT_DIR]
-[--optimizer mlbfgs|kbfgs]
+Usage: fsdp_trainer.py OUT_DIR ROOT PER_DEVICE_BATCH MODE [--optimizer mlbfgs|kbfgs]
+[--save_at N [--then_resume_into OUT_DIR2]]
 """
 
 from __future__ import annotations
@@ -35,11 +35,8 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def main() -> None:
-    out, per_device, mode = sys.argv[1], int(sys.argv[3]), sys.argv[4]
-    extra = dict(zip(sys.argv[5::2], sys.argv[6::2]))
-    save_at, resume = int(extra.get("--save_at", 0)), extra.get("--resume")
-    name = extra.get("--optimizer", "mlbfgs")
+def run(out: str, per_device: int, mode: str, name: str, save_at: int = 0, resume: str | None = None) -> None:
+    """One Trainer run; rank 0 writes ``out/results.json``."""
     fsdp = mode == "fsdp"
     qn_args = "history_size=3,update_interval=2" + (",shard_state=True" if mode == "zero1" else "")
     if name == "kbfgs":
@@ -48,7 +45,6 @@ def main() -> None:
     model = tiny_gpt2(vocab=61, n_embd=16, n_layer=2)
     fsdp_args = {}
     if fsdp:
-
         fsdp_args = {"fsdp": "full_shard", "fsdp_config": {
             "fsdp_version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": ["GPT2Block"], "state_dict_type": "SHARDED_STATE_DICT"}}
@@ -87,6 +83,15 @@ def main() -> None:
                        "fsdp_enabled": trainer.is_fsdp_enabled}, f)
     trainer.accelerator.free_memory()
     del trainer
+
+
+def main() -> None:
+    out, per_device, mode = sys.argv[1], int(sys.argv[3]), sys.argv[4]
+    extra = dict(zip(sys.argv[5::2], sys.argv[6::2]))
+    save_at, name = int(extra.get("--save_at", 0)), extra.get("--optimizer", "mlbfgs")
+    run(out, per_device, mode, name, save_at)
+    if "--then_resume_into" in extra:  # a second Trainer in the same processes, from the saved checkpoint
+        run(extra["--then_resume_into"], per_device, mode, name, resume=f"{out}/checkpoint-{save_at}")
     shutdown()
 
 

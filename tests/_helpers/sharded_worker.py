@@ -5,8 +5,10 @@ one-process reference trajectories itself (before the process group exists), the
 
 * ``fsdp2``: FSDP2 ``fully_shard`` (per block, then the root), the optimizer built on the sharded model;
 * ``fsdp2_swapped``: the optimizer built on the plain model and the sharded parameters swapped into its
-  ``param_groups`` afterwards, as ``accelerate.prepare`` does;
-* ``zero1``: DDP with ``shard_state=True``.
+  ``param_groups`` afterwards, as ``accelerate.prepare`` does (GPT-2, one configuration);
+* ``zero1``: DDP with ``shard_state=True`` (GPT-2 and the CNN, one configuration each);
+* K-BFGS under FSDP2 (its defaults and the paper's same-batch pairs), with a torch.distributed.checkpoint
+  resume.
 
 Every case trains a tiny GPT-2 with tied embeddings and a small CNN (float64, so that only the order of sums
 differs) for ``STEPS`` steps and records: the largest relative difference of the parameters from the reference,
@@ -283,11 +285,11 @@ def main() -> None:
 
     mesh = init_device_mesh("cpu", (world,))
     results = {}
-    for case in ("fsdp2", "fsdp2_swapped", "zero1"):
-        for kind in ("gpt2", "cnn"):
-            for cfg_name in CONFIGS:
-                results[f"{case}/{kind}/{cfg_name}"] = run_case(case, kind, cfg_name, refs[kind, cfg_name], mesh,
-                                                                rank, world, out_dir)
+    cases = [("fsdp2", kind, cfg) for kind in ("gpt2", "cnn") for cfg in CONFIGS]
+    cases += [("fsdp2_swapped", "gpt2", "adam"), ("zero1", "gpt2", "adam"), ("zero1", "cnn", "grad")]
+    for case, kind, cfg_name in cases:
+        results[f"{case}/{kind}/{cfg_name}"] = run_case(case, kind, cfg_name, refs[kind, cfg_name], mesh, rank,
+                                                        world, out_dir)
     for kind in ("gpt2", "cnn"):
         for cfg_name, cfg in KBFGS_CONFIGS.items():
             model, opt = kbfgs_run(kind, cfg, mesh, (rank, world))
