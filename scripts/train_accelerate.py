@@ -9,7 +9,9 @@ An MLP classifies scikit-learn's real 8x8 digits. Each step draws one *global* b
 its contiguous share, so runs on 1 and 2 processes see the same data. At the end the script checks that
 every replica holds bitwise-identical parameters and writes ``results.json`` on rank 0 (losses, parameter
 checksum, the per-rank count of L-BFGS products for mL-BFGS). ``--save_state_at`` / ``--resume_from``
-exercise ``accelerator.save_state`` / ``load_state``.
+exercise ``accelerator.save_state`` / ``load_state``. ``--fsdp2 true`` shards the model with accelerate's FSDP
+plugin (``fsdp_version=2``; accelerate enables FSDP on GPU machines, e.g.
+``accelerate launch --num_processes 2 scripts/train_accelerate.py --fsdp2 true``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class Arguments:
     output_dir: str = field(default="outputs/train_accelerate")
     save_state_at: int = field(default=0, metadata={"help": "save accelerator state after this step (0: never)"})
     resume_from: str | None = field(default=None, metadata={"help": "a directory written by --save_state_at"})
+    fsdp2: bool = field(default=False, metadata={
+        "help": "shard the model with FSDP2 (accelerate's FSDP plugin, fsdp_version 2; accelerate enables it on "
+                "GPU machines)"})
 
 
 def build(args: Arguments):
@@ -68,7 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     (args,) = HfArgumentParser(Arguments).parse_args_into_dataclasses(args=argv)
     torch.set_num_threads(1)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    plugin = None
+    if args.fsdp2:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
+                                                state_dict_type="SHARDED_STATE_DICT")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), fsdp_plugin=plugin)
     rank, world = accelerator.process_index, accelerator.num_processes
     if args.global_batch % (world * args.grad_accum):
         raise ValueError("--global_batch must be divisible by num_processes * grad_accum")
@@ -113,8 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.save_state_at and step + 1 == args.save_state_at:
             accelerator.save_state(os.path.join(args.output_dir, f"state-{step + 1}"))
 
-    # Replicas must be bitwise equal: compare every rank's flat parameters with rank 0's.
-    flat = torch.cat([p.detach().reshape(-1) for p in accelerator.unwrap_model(model).parameters()])
+    # Replicas must be bitwise equal: compare every rank's flat parameters with rank 0's (FSDP2: gathered whole).
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in accelerator.unwrap_model(model).parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
     gathered = accelerator.gather(flat.unsqueeze(0))
     replicas_equal = bool((gathered == gathered[0]).all())
     inner = opt.optimizer
@@ -123,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         out = {"world_size": world, "losses": losses, "replicas_equal": replicas_equal,
+               "fsdp": accelerator.distributed_type == "FSDP",
                "params": flat.tolist(), "work_per_rank": work_per_rank,
                "statistics": inner.statistics() if hasattr(inner, "statistics") else {}}
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
