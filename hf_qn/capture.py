@@ -180,7 +180,7 @@ class Capture:
             return  # a frozen layer's curvature is paused: nothing to capture
         mode = self.mode
         st = self.stats[mode][index]
-        if mode == PRIMARY and st.pending and adapter.weight.grad is None:
+        if mode == PRIMARY and st.pending and not adapter.gradient_pending():
             st.reset()  # a new accumulation window: the previous one was never committed
         self._capture_forward(adapter, st, inputs, output, with_inputs=self.input_stats and mode == PRIMARY)
         if output.requires_grad and not adapter.one_sided:

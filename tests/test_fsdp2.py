@@ -87,3 +87,22 @@ def test_chunk_range_splits_as_torch_chunk():
             got = [chunk_range(n, parts, r) for r in range(parts)]
             assert [hi - lo for lo, hi in got if hi > lo] == [len(c) for c in pieces]
             assert torch.equal(torch.cat([torch.arange(n)[lo:hi] for lo, hi in got]), torch.arange(n))
+
+
+def test_kbfgs_gradient_accumulation_on_a_fully_sharded_rank(single_rank_group):
+    """Two micro-batches per step without no_sync: FSDP2 hands each backward's gradient to the sharded parameter
+    and frees the unsharded one, which the capture must not take for the start of a new accumulation window."""
+    torch.manual_seed(0)
+    plain_model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    model = _sharded_mlp()
+    plain, sharded = hf_qn.KBFGS(plain_model), hf_qn.KBFGS(model)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        xs = torch.randn(2, 5, 4, generator=g)
+        for m, opt in ((plain_model, plain), (model, sharded)):
+            opt.zero_grad()
+            for x in xs:
+                (m(x).square().mean() / 2).backward()
+            opt.step()
+    for p, q in zip(plain_model.parameters(), model.parameters()):
+        torch.testing.assert_close(q.full_tensor(), p.detach(), rtol=1e-6, atol=1e-7)

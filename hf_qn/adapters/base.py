@@ -52,6 +52,9 @@ class LayerAdapter(ABC):
         self.d_out: int = 0
         self.d_in: int = 0
         self.has_bias: bool = False
+        #: the FSDP2-sharded weight, set by the optimizer: during forward and backward FSDP2 puts an unsharded
+        #: copy in ``module.weight``, whose gradient it frees after each backward.
+        self.sharded_weight: nn.Parameter | None = None
 
     # ----------------------------------------------------------------- structure
     @classmethod
@@ -69,6 +72,11 @@ class LayerAdapter(ABC):
     def bias(self) -> nn.Parameter | None:
         b = getattr(self.module, "bias", None)
         return b if isinstance(b, nn.Parameter) else None
+
+    def gradient_pending(self) -> bool:
+        """Whether the weight holds a gradient (of a backward since the last ``zero_grad``); under FSDP2 that of
+        the sharded weight, the one the optimizer sees."""
+        return (self.sharded_weight if self.sharded_weight is not None else self.weight).grad is not None
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters this adapter covers, weight first."""

@@ -211,7 +211,9 @@ class KBFGS(QNOptimizerBase):
 
     def _bind_layers(self) -> None:
         for la in self.layers:
-            la.bind(self.state[la.adapter.weight])
+            w = la.adapter.weight  # outside forward: under FSDP2 the sharded DTensor
+            la.bind(self.state[w])
+            la.adapter.sharded_weight = w if is_dtensor(w) else None
         self._bound_params = [id(p) for p in self._params()]
 
     def _follow_swapped_parameters(self) -> None:
