@@ -29,13 +29,17 @@ def _sharded_mlp():
     return model
 
 
-def test_kbfgs_on_one_fully_sharded_rank_takes_the_unsharded_steps(single_rank_group):
+@pytest.mark.parametrize(("make", "steps"), [
+    (lambda m: hf_qn.KBFGS(m), 5),
+    (lambda m: hf_qn.MLBFGS(m, history_size=3, update_interval=2, lr=0.05), 7),
+], ids=["kbfgs", "mlbfgs"])
+def test_on_one_fully_sharded_rank_the_unsharded_steps(single_rank_group, make, steps):
     torch.manual_seed(0)
     plain_model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     model = _sharded_mlp()
-    plain, sharded = hf_qn.KBFGS(plain_model), hf_qn.KBFGS(model)
+    plain, sharded = make(plain_model), make(model)
     g = torch.Generator().manual_seed(1)
-    for _ in range(5):
+    for _ in range(steps):
         x = torch.randn(5, 4, generator=g)
         for m, opt in ((plain_model, plain), (model, sharded)):
             opt.zero_grad()
@@ -44,6 +48,14 @@ def test_kbfgs_on_one_fully_sharded_rank_takes_the_unsharded_steps(single_rank_g
     for p, q in zip(plain_model.parameters(), model.parameters()):
         torch.testing.assert_close(q.full_tensor(), p.detach(), rtol=1e-6, atol=1e-7)
     assert sharded.statistics()["qn/pairs_accepted"] == plain.statistics()["qn/pairs_accepted"] > 0
+
+
+def test_mlbfgs_splits_its_state_under_fsdp2_only(single_rank_group):
+    model = _sharded_mlp()
+    assert hf_qn.MLBFGS(model)._plan.kind == "fsdp2"
+    assert not hf_qn.MLBFGS(nn.Linear(3, 2))._plan.sharded
+    with pytest.raises(ValueError, match="shard_state"):
+        hf_qn.MLBFGS(model, shard_state=False)
 
 
 @pytest.mark.parametrize("make", [hf_qn.KBFGS, hf_qn.MLBFGS])
@@ -55,27 +67,6 @@ def test_sharded_and_plain_parameters_mixed_are_refused(single_rank_group, make)
     fully_shard(model[0], mesh=init_device_mesh("cpu", (1,)))  # the root left plain
     with pytest.raises(NotImplementedError, match="apply fully_shard to the root module"):
         make(model)
-
-
-def test_mlbfgs_on_one_fully_sharded_rank_takes_the_unsharded_steps(single_rank_group):
-    torch.manual_seed(0)
-    plain_model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
-    model = _sharded_mlp()
-    cfg = {"history_size": 3, "update_interval": 2, "lr": 0.05}
-    plain, sharded = hf_qn.MLBFGS(plain_model, **cfg), hf_qn.MLBFGS(model, **cfg)
-    assert sharded._plan.kind == "fsdp2" and not hf_qn.MLBFGS(plain_model)._plan.sharded
-    g = torch.Generator().manual_seed(1)
-    for _ in range(7):
-        x = torch.randn(5, 4, generator=g)
-        for m, opt in ((plain_model, plain), (model, sharded)):
-            opt.zero_grad()
-            m(x).square().mean().backward()
-            opt.step()
-    for p, q in zip(plain_model.parameters(), model.parameters()):
-        torch.testing.assert_close(q.full_tensor(), p.detach(), rtol=1e-6, atol=1e-7)
-    assert sharded.statistics()["qn/pairs_accepted"] == plain.statistics()["qn/pairs_accepted"] > 0
-    with pytest.raises(ValueError, match="shard_state"):
-        hf_qn.MLBFGS(model, shard_state=False)
 
 
 def test_chunk_range_splits_as_torch_chunk():

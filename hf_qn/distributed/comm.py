@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,8 +51,9 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
-    """Sum the tensors in place across ranks, as one flat bucket per dtype/device (one collective)."""
+def all_reduce_sum_(tensors: Sequence[Tensor], group: Any = None) -> None:
+    """Sum the tensors in place across the ranks of ``group`` (default: all), as one flat bucket per dtype/device
+    (one collective each)."""
     if not is_distributed() or not tensors:
         return
     groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
@@ -59,7 +61,7 @@ def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
         groups.setdefault((t.dtype, t.device), []).append(t)
     for ts in groups.values():
         flat = torch.cat([t.reshape(-1) for t in ts])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         offset = 0
         for t in ts:
             n = t.numel()

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import is_distributed, is_dtensor
+from .comm import all_reduce_sum_, is_distributed, is_dtensor
 
 __all__ = [
     "FullyShardedPlan", "Replicated", "ShardPlan", "SlicedPlan", "chunk_range", "local_part", "plan_for", "whole",
@@ -107,18 +107,7 @@ class _SplitPlan(ShardPlan):
         self.rank = dist.get_rank(group)
 
     def all_reduce_(self, tensors: Sequence[Tensor]) -> None:
-        if not tensors:
-            return
-        buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-        for t in tensors:
-            buckets.setdefault((t.dtype, t.device), []).append(t)
-        for ts in buckets.values():
-            flat = torch.cat([t.reshape(-1) for t in ts])
-            dist.all_reduce(flat, group=self.group)
-            offset = 0
-            for t in ts:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+        all_reduce_sum_(tensors, self.group)
 
     def gather(self, p: Tensor, pieces: Tensor) -> Tensor:
         k = pieces.shape[0]
