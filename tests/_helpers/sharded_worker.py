@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import hf_qn  # noqa: E402
 from tests._helpers.models import tiny_gpt2  # noqa: E402
 
-STEPS, SAVE_AT, BATCH = 8, 5, 8
+STEPS, SAVE_AT, BATCH = 6, 4, 8
 CONFIGS = {  # float64 histories, so that sums in another order are the only difference
     "adam": {"lr": 0.01, "history_size": 3, "update_interval": 2, "history_dtype": "float64"},
     "grad": {"lr": 0.05, "history_size": 3, "update_interval": 2, "normalize": "grad", "pair_decay": 0.5,
