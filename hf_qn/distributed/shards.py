@@ -29,7 +29,8 @@ from torch import Tensor
 from .comm import all_reduce_sum_, is_distributed, is_dtensor
 
 __all__ = [
-    "FullyShardedPlan", "Replicated", "ShardPlan", "SlicedPlan", "chunk_range", "local_part", "plan_for", "whole",
+    "FullyShardedPlan", "Replicated", "ShardPlan", "SlicedPlan", "chunk_range", "local_part", "local_piece",
+    "plan_for", "whole",
 ]
 
 
@@ -46,6 +47,11 @@ def whole(t: Tensor) -> Tensor:
     return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
+def local_piece(t: Tensor) -> Tensor:
+    """A DTensor's local shard (a view: in-place writes reach it), or ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
 def local_part(p: Tensor, full: Tensor) -> tuple[Tensor, Tensor]:
     """``(p's local piece, the part of a whole p-shaped tensor that the piece holds)``: for an FSDP2 DTensor its
     shard and the matching rows (dim 0, ``torch.chunk``'s split); ``(p, full)`` for a plain tensor."""
@@ -53,7 +59,7 @@ def local_part(p: Tensor, full: Tensor) -> tuple[Tensor, Tensor]:
         return p, full
     mesh = p.device_mesh  # type: ignore[attr-defined]
     lo, hi = chunk_range(p.shape[0], mesh.size(), mesh.get_local_rank())
-    return p.to_local(), full[lo:hi]  # type: ignore[attr-defined]
+    return local_piece(p), full[lo:hi]
 
 
 class ShardPlan:
@@ -151,10 +157,10 @@ class FullyShardedPlan(_SplitPlan):
         super().__init__(mesh.get_group())
 
     def local(self, p: Tensor) -> Tensor:
-        return p.to_local()  # type: ignore[attr-defined]
+        return local_piece(p)
 
     def local_grad(self, p: Tensor) -> Tensor | None:
-        return None if p.grad is None else p.grad.to_local()  # type: ignore[attr-defined]
+        return None if p.grad is None else local_piece(p.grad)
 
     def like_param(self, p: Tensor, piece: Tensor, rows: int = 0) -> Tensor:
         """This rank's ``piece`` of a per-element quantity of ``p`` as a DTensor sharded like ``p`` (what

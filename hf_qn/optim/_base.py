@@ -131,13 +131,11 @@ class QNOptimizerBase(torch.optim.Optimizer):
     def _check_sharded_parameters(self) -> None:
         """DTensor parameters (FSDP2 swaps them into ``param_groups``, also after construction) must be FSDP2's:
         every parameter sharded on dim 0 over one 1-D mesh (not HSDP, not tensor parallelism)."""
-        from ..distributed import is_dtensor
         from ..distributed.shards import FullyShardedPlan
 
-        params = [p for g in self.param_groups for p in g["params"]]
-        if any(is_dtensor(p) for p in params):
+        if self._fully_sharded():
             try:
-                FullyShardedPlan(params)
+                FullyShardedPlan(self._params())
             except NotImplementedError as e:
                 raise NotImplementedError(f"{type(self).__name__}: {e}") from None
 
@@ -175,17 +173,16 @@ class QNOptimizerBase(torch.optim.Optimizer):
             )
         if not grads:
             return True
-        from ..distributed import is_dtensor
+        from ..distributed import all_reduce_sum_, is_dtensor
+        from ..distributed.shards import local_piece
 
         sharded = [g for g in grads if is_dtensor(g)]
         if sharded:  # FSDP2: each rank sees its shards; every rank must take the same decision
-            import torch.distributed as dist
-
-            local = [x for g in grads if (x := g.to_local() if is_dtensor(g) else g).numel()]  # type: ignore[attr-defined]
+            local = [x for g in grads if (x := local_piece(g)).numel()]
             bad = torch.zeros(1, dtype=torch.float64, device=grads[0].device)
             if local:
                 bad += (~torch.isfinite(torch.stack([n.double() for n in torch._foreach_norm(local)]))).sum()
-            dist.all_reduce(bad, group=sharded[0].device_mesh.get_group())  # type: ignore[attr-defined]
+            all_reduce_sum_([bad], sharded[0].device_mesh.get_group())  # type: ignore[attr-defined]
             return not bool(bad.item())
         norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
         return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
@@ -230,10 +227,14 @@ class QNOptimizerBase(torch.optim.Optimizer):
         sd[HF_QN] = {**self._global_state(), "layout": self._layout()}
         return self._embed_global(sd) if self._fully_sharded() else sd
 
+    def _params(self) -> list[nn.Parameter]:
+        """Every parameter of every group, in order."""
+        return [p for g in self.param_groups for p in g["params"]]
+
     def _fully_sharded(self) -> bool:
         from ..distributed import is_dtensor
 
-        return any(is_dtensor(p) for g in self.param_groups for p in g["params"])
+        return any(is_dtensor(p) for p in self._params())
 
     @staticmethod
     def _embed_global(sd: dict[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from ..adapters import LayerAdapter, LayerAssignment, LayerPolicy, assign_layers
 from ..adapters.registry import FallbackParam
 from ..capture import Capture
 from ..distributed import is_dtensor
+from ..distributed.shards import local_piece
 from ..linalg import all_finite, finite_flag
 from ._base import ROLE, ROLE_FALLBACK, ROLE_QN, QNOptimizerBase
 from .config import MATMUL_DTYPES, KBFGSConfig
@@ -424,9 +425,6 @@ class KBFGS(QNOptimizerBase):
         return ([directions[i] for i in keep], [self.layers[i].state["momentum_buffer"] for i in keep],  # type: ignore[misc]
                 [lrs[i] for i in keep])
 
-    def _params(self) -> list[nn.Parameter]:
-        return [p for g in self.param_groups for p in g["params"]]
-
     def _layer_lrs(self) -> list[float]:
         return [self._group_of(ad.weight)["lr"] for ad in self.adapters]
 
@@ -470,7 +468,7 @@ class KBFGS(QNOptimizerBase):
         """Add ``scale · α · D`` back to the layers and copy ``values`` into the fallback parameters."""
         add_to_layers(self.adapters, directions, self._layer_lrs(), scale)
         for p, old in values.items():
-            _local(p).copy_(old)
+            local_piece(p).copy_(old)
 
     def _snapshot(self, active: list[bool]) -> dict[str, Any]:
         """What a same-batch curvature step changes before its closure runs: the parameters with a gradient,
@@ -478,7 +476,7 @@ class KBFGS(QNOptimizerBase):
         optimizer-wide state. Put back exactly if the closure raises (:meth:`_put_back`); its fallback
         parameters also serve the loss guard's undo."""
         params = [p for p in self._params() if p.grad is not None]
-        pieces = [_local(p).detach() for p in params]  # an FSDP2 parameter: its shard
+        pieces = [local_piece(p).detach() for p in params]  # an FSDP2 parameter: its shard
         copies = [torch.empty_like(x, requires_grad=False) for x in pieces]
         torch._foreach_copy_(copies, pieces)  # one multi-tensor copy
         layers = {la.adapter.weight: self._layer_snapshot(la) for la, on in zip(self.layers, active) if on}
@@ -503,7 +501,7 @@ class KBFGS(QNOptimizerBase):
 
     def _put_back(self, snapshot: dict[str, Any]) -> None:
         for p, old in snapshot["params"].items():
-            _local(p).copy_(old)
+            local_piece(p).copy_(old)
         for w, saved in snapshot["layers"].items():
             if saved is None:  # created by this step
                 self.state[w].clear()
@@ -746,8 +744,3 @@ class KBFGSL(KBFGS):
         if kwargs.get("history_size", 1) is None:
             raise ValueError("Invalid history_size: None (KBFGSL needs an integer >= 1; use KBFGS for dense BFGS)")
         super().__init__(model, **kwargs)
-
-
-def _local(p: Tensor) -> Tensor:
-    """An FSDP2 parameter's shard, a plain parameter itself."""
-    return p.to_local() if is_dtensor(p) else p  # type: ignore[attr-defined]

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum_, greedy_assignment, rank, world_size
-from ..distributed.shards import FullyShardedPlan, ShardPlan, chunk_range, plan_for
+from ..distributed.shards import FullyShardedPlan, ShardPlan, chunk_range, local_piece, plan_for
 from ..linalg import LBFGSHistory, curvature_verdict, mlbfgs_mix
 from ..linalg.bfgs import _dot64_t
 from ._base import QNOptimizerBase, adam_denominators_
@@ -285,7 +285,7 @@ class MLBFGS(QNOptimizerBase):
             "steps_skipped_nonfinite": torch.tensor(0, dtype=torch.int64),
         }
         self._names = {id(p): n for n, p in named}
-        self._built_params = self._all_params()
+        self._built_params = self._params()
         self._plan: ShardPlan = plan_for(self._built_params, cfg.shard_state)
         self._assign()
         self._bind_units()
@@ -305,13 +305,10 @@ class MLBFGS(QNOptimizerBase):
         super().__setstate__(state)  # also called by torch's load_state_dict, with state and param_groups only
         if named is not None:  # a copy
             self._names = {id(p): n for p, n in named}
-            self._plan = plan_for(self._all_params(), self.config.shard_state)
+            self._plan = plan_for(self._params(), self.config.shard_state)
             self._assign()  # owners follow this process's world size
         if "units" in self.__dict__:
             self._bind_units()
-
-    def _all_params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
 
     def _bind_units(self) -> None:
         for u in self.units:
@@ -323,7 +320,7 @@ class MLBFGS(QNOptimizerBase):
         was built (by the sharded DTensors, in the same order): move the blocks, names and state to the new
         parameters and choose the sharding plan again. Nothing happens when the parameters are the ones the
         blocks were built on."""
-        current = self._all_params()
+        current = self._params()
         known = [p for b in self.blocks for p in b.params]
         if {id(p) for p in current} == {id(p) for p in known}:
             return
@@ -334,7 +331,7 @@ class MLBFGS(QNOptimizerBase):
                 "optimizer after wrapping the model (fully_shard, DDP) or let accelerate.prepare swap them"
             )
         new_of = {id(o): n for o, n in zip(old, current)}
-        self.blocks = [Block(b.name, tuple(new_of[id(p)] for p in b.params)) for b in self.blocks]  # type: ignore[misc]
+        self.blocks = [Block(b.name, tuple(new_of[id(p)] for p in b.params)) for b in self.blocks]
         for u, b in zip(self.units, self.blocks):
             u.block = b
         plan = plan_for(current, self.config.shard_state)
@@ -401,7 +398,7 @@ class MLBFGS(QNOptimizerBase):
             self.blocks.append(Block(name, b.params))
             self.units.append(MLBFGSBlock(self.blocks[-1]))
         self._names.update({id(p): n for n, p in named})
-        self._built_params = self._all_params()
+        self._built_params = self._params()
         self._plan = plan_for(self._built_params, self.config.shard_state)
         self._assign()
         self._bind_units()
@@ -457,7 +454,8 @@ class MLBFGS(QNOptimizerBase):
         live = [p for b in self.blocks for p in b.params if p.grad is not None]
         if not live:
             return loss
-        if not self._grads_finite(live):
+        # (ZeRO-1: the DDP-averaged gradients are whole and equal on every rank, so every rank decides alike)
+        if not self._all_grads_finite(live):
             self.counters["steps_skipped_nonfinite"] += 1
             warnings.warn("MLBFGS: non-finite gradient; step skipped, history untouched", RuntimeWarning, stacklevel=2)
             return loss
@@ -478,18 +476,6 @@ class MLBFGS(QNOptimizerBase):
         self._apply(units, directions)
         self._plan.after_update(live)
         return loss
-
-    def _grads_finite(self, params: list[nn.Parameter]) -> bool:
-        """Every gradient finite, on every rank (under split state each rank sees only its pieces)."""
-        if not self._plan.sharded:
-            return self._all_grads_finite(params)
-        grads = [g for p in params if (g := self._plan.local_grad(p)) is not None and g.numel()]
-        bad = torch.zeros(1, dtype=torch.float64, device=params[0].device)
-        if grads:
-            norms = torch.stack([n.double() for n in torch._foreach_norm(grads)])
-            bad += (~torch.isfinite(norms)).sum()
-        self._plan.all_reduce_([bad])
-        return not bool(bad.item())
 
     def _hyperparameters(self) -> dict[str, Any]:
         """The hyperparameters of this step, from ``param_groups`` (as torch.optim reads them, so a loaded
@@ -828,16 +814,13 @@ class MLBFGS(QNOptimizerBase):
                     "or save a full_state_dict()"
                 )
 
-        def plain(v: Any) -> Any:
-            return v.to_local() if is_dtensor(v) else v
-
         params = self._saved_ids(sd)
         state = {}
         for pid, saved in sd["state"].items():
             st = {k: v for k, v in saved.items() if k != "columns"}
             for k in _ELEMENT_KEYS:
                 if k in st:
-                    st[k] = plain(st[k])
+                    st[k] = local_piece(st[k])
             state[pid] = st
         pid_of = {id(p): pid for pid, p in params.items()}
         for pid, st in state.items():
@@ -846,7 +829,7 @@ class MLBFGS(QNOptimizerBase):
                 continue
             joined = {}
             for key in ("S", "Y"):
-                parts = [plain(sd["state"][pid_of[id(q)]]["columns"][key]) for q in unit.block.params]
+                parts = [local_piece(sd["state"][pid_of[id(q)]]["columns"][key]) for q in unit.block.params]
                 joined[key] = torch.cat([c.reshape(c.shape[0], -1) for c in parts], dim=1)
             st["block"] = {**st["block"], "history": {**st["block"]["history"], **joined}}
         glob = {k: v for k, v in glob.items() if k != "shards"}
@@ -868,7 +851,7 @@ class MLBFGS(QNOptimizerBase):
         if not self._plan.sharded:
             return sd
         plan, params = self._plan, self._saved_ids(sd)
-        first_of = {id(u.block.params[0]): u for u in self.units}
+        first_of = self._unit_of_first
         state = {}
         for pid in sorted(sd["state"]):  # the same order on every rank: the gathers pair up
             p, st = params[pid], dict(sd["state"][pid])
@@ -893,7 +876,7 @@ class MLBFGS(QNOptimizerBase):
     def _pieces_of(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """This rank's pieces of a whole state (:meth:`full_state_dict`, or one process's ``state_dict()``)."""
         plan, params = self._plan, self._saved_ids(state_dict)
-        first_of = {id(u.block.params[0]): u for u in self.units}
+        first_of = self._unit_of_first
         state = {}
         for pid, saved in state_dict["state"].items():
             p, st = params[pid], dict(saved)
@@ -944,7 +927,7 @@ class MLBFGS(QNOptimizerBase):
         if saved is None and mine is not None and ours:
             state_dict = self._pieces_of(state_dict)
         params = self._saved_ids(state_dict)
-        first_of = {id(u.block.params[0]): u for u in self.units}
+        first_of = self._unit_of_first
         for pid, st in state_dict.get("state", {}).items():
             hist = st.get("block", {}).get("history")
             unit = first_of.get(id(params.get(pid)))
