@@ -46,10 +46,7 @@ def adamw_updates_(
     beta1, beta2 = betas
     buckets: dict[tuple[Any, ...], list[int]] = {}
     for i, (p, st) in enumerate(zip(params, states)):
-        if "step" not in st:
-            st["step"] = torch.tensor(0.0, dtype=torch.float32)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        adamw_state_(p, st)
         st["step"] += 1
         buckets.setdefault((p.device, p.dtype, float(st["step"])), []).append(i)
     for (_, _, step), idx in buckets.items():
@@ -59,6 +56,15 @@ def adamw_updates_(
         torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
         denoms = adam_denominators_([states[i]["exp_avg_sq"] for i in idx], gs, beta2, step, eps)
         torch._foreach_addcdiv_(ps, exp_avgs, denoms, value=-lr / (1 - beta1**step))
+
+
+def adamw_state_(p: Tensor, st: dict[str, Any]) -> None:
+    """AdamW's state for ``p``, created in ``st`` on first use as torch.optim.AdamW creates it: ``step`` a 0-dim
+    float32 CPU tensor, the moments zeros like ``p``."""
+    if "step" not in st:
+        st["step"] = torch.tensor(0.0, dtype=torch.float32)
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def adam_denominators_(

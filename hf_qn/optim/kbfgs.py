@@ -36,7 +36,7 @@ from ..capture import Capture
 from ..distributed import is_dtensor
 from ..distributed.shards import local_piece
 from ..linalg import all_finite, finite_flag
-from ._base import ROLE, ROLE_FALLBACK, ROLE_QN, QNOptimizerBase
+from ._base import ROLE, ROLE_FALLBACK, ROLE_QN, QNOptimizerBase, adamw_state_
 from .config import MATMUL_DTYPES, KBFGSConfig
 from .guards import CurvatureSchedule, GrowthGuard, KLClip, LossGuard, StepBackoff
 from .kbfgs_layer import KroneckerLayer, PairHyper, layer_statistics, update_input_inverses, update_output_sides
@@ -672,17 +672,14 @@ class KBFGS(QNOptimizerBase):
         for la in self.layers:
             la.ensure_state()
             if self.config.graft == "adam":
-                ad = la.adapter
-                la.state.setdefault("graft", {
-                    "exp_avg_sq": torch.zeros(ad.d_out, ad.d_in, dtype=torch.float32, device=ad.weight.device),
-                    "steps": torch.tensor(0, dtype=torch.int64)})
+                la.ensure_graft_state()
         for g in self.param_groups:
             for p in g["params"]:
                 st = self.state[p]  # an entry for every parameter (an adapted layer's bias: empty)
                 if g[ROLE] != ROLE_FALLBACK:
                     continue
-                if g["fallback"] == "adamw" and "step" not in st:
-                    st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                if g["fallback"] == "adamw":
+                    adamw_state_(p, st)
                 elif g["fallback"] == "sgd" and g["momentum"] != 0 and "momentum_buffer" not in st:
                     st["momentum_buffer"] = torch.zeros_like(p)
 

@@ -132,12 +132,18 @@ class KroneckerLayer:
         buf: Tensor = self.state["momentum_buffer"]
         return buf.mul_(rho).add_(G, alpha=1.0 - rho)
 
+    def ensure_graft_state(self) -> dict[str, Tensor]:
+        """The grafting's state, created on first use: Adam's ``v = 0`` (``d_out x d_in``, float32), no steps."""
+        ad = self.adapter
+        return self.state.setdefault("graft", {
+            "exp_avg_sq": torch.zeros(ad.d_out, ad.d_in, dtype=torch.float32, device=ad.weight.device),
+            "steps": torch.tensor(0, dtype=torch.int64)})
+
     def graft_to_adam(self, D: Tensor, G: Tensor, rho: float, beta2: float, eps: float) -> Tensor:
         """``D`` rescaled to the norm of Adam's step ``m̂ / (√v̂ + ε)`` in this layer, where ``m̂ = ĝ / (1 − ρᵗ)``
         and ``v ← β₂ v + (1 − β₂) G²`` (``G``: this step's gradient with L2); ``t`` counts this layer's steps.
         No host sync: the ratio of norms stays a tensor."""
-        graft = self.state.setdefault("graft", {
-            "exp_avg_sq": torch.zeros_like(G, dtype=torch.float32), "steps": torch.tensor(0, dtype=torch.int64)})
+        graft = self.ensure_graft_state()
         graft["steps"] += 1
         t = int(graft["steps"])
         (denom,) = adam_denominators_([graft["exp_avg_sq"]], [G], beta2, t, eps)
