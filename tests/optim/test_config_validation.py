@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -62,3 +64,31 @@ def test_the_values_the_old_validation_let_through_are_refused():
             assert name in str(err)
         else:
             raise AssertionError(f"{cls.__name__}({kwargs}) was accepted")
+
+
+def _documented_defaults(cls) -> dict[str, str | None]:
+    """Per field, the first token after ``(default:`` in its entry of the class docstring's Attributes (None for
+    an entry that documents several fields at once, whose defaults are listed together)."""
+    entries = re.split(r"\n {8}(?=[a-z_0-9, ]+: )", cls.__doc__.split("Attributes:")[1])
+    out: dict[str, str | None] = {}
+    for entry in entries:
+        names, _, body = entry.partition(": ")
+        names_list = [n.strip() for n in names.split(",")]
+        match = re.search(r"\(default: `*\"?([^`\",;:)\s]+)", body)
+        for n in names_list:
+            out[n] = match.group(1) if match and len(names_list) == 1 else None
+    return out
+
+
+@pytest.mark.parametrize("cls", [KBFGSConfig, MLBFGSConfig])
+def test_every_field_is_documented_with_its_actual_default(cls):
+    documented = _documented_defaults(cls)
+    for f in dataclasses.fields(cls):
+        assert f.name in documented, f"{cls.__name__}.{f.name} has no entry in the docstring's Attributes"
+        token = documented[f.name]
+        if token is None:
+            continue
+        if f.default is None or isinstance(f.default, (bool, str)):
+            assert token == str(f.default), f"{cls.__name__}.{f.name}: docstring says {token}, default {f.default!r}"
+        else:
+            assert float(token) == f.default, f"{cls.__name__}.{f.name}: docstring says {token}, default {f.default}"
