@@ -387,6 +387,13 @@ def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, 
                      "optimizer_state_bytes": r.get("optimizer_state_bytes"),
                      "peak_gpu_memory_bytes": r.get("peak_gpu_memory_bytes"),
                      "seconds_to_adamw_final": t_reach})
+    adam_avg = seed_average(adam, key) if adam is not None else None
+    for row, r in zip(rows, runs):
+        avg = seed_average(r, key)
+        row.update(seeds=avg["seeds"], final_mean=avg["final"], final_min=avg["final_min"],
+                   final_max=avg["final_max"], mean_ratio_to_adamw_final=None)
+        if adam_avg is not None:
+            row["mean_ratio_to_adamw_final"] = seed_averaged_ratio(avg, adam_avg, greater)
     qn = [row for row in rows if row["optimizer"] in ("kbfgs", "kbfgs_l", "mlbfgs")]
     verdict = "No AdamW run in this comparison."
     if adam is not None and qn:
@@ -405,7 +412,44 @@ def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, 
             gap = best["final"] - adam_row["final"]
             verdict = (f"No quasi-Newton run reached AdamW's final {key} ({adam_row['final']:.4g}); the best, "
                        f"{best['optimizer']}, ended at {best['final']:.4g} ({gap:+.4g}).")
+        if adam_row["seeds"] > 1:
+            verdict += " " + _seed_verdict(qn, adam_row, key, greater)
     return {"rows": rows, "verdict": verdict}
+
+
+def seed_average(run: dict[str, Any], key: str) -> dict[str, Any]:
+    """The run and its repeats (seeds) averaged: the final metric's mean and range, and the mean learning curve
+    (evaluation ``i`` of every seed averaged, in metric and in seconds; the evaluations fall at the same step
+    fractions in every seed)."""
+    seeds = [run, *run.get("repeats", [])]
+    finals = [float(r["final"][key]) for r in seeds]
+    curves = [[e for e in r["evals"] if key in e] for r in seeds]
+    n = min(len(c) for c in curves)
+    curve = [(sum(c[i]["seconds"] for c in curves) / len(curves), sum(c[i][key] for c in curves) / len(curves))
+             for i in range(n)]
+    return {"seeds": len(seeds), "final": sum(finals) / len(finals), "final_min": min(finals),
+            "final_max": max(finals), "curve": curve,
+            "train_seconds": sum(r["train_seconds"] for r in seeds) / len(seeds)}
+
+
+def seed_averaged_ratio(avg: dict[str, Any], adam_avg: dict[str, Any], greater: bool) -> float | None:
+    """When the seed-averaged curve first reaches AdamW's mean final metric, over AdamW's mean training time
+    (None if it never does)."""
+    t = next((sec for sec, value in avg["curve"] if _better(value, adam_avg["final"], greater)), None)
+    return None if t is None else t / max(adam_avg["train_seconds"], 1e-9)
+
+
+def _seed_verdict(qn: list[dict[str, Any]], adam_row: dict[str, Any], key: str, greater: bool) -> str:
+    n, target = adam_row["seeds"], adam_row["final_mean"]
+    reached = [row for row in qn if row["mean_ratio_to_adamw_final"] is not None]
+    if not reached:
+        pick = max if greater else min
+        best = pick(qn, key=lambda row: row["final_mean"])
+        return (f"Averaged over {n} seeds, no quasi-Newton optimizer reached AdamW's mean final {key} "
+                f"({target:.4g}); {best['optimizer']} ended at {best['final_mean']:.4g} on average.")
+    best = min(reached, key=lambda row: row["mean_ratio_to_adamw_final"])
+    return (f"Averaged over {n} seeds, {best['optimizer']} reached AdamW's mean final {key} ({target:.4g}) in "
+            f"{best['mean_ratio_to_adamw_final']:.2f}x AdamW's mean training time.")
 
 
 def time_ratios(run: dict[str, Any], adam: dict[str, Any], key: str, greater: bool) -> list[float]:
@@ -435,8 +479,12 @@ def pace_verdict(ratios: list[float]) -> str:
 def summary_table(summary: dict[str, Any], key: str) -> str:
     """Markdown table of the comparison; a peak GPU memory column appears when the runs were on a GPU."""
     gpu = any(r.get("peak_gpu_memory_bytes") for r in summary["rows"])
+    seeds = max((r.get("seeds", 1) for r in summary["rows"]), default=1)
     head = f"| optimizer | lr | final {key} | train s | s/step | s to AdamW's final | state MiB |"
-    lines = [head + (" peak GPU GiB |" if gpu else ""), "|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+    extra = [" peak GPU GiB |"] if gpu else []
+    if seeds > 1:
+        extra += [f" mean final over {seeds} seeds (min-max) |", " x AdamW's time to its mean final (seed mean) |"]
+    lines = [head + "".join(extra), "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     for r in summary["rows"]:
         reach = "-" if r["seconds_to_adamw_final"] is None else f"{r['seconds_to_adamw_final']:.1f}"
         swept = r.get("swept") or []
@@ -447,6 +495,10 @@ def summary_table(summary: dict[str, Any], key: str) -> str:
         if gpu:
             peak = r.get("peak_gpu_memory_bytes")
             line += f" {'-' if peak is None else f'{peak / 2**30:.2f}'} |"
+        if seeds > 1:
+            ratio = r.get("mean_ratio_to_adamw_final")
+            line += (f" {r['final_mean']:.4f} ({r['final_min']:.4f}-{r['final_max']:.4f}) |"
+                     f" {'never' if ratio is None else f'{ratio:.2f}'} |")
         lines.append(line)
     return "\n".join(lines)
 
