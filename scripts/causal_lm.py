@@ -17,8 +17,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from recipe_utils import RecipeArguments, perplexity, run_comparison
 
@@ -120,7 +118,6 @@ def main(argv: list[str] | None = None) -> dict:
                         tie_word_embeddings=True)
 
     def model_init():
-        torch.manual_seed(training_args.seed)
         if model_args.model_name_or_path:
             return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
         model = GPT2LMHeadModel(config)

@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"Invalid --model_type {model_args.model_type!r} (vit or resnet)")
 
     def model_init():
-        torch.manual_seed(training_args.seed)
         if model_args.model_name_or_path:
             return AutoModelForImageClassification.from_pretrained(model_args.model_name_or_path, num_labels=10,
                                                                    ignore_mismatched_sizes=True)

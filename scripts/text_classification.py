@@ -17,8 +17,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from recipe_utils import RecipeArguments, accuracy_metrics, run_comparison
 
@@ -99,7 +97,6 @@ def main(argv: list[str] | None = None) -> dict:
                             num_attention_heads=2, intermediate_size=64, num_labels=2)
 
         def model_init():
-            torch.manual_seed(training_args.seed)
             return BertForSequenceClassification(config)
 
         base_model = None
@@ -107,7 +104,6 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(path)
 
         def model_init():
-            torch.manual_seed(training_args.seed)
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
         base_model = model_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2"

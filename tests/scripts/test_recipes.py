@@ -189,3 +189,20 @@ def test_seed_averaged_summary_uses_the_mean_curve_of_every_seed():
     assert "Averaged over 2 seeds, kbfgs reached AdamW's mean final eval_accuracy (0.85) in 0.80x" in summary["verdict"]
     table = utils.summary_table(summary, "eval_accuracy")
     assert "mean final over 2 seeds" in table and "| 0.9000 (0.9000-0.9000) | 0.80 |" in table
+
+
+def test_repeats_train_from_their_own_seed(tmp_path):
+    """--repeats N trains seeds seed, seed+1, ...: each repeat starts from its own initial weights and data order
+    (the Trainer seeds model_init with the run's seed), so the repeats' curves differ; one seed twice is equal."""
+    mod = load_script("image_classification")
+    base = [a for a in COMMON if a not in ("kbfgs", "mlbfgs")] + ["--model_type", "vit", "--seed", "0"]
+
+    def curves(out_dir, repeats):
+        res = mod.main([*base, "--output_dir", out_dir, "--repeats", str(repeats)])
+        (run,) = res["runs"]
+        return [[e["eval_loss"] for e in r["evals"]] for r in [run, *run["repeats"]]]
+
+    first, second = curves(str(tmp_path / "a"), 2)
+    assert first != second
+    (again,) = curves(str(tmp_path / "b"), 1)
+    assert again == first
