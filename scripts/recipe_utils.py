@@ -372,6 +372,16 @@ def _better(a: float, b: float, greater: bool) -> bool:
     return a >= b if greater else a <= b
 
 
+def _curve(run: dict[str, Any], key: str) -> list[tuple[float, float]]:
+    """A run's evaluations of ``key`` as (training seconds, value)."""
+    return [(e["seconds"], e[key]) for e in run["evals"] if key in e]
+
+
+def seconds_to_reach(curve: list[tuple[float, float]], target: float, greater: bool) -> float | None:
+    """The training seconds of the first point of ``curve`` at or beyond ``target`` (None if none is)."""
+    return next((t for t, value in curve if _better(value, target, greater)), None)
+
+
 def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, Any]:
     """Did the best quasi-Newton run reach AdamW's final metric, and in how much training time?"""
     adam = next((r for r in runs if r["optimizer"] == "adamw"), None)
@@ -380,7 +390,7 @@ def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, 
         t_reach = None
         if adam is not None:
             target = adam["final"][key]
-            t_reach = next((e["seconds"] for e in r["evals"] if key in e and _better(e[key], target, greater)), None)
+            t_reach = seconds_to_reach(_curve(r, key), target, greater)
         rows.append({"optimizer": r["optimizer"], "lr": r["learning_rate"], "final": r["final"][key],
                      "swept": [t["learning_rate"] for t in r.get("sweep", [])],
                      "train_seconds": r["train_seconds"], "median_step_seconds": r["median_step_seconds"],
@@ -423,10 +433,9 @@ def seed_average(run: dict[str, Any], key: str) -> dict[str, Any]:
     fractions in every seed)."""
     seeds = [run, *run.get("repeats", [])]
     finals = [float(r["final"][key]) for r in seeds]
-    curves = [[e for e in r["evals"] if key in e] for r in seeds]
-    n = min(len(c) for c in curves)
-    curve = [(sum(c[i]["seconds"] for c in curves) / len(curves), sum(c[i][key] for c in curves) / len(curves))
-             for i in range(n)]
+    curves = [_curve(r, key) for r in seeds]
+    curve = [(sum(t for t, _ in points) / len(points), sum(v for _, v in points) / len(points))
+             for points in zip(*curves)]  # zip stops at the shortest curve
     return {"seeds": len(seeds), "final": sum(finals) / len(finals), "final_min": min(finals),
             "final_max": max(finals), "curve": curve,
             "train_seconds": sum(r["train_seconds"] for r in seeds) / len(seeds)}
@@ -435,7 +444,7 @@ def seed_average(run: dict[str, Any], key: str) -> dict[str, Any]:
 def seed_averaged_ratio(avg: dict[str, Any], adam_avg: dict[str, Any], greater: bool) -> float | None:
     """When the seed-averaged curve first reaches AdamW's mean final metric, over AdamW's mean training time
     (None if it never does)."""
-    t = next((sec for sec, value in avg["curve"] if _better(value, adam_avg["final"], greater)), None)
+    t = seconds_to_reach(avg["curve"], adam_avg["final"], greater)
     return None if t is None else t / max(adam_avg["train_seconds"], 1e-9)
 
 
@@ -458,7 +467,7 @@ def time_ratios(run: dict[str, Any], adam: dict[str, Any], key: str, greater: bo
     ratios = []
     for mine, theirs in zip([run, *run.get("repeats", [])], [adam, *adam.get("repeats", [])]):
         target = theirs["final"][key]
-        t = next((e["seconds"] for e in mine["evals"] if key in e and _better(e[key], target, greater)), None)
+        t = seconds_to_reach(_curve(mine, key), target, greater)
         ratios.append(math.inf if t is None else t / max(theirs["train_seconds"], 1e-9))
     return ratios
 
