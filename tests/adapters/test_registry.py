@@ -34,7 +34,12 @@ def test_gpt2_tied_embedding_is_the_one_sided_head_or_goes_to_fallback_once():
     heads = [a for a in asg.adapters if a.weight is model.lm_head.weight]
     assert [(a.name, a.one_sided, a.tied_with) for a in heads] == [("lm_head", True, "transformer.wte")]
     assert not any(f.param is model.lm_head.weight for f in asg.fallback)
-    assert "transformer.wpe" in {a.name for a in asg.adapters}
+    # input embeddings go to the fallback by default (grafted steps), and are adapted when asked or ungrafted
+    assert [(f.name, f.reason) for f in asg.fallback if f.param is model.transformer.wpe.weight] == [
+        ("transformer.wpe.weight", "adapt_embeddings=False")]
+    assert "transformer.wpe" in {a.name for a in assign_layers(model, LayerPolicy(adapt_embeddings=True)).adapters}
+    assert LayerPolicy().resolved(grafted=False).adapt_embeddings is True
+    assert LayerPolicy().resolved(grafted=True).adapt_embeddings is False
     off = assign_layers(model, LayerPolicy(tied_heads=False))
     tied = [f for f in off.fallback if f.param is model.lm_head.weight]
     assert len(tied) == 1 and "tied" in tied[0].reason

@@ -28,3 +28,15 @@ def test_step_benchmark_smoke(tmp_path):
     assert row.split("|")[3].strip() == "1.00"
     with pytest.raises(ValueError, match="Invalid optimizers"):
         bench.main(["--output_dir", str(tmp_path), "--optimizers", "lion"])
+
+
+def test_step_benchmark_on_the_packaged_minilm(tmp_path):
+    bench = load_script("benchmark_step")
+    names = ["adamw", "kbfgs_defaults"]
+    result = bench.main(["--output_dir", str(tmp_path), "--model", "minilm", "--optimizers", *names, "--seq", "8",
+                         "--batch", "2", "--steps", "2", "--warmup", "1", "--autocast", "none"])
+    assert result["table"].startswith("all-MiniLM-L6-v2 + 2-class head (22.7M parameters), batch 2 x 8 tokens")
+    assert [r["optimizer"] for r in result["runs"]] == names
+    assert all(len(r["losses"]) == 2 and r["median_step_seconds"] > 0 for r in result["runs"])
+    with pytest.raises(ValueError, match="Invalid model 'bert'"):
+        bench.main(["--output_dir", str(tmp_path), "--model", "bert"])
