@@ -52,7 +52,8 @@ VARIANTS = {
     "kbfgs_embeddings": lambda m: hf_qn.KBFGS(m, lr=1e-4, policy=hf_qn.LayerPolicy(adapt_embeddings=True)),
     "kbfgs_max_dim_1024": lambda m: hf_qn.KBFGS(m, lr=1e-4, policy=hf_qn.LayerPolicy(max_dim=1024)),
 }
-MODELS = ("gpt2", "minilm")
+#: ``--model`` -> how the table names it
+MODELS = {"gpt2": "GPT-2", "minilm": "all-MiniLM-L6-v2 + 2-class head"}
 
 
 @dataclass
@@ -168,7 +169,7 @@ def render_table(runs: list[dict[str, Any]], args: dict[str, Any], where: str, t
         return statistics.fmean(r["step_seconds"][args["warmup"]:])
 
     adam = next((r for r in runs if r["optimizer"] == "adamw"), None)
-    model = "all-MiniLM-L6-v2 + 2-class head" if args.get("model") == "minilm" else "GPT-2"
+    model = MODELS[args.get("model", "gpt2")]  # results.json of earlier runs have no "model": GPT-2
     lines = [f"{model} ({runs[0]['parameters'] / 1e6:.1f}M parameters), batch {args['batch']} x {args['seq']} tokens, "
              f"autocast {args['autocast']}, {where}, torch {torch_version}; steps {args['warmup']}-{args['steps'] - 1}",
              "", "| optimizer | ms/step median | x AdamW | ms/step mean | x AdamW | state bytes/param | peak GPU GiB |",
