@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .adapters.base import LayerAdapter
+from .linalg.blocks import BlockSplit
 
 __all__ = ["Capture", "LayerStats"]
 
@@ -88,6 +89,9 @@ class Capture:
             (default: float32)
         max_input_rows: the input side (``A_sum``, ``a_sum``) of a forward call uses at most this many of its
             rows, evenly strided (every ``ceil(R / max_input_rows)``-th); None uses all. (default: None)
+        input_splits: per adapter, a :class:`~hf_qn.linalg.blocks.BlockSplit` whose diagonal blocks of
+            ``Σ ā āᵀ`` alone are formed (``A_sum`` is then ``(blocks, size, size)``), or None for the whole
+            matrix. (default: None for every adapter)
 
     ``enabled`` switches all capture on or off (the optimizer turns it on only for steps that
     update curvature, so the others pay nothing). :meth:`second_pass` switches the hooks to a
@@ -102,8 +106,11 @@ class Capture:
         grad_scale: Callable[[], float | Tensor] | None = None,
         gram_dtype: torch.dtype = torch.float32,
         max_input_rows: int | None = None,
+        input_splits: Sequence[BlockSplit | None] | None = None,
     ) -> None:
         self.adapters = list(adapters)
+        self.input_splits: list[BlockSplit | None] = (
+            list(input_splits) if input_splits is not None else [None] * len(self.adapters))
         self.gram_dtype = gram_dtype
         self.max_input_rows = max_input_rows
         self.input_stats = input_stats
@@ -128,9 +135,10 @@ class Capture:
             h.remove()
         self._handles.clear()
 
-    def add(self, adapter: LayerAdapter) -> None:
+    def add(self, adapter: LayerAdapter, input_split: BlockSplit | None = None) -> None:
         """Capture one more layer (hooked at once if the others are)."""
         self.adapters.append(adapter)
+        self.input_splits.append(input_split)
         for mode in (PRIMARY, SECOND):
             self.stats[mode].append(LayerStats())
         if self._handles:
@@ -182,13 +190,15 @@ class Capture:
         st = self.stats[mode][index]
         if mode == PRIMARY and st.pending and not adapter.gradient_pending():
             st.reset()  # a new accumulation window: the previous one was never committed
-        self._capture_forward(adapter, st, inputs, output, with_inputs=self.input_stats and mode == PRIMARY)
+        self._capture_forward(adapter, st, inputs, output, with_inputs=self.input_stats and mode == PRIMARY,
+                              split=self.input_splits[index])
         if output.requires_grad and not adapter.one_sided:
             output.register_hook(self._make_grad_hook(adapter, st))
 
     @torch.no_grad()
     def _capture_forward(
-        self, adapter: LayerAdapter, st: LayerStats, inputs: tuple[Any, ...], output: Tensor, with_inputs: bool
+        self, adapter: LayerAdapter, st: LayerStats, inputs: tuple[Any, ...], output: Tensor, with_inputs: bool,
+        split: BlockSplit | None = None,
     ) -> None:
         st.forward_calls += 1
         if with_inputs:
@@ -204,7 +214,8 @@ class Capture:
                 if self.max_input_rows is not None and r.shape[0] > self.max_input_rows:
                     r = r[:: -(-r.shape[0] // self.max_input_rows)]  # evenly strided rows
                 g = r.to(self.gram_dtype)
-                st.A_sum = LayerStats._add(st.A_sum, (g.T @ g).to(torch.float32))
+                gram = split.gram(g) if split is not None and split.blocked else g.T @ g
+                st.A_sum = LayerStats._add(st.A_sum, gram.to(torch.float32))
                 st.a_sum = LayerStats._add(st.a_sum, r.sum(0, dtype=torch.float32))
                 st.a_rows += int(r.shape[0])
         if adapter.one_sided:  # no output factor, no pairs: its output statistics stay zero, uncomputed

@@ -12,7 +12,7 @@ AdamW's in the same run. ``--profile`` adds torch.profiler's per-operator table 
     python scripts/benchmark_step.py --output_dir /tmp/step                      # GPT-2 small on a GPU
     python scripts/benchmark_step.py --n_embd 128 --n_layer 2 --seq 128 --output_dir /tmp/step   # CPU-sized
     python scripts/benchmark_step.py --model minilm --seq 64 --autocast none --steps 32 --warmup 20 \
-        --optimizers adamw kbfgs_defaults kbfgs_embeddings kbfgs_max_dim_1024 --output_dir /tmp/minilm
+        --optimizers adamw kbfgs_defaults kbfgs_blocks_768 kbfgs_blocks_512 kbfgs_max_dim_1024 --output_dir /tmp/minilm
 
 Timing only: the tokens are drawn at random (a fixed generator), so the losses mean nothing.
 """
@@ -51,6 +51,9 @@ VARIANTS = {
     "kbfgs_defaults": lambda m: hf_qn.KBFGS(m, lr=1e-4),
     "kbfgs_embeddings": lambda m: hf_qn.KBFGS(m, lr=1e-4, policy=hf_qn.LayerPolicy(adapt_embeddings=True)),
     "kbfgs_max_dim_1024": lambda m: hf_qn.KBFGS(m, lr=1e-4, policy=hf_qn.LayerPolicy(max_dim=1024)),
+    # block-diagonal factors: a 1536-wide factor as 2 blocks of 768 or 3 of 512
+    "kbfgs_blocks_768": lambda m: hf_qn.KBFGS(m, lr=1e-4, max_block_dim=768),
+    "kbfgs_blocks_512": lambda m: hf_qn.KBFGS(m, lr=1e-4, max_block_dim=512),
 }
 #: ``--model`` -> how the table names it
 MODELS = {"gpt2": "GPT-2", "minilm": "all-MiniLM-L6-v2 + 2-class head"}

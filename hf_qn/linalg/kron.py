@@ -1,7 +1,8 @@
 """Kronecker-factored preconditioning in the canonical ``(d_out, d_in)`` layout.
 
 With row-major ``vec``, ``(H_g ⊗ H_a) vec(X) = vec(H_g X H_aᵀ)``; both factors are symmetric, so the
-K-BFGS direction of a layer is ``H_g X H_a`` (Goldfarb, Ren & Bahamou 2020, eq. 3).
+K-BFGS direction of a layer is ``H_g X H_a`` (Goldfarb, Ren & Bahamou 2020, eq. 3). A 3-D factor is
+block-diagonal (its ``(n, b, b)`` diagonal blocks, :mod:`.blocks`).
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .blocks import block_left, block_right
+
 __all__ = ["damped_cholesky_inverse", "kron_precondition"]
 
 
 def kron_precondition(
     H_g: Tensor | None, X: Tensor, H_a: Tensor | None, compute_dtype: torch.dtype | None = None
 ) -> Tensor:
-    """``H_g @ X @ H_a`` where a 1-D ``H_a`` is a diagonal (Embedding) and ``None`` is the identity.
+    """``H_g @ X @ H_a`` where a 1-D ``H_a`` is a diagonal (Embedding), a 3-D factor block-diagonal and ``None``
+    the identity.
 
     ``compute_dtype`` (default: ``X``'s) is the dtype the two matrix products run in; the result has
     ``X``'s dtype.
@@ -23,20 +27,24 @@ def kron_precondition(
     dtype = X.dtype if compute_dtype is None else compute_dtype
     out = X.to(dtype)
     if H_a is not None:
-        out = out * H_a.to(dtype) if H_a.dim() == 1 else out @ H_a.to(dtype)
+        if H_a.dim() == 1:
+            out = out * H_a.to(dtype)
+        else:
+            out = block_right(out, H_a.to(dtype)) if H_a.dim() == 3 else out @ H_a.to(dtype)
     if H_g is not None:
-        out = H_g.to(dtype) @ out
+        out = block_left(H_g.to(dtype), out) if H_g.dim() == 3 else H_g.to(dtype) @ out
     return out.to(X.dtype)
 
 
 def damped_cholesky_inverse(A: Tensor, damping: float) -> Tensor:
-    """``(A + damping·I)⁻¹`` by Cholesky, in float64 internally; symmetric by construction.
+    """``(A + damping·I)⁻¹`` by Cholesky, in float64 internally; symmetric by construction. A 3-D ``A`` is a
+    batch (the blocks of a block-diagonal factor), each inverted alike.
 
     Raises ``torch.linalg.LinAlgError`` if the damped matrix is not positive definite (a caller
     holding a non-finite factor must not get here).
     """
-    n = A.shape[0]
+    n = A.shape[-1]
     M = A.double() + damping * torch.eye(n, dtype=torch.float64, device=A.device)
     L = torch.linalg.cholesky(M)
     inv = torch.cholesky_inverse(L)
-    return (0.5 * (inv + inv.T)).to(A.dtype)
+    return (0.5 * (inv + inv.mT)).to(A.dtype)

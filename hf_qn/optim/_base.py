@@ -123,11 +123,13 @@ class QNOptimizerBase(torch.optim.Optimizer):
             if a != b:
                 raise ValueError(
                     f"{type(self).__name__}.load_state_dict: the saved state's unit {a} differs from this optimizer's "
-                    f"{b} ([name, sizes...]): it was written for another model or another block layout"
+                    f"{b} ([name, sizes...]): it was written for another model or another block layout (K-BFGS's "
+                    "max_block_dim, mL-BFGS's blocks)"
                 )
         raise ValueError(
             f"{type(self).__name__}.load_state_dict: the saved state has {len(theirs)} units, this optimizer "
-            f"{len(mine)}: it was written for another model or another block layout"
+            f"{len(mine)}: it was written for another model or another block layout (K-BFGS's max_block_dim, "
+            "mL-BFGS's blocks)"
         )
 
     def _layout(self) -> list[list[Any]]:

@@ -141,6 +141,11 @@ class KBFGSConfig(_Config):
             rows is the largest cost of a curvature step on a transformer. None uses every row. (default: None)
         history_size: ``None`` for a dense BFGS ``H_g`` (K-BFGS); an integer ``p`` for an L-BFGS
             ``H_g`` with ``p`` pairs (K-BFGS(L); the paper uses 100). (default: None)
+        max_block_dim: a Kronecker factor (dense ``H_g``, or ``H_a``) of dimension ``d`` larger than this is held
+            block-diagonal: ``⌈d / max_block_dim⌉`` equal diagonal blocks, each learned by its own BFGS updates
+            from its part of the pairs (Shampoo's ``max_preconditioner_dim``). A layer's products ``H_g ĝ H_a``
+            then cost ``d_out·d_in·(b_out + b_in)`` instead of ``d_out·d_in·(d_out + d_in)``, and its factors
+            ``b·d`` floats instead of ``d²``. None keeps every factor dense. (default: None)
         pairs: ``"same_batch"`` (the paper: a second pass on the same batch at the new point, given by
             ``closure``) or ``"consecutive"`` (no second pass: pairs from the statistics of
             consecutive curvature steps' batches, smoothed by ``pair_decay``). (default: ``"consecutive"``, no
@@ -204,6 +209,7 @@ class KBFGSConfig(_Config):
     input_warm_start: int = 0
     max_input_rows: int | None = None
     history_size: int | None = None
+    max_block_dim: int | None = None
     pairs: str = "consecutive"
     curvature_eps: float = 1e-4
     max_update_growth: float | None = 2.0
@@ -262,6 +268,9 @@ class KBFGSConfig(_Config):
         if self.max_input_rows is not None:
             check_int("max_input_rows", self.max_input_rows, 1, "None or an integer")
             object.__setattr__(self, "max_input_rows", int(self.max_input_rows))
+        if self.max_block_dim is not None:
+            check_int("max_block_dim", self.max_block_dim, 1, "None or an integer")
+            object.__setattr__(self, "max_block_dim", int(self.max_block_dim))
         if self.history_size is not None:
             check_int("history_size", self.history_size, 1, "None for dense BFGS, or an integer")
             object.__setattr__(self, "history_size", int(self.history_size))

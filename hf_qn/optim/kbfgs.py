@@ -134,7 +134,8 @@ class KBFGS(QNOptimizerBase):
         self.counters: dict[str, Any] = {"steps_skipped_nonfinite": torch.tensor(0, dtype=torch.int64)}
         self._bind_layers()
         self.grad_scaler = grad_scaler
-        self.capture = Capture(self.adapters, grad_scale=self._current_scale if grad_scaler is not None else None)
+        self.capture = Capture(self.adapters, grad_scale=self._current_scale if grad_scaler is not None else None,
+                               input_splits=[la.input_split for la in self.layers])
         self.capture.attach()
         self._training = True
         #: called in place of a missing closure on curvature steps (set by QNTrainer).
@@ -178,7 +179,7 @@ class KBFGS(QNOptimizerBase):
         for ad in adapters:
             self.adapters.append(ad)
             self.layers.append(_new_layer(ad, self.config))
-            self.capture.add(ad)
+            self.capture.add(ad, self.layers[-1].input_split)
         names = dict(fresh.param_names)
         self.assignment.param_names.update(names)
         self.assignment.fallback += [FallbackParam(names.get(id(p), "?"), p, "added with add_param_group")  # type: ignore[arg-type]
@@ -203,11 +204,12 @@ class KBFGS(QNOptimizerBase):
         configured values of those two."""
         hp = {**self.hparams, "lr": self.config.lr, "l2": self.config.l2}
         if hp != self._config_values:
-            if hp["history_size"] != self.config.history_size:
-                raise ValueError(
-                    f"KBFGS: history_size changed from {self.config.history_size} to {hp['history_size']} in "
-                    "param_groups; the output-side factors cannot change kind during training"
-                )
+            for name in ("history_size", "max_block_dim"):
+                if hp[name] != getattr(self.config, name):
+                    raise ValueError(
+                        f"KBFGS: {name} changed from {getattr(self.config, name)} to {hp[name]} in param_groups; "
+                        "the factors cannot change kind or shape during training"
+                    )
             self._use_config(KBFGSConfig.from_kwargs(**hp))
 
     def _bind_layers(self) -> None:
@@ -375,7 +377,8 @@ class KBFGS(QNOptimizerBase):
         self._seen_grads = {id(p): (id(p.grad), p.grad._version) for p in self._params() if p.grad is not None}
 
     def _commit_statistics(self) -> list[LayerMeans]:
-        out = reduce_statistics(self.adapters, self.capture.stats["primary"], True, "training forward/backward")
+        out = reduce_statistics(self.adapters, self.capture.stats["primary"], True, "training forward/backward",
+                                input_shapes=[la.input_shape for la in self.layers])
         self.capture.reset()
         return out
 
@@ -617,7 +620,7 @@ class KBFGS(QNOptimizerBase):
         }
 
     def _layout(self) -> list[list[Any]]:
-        return [[ad.name, ad.d_out, ad.d_in] for ad in self.adapters]
+        return [la.layout() for la in self.layers]
 
     def _output_side_name(self) -> str:
         return "dense" if self.config.history_size is None else "lbfgs"
@@ -719,7 +722,8 @@ def _param_groups(assignment: LayerAssignment, cfg: KBFGSConfig, no_decay: set[s
 
 def _new_layer(adapter: LayerAdapter, cfg: KBFGSConfig) -> KroneckerLayer:
     """The curvature unit of an adapted layer, with the output side the configuration asks for."""
-    return KroneckerLayer(adapter, output_side_for(adapter.name, cfg.history_size, adapter.one_sided))
+    output = output_side_for(adapter.name, adapter.d_out, cfg.history_size, adapter.one_sided, cfg.max_block_dim)
+    return KroneckerLayer(adapter, output, cfg.max_block_dim)
 
 
 def _fallback_values(cfg: KBFGSConfig) -> dict[str, Any]:

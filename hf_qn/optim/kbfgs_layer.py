@@ -2,7 +2,8 @@
 
 A :class:`KroneckerLayer` owns (in its state dict, see :mod:`hf_qn.optim.state`)
 
-* the input side: ``A = E[ā āᵀ]`` (running average) and ``H_a ≈ (A + √λ I)⁻¹``;
+* the input side: ``A = E[ā āᵀ]`` (running average) and ``H_a ≈ (A + √λ I)⁻¹``, both block-diagonal when
+  ``d_in`` exceeds ``max_block_dim`` (their ``(blocks, size, size)`` diagonal blocks, :mod:`hf_qn.linalg.blocks`);
 * the output side ``H_g``, held by an :class:`~hf_qn.optim.output_side.OutputSide` strategy;
 * the gradient momentum ``ĝ`` and the smoothed pair ``(s̄, ȳ)`` (with the previous statistics for
   consecutive-batch pairs);
@@ -24,8 +25,9 @@ from torch import Tensor
 from ..adapters import LayerAdapter
 from ..linalg import damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimate
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
+from ..linalg.blocks import BlockSplit
 from ._base import adam_denominators_
-from .output_side import OutputSide, rank2_updates
+from .output_side import OutputSide, keep_blocks, rank2_updates
 from .state import KBFGS_LAYER_COUNTERS
 
 __all__ = [
@@ -34,12 +36,29 @@ __all__ = [
 
 
 class KroneckerLayer:
-    """The curvature of one adapted layer; ``state`` is that layer's entry of the optimizer state."""
+    """The curvature of one adapted layer; ``state`` is that layer's entry of the optimizer state.
+    ``max_block_dim``: an input factor wider than this is block-diagonal (the output side has its own)."""
 
-    def __init__(self, adapter: LayerAdapter, output: OutputSide) -> None:
+    def __init__(self, adapter: LayerAdapter, output: OutputSide, max_block_dim: int | None = None) -> None:
         self.adapter = adapter
         self.output = output
+        #: how ``A`` and ``H_a`` are cut into diagonal blocks (one block: dense; never for a diagonal factor).
+        self.input_split = BlockSplit.of(adapter.d_in, None if adapter.input_diagonal else max_block_dim)
         self.state: dict[str, Any] = {}
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of ``A``: ``(d_in,)`` diagonal, ``(d_in, d_in)`` dense, ``(blocks, size, size)`` blocked."""
+        sp = self.input_split
+        if self.adapter.input_diagonal:
+            return (sp.dim,)
+        return (sp.blocks, sp.size, sp.size) if sp.blocked else (sp.dim, sp.dim)
+
+    def layout(self) -> list[Any]:
+        """``[name, d_out, d_in]``, and the block counts of the output and input factors when either is cut."""
+        ad, out, inp = self.adapter, self.output.split, self.input_split
+        blocks = ["blocks", out.blocks, inp.blocks] if out.blocked or inp.blocked else []
+        return [ad.name, ad.d_out, ad.d_in, *blocks]
 
     @property
     def name(self) -> str:
@@ -55,15 +74,18 @@ class KroneckerLayer:
         if "input" in self.state:
             return
         ad, dev = self.adapter, self.adapter.weight.device
-        shape = (ad.d_in,) if ad.input_diagonal else (ad.d_in, ad.d_in)
+        if ad.input_diagonal:
+            H_a = torch.ones(ad.d_in, dtype=torch.float32, device=dev)
+        elif self.input_split.blocked:
+            H_a = self.input_split.identity(torch.float32, dev)
+        else:
+            H_a = torch.eye(ad.d_in, dtype=torch.float32, device=dev)
         self.state["input"] = {
-            "A": torch.zeros(shape, dtype=torch.float32, device=dev),
-            "H_a": torch.ones(ad.d_in, dtype=torch.float32, device=dev)
-            if ad.input_diagonal
-            else torch.eye(ad.d_in, dtype=torch.float32, device=dev),
+            "A": torch.zeros(self.input_shape, dtype=torch.float32, device=dev),
+            "H_a": H_a,
             "batches": torch.tensor(0, dtype=torch.int64),  # batches in A's plain average
         }
-        self.state["output"] = self.output.init_state(ad.d_out, dev)
+        self.state["output"] = self.output.init_state(dev)
         self.state["momentum_buffer"] = torch.zeros(ad.d_out, ad.d_in, dtype=torch.float32, device=dev)
         self.state["pair"] = {k: torch.zeros(ad.d_out, dtype=torch.float32, device=dev)
                               for k in ("s_avg", "y_avg", "h_prev", "g_prev")}
@@ -80,8 +102,9 @@ class KroneckerLayer:
                 + [f"pair/{k}" for k in ("s_avg", "y_avg", "h_prev", "g_prev", "has_prev")]
                 + [f"counters/{k}" for k in KBFGS_LAYER_COUNTERS])
 
-    def count(self, key: str) -> None:
-        self.state["counters"][key] += 1
+    def count(self, key: str, times: int = 1) -> None:
+        if times:
+            self.state["counters"][key] += times
 
     # ------------------------------------------------------------------ input side
     def update_input_factor(
@@ -104,7 +127,7 @@ class KroneckerLayer:
         return a_mean
 
     def invert_input(self, sqrt_lam: float) -> None:
-        """``H_a = (A + √λ I)⁻¹`` (diagonal for an Embedding)."""
+        """``H_a = (A + √λ I)⁻¹`` (diagonal for an Embedding; block by block for a block-diagonal ``A``)."""
         inp = self.state["input"]
         if self.adapter.input_diagonal:
             inp["H_a"].copy_(1.0 / (inp["A"] + sqrt_lam))
@@ -174,14 +197,16 @@ def update_output_sides(
 ) -> None:
     """Per layer: ``s̄ ← β s̄ + (1−β) s``, ``ȳ`` likewise; double damping (Powell on ``H_g``, then
     Levenberg-Marquardt with ``μ₂ = √λ``); the output side takes the pair if it passes
-    ``sᵀy > eps·sᵀs·‖ḡ‖``. Layers of one output width are done together as the rows of a matrix, and what
-    happened to every layer is read back with one host sync at the end."""
+    ``sᵀy > eps·sᵀs·‖ḡ‖``. A block-diagonal ``H_g`` does all of this block by block, with each block's part of
+    ``s̄``, ``ȳ`` and ``ḡ``. The rows (layers, or their blocks) of one output split are done together as the
+    rows of a matrix, and what happened to every row is read back with one host sync at the end."""
     beta = hp.pair_decay
-    results = []  # per group: its layers, flags (powell, lm, kept) x L, damped pairs, the proposal
+    results = []  # per group: its layers, flags (powell, lm, kept) x rows, damped pairs, the proposal, rows/layer
     learners = [i for i, la in enumerate(layers) if la.output.learns]  # one-sided layers form no pairs
-    for members in group_indices(learners, key=lambda i: (layers[i].adapter.d_out, layers[i].adapter.weight.device)):
+    for members in group_indices(learners, key=lambda i: (layers[i].output.split, layers[i].adapter.weight.device)):
         rows = [learners[m] for m in members]
         group = [layers[r] for r in rows]
+        split = group[0].output.split
         pairs = [la.state["pair"] for la in group]
         S = torch.stack([p["s_avg"] for p in pairs]).mul_(beta)
         S.add_(torch.stack([s_raw[r] for r in rows]).to(torch.float32), alpha=1.0 - beta)
@@ -190,31 +215,38 @@ def update_output_sides(
         torch._foreach_copy_(
             [p["s_avg"] for p in pairs] + [p["y_avg"] for p in pairs], list(S.unbind(0)) + list(Y.unbind(0))
         )
+        n, size = split.blocks, split.size
+        S, Y = split.rows(S).reshape(-1, size), split.rows(Y).reshape(-1, size)  # layer k: rows k·n ... k·n + n − 1
         usable = torch.isfinite(S).all(-1) & torch.isfinite(Y).all(-1) & (S.abs().amax(-1) > 0)
-        Hy = torch.stack([la.output.apply(y) for la, y in zip(group, Y)])
+        Hy = torch.cat([la.output.apply_rows(Y[k * n : k * n + n]) for k, la in enumerate(group)])
         d = double_damping_rows(
             S, Y, Hy, usable, mu1=hp.powell_mu, mu2=hp.sqrt_damping, powell=True, lm=hp.lm_damping
         )
-        grad_norm = torch.stack([g_now[r] for r in rows]).norm(dim=-1)
+        grad_norm = split.rows(torch.stack([g_now[r] for r in rows])).reshape(-1, size).norm(dim=-1)
         ok, sy = curvature_ok_rows(d.s, d.y, hp.curvature_eps, grad_norm)
         ok &= usable
         side = group[0].output
         if side.needs_damped_products and hp.lm_damping != "none":  # y changed where LM fired
-            Hy = torch.stack([la.output.apply(y) for la, y in zip(group, d.y)])
+            Hy = torch.cat([la.output.apply_rows(d.y[k * n : k * n + n]) for k, la in enumerate(group)])
         kept, proposal = side.propose([la.output for la in group], d.s, d.y, Hy, sy, ok)
-        results.append((group, torch.stack([d.powell, d.lm, kept]), d, proposal))
-    for (group, _, d, proposal), flags in zip(results, read_flags([r[1] for r in results])):
+        results.append((group, torch.stack([d.powell, d.lm, kept]), d, proposal, n))
+    for (group, _, d, proposal, n), flags in zip(results, read_flags([r[1] for r in results])):
         for k, la in enumerate(group):
-            powell, lm, accepted = (f[k] for f in flags)
-            if powell:
-                la.count("powell_damped")
-            if lm:
-                la.count("lm_damped")
-            if not accepted:
-                la.count("pairs_skipped")
-                continue
-            la.output.commit(k, d.s[k], d.y[k], proposal)
-            la.count("pairs_accepted")
+            powell, lm, accepted = (f[k * n : k * n + n] for f in flags)
+            la.count("powell_damped", sum(powell))
+            la.count("lm_damped", sum(lm))
+            la.count("pairs_skipped", n - sum(accepted))
+            if any(accepted):
+                la.output.commit(k, accepted, d.s[k * n : k * n + n], d.y[k * n : k * n + n], proposal)
+                la.count("pairs_accepted", sum(accepted))
+
+
+def _matvec_rows(M: Tensor, x: Tensor) -> Tensor:
+    """A factor ``M`` (``(d, d)``, or diagonal blocks ``(n, b, b)``) times a vector given as its rows ``x``
+    (``(1, d)``, or ``(n, b)``), as rows."""
+    if M.dim() == 2:
+        return (M @ x[0]).unsqueeze(0)
+    return (M @ x.unsqueeze(-1)).squeeze(-1)
 
 
 def update_input_inverses(
@@ -223,8 +255,9 @@ def update_input_inverses(
 ) -> None:
     """Hessian-action BFGS on ``H_a`` (paper, section 3.3): ``s_a = H_a ā``, ``y_a = (A + √λ I) s_a``, then
     the inverse-BFGS update; or, with ``cholesky_interval``, an exact re-inversion every that many curvature
-    steps. Diagonal (Embedding) factors are re-inverted exactly. Layers of one input width are updated
-    together. ``a_means[i]`` is None where ``H_a`` needs no update (just inverted, or not seen)."""
+    steps. Diagonal (Embedding) factors are re-inverted exactly; a block-diagonal ``H_a`` is updated block by
+    block (each block's pair from its part of ``ā``). Layers of one input split are updated together.
+    ``a_means[i]`` is None where ``H_a`` needs no update (just inverted, or not seen)."""
     todo: list[tuple[KroneckerLayer, Tensor]] = []
     for la, a_mean in zip(layers, a_means):
         if a_mean is None:
@@ -241,21 +274,26 @@ def update_input_inverses(
             continue
         todo.append((la, a_mean))
     results = []
-    for rows in group_indices(todo, key=lambda t: (t[1].shape[0], t[1].device)):
-        inputs = [todo[r][0].state["input"] for r in rows]
-        a = torch.stack([todo[r][1] for r in rows])
-        s_a = torch.stack([inp["H_a"] @ a_k for inp, a_k in zip(inputs, a)])
-        y_a = torch.stack([inp["A"] @ s_k for inp, s_k in zip(inputs, s_a)]) + sqrt_lam * s_a
-        ok, sy = curvature_ok_rows(s_a, y_a, curvature_eps, a.norm(dim=-1))
-        Hy = torch.stack([inp["H_a"] @ y_k for inp, y_k in zip(inputs, y_a)])
+    for rows in group_indices(todo, key=lambda t: (t[0].input_split, t[1].device)):
+        group = [todo[r][0] for r in rows]
+        split = group[0].input_split
+        n, size = split.blocks, split.size
+        inputs = [la.state["input"] for la in group]
+        a = split.rows(torch.stack([todo[r][1] for r in rows]))  # (layers, n, size)
+        s_a = torch.stack([_matvec_rows(inp["H_a"], a_k) for inp, a_k in zip(inputs, a)])
+        y_a = torch.stack([_matvec_rows(inp["A"], s_k) for inp, s_k in zip(inputs, s_a)]) + sqrt_lam * s_a
+        Hy = torch.stack([_matvec_rows(inp["H_a"], y_k) for inp, y_k in zip(inputs, y_a)]).reshape(-1, size)
+        s_a, y_a = s_a.reshape(-1, size), y_a.reshape(-1, size)
+        ok, sy = curvature_ok_rows(s_a, y_a, curvature_eps, a.reshape(-1, size).norm(dim=-1))
         new, finite = rank2_updates([inp["H_a"] for inp in inputs], s_a, y_a, Hy, sy)
-        results.append(([todo[r][0] for r in rows], new, (ok & finite).unsqueeze(0)))
-    for (group, new, _), flags in zip(results, read_flags([r[2] for r in results])):
-        for la, H_new, accepted in zip(group, new, flags[0]):
-            if accepted:
-                la.state["input"]["H_a"] = H_new
-            else:
-                la.count("input_updates_skipped")
+        results.append((group, new, (ok & finite).unsqueeze(0), n))
+    for (group, new, _, n), flags in zip(results, read_flags([r[2] for r in results])):
+        for k, (la, H_new) in enumerate(zip(group, new)):
+            accepted = flags[0][k * n : k * n + n]
+            if any(accepted):
+                la.state["input"]["H_a"] = keep_blocks(H_new, la.state["input"]["H_a"], accepted)
+            if n - sum(accepted):
+                la.count("input_updates_skipped", n - sum(accepted))
 
 
 def layer_statistics(layers: list[KroneckerLayer]) -> dict[str, float]:
@@ -267,13 +305,24 @@ def layer_statistics(layers: list[KroneckerLayer]) -> dict[str, float]:
             continue
         for k in KBFGS_LAYER_COUNTERS:
             out[f"qn/{k}"] += float(la.state["counters"][k])
-        if la.output.dense_matrix is not None:
-            hg_norm = max(hg_norm, sym_psd_norm_estimate(la.output.dense_matrix))
-        Ha = la.state["input"]["H_a"]
-        ha_norm = max(ha_norm, float(Ha.max()) if Ha.dim() == 1 else sym_psd_norm_estimate(Ha))
+        H_g = la.state["output"].get("H_g")
+        if H_g is not None:
+            hg_norm = max(hg_norm, factor_norm(H_g, la.output.split))
+        ha_norm = max(ha_norm, factor_norm(la.state["input"]["H_a"], la.input_split))
     out["qn/max_norm_H_g"] = hg_norm
     out["qn/max_norm_H_a"] = ha_norm
     return out
+
+
+def factor_norm(H: Tensor, split: BlockSplit) -> float:
+    """The largest eigenvalue of a factor: a diagonal's largest entry, a dense factor's Lanczos estimate, the
+    largest of its blocks' for a block-diagonal one (the padding of the last block left out)."""
+    if H.dim() == 1:
+        return float(H.max())
+    if H.dim() == 2:
+        return sym_psd_norm_estimate(H)
+    last = split.size - split.pad
+    return max(sym_psd_norm_estimate(H[-1, :last, :last]), *(sym_psd_norm_estimate(b) for b in H[:-1]))
 
 
 def read_flags(flags: list[Tensor]) -> list[list[list[bool]]]:

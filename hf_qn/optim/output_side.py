@@ -2,17 +2,19 @@
 applied and learned from its damped pairs ``(s, y)``.
 
 * :class:`DenseBFGS` (K-BFGS): ``H_g`` as a dense matrix, updated by the inverse BFGS formula
-  ``H ← (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ`` (paper, eq. 6), as one rank-2 update per layer;
+  ``H ← (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ`` (paper, eq. 6), as one rank-2 update per layer; or, for a
+  layer wider than ``max_block_dim``, as equal diagonal blocks, each updated from its part of the pair;
 * :class:`LimitedBFGS` (K-BFGS(L)): ``H_g`` implied by the last ``history_size`` pairs (compact form), never
   formed;
 * :class:`OneSided`: ``H_g = I``, for layers too wide for an output factor (a tied LM head over the
   vocabulary): the layer is preconditioned by its input factor alone, ``D = ĝ H_a``, and learns no pairs.
 
-A strategy owns the ``"output"`` part of its layer's state. Pairs of the layers of one output width are
-proposed together (:meth:`OutputSide.propose`, the rows of one matrix, so one set of kernels per width);
-each layer then commits its own (:meth:`OutputSide.commit`). Adding a strategy (say a diagonal ``H_g`` for
-layers too wide for a dense factor) means subclassing :class:`OutputSide` and naming it in
-:func:`output_side_for`.
+A strategy owns the ``"output"`` part of its layer's state. A layer's pair is cut into the rows of its
+``split`` (one row of ``d_out``, or one per diagonal block: each block is damped, tested and updated as a
+pair of its own). The rows of the layers of one split are proposed together (:meth:`OutputSide.propose`,
+one matrix, so one set of kernels per width); each layer then commits its own (:meth:`OutputSide.commit`).
+Adding a strategy (say a diagonal ``H_g`` for layers too wide for a dense factor) means subclassing
+:class:`OutputSide` and naming it in :func:`output_side_for`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from ..linalg import LBFGSHistory
 from ..linalg.batched import bfgs_rank2_rows
+from ..linalg.blocks import BlockSplit, block_left
 
 __all__ = ["DenseBFGS", "LimitedBFGS", "OneSided", "OutputSide", "output_side_for"]
 
@@ -39,8 +42,11 @@ class OutputSide(ABC):
     #: whether the layer learns from ``(s, y)`` pairs (its pairs are not formed when it does not).
     learns: bool = True
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, d_out: int) -> None:
         self.name = name
+        self.d_out = d_out
+        #: how the layer's pairs are cut into rows: one row of ``d_out`` unless ``H_g`` is block-diagonal.
+        self.split = BlockSplit.of(d_out, None)
         self.state: dict[str, Any] = {}
 
     def bind(self, state: dict[str, Any]) -> None:
@@ -53,41 +59,54 @@ class OutputSide(ABC):
         return None
 
     @abstractmethod
-    def init_state(self, d_out: int, device: torch.device) -> dict[str, Any]:
+    def init_state(self, device: torch.device) -> dict[str, Any]:
         """Fresh state: ``H_g = I``."""
 
     @abstractmethod
     def apply(self, X: Tensor) -> Tensor:
         """``H_g X`` (``X``: ``(d_out, k)`` or ``(d_out,)``)."""
 
+    def apply_rows(self, Y: Tensor) -> Tensor:
+        """``H_g y`` for a vector given as the rows of ``split`` (``(blocks, size)``), as rows."""
+        return self.split.rows(self.apply(self.split.unrows(Y)))
+
     @staticmethod
     @abstractmethod
     def propose(
         sides: list[OutputSide], s: Tensor, y: Tensor, Hy: Tensor, sy: Tensor, ok: Tensor
     ) -> tuple[Tensor, Any]:
-        """For the layers ``sides`` (rows of ``s``, ``y``, their ``H y`` and ``sᵀy``, the mask ``ok`` of pairs
-        that passed the curvature test): the mask of updates to keep and what :meth:`commit` needs."""
+        """For the layers ``sides`` (their pairs' rows, in order: ``s``, ``y``, ``H y``, ``sᵀy`` and the mask
+        ``ok`` of rows that passed the curvature test): the mask of rows to keep and what :meth:`commit` needs."""
 
     @abstractmethod
-    def commit(self, k: int, s: Tensor, y: Tensor, proposal: Any) -> None:
-        """Take row ``k`` of a kept proposal."""
+    def commit(self, k: int, kept: list[bool], s: Tensor, y: Tensor, proposal: Any) -> None:
+        """Take what ``kept`` marks of layer ``k``'s part of a proposal (``s``, ``y``: that layer's rows)."""
 
 
 class DenseBFGS(OutputSide):
-    """K-BFGS: a dense ``H_g`` (state ``{"H_g"}``), one inverse-BFGS rank-2 update per kept pair."""
+    """K-BFGS: a dense ``H_g`` (state ``{"H_g"}``), one inverse-BFGS rank-2 update per kept pair; wider than
+    ``max_block_dim``, its diagonal blocks (``(blocks, size, size)``), one update per block and pair."""
 
     needs_damped_products = True
     STATE_KEYS = ("H_g",)
 
-    def init_state(self, d_out: int, device: torch.device) -> dict[str, Any]:
-        return {"H_g": torch.eye(d_out, dtype=torch.float32, device=device)}
+    def __init__(self, name: str, d_out: int, max_block_dim: int | None = None) -> None:
+        super().__init__(name, d_out)
+        self.split = BlockSplit.of(d_out, max_block_dim)
+
+    def init_state(self, device: torch.device) -> dict[str, Any]:
+        if self.split.blocked:
+            return {"H_g": self.split.identity(torch.float32, device)}
+        return {"H_g": torch.eye(self.d_out, dtype=torch.float32, device=device)}
 
     def apply(self, X: Tensor) -> Tensor:
-        return self.state["H_g"] @ X
+        H = self.state["H_g"]
+        return block_left(H, X) if H.dim() == 3 else H @ X
 
     @property
     def dense_matrix(self) -> Tensor | None:
-        return self.state["H_g"]
+        H: Tensor = self.state["H_g"]
+        return H if H.dim() == 2 else None
 
     @staticmethod
     def propose(
@@ -96,8 +115,9 @@ class DenseBFGS(OutputSide):
         new, finite = rank2_updates([side.state["H_g"] for side in sides], s, y, Hy, sy)
         return ok & finite, new
 
-    def commit(self, k: int, s: Tensor, y: Tensor, proposal: Any) -> None:
-        self.state["H_g"] = proposal[k]  # a fresh tensor already: rebinding saves a full copy of the factor
+    def commit(self, k: int, kept: list[bool], s: Tensor, y: Tensor, proposal: Any) -> None:
+        # a fresh tensor already: rebinding saves a full copy of the factor
+        self.state["H_g"] = keep_blocks(proposal[k], self.state["H_g"], kept)
 
 
 class LimitedBFGS(OutputSide):
@@ -108,8 +128,8 @@ class LimitedBFGS(OutputSide):
 
     STATE_KEYS = ("S", "Y", "SY", "YY", "count", "head")
 
-    def __init__(self, name: str, history_size: int) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, d_out: int, history_size: int) -> None:
+        super().__init__(name, d_out)
         self.history_size = history_size
         self._middle: Any = None
 
@@ -117,8 +137,8 @@ class LimitedBFGS(OutputSide):
         super().bind(state)
         self._middle = None
 
-    def init_state(self, d_out: int, device: torch.device) -> dict[str, Any]:
-        return LBFGSHistory(self.history_size, d_out, gamma=1.0, device=device).state_dict()
+    def init_state(self, device: torch.device) -> dict[str, Any]:
+        return LBFGSHistory(self.history_size, self.d_out, gamma=1.0, device=device).state_dict()
 
     def history(self) -> LBFGSHistory:
         # The compact form's products lose too much in float32 over ~20 ill-conditioned pairs (measured:
@@ -138,9 +158,9 @@ class LimitedBFGS(OutputSide):
     ) -> tuple[Tensor, Any]:
         return ok, None
 
-    def commit(self, k: int, s: Tensor, y: Tensor, proposal: Any) -> None:
+    def commit(self, k: int, kept: list[bool], s: Tensor, y: Tensor, proposal: Any) -> None:
         hist = self.history()
-        hist.push(s, y)
+        hist.push(s[0], y[0])  # one row: the history is never blocked
         self.state.update(hist.state_dict())
         self._middle = None
 
@@ -150,7 +170,7 @@ class OneSided(OutputSide):
 
     learns = False
 
-    def init_state(self, d_out: int, device: torch.device) -> dict[str, Any]:
+    def init_state(self, device: torch.device) -> dict[str, Any]:
         return {}
 
     def apply(self, X: Tensor) -> Tensor:
@@ -162,23 +182,50 @@ class OneSided(OutputSide):
     ) -> tuple[Tensor, Any]:
         return torch.zeros_like(ok), None
 
-    def commit(self, k: int, s: Tensor, y: Tensor, proposal: Any) -> None:
+    def commit(self, k: int, kept: list[bool], s: Tensor, y: Tensor, proposal: Any) -> None:
         raise AssertionError("a one-sided layer takes no pair")
 
 
-def output_side_for(name: str, history_size: int | None, one_sided: bool = False) -> OutputSide:
-    """The strategy a layer gets: none (``one_sided``, for a layer the policy marks too wide), dense BFGS, or
-    L-BFGS with ``history_size`` pairs."""
+def output_side_for(
+    name: str, d_out: int, history_size: int | None, one_sided: bool = False, max_block_dim: int | None = None
+) -> OutputSide:
+    """The strategy a layer gets: none (``one_sided``, for a layer the policy marks too wide), dense BFGS
+    (block-diagonal above ``max_block_dim``), or L-BFGS with ``history_size`` pairs."""
     if one_sided:
-        return OneSided(name)
-    return DenseBFGS(name) if history_size is None else LimitedBFGS(name, history_size)
+        return OneSided(name, d_out)
+    if history_size is None:
+        return DenseBFGS(name, d_out, max_block_dim)
+    return LimitedBFGS(name, d_out, history_size)
 
 
 def rank2_updates(Hs: list[Tensor], s: Tensor, y: Tensor, Hy: Tensor, sy: Tensor) -> tuple[list[Tensor], Tensor]:
-    """The inverse-BFGS updates of a group of factors (rows of ``s``, ``y``, ``Hy``), each a new tensor, and
-    a mask of those that came out finite. The new factors of a group all exist until the caller has read the
-    masks: at most one extra copy of the group's factors, after the backward has freed the activations
-    (GPT-2 small's peak memory did not change)."""
+    """The inverse-BFGS updates of a group of factors, each a new tensor, and a mask of the rows that came out
+    finite. A 2-D factor takes one row of ``s``, ``y``, ``Hy``; a block-diagonal one (``(n, b, b)``) takes ``n``
+    rows, one per block, in order. The new factors of a group all exist until the caller has read the masks:
+    at most one extra copy of the group's factors, after the backward has freed the activations (GPT-2 small's
+    peak memory did not change)."""
     U, V = bfgs_rank2_rows(s, y, Hy, sy, Hs[0].dtype)
-    new = [torch.addmm(H, u, v) for H, u, v in zip(Hs, U, V)]
-    return new, torch.isfinite(torch.stack([H.sum() for H in new]))
+    new, sums, row = [], [], 0
+    for H in Hs:
+        if H.dim() == 2:
+            new.append(torch.addmm(H, U[row], V[row]))
+            sums.append(new[-1].sum().reshape(1))
+            row += 1
+        else:
+            n = H.shape[0]
+            new.append(torch.baddbmm(H, U[row : row + n], V[row : row + n]))
+            sums.append(new[-1].sum((1, 2)))
+            row += n
+    return new, torch.isfinite(torch.cat(sums))
+
+
+def keep_blocks(new: Tensor, old: Tensor, kept: list[bool]) -> Tensor:
+    """``new`` where ``kept`` (one flag per block of a block-diagonal factor, or one for a 2-D one), ``old``'s
+    blocks elsewhere; ``new`` is a fresh tensor and is written in place."""
+    if all(kept):
+        return new
+    if new.dim() == 2:
+        return old
+    rejected = [j for j, k in enumerate(kept) if not k]
+    new[rejected] = old[rejected]
+    return new

@@ -15,6 +15,8 @@ K-BFGS (``KBFGS``, ``KBFGSL``)::
     state[layer weight] = {
         "input": {"A", "H_a", "batches", "inverse_countdown" (Cholesky inverse only)},
         "output": {"H_g"} (dense BFGS) | {"S", "Y", "SY", "YY", "count", "head"} (L-BFGS),
+        (a factor wider than max_block_dim, "A", "H_a" or "H_g", is (blocks, size, size): its diagonal blocks;
+         the layout then records [name, d_out, d_in, "blocks", output blocks, input blocks])
         "momentum_buffer": ĝ (d_out x d_in),
         "pair": {"s_avg", "y_avg", "h_prev", "g_prev", "has_prev"},
         "counters": {"pairs_accepted", "pairs_skipped", "powell_damped", "lm_damped", "input_updates_skipped"},

@@ -146,6 +146,6 @@ def test_a_layers_declared_state_paths_are_the_ones_it_creates(history):
     from hf_qn.optim.output_side import output_side_for
 
     opt = hf_qn.KBFGS(mlp(), preset="paper", history_size=history)
-    layer = KroneckerLayer(opt.adapters[0], output_side_for("0", history))
+    layer = KroneckerLayer(opt.adapters[0], output_side_for("0", opt.adapters[0].d_out, history))
     layer.ensure_state()
     assert sorted(layer.state_paths()) == sorted(path for path, _ in iter_tensors(layer.state))
