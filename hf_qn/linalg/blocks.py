@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BlockSplit", "block_diagonal", "block_left", "block_right"]
+__all__ = ["BlockSplit", "block_diagonal", "block_left", "block_right", "matvec_rows"]
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,15 @@ class BlockSplit:
         x = self.rows(r).transpose(0, 1)  # (blocks, R, size)
         return x.transpose(1, 2) @ x
 
+    @property
+    def factor_shape(self) -> tuple[int, ...]:
+        """The shape of a factor over these coordinates: ``(dim, dim)`` in one block, else ``(blocks, size, size)``."""
+        return (self.blocks, self.size, self.size) if self.blocked else (self.dim, self.dim)
+
     def identity(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
-        """``blocks`` identity blocks: the factor ``I``."""
+        """The factor ``I``, shaped as :attr:`factor_shape`."""
+        if not self.blocked:
+            return torch.eye(self.dim, dtype=dtype, device=device)
         return torch.eye(self.size, dtype=dtype, device=device).expand(self.blocks, -1, -1).clone()
 
 
@@ -79,6 +86,14 @@ def block_right(X: Tensor, H: Tensor) -> Tensor:
     split = BlockSplit(X.shape[1], n, b)
     Xb = split.rows(X).transpose(0, 1)  # (n, k, b)
     return split.unrows((Xb @ H).transpose(0, 1))
+
+
+def matvec_rows(M: Tensor, x: Tensor) -> Tensor:
+    """A factor ``M`` (``(d, d)``, or diagonal blocks ``(n, b, b)``) times a vector given as its rows ``x``
+    (``(1, d)``, or ``(n, b)``: :meth:`BlockSplit.rows`), as rows."""
+    if M.dim() == 2:
+        return (M @ x[0]).unsqueeze(0)
+    return (M @ x.unsqueeze(-1)).squeeze(-1)
 
 
 def block_diagonal(H: Tensor, dim: int) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor
 from ..adapters import LayerAdapter
 from ..linalg import damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimate
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
-from ..linalg.blocks import BlockSplit
+from ..linalg.blocks import BlockSplit, matvec_rows
 from ._base import adam_denominators_
 from .output_side import OutputSide, keep_blocks, rank2_updates
 from .state import KBFGS_LAYER_COUNTERS
@@ -49,10 +49,7 @@ class KroneckerLayer:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """The shape of ``A``: ``(d_in,)`` diagonal, ``(d_in, d_in)`` dense, ``(blocks, size, size)`` blocked."""
-        sp = self.input_split
-        if self.adapter.input_diagonal:
-            return (sp.dim,)
-        return (sp.blocks, sp.size, sp.size) if sp.blocked else (sp.dim, sp.dim)
+        return (self.adapter.d_in,) if self.adapter.input_diagonal else self.input_split.factor_shape
 
     def layout(self) -> list[Any]:
         """``[name, d_out, d_in]``, and the block counts of the output and input factors when either is cut."""
@@ -74,15 +71,11 @@ class KroneckerLayer:
         if "input" in self.state:
             return
         ad, dev = self.adapter, self.adapter.weight.device
-        if ad.input_diagonal:
-            H_a = torch.ones(ad.d_in, dtype=torch.float32, device=dev)
-        elif self.input_split.blocked:
-            H_a = self.input_split.identity(torch.float32, dev)
-        else:
-            H_a = torch.eye(ad.d_in, dtype=torch.float32, device=dev)
         self.state["input"] = {
             "A": torch.zeros(self.input_shape, dtype=torch.float32, device=dev),
-            "H_a": H_a,
+            "H_a": torch.ones(ad.d_in, dtype=torch.float32, device=dev)
+            if ad.input_diagonal
+            else self.input_split.identity(torch.float32, dev),
             "batches": torch.tensor(0, dtype=torch.int64),  # batches in A's plain average
         }
         self.state["output"] = self.output.init_state(dev)
@@ -241,14 +234,6 @@ def update_output_sides(
                 la.count("pairs_accepted", sum(accepted))
 
 
-def _matvec_rows(M: Tensor, x: Tensor) -> Tensor:
-    """A factor ``M`` (``(d, d)``, or diagonal blocks ``(n, b, b)``) times a vector given as its rows ``x``
-    (``(1, d)``, or ``(n, b)``), as rows."""
-    if M.dim() == 2:
-        return (M @ x[0]).unsqueeze(0)
-    return (M @ x.unsqueeze(-1)).squeeze(-1)
-
-
 def update_input_inverses(
     layers: list[KroneckerLayer], a_means: list[Tensor | None], cholesky_interval: int | None, sqrt_lam: float,
     curvature_eps: float,
@@ -280,9 +265,9 @@ def update_input_inverses(
         n, size = split.blocks, split.size
         inputs = [la.state["input"] for la in group]
         a = split.rows(torch.stack([todo[r][1] for r in rows]))  # (layers, n, size)
-        s_a = torch.stack([_matvec_rows(inp["H_a"], a_k) for inp, a_k in zip(inputs, a)])
-        y_a = torch.stack([_matvec_rows(inp["A"], s_k) for inp, s_k in zip(inputs, s_a)]) + sqrt_lam * s_a
-        Hy = torch.stack([_matvec_rows(inp["H_a"], y_k) for inp, y_k in zip(inputs, y_a)]).reshape(-1, size)
+        s_a = torch.stack([matvec_rows(inp["H_a"], a_k) for inp, a_k in zip(inputs, a)])
+        y_a = torch.stack([matvec_rows(inp["A"], s_k) for inp, s_k in zip(inputs, s_a)]) + sqrt_lam * s_a
+        Hy = torch.stack([matvec_rows(inp["H_a"], y_k) for inp, y_k in zip(inputs, y_a)]).reshape(-1, size)
         s_a, y_a = s_a.reshape(-1, size), y_a.reshape(-1, size)
         ok, sy = curvature_ok_rows(s_a, y_a, curvature_eps, a.reshape(-1, size).norm(dim=-1))
         new, finite = rank2_updates([inp["H_a"] for inp in inputs], s_a, y_a, Hy, sy)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..linalg import LBFGSHistory
 from ..linalg.batched import bfgs_rank2_rows
-from ..linalg.blocks import BlockSplit, block_left
+from ..linalg.blocks import BlockSplit, block_left, matvec_rows
 
 __all__ = ["DenseBFGS", "LimitedBFGS", "OneSided", "OutputSide", "output_side_for"]
 
@@ -95,13 +95,14 @@ class DenseBFGS(OutputSide):
         self.split = BlockSplit.of(d_out, max_block_dim)
 
     def init_state(self, device: torch.device) -> dict[str, Any]:
-        if self.split.blocked:
-            return {"H_g": self.split.identity(torch.float32, device)}
-        return {"H_g": torch.eye(self.d_out, dtype=torch.float32, device=device)}
+        return {"H_g": self.split.identity(torch.float32, device)}
 
     def apply(self, X: Tensor) -> Tensor:
         H = self.state["H_g"]
         return block_left(H, X) if H.dim() == 3 else H @ X
+
+    def apply_rows(self, Y: Tensor) -> Tensor:
+        return matvec_rows(self.state["H_g"], Y)  # the rows' own shape: no unpadding and padding again
 
     @property
     def dense_matrix(self) -> Tensor | None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_qn.linalg import bfgs_inverse_update, damped_cholesky_inverse, kron_precondition
-from hf_qn.linalg.blocks import BlockSplit, block_diagonal, block_left, block_right
+from hf_qn.linalg.blocks import BlockSplit, block_diagonal, block_left, block_right, matvec_rows
 from hf_qn.optim.output_side import keep_blocks, rank2_updates
 from tests._helpers.dense import random_pair, random_spd
 
@@ -21,6 +21,9 @@ def test_split_is_the_fewest_equal_blocks(args, expected):
     assert (sp.blocks, sp.size) == expected
     assert 0 <= sp.pad < sp.blocks  # equal blocks: at most one padded coordinate per block
     assert sp.blocked == (sp.blocks > 1)
+    eye = sp.identity(torch.float64)
+    assert eye.shape == sp.factor_shape == ((sp.blocks, sp.size, sp.size) if sp.blocked else (sp.dim, sp.dim))
+    torch.testing.assert_close(block_diagonal(eye, sp.dim) if sp.blocked else eye, torch.eye(sp.dim, dtype=torch.float64))
 
 
 def _blocks(sp, generator=None):
@@ -36,6 +39,9 @@ def test_products_equal_the_dense_block_diagonal(dim, max_block):
     X = torch.randn(dim, 6, dtype=torch.float64)
     torch.testing.assert_close(block_left(H, X), dense @ X)
     torch.testing.assert_close(block_left(H, X[:, 2]), dense @ X[:, 2])
+    torch.testing.assert_close(sp.unrows(matvec_rows(H, sp.rows(X[:, 2]))), dense @ X[:, 2])
+    whole = BlockSplit.of(dim, None)  # a dense factor: one row
+    torch.testing.assert_close(whole.unrows(matvec_rows(dense, whole.rows(X[:, 2]))), dense @ X[:, 2])
     Y = torch.randn(6, dim, dtype=torch.float64)
     torch.testing.assert_close(block_right(Y, H), Y @ dense)
     r = torch.randn(20, dim, dtype=torch.float64)
