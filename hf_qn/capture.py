@@ -50,11 +50,20 @@ def _in_backward() -> bool:
     return fn is not None and fn() != -1
 
 
+def _input_shape(adapter: LayerAdapter, split: BlockSplit | None) -> tuple[int, ...]:
+    if adapter.input_diagonal:
+        return (adapter.d_in,)
+    return split.factor_shape if split is not None else (adapter.d_in, adapter.d_in)
+
+
 class LayerStats:
     """Row sums of one layer since the last reset, on the layer's device: input side in float32,
-    output side (``h_sum``, ``g_sum``) in float64."""
+    output side (``h_sum``, ``g_sum``) in float64. ``input_shape`` is the shape ``A_sum`` has (and its zeros, when
+    the layer saw no rows): ``(d_in, d_in)``, ``(blocks, size, size)`` for a block split, ``(d_in,)`` when
+    diagonal."""
 
-    def __init__(self) -> None:
+    def __init__(self, input_shape: tuple[int, ...]) -> None:
+        self.input_shape = input_shape
         self.reset()
 
     def reset(self) -> None:
@@ -118,8 +127,8 @@ class Capture:
         self.enabled = True
         self.mode = PRIMARY
         self.stats: dict[str, list[LayerStats]] = {
-            PRIMARY: [LayerStats() for _ in self.adapters],
-            SECOND: [LayerStats() for _ in self.adapters],
+            mode: [LayerStats(_input_shape(ad, sp)) for ad, sp in zip(self.adapters, self.input_splits)]
+            for mode in (PRIMARY, SECOND)
         }
         self._handles: list[RemovableHandle] = []
 
@@ -140,7 +149,7 @@ class Capture:
         self.adapters.append(adapter)
         self.input_splits.append(input_split)
         for mode in (PRIMARY, SECOND):
-            self.stats[mode].append(LayerStats())
+            self.stats[mode].append(LayerStats(_input_shape(adapter, input_split)))
         if self._handles:
             self._handles.append(adapter.module.register_forward_hook(_ForwardHook(self, len(self.adapters) - 1)))
 

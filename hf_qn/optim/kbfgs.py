@@ -377,8 +377,7 @@ class KBFGS(QNOptimizerBase):
         self._seen_grads = {id(p): (id(p.grad), p.grad._version) for p in self._params() if p.grad is not None}
 
     def _commit_statistics(self) -> list[LayerMeans]:
-        out = reduce_statistics(self.adapters, self.capture.stats["primary"], True, "training forward/backward",
-                                input_shapes=[la.input_shape for la in self.layers])
+        out = reduce_statistics(self.adapters, self.capture.stats["primary"], True, "training forward/backward")
         self.capture.reset()
         return out
 

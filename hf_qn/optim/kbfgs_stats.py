@@ -44,17 +44,16 @@ def _check_seen(adapters: list[LayerAdapter], stats: list[LayerStats], what: str
 
 def reduce_statistics(
     adapters: list[LayerAdapter], stats: list[LayerStats], with_inputs: bool, what: str,
-    expect: list[bool] | None = None, input_shapes: list[tuple[int, ...]] | None = None,
+    expect: list[bool] | None = None,
 ) -> list[LayerMeans]:
-    """Sums -> means, all-reduced (one collective for every layer). ``what`` names the pass for errors;
-    ``input_shapes``: the shape of each layer's ``A`` (for a layer that saw no rows; default: ``(d_in, d_in)``,
-    ``(d_in,)`` for a diagonal one)."""
+    """Sums -> means, all-reduced (one collective for every layer; a layer that saw no rows sends zeros of its
+    ``A``'s shape). ``what`` names the pass for errors."""
     _check_seen(adapters, stats, what, expect)
     # every layer's row counts in one tensor: one host-to-device copy, one all-reduce entry
     home = adapters[0].weight.device
     counts = torch.tensor([[float(st.a_rows), float(st.h_rows)] for st in stats], dtype=torch.float64, device=home)
     tensors: list[Tensor] = [counts]
-    for i, (ad, st) in enumerate(zip(adapters, stats)):
+    for ad, st in zip(adapters, stats):
         dev = ad.weight.device
         if st.h_sum is None or st.g_sum is None:  # a layer that did not take part in this pass
             st.h_sum = torch.zeros(ad.d_out, dtype=torch.float64, device=dev)
@@ -62,10 +61,7 @@ def reduce_statistics(
         tensors += [st.h_sum, st.g_sum]
         if with_inputs:
             if st.A_sum is None:
-                shape: tuple[int, ...] = (ad.d_in,) if ad.input_diagonal else (ad.d_in, ad.d_in)
-                if input_shapes is not None:
-                    shape = input_shapes[i]
-                st.A_sum = torch.zeros(shape, device=dev)
+                st.A_sum = torch.zeros(st.input_shape, device=dev)
             if st.a_sum is None:
                 st.a_sum = torch.zeros(ad.d_in, device=dev)
             tensors += [st.A_sum, st.a_sum]
