@@ -50,7 +50,9 @@ def _in_backward() -> bool:
     return fn is not None and fn() != -1
 
 
-def _input_shape(adapter: LayerAdapter, split: BlockSplit | None) -> tuple[int, ...]:
+def input_factor_shape(adapter: LayerAdapter, split: BlockSplit | None) -> tuple[int, ...]:
+    """The shape of a layer's input factor ``A`` (and of ``A_sum``): ``(d_in,)`` diagonal, ``(d_in, d_in)``
+    dense, ``(blocks, size, size)`` cut by ``split``."""
     if adapter.input_diagonal:
         return (adapter.d_in,)
     return split.factor_shape if split is not None else (adapter.d_in, adapter.d_in)
@@ -127,7 +129,7 @@ class Capture:
         self.enabled = True
         self.mode = PRIMARY
         self.stats: dict[str, list[LayerStats]] = {
-            mode: [LayerStats(_input_shape(ad, sp)) for ad, sp in zip(self.adapters, self.input_splits)]
+            mode: [LayerStats(input_factor_shape(ad, sp)) for ad, sp in zip(self.adapters, self.input_splits)]
             for mode in (PRIMARY, SECOND)
         }
         self._handles: list[RemovableHandle] = []
@@ -149,7 +151,7 @@ class Capture:
         self.adapters.append(adapter)
         self.input_splits.append(input_split)
         for mode in (PRIMARY, SECOND):
-            self.stats[mode].append(LayerStats(_input_shape(adapter, input_split)))
+            self.stats[mode].append(LayerStats(input_factor_shape(adapter, input_split)))
         if self._handles:
             self._handles.append(adapter.module.register_forward_hook(_ForwardHook(self, len(self.adapters) - 1)))
 

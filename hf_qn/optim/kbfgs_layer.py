@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..adapters import LayerAdapter
+from ..capture import input_factor_shape
 from ..linalg import damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimate
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
 from ..linalg.blocks import BlockSplit, matvec_rows
@@ -49,7 +50,7 @@ class KroneckerLayer:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """The shape of ``A``: ``(d_in,)`` diagonal, ``(d_in, d_in)`` dense, ``(blocks, size, size)`` blocked."""
-        return (self.adapter.d_in,) if self.adapter.input_diagonal else self.input_split.factor_shape
+        return input_factor_shape(self.adapter, self.input_split)
 
     def layout(self) -> list[Any]:
         """``[name, d_out, d_in]``, and the block counts of the output and input factors when either is cut."""
