@@ -174,10 +174,12 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
         self.qn_args = hyper
         if self.qn_optimizer is not None:
             optimizer_config(self.qn_optimizer, hyper)  # a bad name or value fails here, naming it
-        else:  # no optimizer chosen yet: each value against the optimizer that has it
-            for key, value in hyper.items():
-                kbfgs = key in {f.name for f in dataclasses.fields(KBFGSConfig)}
-                optimizer_config("kbfgs" if kbfgs else "mlbfgs", {key: value})
+        else:  # no optimizer chosen yet: the values of each optimizer together (some are checked as a pair)
+            own = {f.name for f in dataclasses.fields(KBFGSConfig)}
+            for name, part in (("kbfgs", {k: v for k, v in hyper.items() if k in own}),
+                               ("mlbfgs", {k: v for k, v in hyper.items() if k not in own})):
+                if part:
+                    optimizer_config(name, part)
 
 
 def _optimizer_defaults(name: str | None, preset: str | None = None) -> tuple[float, float]:

@@ -130,6 +130,12 @@ def test_qn_args_is_the_one_path_for_every_hyperparameter(tmp_path):
         QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="kbfgs", use_cpu=True, qn_args="damping=-1")
     with pytest.raises(ValueError, match="expected name=value"):
         QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="kbfgs", use_cpu=True, qn_args="damping")
+    # no optimizer chosen yet (a recipe comparing several): each optimizer's values are checked together
+    both = QNTrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                               qn_args="damping=3,lm_damping=additive,normalize=unit")
+    assert both.qn_args == {"damping": 3, "lm_damping": "additive", "normalize": "unit"}
+    with pytest.raises(ValueError, match="Invalid damping: 3.*lm_damping='additive'"):
+        QNTrainingArguments(output_dir=str(tmp_path), use_cpu=True, qn_args="damping=3")
     with pytest.warns(FutureWarning, match="--qn_damping is deprecated"):
         old = QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="kbfgs", use_cpu=True, qn_damping=0.1)
     assert old.qn_args == {"damping": 0.1}
