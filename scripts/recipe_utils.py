@@ -19,12 +19,19 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+from benchmark_autoencoder import describe_machine
 from transformers import TrainerCallback
 
 from hf_qn.distributed import shutdown
 from hf_qn.integrations.model_card import write_benchmark_card
-from hf_qn.integrations.trainer import _LEGACY_FLAGS, QNTrainer, QNTrainingArguments, parse_qn_args, unwrap_optimizer
-from hf_qn.optim.config import KBFGSConfig, MLBFGSConfig
+from hf_qn.integrations.trainer import (
+    _LEGACY_FLAGS,
+    QNTrainer,
+    QNTrainingArguments,
+    parse_qn_args,
+    qn_args_for,
+    unwrap_optimizer,
+)
 
 logger = logging.getLogger("hf_qn.recipes")
 
@@ -177,12 +184,8 @@ class TrainTimeCallback(TrainerCallback):
 def optimizer_args(base: QNTrainingArguments, name: str, lr: float, output_dir: str) -> QNTrainingArguments:
     """The TrainingArguments for one optimizer of the comparison."""
     changes: dict[str, Any] = dict(output_dir=output_dir, learning_rate=lr)
-    # qn_args serves every optimizer of the comparison: each gets the names its configuration has
-    config = MLBFGSConfig if name == "mlbfgs" else KBFGSConfig
-    own = {f.name for f in fields(config)}
-    changes["qn_args"] = {k: v for k, v in parse_qn_args(base.qn_args).items() if k in own}
-    if name in ("kbfgs", "kbfgs_l", "mlbfgs"):
-        changes["qn_optimizer"] = name
+    if name in ("kbfgs", "kbfgs_l", "mlbfgs"):  # qn_args serves every optimizer compared: each takes its own
+        changes.update(qn_optimizer=name, qn_args=qn_args_for(name, parse_qn_args(base.qn_args)))
     else:
         changes.update(qn_optimizer=None, optim="adamw_torch" if name == "adamw" else "sgd", qn_args={})
     # Re-run the constructor (and its validation) from the init fields rather than mutating in place; the
@@ -257,7 +260,7 @@ def run_comparison(
     _save_best(best_model, tokenizer, out_root)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     meta = {"task": task_name, "command": command, "metric": key, "greater_is_better": greater_is_better,
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "machine": describe_machine(), "date": time.strftime("%Y-%m-%d"),
             "model_saved_from": best_model["run"]["optimizer"] if best_model else None}
     with open(os.path.join(out_root, "results.json"), "w") as f:
         json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1, default=str)

@@ -174,12 +174,13 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
         self.qn_args = hyper
         if self.qn_optimizer is not None:
             optimizer_config(self.qn_optimizer, hyper)  # a bad name or value fails here, naming it
-        else:  # no optimizer chosen yet: the values of each optimizer together (some are checked as a pair)
-            own = {f.name for f in dataclasses.fields(KBFGSConfig)}
-            for name, part in (("kbfgs", {k: v for k, v in hyper.items() if k in own}),
-                               ("mlbfgs", {k: v for k, v in hyper.items() if k not in own})):
-                if part:
-                    optimizer_config(name, part)
+        else:  # no optimizer chosen yet (a recipe compares several): each checks the entries it takes, together
+            unknown = sorted(set(hyper) - {k for name in ("kbfgs", "mlbfgs") for k in qn_args_for(name, hyper)})
+            if unknown:
+                raise ValueError(f"Invalid qn_args: {', '.join(map(repr, unknown))} is a hyperparameter of neither "
+                                 "KBFGSConfig nor MLBFGSConfig (or a preset neither has)")
+            for name in ("kbfgs", "mlbfgs"):
+                optimizer_config(name, qn_args_for(name, hyper))
 
 
 def _optimizer_defaults(name: str | None, preset: str | None = None) -> tuple[float, float]:
@@ -219,21 +220,33 @@ def parse_qn_args(value: dict[str, Any] | str | None) -> dict[str, Any]:
     return out
 
 
+def qn_args_for(name: str, hyper: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``hyper`` that optimizer ``name`` takes: the fields of its configuration, and ``preset``
+    where that configuration has such a preset. One ``qn_args`` can then serve every optimizer a recipe compares
+    (``lr`` or ``history_size`` go to each optimizer that has them, ``preset=paper`` to K-BFGS only)."""
+    config = _config_class(name)
+    own = {f.name for f in dataclasses.fields(config)}
+    return {k: v for k, v in hyper.items()
+            if k in own or (k == "preset" and isinstance(v, str) and v in config.PRESETS)}
+
+
+def _config_class(name: str) -> type[KBFGSConfig] | type[MLBFGSConfig]:
+    if name in ("kbfgs", "kbfgs_l"):
+        return KBFGSConfig
+    if name == "mlbfgs":
+        return MLBFGSConfig
+    raise ValueError(f"Invalid qn_optimizer: {name!r} (must be one of {QN_OPTIMIZERS})")
+
+
 def optimizer_config(name: str, hyper: dict[str, Any]) -> KBFGSConfig | MLBFGSConfig:
     """The validated configuration of optimizer ``name`` with the hyperparameters ``hyper``."""
-    if name in ("kbfgs", "kbfgs_l"):
-        if name == "kbfgs_l":
-            hyper = {"history_size": 100, **hyper}
-        try:
-            return KBFGSConfig.from_kwargs(**hyper)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"Invalid qn_args for {name}: {e}") from e
-    if name == "mlbfgs":
-        try:
-            return MLBFGSConfig.from_kwargs(**hyper)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"Invalid qn_args for {name}: {e}") from e
-    raise ValueError(f"Invalid qn_optimizer: {name!r} (must be one of {QN_OPTIMIZERS})")
+    config = _config_class(name)
+    if name == "kbfgs_l":
+        hyper = {"history_size": 100, **hyper}
+    try:
+        return config.from_kwargs(**hyper)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"Invalid qn_args for {name}: {e}") from e
 
 
 def build_optimizer(

@@ -434,7 +434,8 @@ class KBFGS(QNOptimizerBase):
     def _matmul_dtype(self) -> torch.dtype:
         """The dtype of the large products, ``"auto"`` resolved for the device the model is on now (it may have
         moved since construction, e.g. by ``accelerator.prepare``)."""
-        return self.config.matmul_torch_dtype(self.adapters[0].weight.device)
+        weight = self.adapters[0].weight
+        return self.config.matmul_torch_dtype(weight.device, weight.dtype)
 
     def _sqrt_lam(self) -> float:
         return math.sqrt(self.config.damping)

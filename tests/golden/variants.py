@@ -1,12 +1,14 @@
 """Golden trajectories: every optimizer variant, 30 steps on a small MLP and on a tiny GPT-2.
 
-``python -m tests.golden.record`` writes ``trajectories.json`` (losses as exact hex floats and a SHA-256 of
-the parameters after each run) and ``checkpoints_v1.pt`` (optimizer and model state after 15 steps of a few
-variants, as the state layout of that time wrote them). ``test_golden.py`` re-runs every variant and requires
-the same bits, and resumes each checkpoint through the state converter and requires the same continuation.
-The goldens were recorded before the optimizers were restructured into per-layer and per-block objects, so
-they prove that the restructuring moved no number. Bitwise equality needs the same torch build and CPU
-kernels: the test skips, saying why, where either differs from the recording.
+``python -m tests.golden.record`` writes the goldens of the machine it runs on (:func:`golden_file`): losses as
+exact hex floats and a SHA-256 of the parameters after each run, and the continuation of every committed
+checkpoint. ``checkpoints_v1.pt`` (optimizer and model state after 15 steps of a few variants, as the state
+layout of that time wrote them) is never rewritten: it tests the state converter. ``test_golden.py`` re-runs
+every variant and requires the same bits, and resumes each checkpoint and requires the same continuation.
+``trajectories.json`` (AVX2 kernels) was recorded before the optimizers were restructured into per-layer and
+per-block objects, so it proves that the restructuring moved no number; ``trajectories_avx512_bf16.json``
+(AVX512 kernels, bf16 products) was recorded later from the code of its commit. Bitwise equality needs the
+same torch build, CPU kernels and product dtype: the test skips, saying why, where no recording matches.
 """
 
 from __future__ import annotations
@@ -131,5 +133,32 @@ def run(variant: str, prob: str) -> dict[str, Any]:
     return {"losses": hexes(losses), "params": param_hash(model)}
 
 
-def environment() -> dict[str, str]:
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+def environment() -> dict[str, Any]:
+    """What decides the bits: the torch build, the CPU kernels torch picked, and whether K-BFGS's
+    ``matmul_dtype="auto"`` takes bf16 products on this CPU."""
+    from hf_qn.optim.config import fast_bf16
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": fast_bf16(torch.device("cpu"))}
+
+
+def golden_file(env: dict[str, Any]) -> str:
+    """The goldens of one environment: ``trajectories.json`` for the first recording (AVX2 kernels), one file
+    per other environment."""
+    if env["cpu_capability"] == "AVX2" and not env["native_bf16"]:
+        return "trajectories.json"
+    return f"trajectories_{env['cpu_capability'].lower()}{'_bf16' if env['native_bf16'] else ''}.json"
+
+
+def resume_from_committed_checkpoint(variant: str) -> dict[str, Any]:
+    """Load the state the code of the first recording wrote (``checkpoints_v1.pt``, the old layout, through the
+    state converter) and continue from it: the continuation's losses and final parameters."""
+    from pathlib import Path
+
+    saved = torch.load(Path(__file__).parent / "checkpoints_v1.pt", weights_only=True)[variant]
+    model, batches, loss_fn = problem("mlp")
+    model.load_state_dict(saved["model"])
+    opt = VARIANTS[variant](model)
+    opt.load_state_dict(saved["optimizer"])
+    losses = loop(model, opt, batches[RESUME_AT:], loss_fn, closure=needs_closure(variant))
+    return {"losses": hexes(losses), "params": param_hash(model)}

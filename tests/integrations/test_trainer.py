@@ -14,7 +14,7 @@ from datasets import Dataset
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 import hf_qn
-from hf_qn.integrations.trainer import QNTrainer, QNTrainingArguments, build_optimizer, unwrap_optimizer
+from hf_qn.integrations.trainer import QNTrainer, QNTrainingArguments, build_optimizer, qn_args_for, unwrap_optimizer
 from hf_qn.optim.mlbfgs import build_blocks
 from tests._helpers.models import tiny_gpt2
 from tests._helpers.training import flat_state
@@ -136,6 +136,14 @@ def test_qn_args_is_the_one_path_for_every_hyperparameter(tmp_path):
     assert both.qn_args == {"damping": 3, "lm_damping": "additive", "normalize": "unit"}
     with pytest.raises(ValueError, match="Invalid damping: 3.*lm_damping='additive'"):
         QNTrainingArguments(output_dir=str(tmp_path), use_cpu=True, qn_args="damping=3")
+    # a name both configurations have is checked for each; a preset goes to the optimizers that have it
+    with pytest.raises(ValueError, match="Invalid qn_args for mlbfgs: Invalid history_size: None"):
+        QNTrainingArguments(output_dir=str(tmp_path), use_cpu=True, qn_args="history_size=None")
+    with pytest.raises(ValueError, match="'dampin', 'preset' is a hyperparameter of neither"):
+        QNTrainingArguments(output_dir=str(tmp_path), use_cpu=True, qn_args="dampin=0.2,preset=fast")
+    paper = QNTrainingArguments(output_dir=str(tmp_path), use_cpu=True, qn_args="preset=paper,lr=0.1,normalize=unit")
+    assert qn_args_for("kbfgs", paper.qn_args) == {"preset": "paper", "lr": 0.1}
+    assert qn_args_for("mlbfgs", paper.qn_args) == {"lr": 0.1, "normalize": "unit"}
     with pytest.warns(FutureWarning, match="--qn_damping is deprecated"):
         old = QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="kbfgs", use_cpu=True, qn_damping=0.1)
     assert old.qn_args == {"damping": 0.1}
@@ -423,8 +431,11 @@ def test_trainer_gradient_accumulation_2x4_matches_1x8(tmp_path, name):
     for bs, ga in ((8, 1), (4, 2)):
         torch.manual_seed(0)
         model = RegressionModel()
+        # float32 products: bf16's (matmul_dtype="auto" where bf16 is native) round each micro-batch's Gram alone
+        qn_args = {"matmul_dtype": "float32"} if name == "kbfgs" else None
         trainer = QNTrainer(model=model, args=_args(tmp_path, qn_optimizer=name, learning_rate=lr, max_steps=6,
-                                                    per_device_train_batch_size=bs, gradient_accumulation_steps=ga),
+                                                    per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                                                    qn_args=qn_args),
                             train_dataset=regression_dataset())
         trainer.train()
         finals.append(_params(model))

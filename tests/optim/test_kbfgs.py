@@ -614,6 +614,7 @@ def test_matmul_dtype_auto_is_bfloat16_only_where_the_device_multiplies_it_nativ
         opt = hf_qn.KBFGS(mlp())
         assert opt.config.matmul_dtype == "auto" and opt._matmul_dtype is expected
         assert hf_qn.KBFGS(mlp(), matmul_dtype="float32")._matmul_dtype is torch.float32  # explicit wins
+        assert hf_qn.KBFGS(mlp().double())._matmul_dtype is torch.float32  # a float64 model keeps float32
     config_module.fast_bf16.cache_clear()
 
 

@@ -76,6 +76,21 @@ def test_lr_sweep_rejects_bad_entries():
             parse_lr_sweep([bad])
 
 
+def test_one_qn_args_serves_every_optimizer_compared(tmp_path):
+    """A recipe's --qn_args reaches each optimizer with the entries it takes: preset=paper to K-BFGS only,
+    mL-BFGS's normalize to mL-BFGS only, a name both have (lr) to both; AdamW gets none."""
+    from hf_qn import QNTrainingArguments
+
+    utils = load_script("recipe_utils")
+    base = QNTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                               qn_args="preset=paper,update_interval=10,normalize=unit")
+    got = {name: utils.optimizer_args(base, name, 0.1, str(tmp_path / name)) for name in ("kbfgs", "mlbfgs", "adamw")}
+    assert got["kbfgs"].qn_args == {"preset": "paper", "update_interval": 10}
+    assert got["mlbfgs"].qn_args == {"update_interval": 10, "normalize": "unit"}
+    assert (got["adamw"].qn_optimizer, got["adamw"].qn_args) == (None, {})
+    assert [got[n].learning_rate for n in got] == [0.1, 0.1, 0.1]
+
+
 def test_text_classification_reads_the_real_shipped_sentences():
     mod = load_script("text_classification")
     texts, labels = mod.load_pang_lee()
