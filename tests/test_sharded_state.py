@@ -76,7 +76,8 @@ def test_torch_distributed_checkpoint_resume_is_bitwise(ranks, case):
 def test_kbfgs_under_fsdp2_equals_one_process_and_resumes_bitwise(ranks, case):
     """K-BFGS on FSDP2 shards: each layer's gradient gathered whole, the factors (from the hooks' all-reduced
     statistics) and the direction replicated, each rank adding its shard's rows; the defaults (grafted,
-    consecutive pairs; float32 products, see KBFGS_CONFIGS) and the paper's same-batch pairs, whose second pass runs through the sharded model."""
+    consecutive pairs; float32 products, see KBFGS_CONFIGS) and the paper's same-batch pairs, whose second pass
+    runs through the sharded model."""
     for r in ranks:
         got = r[case]
         assert got["pairs"] == got["reference_pairs"] > 0

@@ -175,12 +175,13 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
         if self.qn_optimizer is not None:
             optimizer_config(self.qn_optimizer, hyper)  # a bad name or value fails here, naming it
         else:  # no optimizer chosen yet (a recipe compares several): each checks the entries it takes, together
-            unknown = sorted(set(hyper) - {k for name in ("kbfgs", "mlbfgs") for k in qn_args_for(name, hyper)})
+            parts = {name: qn_args_for(name, hyper) for name in ("kbfgs", "mlbfgs")}
+            unknown = sorted(set(hyper).difference(*parts.values()))
             if unknown:
                 raise ValueError(f"Invalid qn_args: {', '.join(map(repr, unknown))} is a hyperparameter of neither "
                                  "KBFGSConfig nor MLBFGSConfig (or a preset neither has)")
-            for name in ("kbfgs", "mlbfgs"):
-                optimizer_config(name, qn_args_for(name, hyper))
+            for name, part in parts.items():
+                optimizer_config(name, part)
 
 
 def _optimizer_defaults(name: str | None, preset: str | None = None) -> tuple[float, float]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,8 +154,6 @@ def golden_file(env: dict[str, Any]) -> str:
 def resume_from_committed_checkpoint(variant: str) -> dict[str, Any]:
     """Load the state the code of the first recording wrote (``checkpoints_v1.pt``, the old layout, through the
     state converter) and continue from it: the continuation's losses and final parameters."""
-    from pathlib import Path
-
     saved = torch.load(Path(__file__).parent / "checkpoints_v1.pt", weights_only=True)[variant]
     model, batches, loss_fn = problem("mlp")
     model.load_state_dict(saved["model"])
