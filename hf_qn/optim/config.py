@@ -111,7 +111,10 @@ class KBFGSConfig(_Config):
             ``weight_decay`` here). (default: 1e-5, the paper's)
         factor_decay: β_A of the running average of ``A``. (default: 0.9, the paper's)
         pair_decay: decay of the running averages of ``s`` and ``y``; 0 uses raw pairs (the paper
-            uses 0.9 for minibatches and 0 for full batch). (default: 0.9)
+            uses 0.9 for minibatches and 0 for full batch). (default: 0.99, an average over about 100 curvature
+            steps: consecutive batches' pairs differ more by their data than by the step. Measured, 3 seeds on
+            the ViT recipe: 0.808 accuracy (0.786-0.822) against 0.713 (0.574-0.783) with 0.9; level on the
+            GPT-2 benchmark at both sizes and within the seed spread on MiniLM; ``preset="paper"``: 0.9)
         powell_mu: μ₁ of Powell damping on ``H_g``. (default: 0.2, the paper's)
         lm_damping: ``"interpolate"`` (paper: ``y ← θy + (1−θ)s``, needs √λ < 1), ``"additive"``
             (ASDL: ``y ← y + √λ s``) or ``"none"``. (default: ``"interpolate"``)
@@ -202,7 +205,7 @@ class KBFGSConfig(_Config):
     grad_decay: float = 0.9
     l2: float = 1e-5
     factor_decay: float = 0.9
-    pair_decay: float = 0.9
+    pair_decay: float = 0.99
     powell_mu: float = 0.2
     lm_damping: str = "interpolate"
     update_interval: int = 3
@@ -291,10 +294,10 @@ class KBFGSConfig(_Config):
 
     OWNER: ClassVar[str] = "KBFGS"
     #: ``preset="paper"``: the K-BFGS paper's MNIST autoencoder setting (Goldfarb et al. 2020, section 5):
-    #: curvature every step, the paper's lr, damping and L2, no grafting, float32 products.
+    #: curvature every step, the paper's lr, damping, L2 and pair decay, no grafting, float32 products.
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {"lr": 0.3, "damping": 0.3, "l2": 1e-5, "update_interval": 1, "warmup_curvature_steps": 20,
-                  "pairs": "same_batch", "graft": "none", "matmul_dtype": "float32"},
+                  "pair_decay": 0.9, "pairs": "same_batch", "graft": "none", "matmul_dtype": "float32"},
     }
     #: names of earlier versions: accepted with a FutureWarning (the table in docs/design.md).
     RENAMED: ClassVar[dict[str, str]] = {"momentum": "grad_decay", "weight_decay": "l2", "stat_decay": "factor_decay"}
