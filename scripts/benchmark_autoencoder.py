@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -355,21 +354,6 @@ SWEEPS = {
 
 
 # ----------------------------------------------------------------------------------------------- reporting
-def describe_machine() -> str:
-    """The machine a result was measured on: architecture, CPU model, cores, and whether the CPU multiplies bf16
-    natively (then K-BFGS's ``matmul_dtype="auto"`` takes bf16 products, which moves its step-time ratios)."""
-    from hf_qn.optim.config import fast_bf16
-
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    bf16 = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16"
-    return f"{platform.machine()} {model or ''} {os.cpu_count()} cores, {bf16}".replace("  ", " ")
-
-
 def markdown_table(results: list[dict[str, Any]], budgets: list[float]) -> str:
     """One row per optimizer. Step cost twice: the median step (an interval mode's ordinary step) and the
     mean over the run (which carries its curvature and refresh steps), each as a ratio to AdamW's."""
@@ -479,9 +463,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f" [{rec['error']}]" if rec["error"] else "")
         results.append(rec)
     table = markdown_table(results, args.budgets)
+    from hf_qn.integrations.model_card import hardware_description
+
     command = "python " + " ".join([sys.argv[0], *argv])
     meta = {"command": command, "args": dataclasses.asdict(args), "torch": torch.__version__,
-            "machine": describe_machine(), "date": time.strftime("%Y-%m-%d")}
+            "machine": hardware_description(), "date": time.strftime("%Y-%m-%d")}
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_autoencoder import describe_machine, kbfgs_step
+from benchmark_autoencoder import kbfgs_step
 
 logger = logging.getLogger("benchmark_lm")
 
@@ -607,9 +607,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     records = [r.record() for r in runs]
     rows = summarize(records, args.budget)
     table = markdown_table(rows, args.budget)
+    from hf_qn.integrations.model_card import hardware_description
+
     command = "python " + " ".join(["scripts/benchmark_lm.py", *argv])
     meta = {"command": command, "args": dataclasses.asdict(args), "torch": torch.__version__, "params": n_params,
-            "machine": describe_machine(), "date": time.strftime("%Y-%m-%d")}
+            "machine": hardware_description(), "date": time.strftime("%Y-%m-%d")}
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"meta": meta, "sweeps": sweeps, "rows": rows, "records": records}, f, indent=1)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:

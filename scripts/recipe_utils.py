@@ -19,11 +19,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-from benchmark_autoencoder import describe_machine
 from transformers import TrainerCallback
 
 from hf_qn.distributed import shutdown
-from hf_qn.integrations.model_card import write_benchmark_card
+from hf_qn.integrations.model_card import hardware_description, write_benchmark_card
 from hf_qn.integrations.trainer import (
     _LEGACY_FLAGS,
     QNTrainer,
@@ -260,7 +259,7 @@ def run_comparison(
     _save_best(best_model, tokenizer, out_root)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     meta = {"task": task_name, "command": command, "metric": key, "greater_is_better": greater_is_better,
-            "torch": torch.__version__, "machine": describe_machine(), "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "machine": hardware_description(), "date": time.strftime("%Y-%m-%d"),
             "model_saved_from": best_model["run"]["optimizer"] if best_model else None}
     with open(os.path.join(out_root, "results.json"), "w") as f:
         json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1, default=str)

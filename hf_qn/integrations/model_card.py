@@ -14,19 +14,21 @@ from typing import Any
 
 import torch
 
-from hf_qn.optim.config import fast_bf16
+from hf_qn.optim.config import cpu_info, fast_bf16
 
 __all__ = ["hardware_description", "write_benchmark_card"]
 
 
 def hardware_description() -> str:
-    """The card's hardware line. On a CPU it says whether bf16 is multiplied natively: K-BFGS's
-    ``matmul_dtype="auto"`` then takes bf16 products, which moves its step-time ratios and its numbers."""
+    """The machine a result was measured on, for cards and benchmark results. On a CPU: its model and whether
+    it multiplies bf16 natively (K-BFGS's ``matmul_dtype="auto"`` then takes bf16 products, which moves its
+    step-time ratios and its numbers)."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__}"
-    threads = torch.get_num_threads()
+    model = cpu_info().get("model name") or platform.processor()
     bf16 = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16"
-    return f"CPU {platform.machine()} ({bf16}), {threads} threads of {os.cpu_count()} cores, torch {torch.__version__}"
+    return (f"CPU {platform.machine()} {model} ({bf16}), {torch.get_num_threads()} threads of {os.cpu_count()} "
+            f"cores, torch {torch.__version__}").replace("  ", " ")
 
 
 def _card_data(

@@ -337,16 +337,25 @@ def fast_bf16(device: torch.device) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+def cpu_info() -> dict[str, str]:
+    """The fields of the first processor in Linux's ``/proc/cpuinfo`` (``"model name"``, ``"flags"``, ...);
+    empty elsewhere."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not line.strip():  # the end of the first processor's block
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
         pass
-    return frozenset()
+    return info
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (empty where ``/proc/cpuinfo`` is not)."""
+    return frozenset(cpu_info().get("flags", "").split())
 
 
 NORMALIZE_MODES = ("adam", "unit", "grad", "none")

@@ -540,14 +540,17 @@ def test_card_carries_the_configured_learning_rate(tmp_path):
 
 
 def test_benchmark_cards_say_whether_the_cpu_multiplies_bf16(monkeypatch):
-    """The cards' hardware line names native bf16, which decides K-BFGS's ``matmul_dtype="auto"``."""
+    """The cards' hardware line names the CPU model and native bf16, which decides K-BFGS's
+    ``matmul_dtype="auto"``."""
     if torch.cuda.is_available():
         pytest.skip("the hardware line names the GPU")
+    from hf_qn.integrations import model_card
     from hf_qn.integrations.model_card import hardware_description
     from hf_qn.optim import config as config_module
 
+    monkeypatch.setattr(model_card, "cpu_info", lambda: {"model name": "Example CPU 9000"})
     for flags, words in ((frozenset({"avx2"}), "(no native bf16)"), (frozenset({"avx512_bf16"}), "(native bf16)")):
         monkeypatch.setattr(config_module, "_cpu_flags", lambda flags=flags: flags)
         config_module.fast_bf16.cache_clear()
-        assert words in hardware_description()
+        assert "Example CPU 9000 " + words in hardware_description()
     config_module.fast_bf16.cache_clear()
