@@ -100,6 +100,18 @@ class RecipeArguments:
         metadata={"help": "Runs of each optimizer at its chosen lr (seeds seed, seed+1, ...): with 2 or more, the "
                   "time-to-AdamW verdict is given only when it exceeds the run-to-run spread."},
     )
+    sweep_seeds: int = field(
+        default=1,
+        metadata={"help": "Seeds (seed, seed+1, ...) each --lr_sweep candidate trains with; the lr with the best "
+                  "mean final metric is kept, and its runs count among --repeats. On a short fine-tune or a small "
+                  "test set one seed picks the lr by luck."},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("repeats", "sweep_seeds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid --{name}: {value!r} (must be an integer >= 1)")
 
 
 def _named_values(items: list[str], flag: str, single: bool) -> dict[str, list[float]]:
@@ -243,13 +255,21 @@ def run_comparison(
             best_model.update(run=run, model=model)
         return run
 
+    def mean_rank(seeds: list[dict[str, Any]]) -> float:
+        return sum(rank_key(run) for run in seeds) / len(seeds)
+
     runs = []
     for name in names:
-        trials = [train_one(name, lr) for lr in sweeps.get(name, [lrs[name]])]
-        best = min(trials, key=rank_key)
-        best["sweep"] = [{"learning_rate": t["learning_rate"], "final": t["final"][key],
-                          "train_seconds": t["train_seconds"]} for t in trials]
-        best["repeats"] = [_brief(train_one(name, best["learning_rate"], r)) for r in range(1, recipe.repeats)]
+        grid = sweeps.get(name, [lrs[name]])
+        n_seeds = recipe.sweep_seeds if len(grid) > 1 else 1
+        trials = [[train_one(name, lr, r) for r in range(n_seeds)] for lr in grid]  # per lr, its seeds' runs
+        chosen = min(trials, key=mean_rank)
+        best = chosen[0]
+        best["sweep"] = [{"learning_rate": t[0]["learning_rate"], "final": t[0]["final"][key],
+                          "final_mean": sum(run["final"][key] for run in t) / len(t), "seeds": len(t),
+                          "train_seconds": t[0]["train_seconds"]} for t in trials]
+        best["repeats"] = [_brief(run) for run in chosen[1:]] + [
+            _brief(train_one(name, best["learning_rate"], r)) for r in range(n_seeds, recipe.repeats)]
         runs.append(best)
     summary = summarize(runs, key, greater_is_better)
     is_main = training_args.process_index == 0
@@ -277,7 +297,9 @@ def run_comparison(
                          "epochs": training_args.num_train_epochs, "max_steps": training_args.max_steps,
                          "batch_size": training_args.per_device_train_batch_size,
                          "weight_decay": training_args.weight_decay, "seed": training_args.seed,
-                         "lr_sweep (best final eval metric kept)": sweeps or "none", "repeats": recipe.repeats,
+                         "lr_sweep (best final eval metric kept)": sweeps or "none",
+                         "seeds per sweep candidate (best mean kept)": recipe.sweep_seeds,
+                         "repeats": recipe.repeats,
                          "model in this folder": meta["model_saved_from"]},
         table=table,
         plot="comparison.png",
@@ -395,6 +417,7 @@ def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, 
             t_reach = seconds_to_reach(_curve(r, key), target, greater)
         rows.append({"optimizer": r["optimizer"], "lr": r["learning_rate"], "final": r["final"][key],
                      "swept": [t["learning_rate"] for t in r.get("sweep", [])],
+                     "sweep_seeds": max((t.get("seeds", 1) for t in r.get("sweep", [])), default=1),
                      "train_seconds": r["train_seconds"], "median_step_seconds": r["median_step_seconds"],
                      "optimizer_state_bytes": r.get("optimizer_state_bytes"),
                      "peak_gpu_memory_bytes": r.get("peak_gpu_memory_bytes"),
@@ -499,7 +522,9 @@ def summary_table(summary: dict[str, Any], key: str) -> str:
     for r in summary["rows"]:
         reach = "-" if r["seconds_to_adamw_final"] is None else f"{r['seconds_to_adamw_final']:.1f}"
         swept = r.get("swept") or []
-        lr = f"{r['lr']:g}" + (f" (best of {', '.join(f'{v:g}' for v in swept)})" if len(swept) > 1 else "")
+        grid = ", ".join(f"{v:g}" for v in swept)
+        chosen_by = f"best mean of {r['sweep_seeds']} seeds among" if r.get("sweep_seeds", 1) > 1 else "best of"
+        lr = f"{r['lr']:g}" + (f" ({chosen_by} {grid})" if len(swept) > 1 else "")
         state = r.get("optimizer_state_bytes")
         line = (f"| {r['optimizer']} | {lr} | {r['final']:.4f} | {r['train_seconds']:.1f} | "
                 f"{r['median_step_seconds']:.3f} | {reach} | {'-' if state is None else f'{state / 2**20:.1f}'} |")
@@ -508,7 +533,8 @@ def summary_table(summary: dict[str, Any], key: str) -> str:
             line += f" {'-' if peak is None else f'{peak / 2**30:.2f}'} |"
         if seeds > 1:
             ratio = r.get("mean_ratio_to_adamw_final")
-            line += (f" {r['final_mean']:.4f} ({r['final_min']:.4f}-{r['final_max']:.4f}) |"
+            n = "" if r.get("seeds", 1) == seeds else f", {r.get('seeds', 1)} seeds"
+            line += (f" {r['final_mean']:.4f} ({r['final_min']:.4f}-{r['final_max']:.4f}{n}) |"
                      f" {'never' if ratio is None else f'{ratio:.2f}'} |")
         lines.append(line)
     return "\n".join(lines)

@@ -414,9 +414,9 @@ class KBFGS(QNOptimizerBase):
             G = la.grad_with_l2(l2)
             la.update_momentum(G, self.config.grad_decay)
             D = la.direction(dtype)
-            if self.config.graft == "adam":  # D ← D · ‖m̂ / (√v̂ + ε)‖ / ‖D‖
+            if self.config.graft == "adam":  # [D ← D / (√v̂_D + ε)], then D ← D · ‖m̂ / (√v̂ + ε)‖ / ‖D‖
                 D = la.graft_to_adam(D, G, self.config.grad_decay, self.config.fallback_betas[1],
-                                     self.config.fallback_eps)
+                                     self.config.fallback_eps, bool(self.config.direction_rms))
             out.append(D)
         return out if all_finite(*(D for D in out if D is not None)) else None
 
@@ -630,10 +630,16 @@ class KBFGS(QNOptimizerBase):
         for la in self.layers:
             if not la.state:
                 continue
-            for path in la.state_paths(self.config.graft):
+            for path in la.state_paths(self.config.graft, bool(self.config.direction_rms)):
                 node: Any = la.state
                 for part in path.split("/"):
                     node = node.get(part) if isinstance(node, dict) else None
+                if node is None and path == "graft/direction_sq":
+                    raise ValueError(
+                        f"KBFGS.load_state_dict: the state of layer {la.name!r} was written without direction_rms "
+                        "(no 'graft/direction_sq'), and this optimizer has direction_rms=True; construct it with "
+                        "direction_rms=False to continue that run exactly"
+                    )
                 if node is None:
                     raise ValueError(
                         f"KBFGS.load_state_dict: the state of layer {la.name!r} has no {path!r}; it is incomplete or "
@@ -675,7 +681,7 @@ class KBFGS(QNOptimizerBase):
         for la in self.layers:
             la.ensure_state()
             if self.config.graft == "adam":
-                la.ensure_graft_state()
+                la.ensure_graft_state(bool(self.config.direction_rms))
         for g in self.param_groups:
             for p in g["params"]:
                 st = self.state[p]  # an entry for every parameter (an adapted layer's bias: empty)

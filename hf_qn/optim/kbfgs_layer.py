@@ -87,10 +87,11 @@ class KroneckerLayer:
         self.state["counters"] = {k: torch.tensor(0, dtype=torch.int64) for k in KBFGS_LAYER_COUNTERS}
         self.output.bind(self.state["output"])
 
-    def state_paths(self, graft: str = "none") -> list[str]:
+    def state_paths(self, graft: str = "none", direction_rms: bool = False) -> list[str]:
         """The paths (``"input/A"``, ``"output/H_g"``, ...) every state of this layer has (``ensure_state``'s,
         and the grafting's)."""
         grafting = [f"graft/{k}" for k in ("exp_avg_sq", "steps")] if graft == "adam" else []
+        grafting += ["graft/direction_sq"] if graft == "adam" and direction_rms else []
         return (grafting + [f"input/{k}" for k in ("A", "H_a", "batches")]
                 + [f"output/{k}" for k in self.output.STATE_KEYS] + ["momentum_buffer"]
                 + [f"pair/{k}" for k in ("s_avg", "y_avg", "h_prev", "g_prev", "has_prev")]
@@ -149,20 +150,34 @@ class KroneckerLayer:
         buf: Tensor = self.state["momentum_buffer"]
         return buf.mul_(rho).add_(G, alpha=1.0 - rho)
 
-    def ensure_graft_state(self) -> dict[str, Tensor]:
-        """The grafting's state, created on first use: Adam's ``v = 0`` (``d_out x d_in``, float32), no steps."""
+    def ensure_graft_state(self, direction_rms: bool = False) -> dict[str, Tensor]:
+        """The grafting's state, created on first use: Adam's ``v = 0`` (``d_out x d_in``, float32), no steps;
+        with ``direction_rms`` also the direction's ``v_D = 0`` (same shape)."""
         ad = self.adapter
-        return self.state.setdefault("graft", {
-            "exp_avg_sq": torch.zeros(ad.d_out, ad.d_in, dtype=torch.float32, device=ad.weight.device),
-            "steps": torch.tensor(0, dtype=torch.int64)})
 
-    def graft_to_adam(self, D: Tensor, G: Tensor, rho: float, beta2: float, eps: float) -> Tensor:
+        def zeros() -> Tensor:
+            return torch.zeros(ad.d_out, ad.d_in, dtype=torch.float32, device=ad.weight.device)
+
+        graft = self.state.setdefault("graft", {"exp_avg_sq": zeros(), "steps": torch.tensor(0, dtype=torch.int64)})
+        if direction_rms and "direction_sq" not in graft:
+            graft["direction_sq"] = zeros()
+        return graft
+
+    def graft_to_adam(
+        self, D: Tensor, G: Tensor, rho: float, beta2: float, eps: float, direction_rms: bool = False
+    ) -> Tensor:
         """``D`` rescaled to the norm of Adam's step ``m̂ / (√v̂ + ε)`` in this layer, where ``m̂ = ĝ / (1 − ρᵗ)``
         and ``v ← β₂ v + (1 − β₂) G²`` (``G``: this step's gradient with L2); ``t`` counts this layer's steps.
-        No host sync: the ratio of norms stays a tensor."""
-        graft = self.ensure_graft_state()
+        With ``direction_rms``, each entry of ``D`` is first divided by its own running RMS,
+        ``D ← D / (√v̂_D + ε)`` with ``v_D ← β₂ v_D + (1 − β₂) D²`` (Adam's second moment, of the preconditioned
+        direction instead of the gradient). No host sync: the ratio of norms stays a tensor."""
+        graft = self.ensure_graft_state(direction_rms)
         graft["steps"] += 1
         t = int(graft["steps"])
+        if direction_rms:
+            D = D.to(torch.float32)
+            (d_denom,) = adam_denominators_([graft["direction_sq"]], [D], beta2, t, eps)
+            D = D / d_denom
         (denom,) = adam_denominators_([graft["exp_avg_sq"]], [G], beta2, t, eps)
         adam_norm = (self.state["momentum_buffer"] / denom).norm() / (1.0 - rho**t)
         return D * (adam_norm / D.norm().clamp_min(torch.finfo(torch.float32).tiny))

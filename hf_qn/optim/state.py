@@ -20,7 +20,8 @@ K-BFGS (``KBFGS``, ``KBFGSL``)::
         "momentum_buffer": ĝ (d_out x d_in),
         "pair": {"s_avg", "y_avg", "h_prev", "g_prev", "has_prev"},
         "counters": {"pairs_accepted", "pairs_skipped", "powell_damped", "lm_damped", "input_updates_skipped"},
-        "graft": {"exp_avg_sq" (d_out x d_in), "steps"} (graft="adam" only)}
+        "graft": {"exp_avg_sq" (d_out x d_in), "steps", "direction_sq" (d_out x d_in, direction_rms only)}
+                 (graft="adam" only)}
     state[fallback parameter] = torch.optim.AdamW's {"step", "exp_avg", "exp_avg_sq"} | SGD's {"momentum_buffer"}
 
 mL-BFGS (``MLBFGS``)::

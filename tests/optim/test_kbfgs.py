@@ -601,6 +601,56 @@ def test_adam_grafting_takes_adams_step_length_per_layer_and_keeps_the_direction
     assert int(opt.state[model[0].weight]["graft"]["steps"]) == 5
 
 
+def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting():
+    """direction_rms: D ← D / (√v̂_D + ε), v_D ← β₂ v_D + (1−β₂) D², then Adam's layer length. A float64 reference
+    from the plain direction D: a twin optimizer without grafting at lr 1 (whose step is −D) sees the same
+    parameters and batches (consecutive-batch pairs, so both learn the same factors) and is reset onto the RMS
+    run's parameters after every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3)).double()
+    twin = copy.deepcopy(model)
+    kw = {"l2": 0.0, "max_loss_increase": None, "pairs": "consecutive"}
+    opt = hf_qn.KBFGS(model, preset="paper", graft="adam", direction_rms=True, lr=1e-2, **kw)
+    ref = hf_qn.KBFGS(twin, preset="paper", lr=1.0, **kw)  # graft="none": the step is −1·D
+    rho, beta2, eps = opt.config.grad_decay, opt.config.fallback_betas[1], opt.config.fallback_eps
+    layers, twin_layers = [model[0], model[3]], [twin[0], twin[3]]
+    m = [torch.zeros(8, 7, dtype=torch.float64), torch.zeros(3, 9, dtype=torch.float64)]
+    v, v_D = [torch.zeros_like(x) for x in m], [torch.zeros_like(x) for x in m]
+    for t, batch in enumerate(regression_batches(6, dtype=torch.float64), start=1):
+        before = [_layer_matrix(la) for la in layers]
+        for o, net in ((opt, model), (ref, twin)):
+            o.zero_grad()
+            mse_loss(net, batch).backward()
+        for i, la in enumerate(layers):
+            G = _layer_matrix(la, grad=True)
+            m[i] = rho * m[i] + (1 - rho) * G
+            v[i] = beta2 * v[i] + (1 - beta2) * G * G
+        opt.step()
+        ref.step()
+        for i, (la, tw) in enumerate(zip(layers, twin_layers)):
+            D = before[i] - _layer_matrix(tw)
+            v_D[i] = beta2 * v_D[i] + (1 - beta2) * D * D
+            D_rms = D / ((v_D[i] / (1 - beta2**t)).sqrt() + eps)
+            adam_length = 1e-2 * (m[i] / (1 - rho**t) / ((v[i] / (1 - beta2**t)).sqrt() + eps)).norm()
+            expected = -adam_length * D_rms / D_rms.norm()
+            torch.testing.assert_close(_layer_matrix(la) - before[i], expected, rtol=2e-4, atol=1e-9)
+        with torch.no_grad():  # the twin continues from the RMS run's point
+            for p, q in zip(twin.parameters(), model.parameters()):
+                p.copy_(q)
+    assert opt.state[model[0].weight]["graft"]["direction_sq"].shape == (8, 7)
+    with pytest.raises(ValueError, match="direction_rms=True with graft='none'.*graft='adam'"):
+        hf_qn.KBFGS(mlp(), graft="none", direction_rms=True)
+
+
+def test_a_checkpoint_without_direction_rms_is_refused_by_an_optimizer_with_it():
+    model = mlp()
+    opt = hf_qn.KBFGS(model, direction_rms=False)
+    loop(model, opt, regression_batches(2), mse_loss)
+    other = hf_qn.KBFGS(copy.deepcopy(model), direction_rms=True)
+    with pytest.raises(ValueError, match="written without direction_rms.*direction_rms=False"):
+        other.load_state_dict(opt.state_dict())
+
+
 def test_matmul_dtype_auto_is_bfloat16_only_where_the_device_multiplies_it_natively(monkeypatch):
     from hf_qn.optim import config as config_module
 

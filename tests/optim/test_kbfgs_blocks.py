@@ -68,12 +68,14 @@ def test_max_block_dim_cannot_change_during_training():
 def test_gpt2_blocks_its_wide_layers_and_learns():
     """Tiny GPT-2 (Conv1D layers, a tied one-sided head): with blocks of at most 40 the 128-wide MLP layers
     (and their 129-wide inputs) are cut, the 32-wide attention layers are not; the loss falls over 20 steps on
-    one batch, as it does with dense factors."""
+    one batch, as it does with dense factors. Without direction_rms, whose per-entry scaling would hide part of
+    the difference between block and dense factors (and on one batch descends like AdamW: 4.59 -> 2.47 in 20
+    steps, against 2.04 without it)."""
     losses = {}
     for mbd in (None, 40):
         torch.manual_seed(0)
         model = tiny_gpt2()
-        opt = hf_qn.KBFGS(model, max_block_dim=mbd, lr=3e-3)
+        opt = hf_qn.KBFGS(model, max_block_dim=mbd, lr=3e-3, direction_rms=False)
         batch = token_batch()
         out = []
         for _ in range(20):

@@ -46,6 +46,11 @@ CASES = {
         lambda m: hf_qn.KBFGS(m, preset="paper", graft="adam"), {"optimizer": "KBFGS", "output_side": "dense"}, KBFGS_GLOBAL,
         {i: {**DENSE_LAYER, "graft/exp_avg_sq": F32, "graft/steps": I64} for i in (0, 2, 4)},
     ),
+    "kbfgs_defaults": (
+        lambda m: hf_qn.KBFGS(m, matmul_dtype="float32"), {"optimizer": "KBFGS", "output_side": "dense"},
+        {k: v for k, v in KBFGS_GLOBAL.items() if k != "loss_guard/loss_avg"},  # no same-batch loss guard
+        {i: {**DENSE_LAYER, "graft/exp_avg_sq": F32, "graft/steps": I64, "graft/direction_sq": F32} for i in (0, 2, 4)},
+    ),
     "kbfgsl": (
         lambda m: hf_qn.KBFGSL(m, preset="paper", history_size=3), {"optimizer": "KBFGS", "output_side": "lbfgs"}, KBFGS_GLOBAL,
         {0: LBFGS_LAYER, 2: LBFGS_LAYER, 4: LBFGS_LAYER},

@@ -66,6 +66,27 @@ def test_lr_sweep_keeps_the_best_candidate_and_records_the_grid(tmp_path):
     assert "best of 0.0001, 0.003" in (out / "README.md").read_text()
 
 
+def test_sweep_seeds_choose_the_lr_by_its_seed_mean_and_count_as_repeats(tmp_path):
+    """--sweep_seeds 2: every candidate trains seeds s and s+1, the lr with the best mean is kept, its two runs are
+    the first two seeds of the table's mean (not trained again) and --repeats 3 adds only seed s+2."""
+    mod = load_script("image_classification")
+    args = [a for a in COMMON if a not in ("kbfgs", "mlbfgs")]
+    out = tmp_path / "sweep"
+    res = mod.main([*args, "--model_type", "resnet", "--lr_sweep", "adamw=1e-4,3e-3", "--sweep_seeds", "2",
+                    "--repeats", "3", "--output_dir", str(out)])
+    (run,) = res["runs"]
+    means = {t["learning_rate"]: t["final_mean"] for t in run["sweep"]}
+    assert [t["seeds"] for t in run["sweep"]] == [2, 2]
+    assert means[run["learning_rate"]] == max(means.values())
+    assert [r["seed"] for r in run["repeats"]] == [run["seed"] + 1, run["seed"] + 2]
+    seed01 = [run["final"]["eval_accuracy"], run["repeats"][0]["final"]["eval_accuracy"]]
+    assert sum(seed01) / 2 == pytest.approx(means[run["learning_rate"]])
+    _check_card_and_json(out, "accuracy")
+    assert "best mean of 2 seeds among 0.0001, 0.003" in (out / "README.md").read_text()
+    with pytest.raises(ValueError, match="--sweep_seeds"):
+        mod.main([*args, "--sweep_seeds", "0", "--output_dir", str(tmp_path / "bad")])
+
+
 def test_lr_sweep_rejects_bad_entries():
     sys.path.insert(0, str(ROOT / "scripts"))
     from recipe_utils import parse_lr_sweep
