@@ -174,11 +174,12 @@ class KroneckerLayer:
         graft = self.ensure_graft_state(direction_rms)
         graft["steps"] += 1
         t = int(graft["steps"])
-        if direction_rms:
+        if direction_rms:  # both second moments in one multi-tensor update
             D = D.to(torch.float32)
-            (d_denom,) = adam_denominators_([graft["direction_sq"]], [D], beta2, t, eps)
+            denom, d_denom = adam_denominators_([graft["exp_avg_sq"], graft["direction_sq"]], [G, D], beta2, t, eps)
             D = D / d_denom
-        (denom,) = adam_denominators_([graft["exp_avg_sq"]], [G], beta2, t, eps)
+        else:
+            (denom,) = adam_denominators_([graft["exp_avg_sq"]], [G], beta2, t, eps)
         adam_norm = (self.state["momentum_buffer"] / denom).norm() / (1.0 - rho**t)
         return D * (adam_norm / D.norm().clamp_min(torch.finfo(torch.float32).tiny))
 

@@ -560,6 +560,27 @@ def _layer_matrix(layer: nn.Linear, grad: bool = False) -> torch.Tensor:
     return torch.cat([w, b[:, None]], dim=1).detach().double()
 
 
+class _AdamLengths:
+    """Float64 reference of Adam's step length per layer, ``lr·‖m̂ / (√v̂ + ε)‖``, over the gradients seen."""
+
+    def __init__(self, layers: list[nn.Linear], rho: float, beta2: float, eps: float) -> None:
+        self.layers, self.rho, self.beta2, self.eps, self.t = layers, rho, beta2, eps, 0
+        self.m = [torch.zeros_like(_layer_matrix(la)) for la in layers]
+        self.v = [torch.zeros_like(x) for x in self.m]
+
+    def observe(self) -> None:
+        """Take the layers' current gradients into ``m`` and ``v`` (one step)."""
+        self.t += 1
+        for i, la in enumerate(self.layers):
+            G = _layer_matrix(la, grad=True)
+            self.m[i] = self.rho * self.m[i] + (1 - self.rho) * G
+            self.v[i] = self.beta2 * self.v[i] + (1 - self.beta2) * G * G
+
+    def length(self, i: int, lr: float) -> torch.Tensor:
+        t = self.t
+        return lr * (self.m[i] / (1 - self.rho**t) / ((self.v[i] / (1 - self.beta2**t)).sqrt() + self.eps)).norm()
+
+
 def test_adam_grafting_takes_adams_step_length_per_layer_and_keeps_the_direction():
     """graft="adam": every layer moves by lr·‖m̂/(√v̂+ε)‖ (Adam's step length, from a float64 reference of the
     gradients seen), in the direction of the plain K-BFGS step; the fallback's lr defaults to lr."""
@@ -572,19 +593,15 @@ def test_adam_grafting_takes_adams_step_length_per_layer_and_keeps_the_direction
     assert {g["lr"] for g in opt.param_groups} == {3e-3}  # one lr for the layers and the fallback
     rho, beta2, eps = opt.config.grad_decay, opt.config.fallback_betas[1], opt.config.fallback_eps
     layers = [model[0], model[3]]
-    m = [torch.zeros(8, 7, dtype=torch.float64), torch.zeros(3, 9, dtype=torch.float64)]
-    v = [torch.zeros_like(x) for x in m]
+    adam = _AdamLengths(layers, rho, beta2, eps)
     for t, batch in enumerate(regression_batches(5), start=1):
         before = [_layer_matrix(la) for la in layers]
         opt.zero_grad()
         mse_loss(model, batch).backward()
-        for i, la in enumerate(layers):
-            G = _layer_matrix(la, grad=True)
-            m[i] = rho * m[i] + (1 - rho) * G
-            v[i] = beta2 * v[i] + (1 - beta2) * G * G
+        adam.observe()
         opt.step(lambda batch=batch: mse_loss(model, batch).backward())
         for i, la in enumerate(layers):
-            expected = 3e-3 * (m[i] / (1 - rho**t) / ((v[i] / (1 - beta2**t)).sqrt() + eps)).norm()
+            expected = adam.length(i, 3e-3)
             moved = (_layer_matrix(la) - before[i]).norm()
             torch.testing.assert_close(moved, expected, rtol=1e-4, atol=0.0)
         if t == 1:  # same start, same batch: the grafted step is the plain one rescaled, layer by layer
@@ -614,25 +631,21 @@ def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting():
     ref = hf_qn.KBFGS(twin, preset="paper", lr=1.0, **kw)  # graft="none": the step is −1·D
     rho, beta2, eps = opt.config.grad_decay, opt.config.fallback_betas[1], opt.config.fallback_eps
     layers, twin_layers = [model[0], model[3]], [twin[0], twin[3]]
-    m = [torch.zeros(8, 7, dtype=torch.float64), torch.zeros(3, 9, dtype=torch.float64)]
-    v, v_D = [torch.zeros_like(x) for x in m], [torch.zeros_like(x) for x in m]
+    adam = _AdamLengths(layers, rho, beta2, eps)
+    v_D = [torch.zeros_like(x) for x in adam.m]
     for t, batch in enumerate(regression_batches(6, dtype=torch.float64), start=1):
         before = [_layer_matrix(la) for la in layers]
         for o, net in ((opt, model), (ref, twin)):
             o.zero_grad()
             mse_loss(net, batch).backward()
-        for i, la in enumerate(layers):
-            G = _layer_matrix(la, grad=True)
-            m[i] = rho * m[i] + (1 - rho) * G
-            v[i] = beta2 * v[i] + (1 - beta2) * G * G
+        adam.observe()
         opt.step()
         ref.step()
         for i, (la, tw) in enumerate(zip(layers, twin_layers)):
             D = before[i] - _layer_matrix(tw)
             v_D[i] = beta2 * v_D[i] + (1 - beta2) * D * D
             D_rms = D / ((v_D[i] / (1 - beta2**t)).sqrt() + eps)
-            adam_length = 1e-2 * (m[i] / (1 - rho**t) / ((v[i] / (1 - beta2**t)).sqrt() + eps)).norm()
-            expected = -adam_length * D_rms / D_rms.norm()
+            expected = -adam.length(i, 1e-2) * D_rms / D_rms.norm()
             torch.testing.assert_close(_layer_matrix(la) - before[i], expected, rtol=2e-4, atol=1e-9)
         with torch.no_grad():  # the twin continues from the RMS run's point
             for p, q in zip(twin.parameters(), model.parameters()):
