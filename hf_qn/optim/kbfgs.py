@@ -39,7 +39,15 @@ from ..linalg import all_finite, finite_flag
 from ._base import ROLE, ROLE_FALLBACK, ROLE_QN, QNOptimizerBase, adamw_state_
 from .config import MATMUL_DTYPES, KBFGSConfig
 from .guards import CurvatureSchedule, GrowthGuard, KLClip, LossGuard, StepBackoff
-from .kbfgs_layer import KroneckerLayer, PairHyper, layer_statistics, update_input_inverses, update_output_sides
+from .kbfgs_layer import (
+    KroneckerLayer,
+    PairHyper,
+    graft_to_adam,
+    layer_statistics,
+    update_input_inverses,
+    update_momenta,
+    update_output_sides,
+)
 from .kbfgs_pass import add_to_layers, run_closure, second_pass
 from .kbfgs_stats import LayerMeans, reduce_statistics
 from .output_side import output_side_for
@@ -402,23 +410,21 @@ class KBFGS(QNOptimizerBase):
 
     def _directions(self, active: list[bool]) -> list[Tensor | None] | None:
         """Per active layer ``ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄)`` and ``D = H_g ĝ H_a`` (None for a paused layer);
-        None if any is not finite."""
-        out: list[Tensor | None] = []
-        dtype = self._matmul_dtype
-        for la, on in zip(self.layers, active):
-            if not on:
-                out.append(None)
-                continue
+        None if any is not finite. The elementwise stages run over all active layers at once."""
+        cfg = self.config
+        on = [la for la, a in zip(self.layers, active) if a]
+        for la in on:
             la.ensure_state()
-            l2 = [self._group_of(p)["l2"] for p in la.adapter.parameters()]
-            G = la.grad_with_l2(l2)
-            la.update_momentum(G, self.config.grad_decay)
-            D = la.direction(dtype)
-            if self.config.graft == "adam":  # [D ← D / (√v̂_D + ε)], then D ← D · ‖m̂ / (√v̂ + ε)‖ / ‖D‖
-                D = la.graft_to_adam(D, G, self.config.grad_decay, self.config.fallback_betas[1],
-                                     self.config.fallback_eps, bool(self.config.direction_rms))
-            out.append(D)
-        return out if all_finite(*(D for D in out if D is not None)) else None
+        grads = [la.grad_with_l2([self._group_of(p)["l2"] for p in la.adapter.parameters()]) for la in on]
+        update_momenta(on, grads, cfg.grad_decay)
+        D = [la.direction(self._matmul_dtype_for(la)) for la in on]
+        if cfg.graft == "adam":  # [D ← D / (√v̂_D + ε)], then D ← D · ‖m̂ / (√v̂ + ε)‖ / ‖D‖
+            D = graft_to_adam(on, D, grads, cfg.grad_decay, cfg.fallback_betas[1], cfg.fallback_eps,
+                              bool(cfg.direction_rms))
+        if D and not all_finite(*D):
+            return None
+        it = iter(D)
+        return [next(it) if a else None for a in active]
 
     def _present(self, directions: list[Tensor | None]) -> tuple[list[Tensor], list[Tensor], list[float]]:
         """The active layers' directions, gradient averages and learning rates."""
@@ -432,10 +438,16 @@ class KBFGS(QNOptimizerBase):
 
     @property
     def _matmul_dtype(self) -> torch.dtype:
-        """The dtype of the large products, ``"auto"`` resolved for the device the model is on now (it may have
+        """The dtype of the input Grams, ``"auto"`` resolved for the device the model is on now (it may have
         moved since construction, e.g. by ``accelerator.prepare``)."""
         weight = self.adapters[0].weight
         return self.config.matmul_torch_dtype(weight.device, weight.dtype)
+
+    def _matmul_dtype_for(self, la: KroneckerLayer) -> torch.dtype:
+        """The dtype of ``la``'s direction products: ``"auto"`` keeps a layer too small to gain from bfloat16
+        in float32 (:data:`~hf_qn.optim.config.AUTO_BF16_MIN_FLOPS`)."""
+        weight = la.adapter.weight
+        return self.config.matmul_torch_dtype(weight.device, weight.dtype, la.direction_flops)
 
     def _sqrt_lam(self) -> float:
         return math.sqrt(self.config.damping)

@@ -32,7 +32,8 @@ from .output_side import OutputSide, keep_blocks, rank2_updates
 from .state import KBFGS_LAYER_COUNTERS
 
 __all__ = [
-    "KroneckerLayer", "PairHyper", "layer_statistics", "read_flags", "update_input_inverses", "update_output_sides",
+    "KroneckerLayer", "PairHyper", "graft_to_adam", "layer_statistics", "read_flags", "update_input_inverses",
+    "update_momenta", "update_output_sides",
 ]
 
 
@@ -145,11 +146,6 @@ class KroneckerLayer:
                 G = G + W * wd_cols
         return G
 
-    def update_momentum(self, G: Tensor, rho: float) -> Tensor:
-        """``ĝ ← ρ ĝ + (1−ρ) G``."""
-        buf: Tensor = self.state["momentum_buffer"]
-        return buf.mul_(rho).add_(G, alpha=1.0 - rho)
-
     def ensure_graft_state(self, direction_rms: bool = False) -> dict[str, Tensor]:
         """The grafting's state, created on first use: Adam's ``v = 0`` (``d_out x d_in``, float32), no steps;
         with ``direction_rms`` also the direction's ``v_D = 0`` (same shape)."""
@@ -163,25 +159,12 @@ class KroneckerLayer:
             graft["direction_sq"] = zeros()
         return graft
 
-    def graft_to_adam(
-        self, D: Tensor, G: Tensor, rho: float, beta2: float, eps: float, direction_rms: bool = False
-    ) -> Tensor:
-        """``D`` rescaled to the norm of Adam's step ``m̂ / (√v̂ + ε)`` in this layer, where ``m̂ = ĝ / (1 − ρᵗ)``
-        and ``v ← β₂ v + (1 − β₂) G²`` (``G``: this step's gradient with L2); ``t`` counts this layer's steps.
-        With ``direction_rms``, each entry of ``D`` is first divided by its own running RMS,
-        ``D ← D / (√v̂_D + ε)`` with ``v_D ← β₂ v_D + (1 − β₂) D²`` (Adam's second moment, of the preconditioned
-        direction instead of the gradient). No host sync: the ratio of norms stays a tensor."""
-        graft = self.ensure_graft_state(direction_rms)
-        graft["steps"] += 1
-        t = int(graft["steps"])
-        if direction_rms:  # both second moments in one multi-tensor update
-            D = D.to(torch.float32)
-            denom, d_denom = adam_denominators_([graft["exp_avg_sq"], graft["direction_sq"]], [G, D], beta2, t, eps)
-            D = D / d_denom
-        else:
-            (denom,) = adam_denominators_([graft["exp_avg_sq"]], [G], beta2, t, eps)
-        adam_norm = (self.state["momentum_buffer"] / denom).norm() / (1.0 - rho**t)
-        return D * (adam_norm / D.norm().clamp_min(torch.finfo(torch.float32).tiny))
+    @property
+    def direction_flops(self) -> int:
+        """Multiply-adds of ``H_g ĝ H_a`` with dense factors: what decides whether ``matmul_dtype="auto"`` uses
+        bfloat16 for this layer."""
+        d_out, d_in = self.adapter.d_out, self.adapter.d_in
+        return d_out * d_in * (d_out + d_in)
 
     def direction(self, matmul_dtype: torch.dtype) -> Tensor:
         """``D = H_g ĝ H_a`` (the two large products in ``matmul_dtype``)."""
@@ -189,6 +172,48 @@ class KroneckerLayer:
         if self.output.dense_matrix is not None:
             return kron_precondition(self.output.dense_matrix, buf, H_a, matmul_dtype)
         return self.output.apply(kron_precondition(None, buf, H_a, matmul_dtype))
+
+
+def update_momenta(layers: list[KroneckerLayer], grads: list[Tensor], rho: float) -> None:
+    """``ĝ ← ρ ĝ + (1−ρ) G`` for every layer, with multi-tensor kernels (``G``: its gradient with L2)."""
+    buffers = [la.state["momentum_buffer"] for la in layers]
+    if buffers:
+        torch._foreach_mul_(buffers, rho)
+        torch._foreach_add_(buffers, grads, alpha=1.0 - rho)
+
+
+def graft_to_adam(
+    layers: list[KroneckerLayer], directions: list[Tensor], grads: list[Tensor], rho: float, beta2: float, eps: float,
+    direction_rms: bool = False,
+) -> list[Tensor]:
+    """Each layer's ``D`` rescaled to the norm of Adam's step ``m̂ / (√v̂ + ε)`` in that layer, where
+    ``m̂ = ĝ / (1 − ρᵗ)`` and ``v ← β₂ v + (1 − β₂) G²`` (``G``: this step's gradient with L2); ``t`` counts the
+    layer's own steps. With ``direction_rms``, each entry of ``D`` is first divided by its own running RMS,
+    ``D ← D / (√v̂_D + ε)`` with ``v_D ← β₂ v_D + (1 − β₂) D²`` (Adam's second moment, of the preconditioned
+    direction instead of the gradient). The layers that share a step count are done together with multi-tensor
+    kernels (both second moments in one update); no host sync: the ratios of norms stay tensors."""
+    out = list(directions)
+    grafts = [la.ensure_graft_state(direction_rms) for la in layers]
+    for graft in grafts:
+        graft["steps"] += 1
+    tiny = torch.finfo(torch.float32).tiny
+    for idx in group_indices(list(range(len(layers))), key=lambda i: int(grafts[i]["steps"])):
+        t = int(grafts[idx[0]]["steps"])
+        vs, G = [grafts[i]["exp_avg_sq"] for i in idx], [grads[i] for i in idx]
+        if direction_rms:
+            D = [directions[i].to(torch.float32) for i in idx]
+            both = adam_denominators_(vs + [grafts[i]["direction_sq"] for i in idx], G + D, beta2, t, eps)
+            denom = both[: len(idx)]
+            D = list(torch._foreach_div(D, both[len(idx) :]))
+        else:
+            denom = adam_denominators_(vs, G, beta2, t, eps)
+            D = [directions[i] for i in idx]
+        momenta = [layers[i].state["momentum_buffer"] for i in idx]
+        adam_norms = torch._foreach_norm(torch._foreach_div(momenta, denom))
+        ratios = [(a / (1.0 - rho**t)) / n.clamp_min(tiny) for a, n in zip(adam_norms, torch._foreach_norm(D))]
+        for i, d, r in zip(idx, D, ratios):
+            out[i] = d * r
+    return out
 
 
 @dataclass(frozen=True)

@@ -564,20 +564,23 @@ class _AdamLengths:
     """Float64 reference of Adam's step length per layer, ``lr·‖m̂ / (√v̂ + ε)‖``, over the gradients seen."""
 
     def __init__(self, layers: list[nn.Linear], rho: float, beta2: float, eps: float) -> None:
-        self.layers, self.rho, self.beta2, self.eps, self.t = layers, rho, beta2, eps, 0
+        self.layers, self.rho, self.beta2, self.eps = layers, rho, beta2, eps
+        self.t = [0] * len(layers)  # each layer's own step count (a paused layer does not step)
         self.m = [torch.zeros_like(_layer_matrix(la)) for la in layers]
         self.v = [torch.zeros_like(x) for x in self.m]
 
     def observe(self) -> None:
-        """Take the layers' current gradients into ``m`` and ``v`` (one step)."""
-        self.t += 1
+        """Take the current gradients of the layers that have one into ``m`` and ``v`` (one step)."""
         for i, la in enumerate(self.layers):
+            if la.weight.grad is None:
+                continue
+            self.t[i] += 1
             G = _layer_matrix(la, grad=True)
             self.m[i] = self.rho * self.m[i] + (1 - self.rho) * G
             self.v[i] = self.beta2 * self.v[i] + (1 - self.beta2) * G * G
 
     def length(self, i: int, lr: float) -> torch.Tensor:
-        t = self.t
+        t = self.t[i]
         return lr * (self.m[i] / (1 - self.rho**t) / ((self.v[i] / (1 - self.beta2**t)).sqrt() + self.eps)).norm()
 
 
@@ -616,6 +619,32 @@ def test_adam_grafting_takes_adams_step_length_per_layer_and_keeps_the_direction
                 assert float(cos) > 1 - 1e-5
     assert set(flat_state(opt, model[0].weight)) >= {"graft/exp_avg_sq", "graft/steps"}
     assert int(opt.state[model[0].weight]["graft"]["steps"]) == 5
+
+
+def test_adam_grafting_counts_each_layers_own_steps_when_a_layer_was_paused():
+    """A layer frozen for the first steps (no gradient: paused) has fewer Adam steps than the others; each
+    layer's length is still lr·‖m̂/(√v̂+ε)‖ with its own bias correction, in steps where layers of both counts
+    are grafted together."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
+    opt = hf_qn.KBFGS(model, preset="paper", graft="adam", pairs="consecutive", lr=3e-3, l2=0.0,
+                      max_loss_increase=None)
+    rho, beta2, eps = opt.config.grad_decay, opt.config.fallback_betas[1], opt.config.fallback_eps
+    layers = [model[0], model[3]]
+    adam = _AdamLengths(layers, rho, beta2, eps)
+    for t, batch in enumerate(regression_batches(5), start=1):
+        model[3].requires_grad_(t > 2)
+        before = [_layer_matrix(la) for la in layers]
+        opt.zero_grad()
+        mse_loss(model, batch).backward()
+        adam.observe()
+        opt.step()
+        for i, la in enumerate(layers):
+            moved = (_layer_matrix(la) - before[i]).norm()
+            expected = adam.length(i, 3e-3) if adam.t[i] else torch.zeros((), dtype=torch.float64)
+            torch.testing.assert_close(moved, expected, rtol=1e-4, atol=0.0)
+    assert adam.t == [5, 3]
+    assert [int(opt.state[la.weight]["graft"]["steps"]) for la in layers] == [5, 3]
 
 
 def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting():
@@ -664,7 +693,9 @@ def test_a_checkpoint_without_direction_rms_is_refused_by_an_optimizer_with_it()
         other.load_state_dict(opt.state_dict())
 
 
-def test_matmul_dtype_auto_is_bfloat16_only_where_the_device_multiplies_it_natively(monkeypatch):
+def test_matmul_dtype_auto_is_bfloat16_only_where_the_device_multiplies_it_natively_and_the_layer_is_large(
+    monkeypatch,
+):
     from hf_qn.optim import config as config_module
 
     cpu = torch.device("cpu")
@@ -678,6 +709,13 @@ def test_matmul_dtype_auto_is_bfloat16_only_where_the_device_multiplies_it_nativ
         assert opt.config.matmul_dtype == "auto" and opt._matmul_dtype is expected
         assert hf_qn.KBFGS(mlp(), matmul_dtype="float32")._matmul_dtype is torch.float32  # explicit wins
         assert hf_qn.KBFGS(mlp().double())._matmul_dtype is torch.float32  # a float64 model keeps float32
+        # a layer's direction runs in bfloat16 only when it is large enough to gain from it
+        big = hf_qn.KBFGS(nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 4)))
+        assert [la.direction_flops for la in big.layers] == [256 * 257 * 513, 4 * 257 * 261]
+        assert [big._matmul_dtype_for(la) for la in big.layers] == [expected, torch.float32]
+        small = config_module.AUTO_BF16_MIN_FLOPS - 1
+        assert config_module.resolve_matmul_dtype("auto", cpu, flops=small) is torch.float32
+        assert config_module.resolve_matmul_dtype("bfloat16", cpu, flops=small) is torch.bfloat16
     config_module.fast_bf16.cache_clear()
 
 
