@@ -15,7 +15,7 @@ from tests._helpers.launch import results, run_script
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 CASES = [*(f"fsdp2/{kind}/{cfg}" for kind in ("gpt2", "cnn") for cfg in ("adam", "grad")),
-         "fsdp2_swapped/gpt2/adam", "zero1/gpt2/adam", "zero1/cnn/grad"]
+         "fsdp2_swapped/gpt2/adam", "zero1/gpt2/adam", "zero1/cnn/adam", "zero1/cnn/grad"]
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,8 @@ def test_a_two_rank_checkpoint_reshards_to_one_rank(worker_out, one_rank_group, 
     the one-process reference does."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    ref = w.reference(kind, w.CONFIGS["adam"])
-    _, model, opt = w.make("fsdp2", kind, w.CONFIGS["adam"], init_device_mesh("cpu", (1,)))
+    ref = w.reference(kind, w.config(kind, "adam"))
+    _, model, opt = w.make("fsdp2", kind, w.config(kind, "adam"), init_device_mesh("cpu", (1,)))
     w.dcp_restore(model, opt, worker_out / "dcp" / f"{kind}-adam")
     assert int(opt.counters["step"]) == w.SAVE_AT
     w.train(kind, model, opt, w.STEPS - w.SAVE_AT, start=w.SAVE_AT)
@@ -124,11 +124,11 @@ def test_a_two_rank_kbfgs_checkpoint_loads_on_one_rank(worker_out, one_rank_grou
 def test_a_gathered_checkpoint_loads_into_one_plain_process(worker_out, kind):
     """``get_optimizer_state_dict(..., full_state_dict=True)`` on 2 FSDP2 ranks: whole tensors by parameter name,
     which a plain one-process MLBFGS loads (the parameters' columns joined into each block's history)."""
-    ref = w.reference(kind, w.CONFIGS["adam"])
+    ref = w.reference(kind, w.config(kind, "adam"))
     whole = torch.load(worker_out / f"full-{kind}-adam.pt", weights_only=True)
     model = w.build(kind)
     model.load_state_dict(whole["model"])
-    opt = hf_qn.MLBFGS(model, **w.CONFIGS["adam"])
+    opt = hf_qn.MLBFGS(model, **w.config(kind, "adam"))
     opt.load_state_dict(whole["optim"])
     assert int(opt.counters["step"]) == w.SAVE_AT and not opt._plan.sharded
     w.train(kind, model, opt, w.STEPS - w.SAVE_AT, start=w.SAVE_AT)

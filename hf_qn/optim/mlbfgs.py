@@ -56,7 +56,7 @@ _GROUP_FIELDS = tuple(
     f.name for f in dataclasses.fields(MLBFGSConfig) if f.name not in ("blocks", "min_block_size", "shard_state")
 )
 #: the per-parameter state with one value per element (split over ranks with the parameter).
-_ELEMENT_KEYS = (*MLBFGS_PARAM_KEYS, "exp_avg_sq")
+_ELEMENT_KEYS = (*MLBFGS_PARAM_KEYS, "exp_avg_sq", "direction_sq")
 
 _ADAM_BETA2, _ADAM_EPS = 0.999, 1e-8
 
@@ -250,7 +250,7 @@ class MLBFGS(QNOptimizerBase):
             its default.
     """
 
-    _CURVATURE_KEYS = frozenset({"block", "exp_avg_sq", *MLBFGS_PARAM_KEYS})
+    _CURVATURE_KEYS = frozenset({"block", "exp_avg_sq", "direction_sq", *MLBFGS_PARAM_KEYS})
     #: the keys of :meth:`statistics` that count events since the start (the others are current values).
     COUNTERS = frozenset(f"qn/{k}" for k in (*MLBFGS_BLOCK_COUNTERS, "steps_skipped_nonfinite"))
 
@@ -637,6 +637,8 @@ class MLBFGS(QNOptimizerBase):
             if total > 0:
                 out = [d * (target / total) for d in out]
         elif mode == "adam":
+            if hp["direction_rms"]:
+                self._divide_by_rms(units, out, step)
             out = self._graft_to_adam(units, out, step)
         return out
 
@@ -644,6 +646,28 @@ class MLBFGS(QNOptimizerBase):
         """This rank's pieces of the gradients (zeros for a parameter without one)."""
         local = self._plan.local
         return [g if (g := self._plan.local_grad(p)) is not None else torch.zeros_like(local(p)) for p in params]
+
+    def _divide_by_rms(self, units: list[MLBFGSBlock], directions: list[Tensor], step: int) -> None:
+        """``direction_rms``: each entry of each block's direction divided in place by its own running RMS,
+        ``d ← d / (√v̂_d + ε)`` with ``v_d ← β₂ v_d + (1 − β₂) d²`` (the grafting's β₂ and ε, bias-corrected
+        with ``step``), over the parameters that have a gradient (the others' entries are kept). ``v_d`` is
+        per element like Adam's ``v`` (this rank's pieces under split state); multi-tensor kernels over all
+        parameters. The directions are this step's own tensors, so they are divided where they are."""
+        pieces, vs = [], []
+        for u, d in zip(units, directions):
+            offset = 0
+            for p in u.block.params:
+                g = self._plan.local_grad(p)
+                n = self._plan.local(p).numel()
+                if g is not None:
+                    st = self._param_state(p)
+                    if "direction_sq" not in st:
+                        st["direction_sq"] = torch.zeros_like(g, dtype=d.dtype, memory_format=torch.contiguous_format)
+                    pieces.append(d[offset : offset + n].view_as(st["direction_sq"]))
+                    vs.append(st["direction_sq"])
+                offset += n
+        if pieces:
+            torch._foreach_div_(pieces, adam_denominators_(vs, pieces, _ADAM_BETA2, step, _ADAM_EPS))
 
     def _graft_to_adam(self, units: list[MLBFGSBlock], directions: list[Tensor], step: int) -> list[Tensor]:
         """Rescale each block's direction to the norm of Adam's un-momented step in that block,
@@ -905,6 +929,19 @@ class MLBFGS(QNOptimizerBase):
             state[pid] = st
         return {**state_dict, "state": state}
 
+    def _check_direction_rms(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a state grafted without ``direction_rms`` (Adam's ``v`` but no ``v_d``) in an optimizer with it:
+        ``v_d`` would restart from zero mid-run, so the next steps would not be the saved run's."""
+        params = self._saved_ids(state_dict)
+        for pid, st in state_dict.get("state", {}).items():
+            p = params.get(pid)
+            if p is not None and "exp_avg_sq" in st and "direction_sq" not in st and self._group_of(p)["direction_rms"]:
+                raise ValueError(
+                    f"MLBFGS.load_state_dict: the state of parameter {self._names.get(id(p), pid)!r} was written "
+                    "without direction_rms (it has Adam's exp_avg_sq but no direction_sq); construct the optimizer "
+                    "with direction_rms=False to resume it exactly"
+                )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict`'s output. Under split state a rank loads the pieces it saved itself (same rank
         of the same number of ranks), or splits a whole state (:meth:`full_state_dict`, or one process's)."""
@@ -924,6 +961,7 @@ class MLBFGS(QNOptimizerBase):
         ours = state_dict.get(HF_QN, {}).get("optimizer") == "MLBFGS"  # else the base class says whose it is
         if ours:
             self._check_layout(state_dict[HF_QN])
+            self._check_direction_rms(state_dict)
         if saved is None and mine is not None and ours:
             state_dict = self._pieces_of(state_dict)
         params = self._saved_ids(state_dict)

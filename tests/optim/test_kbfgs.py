@@ -682,6 +682,12 @@ def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting():
     assert opt.state[model[0].weight]["graft"]["direction_sq"].shape == (8, 7)
     with pytest.raises(ValueError, match="direction_rms=True with graft='none'.*graft='adam'"):
         hf_qn.KBFGS(mlp(), graft="none", direction_rms=True)
+    # left unset, it follows graft, also when graft changes a configuration that had it derived
+    assert hf_qn.KBFGS(mlp(), graft="none").config.direction_rms is False
+    from hf_qn.optim.config import KBFGSConfig
+
+    assert hf_qn.KBFGS(mlp(), config=KBFGSConfig(graft="none"), graft="adam").config.direction_rms is True
+    assert hf_qn.KBFGS(mlp(), config=KBFGSConfig(direction_rms=False), lr=1e-3).config.direction_rms is False
 
 
 def test_a_checkpoint_without_direction_rms_is_refused_by_an_optimizer_with_it():

@@ -274,7 +274,7 @@ def test_adam_grafting_keeps_the_lbfgs_direction_and_takes_adams_block_norm():
     torch.manual_seed(0)
     model = mlp().double()
     opt = hf_qn.MLBFGS(model, lr=0.1, momentum=0.0, update_interval=1, param_decay=0.5, grad_decay=0.5,
-                       history_size=3)
+                       history_size=3, direction_rms=False)
     assert opt.defaults["normalize"] == "adam"
     v = {p: torch.zeros_like(p) for p in model.parameters()}
     batches = regression_batches(6, dtype=torch.float64)
@@ -303,6 +303,59 @@ def test_adam_grafting_keeps_the_lbfgs_direction_and_takes_adams_block_norm():
             assert float(torch.dot(d, h) / (d.norm() * h.norm())) == pytest.approx(1.0, abs=1e-12)
     assert opt.statistics()["qn/pairs_held"] > 0  # the later steps used L-BFGS directions
     assert opt.state[next(model.parameters())]["exp_avg_sq"].dtype == torch.float64
+
+
+def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting():
+    """direction_rms (the default with normalize="adam"): d ← d / (√v̂_d + ε), v_d ← β₂ v_d + (1−β₂) d² per element,
+    then each block takes Adam's length lr·‖g/(√v̂+ε)‖. A float64 reference from the raw L-BFGS direction: a twin
+    with normalize="none" at lr 1 (its step is −H g) sees the same parameters and batches, so it forms the
+    same pairs, and is reset onto this run's parameters after every step."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    twin = copy.deepcopy(model)
+    kw = {"momentum": 0.0, "update_interval": 1, "param_decay": 0.5, "grad_decay": 0.5, "history_size": 3}
+    opt = hf_qn.MLBFGS(model, lr=0.1, **kw)
+    ref = hf_qn.MLBFGS(twin, lr=1.0, normalize="none", **kw)
+    assert opt.defaults["direction_rms"] is True and ref.defaults["direction_rms"] is False
+    params = list(model.parameters())
+    v = {p: torch.zeros_like(p) for p in params}
+    v_d = {p: torch.zeros_like(p) for p in params}
+    for t, batch in enumerate(regression_batches(6, dtype=torch.float64), start=1):
+        for o, net in ((opt, model), (ref, twin)):
+            o.zero_grad()
+            mse_loss(net, batch).backward()
+        before = {p: p.detach().clone() for p in params}
+        opt.step()
+        ref.step()
+        raw = {p: before[p] - q.detach() for p, q in zip(params, twin.parameters())}  # H g
+        for block in opt.blocks:
+            adam, scaled = [], []
+            for p in block.params:
+                v[p] = 0.999 * v[p] + 0.001 * p.grad**2
+                v_d[p] = 0.999 * v_d[p] + 0.001 * raw[p] ** 2
+                adam.append((p.grad / ((v[p] / (1 - 0.999**t)).sqrt() + 1e-8)).reshape(-1))
+                scaled.append((raw[p] / ((v_d[p] / (1 - 0.999**t)).sqrt() + 1e-8)).reshape(-1))
+            d_rms = torch.cat(scaled)
+            expected = -0.1 * torch.cat(adam).norm() * d_rms / d_rms.norm()
+            moved = torch.cat([(p.detach() - before[p]).reshape(-1) for p in block.params])
+            torch.testing.assert_close(moved, expected, rtol=1e-7, atol=1e-12)
+        with torch.no_grad():  # the twin continues from this run's point
+            for q, p in zip(twin.parameters(), params):
+                q.copy_(p)
+    assert opt.statistics()["qn/pairs_held"] > 0  # the later steps used L-BFGS directions
+    assert opt.state[params[0]]["direction_sq"].shape == params[0].shape
+
+
+def test_direction_rms_needs_the_adam_grafting_and_a_state_without_it_is_refused():
+    assert hf_qn.MLBFGS(mlp(), normalize="unit").defaults["direction_rms"] is False  # derived from normalize
+    with pytest.raises(ValueError, match="direction_rms=True with normalize='unit'.*normalize='adam'"):
+        hf_qn.MLBFGS(mlp(), normalize="unit", direction_rms=True)
+    model = mlp()
+    opt = hf_qn.MLBFGS(model, direction_rms=False)
+    loop(model, opt, regression_batches(2), mse_loss)
+    with pytest.raises(ValueError, match="written without direction_rms.*direction_rms=False"):
+        hf_qn.MLBFGS(copy.deepcopy(model)).load_state_dict(opt.state_dict())
+    hf_qn.MLBFGS(copy.deepcopy(model), direction_rms=False).load_state_dict(opt.state_dict())
 
 
 def test_kept_compact_matrix_is_never_stale():

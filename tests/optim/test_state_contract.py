@@ -127,20 +127,23 @@ def test_counters_are_tensors_and_empty_state_round_trips(name):
     assert all(isinstance(v, float) for v in stats.values())
 
 
-@pytest.mark.parametrize("normalize,vectors", [("adam", 6), ("unit", 5)])
-def test_mlbfgs_state_bytes_per_parameter(normalize, vectors):
-    """(2m + 6) x 4 bytes per parameter in float32 with Adam grafting (2m + 5 without: the grafting
-    keeps one second-moment vector), bf16 history halves the 2m part; besides that only O(m²) per
-    block (the float64 m x m products s_iᵀy_j, y_iᵀy_j and scalar counters)."""
+@pytest.mark.parametrize("kwargs,vectors", [({"normalize": "adam"}, 7),
+                                            ({"normalize": "adam", "direction_rms": False}, 6),
+                                            ({"normalize": "unit"}, 5)])
+def test_mlbfgs_state_bytes_per_parameter(kwargs, vectors):
+    """(2m + 7) x 4 bytes per parameter in float32 with the defaults: Adam grafting keeps one second-moment
+    vector and ``direction_rms`` another (2m + 6 without the latter, 2m + 5 without grafting); bf16 history
+    halves the 2m part; besides that only O(m²) per block (the float64 m x m products s_iᵀy_j, y_iᵀy_j and scalar
+    counters)."""
     m = 10
     for dtype, hist_bytes in ((torch.float32, 4), (torch.bfloat16, 2)):
         model = torch.nn.Linear(200, 100)
-        opt = hf_qn.MLBFGS(model, history_size=m, history_dtype=dtype, blocks="model", normalize=normalize)
+        opt = hf_qn.MLBFGS(model, history_size=m, history_dtype=dtype, blocks="model", **kwargs)
         loop(model, opt, regression_batches(2, d_in=200, d_out=100), mse_loss)
         n = sum(p.numel() for p in model.parameters())
         per_block = 2 * m * m * 8 + 5 * 8 + 1  # two m x m float64 matrices, 5 int64 counters, 1 bool
         assert opt.state_bytes() == (2 * m * hist_bytes + vectors * 4) * n + per_block
-        assert opt.state_bytes() - per_block <= (2 * m + 6) * 4 * n
+        assert opt.state_bytes() - per_block <= (2 * m + 7) * 4 * n
 
 
 def _copy(obj, how):

@@ -29,7 +29,7 @@ DENSE_LAYER = {**LAYER_COMMON, "output/H_g": F32}
 LBFGS_LAYER = {**LAYER_COMMON, **{f"output/{k}": v for k, v in HISTORY.items()}}
 ADAMW = {"step": F32, "exp_avg": F32, "exp_avg_sq": F32}
 MLBFGS_PARAM = {k: F32 for k in ("param_avg", "grad_avg", "param_avg_prev", "grad_avg_prev", "momentum_buffer",
-                                 "exp_avg_sq")}
+                                 "exp_avg_sq", "direction_sq")}
 MLBFGS_FIRST = {**MLBFGS_PARAM, **{f"block/history/{k}": v for k, v in HISTORY.items()}, "block/has_prev": BOOL,
                 "block/counters/pairs_accepted": I64, "block/counters/pairs_skipped": I64,
                 "block/counters/pairs_damped": I64}
