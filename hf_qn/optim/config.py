@@ -103,6 +103,21 @@ class _Config:
         return dataclasses.replace(start, **kwargs)
 
 
+def _resolve_direction_rms(cfg: Any, grafting: str, without: str) -> None:
+    """``cfg.direction_rms``: None becomes whether the field ``grafting`` grafts to Adam; True needs that grafting,
+    which gives the RMS-scaled direction its step length (``without``: the other way out, in the message)."""
+    mode = getattr(cfg, grafting)
+    if cfg.direction_rms is None:
+        object.__setattr__(cfg, "direction_rms", mode == "adam")
+    if not isinstance(cfg.direction_rms, bool):
+        raise ValueError(f"Invalid direction_rms: {cfg.direction_rms!r} (must be True, False or None)")
+    if cfg.direction_rms and mode != "adam":
+        raise ValueError(
+            f"Invalid direction_rms=True with {grafting}={mode!r}: the RMS-scaled direction takes its step length "
+            f"from the Adam grafting; pass {grafting}='adam' (the default), or {without}"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class KBFGSConfig(_Config):
     """The hyperparameters of :class:`~hf_qn.KBFGS` (all keyword arguments of ``KBFGS(model, ...)``).
@@ -307,15 +322,7 @@ class KBFGSConfig(_Config):
         check_choice("pairs", self.pairs, ("same_batch", "consecutive"))
         check_choice("fallback", self.fallback, FALLBACKS)
         check_choice("graft", self.graft, ("none", "adam"))
-        if self.direction_rms is None:
-            object.__setattr__(self, "direction_rms", self.graft == "adam")
-        if not isinstance(self.direction_rms, bool):
-            raise ValueError(f"Invalid direction_rms: {self.direction_rms!r} (must be True, False or None)")
-        if self.direction_rms and self.graft != "adam":
-            raise ValueError(
-                "Invalid direction_rms=True with graft='none': the RMS-scaled direction has no step length of its "
-                "own; pass graft='adam' (the default), or direction_rms=False for the paper's α D"
-            )
+        _resolve_direction_rms(self, "graft", "direction_rms=False for the paper's α D")
         name = str(self.matmul_dtype).replace("torch.", "")
         if name not in MATMUL_DTYPES:
             raise ValueError(
@@ -517,15 +524,7 @@ class MLBFGSConfig(_Config):
         if isinstance(normalize, bool):
             object.__setattr__(self, "normalize", "unit" if normalize else "none")
         check_choice("normalize", self.normalize, NORMALIZE_MODES)
-        if self.direction_rms is None:
-            object.__setattr__(self, "direction_rms", self.normalize == "adam")
-        if not isinstance(self.direction_rms, bool):
-            raise ValueError(f"Invalid direction_rms: {self.direction_rms!r} (must be True, False or None)")
-        if self.direction_rms and self.normalize != "adam":
-            raise ValueError(
-                f"Invalid direction_rms=True with normalize={self.normalize!r}: the RMS-scaled direction takes its "
-                "step length from the Adam grafting; pass normalize='adam' (the default), or direction_rms=False"
-            )
+        _resolve_direction_rms(self, "normalize", "direction_rms=False")
         if isinstance(self.gamma, str):
             check_choice("gamma", self.gamma, ("auto",))
         else:
