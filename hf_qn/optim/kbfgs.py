@@ -42,6 +42,7 @@ from .guards import CurvatureSchedule, GrowthGuard, KLClip, LossGuard, StepBacko
 from .kbfgs_layer import (
     KroneckerLayer,
     PairHyper,
+    grads_with_l2,
     graft_to_adam,
     layer_statistics,
     update_input_inverses,
@@ -415,7 +416,7 @@ class KBFGS(QNOptimizerBase):
         on = [la for la, a in zip(self.layers, active) if a]
         for la in on:
             la.ensure_state()
-        grads = [la.grad_with_l2([self._group_of(p)["l2"] for p in la.adapter.parameters()]) for la in on]
+        grads = grads_with_l2(on, [[self._group_of(p)["l2"] for p in la.adapter.parameters()] for la in on])
         update_momenta(on, grads, cfg.grad_decay)
         D = [la.direction(self._matmul_dtype_for(la)) for la in on]
         if cfg.graft == "adam":  # [D ← D / (√v̂_D + ε)], then D ← D · ‖m̂ / (√v̂ + ε)‖ / ‖D‖

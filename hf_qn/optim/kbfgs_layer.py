@@ -32,8 +32,8 @@ from .output_side import OutputSide, keep_blocks, rank2_updates
 from .state import KBFGS_LAYER_COUNTERS
 
 __all__ = [
-    "KroneckerLayer", "PairHyper", "graft_to_adam", "layer_statistics", "read_flags", "update_input_inverses",
-    "update_momenta", "update_output_sides",
+    "KroneckerLayer", "PairHyper", "grads_with_l2", "graft_to_adam", "layer_statistics", "read_flags",
+    "update_input_inverses", "update_momenta", "update_output_sides",
 ]
 
 
@@ -131,21 +131,6 @@ class KroneckerLayer:
             inp["H_a"].copy_(damped_cholesky_inverse(inp["A"], sqrt_lam))
 
     # ------------------------------------------------------------------ momentum and direction
-    def grad_with_l2(self, l2: list[float]) -> Tensor:
-        """``∇W̄ + τ W̄`` in the canonical layout; ``l2``: τ of the weight and (if any) of the bias, which may
-        differ (the Trainer's no-decay split)."""
-        ad = self.adapter
-        G = ad.grad_matrix().to(torch.float32)
-        if any(wd != 0 for wd in l2):
-            W = ad.param_matrix().to(torch.float32)
-            if len(set(l2)) == 1:
-                G = G + l2[0] * W
-            else:
-                wd_cols = torch.full((ad.d_in,), l2[0], device=G.device)
-                wd_cols[-1] = l2[1]
-                G = G + W * wd_cols
-        return G
-
     def ensure_graft_state(self, direction_rms: bool = False) -> dict[str, Tensor]:
         """The grafting's state, created on first use: Adam's ``v = 0`` (``d_out x d_in``, float32), no steps;
         with ``direction_rms`` also the direction's ``v_D = 0`` (same shape)."""
@@ -154,7 +139,9 @@ class KroneckerLayer:
         def zeros() -> Tensor:
             return torch.zeros(ad.d_out, ad.d_in, dtype=torch.float32, device=ad.weight.device)
 
-        graft = self.state.setdefault("graft", {"exp_avg_sq": zeros(), "steps": torch.tensor(0, dtype=torch.int64)})
+        graft = self.state.get("graft")
+        if graft is None:  # not setdefault: its default (a zero matrix) would be built on every step
+            graft = self.state["graft"] = {"exp_avg_sq": zeros(), "steps": torch.tensor(0, dtype=torch.int64)}
         if direction_rms and "direction_sq" not in graft:
             graft["direction_sq"] = zeros()
         return graft
@@ -174,6 +161,29 @@ class KroneckerLayer:
         return self.output.apply(kron_precondition(None, buf, H_a, matmul_dtype))
 
 
+def grads_with_l2(layers: list[KroneckerLayer], l2s: list[list[float]]) -> list[Tensor]:
+    """Each layer's ``∇W̄ + τ W̄`` in the canonical layout, float32. ``l2s[i]``: τ of layer ``i``'s weight and (if
+    any) bias, which may differ (the Trainer's no-decay split). The L2 terms of all layers are added with two
+    multi-tensor kernels (``τ W`` then ``∇W + τ W``, elementwise as the unbatched sum), before each layer's parts
+    are joined into its matrix."""
+    parts = [[t if t is None else t.to(torch.float32) for t in la.adapter.grad_parts()] for la in layers]
+    grads, params, taus, where = [], [], [], []
+    for i, (la, l2) in enumerate(zip(layers, l2s)):
+        if all(tau == 0 for tau in l2):
+            continue
+        for j, (g, w, tau) in enumerate(zip(parts[i], la.adapter.param_parts(), l2)):
+            if g is not None and w is not None:
+                grads.append(g)
+                params.append(w.to(torch.float32))
+                taus.append(tau)
+                where.append((i, j))
+    if grads:
+        summed = torch._foreach_add(grads, torch._foreach_mul(params, taus))
+        for (i, j), g in zip(where, summed):
+            parts[i][j] = g
+    return [la.adapter.to_matrix(w, b) for la, (w, b) in zip(layers, parts)]
+
+
 def update_momenta(layers: list[KroneckerLayer], grads: list[Tensor], rho: float) -> None:
     """``ĝ ← ρ ĝ + (1−ρ) G`` for every layer, with multi-tensor kernels (``G``: its gradient with L2)."""
     buffers = [la.state["momentum_buffer"] for la in layers]
@@ -190,14 +200,15 @@ def graft_to_adam(
     ``m̂ = ĝ / (1 − ρᵗ)`` and ``v ← β₂ v + (1 − β₂) G²`` (``G``: this step's gradient with L2); ``t`` counts the
     layer's own steps. With ``direction_rms``, each entry of ``D`` is first divided by its own running RMS,
     ``D ← D / (√v̂_D + ε)`` with ``v_D ← β₂ v_D + (1 − β₂) D²`` (Adam's second moment, of the preconditioned
-    direction instead of the gradient). The layers that share a step count are done together with multi-tensor
-    kernels (both second moments in one update); no host sync: the ratios of norms stay tensors."""
+    direction instead of the gradient). The layers that share a step count (and a device) are done together with
+    multi-tensor kernels (both second moments in one update, one ratio of norms per layer in one vector); no host
+    sync: the ratios stay tensors."""
     out = list(directions)
     grafts = [la.ensure_graft_state(direction_rms) for la in layers]
     for graft in grafts:
         graft["steps"] += 1
     tiny = torch.finfo(torch.float32).tiny
-    for idx in group_indices(list(range(len(layers))), key=lambda i: int(grafts[i]["steps"])):
+    for idx in group_indices(list(range(len(layers))), key=lambda i: (int(grafts[i]["steps"]), directions[i].device)):
         t = int(grafts[idx[0]]["steps"])
         vs, G = [grafts[i]["exp_avg_sq"] for i in idx], [grads[i] for i in idx]
         if direction_rms:
@@ -209,9 +220,9 @@ def graft_to_adam(
             denom = adam_denominators_(vs, G, beta2, t, eps)
             D = [directions[i] for i in idx]
         momenta = [layers[i].state["momentum_buffer"] for i in idx]
-        adam_norms = torch._foreach_norm(torch._foreach_div(momenta, denom))
-        ratios = [(a / (1.0 - rho**t)) / n.clamp_min(tiny) for a, n in zip(adam_norms, torch._foreach_norm(D))]
-        for i, d, r in zip(idx, D, ratios):
+        adam_norms = torch.stack(torch._foreach_norm(torch._foreach_div(momenta, denom))) / (1.0 - rho**t)
+        ratios = adam_norms / torch.stack(torch._foreach_norm(D)).clamp_min(tiny)
+        for i, d, r in zip(idx, D, ratios.unbind()):
             out[i] = d * r
     return out
 

@@ -621,6 +621,30 @@ def test_adam_grafting_takes_adams_step_length_per_layer_and_keeps_the_direction
     assert int(opt.state[model[0].weight]["graft"]["steps"]) == 5
 
 
+def test_the_l2_terms_of_all_layers_are_added_together_as_each_layers_own_sum():
+    """grads_with_l2 (two multi-tensor kernels for every layer's ∇W̄ + τ W̄) gives each layer exactly the sum
+    taken layer by layer in the canonical layout: a weight and bias with different τ (the no-decay split), a
+    layer without a bias, a layer without L2, a convolution, and a bias whose gradient is None."""
+    from hf_qn.optim.kbfgs_layer import grads_with_l2
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 2), nn.Flatten(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 4, bias=False),
+                          nn.Linear(4, 2))
+    opt = hf_qn.KBFGS(model)
+    model(torch.randn(8, 1, 3, 3)).square().mean().backward()
+    model[5].bias.grad = None
+    l2s = [[1e-3, 1e-3], [1e-2, 0.0], [1e-2], [0.0, 0.0]]
+    got = grads_with_l2(opt.layers, l2s)
+    for la, l2, G in zip(opt.layers, l2s, got):
+        ad = la.adapter
+        taus = torch.full((ad.d_in,), l2[0])
+        if len(l2) == 2:
+            taus[-1] = l2[1]
+        expected = ad.grad_matrix().float() + ad.param_matrix().float() * taus
+        assert G.dtype == torch.float32 and torch.equal(G, expected), ad.name
+    assert torch.equal(got[3], opt.layers[3].adapter.grad_matrix())  # no L2: the gradient itself, bias zeros
+
+
 def test_adam_grafting_counts_each_layers_own_steps_when_a_layer_was_paused():
     """A layer frozen for the first steps (no gradient: paused) has fewer Adam steps than the others; each
     layer's length is still lr·‖m̂/(√v̂+ε)‖ with its own bias correction, in steps where layers of both counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -40,3 +41,23 @@ def test_step_benchmark_on_the_packaged_minilm(tmp_path):
     assert all(len(r["losses"]) == 2 and r["median_step_seconds"] > 0 for r in result["runs"])
     with pytest.raises(ValueError, match="Invalid model 'bert'"):
         bench.main(["--output_dir", str(tmp_path), "--model", "bert"])
+
+
+def test_step_benchmark_rounds_on_the_recipe_vit(tmp_path):
+    """--model vit times the image recipe's ViT; --rounds times every optimizer that many times in turns, and
+    each ratio is the median over the rounds of that round's ratio, with its min-max."""
+    bench = load_script("benchmark_step")
+    names = ["adamw", "kbfgs_defaults"]
+    result = bench.main(["--output_dir", str(tmp_path), "--model", "vit", "--optimizers", *names, "--batch", "4",
+                         "--steps", "3", "--warmup", "1", "--rounds", "3", "--autocast", "none"])
+    assert result["table"].startswith("ViT of the image recipe (0.1M parameters), batch 4, autocast none")
+    adam, kbfgs = result["runs"]
+    assert [len(r["round_step_seconds"]) for r in result["runs"]] == [3, 3]
+    assert all(len(t) == 3 for r in result["runs"] for t in r["round_step_seconds"])
+    assert len(set(kbfgs["losses"])) > 1 and kbfgs["losses"] != adam["losses"]  # it trained, and differently
+    ratios = sorted(statistics.fmean(k[1:]) / statistics.fmean(a[1:])
+                    for k, a in zip(kbfgs["round_step_seconds"], adam["round_step_seconds"]))
+    row = next(line for line in result["table"].splitlines() if line.startswith("| kbfgs_defaults "))
+    assert row.split("|")[5].strip() == f"{ratios[1]:.2f} ({ratios[0]:.2f}-{ratios[2]:.2f})"
+    with pytest.raises(ValueError, match="Invalid rounds=0"):
+        bench.main(["--output_dir", str(tmp_path), "--model", "vit", "--rounds", "0"])
