@@ -1,5 +1,7 @@
 """What the fine-tuning recipes share: run several optimizers through ``QNTrainer`` on the same task with
-the same budget, time the training alone, and write results JSON, a comparison plot and a model card.
+the same budget, time the training alone, and write results JSON, a comparison plot and a model card. With
+several seeds the optimizers take turns seed by seed, so that machine load hits the runs whose times are
+compared alike.
 
 Each recipe parses ``RecipeArguments`` plus its own model/data dataclasses and ``QNTrainingArguments`` with
 ``HfArgumentParser``, builds the data and a ``model_init``, and calls :func:`run_comparison`.
@@ -258,18 +260,29 @@ def run_comparison(
     def mean_rank(seeds: list[dict[str, Any]]) -> float:
         return sum(rank_key(run) for run in seeds) / len(seeds)
 
+    # The optimizers take turns seed by seed (seed s of every candidate of every optimizer, then seed s + 1), so
+    # that a change of machine load during the comparison hits them alike: their training times are compared.
+    grids = {name: sweeps.get(name, [lrs[name]]) for name in names}
+    sweep_seeds = {name: recipe.sweep_seeds if len(grids[name]) > 1 else 1 for name in names}
+    trials: dict[str, list[list[dict[str, Any]]]] = {name: [[] for _ in grids[name]] for name in names}
+    for r in range(max(sweep_seeds.values())):  # per lr, its seeds' runs
+        for name in names:
+            if r < sweep_seeds[name]:
+                for runs_of_lr, lr in zip(trials[name], grids[name]):
+                    runs_of_lr.append(train_one(name, lr, r))
+    chosen = {name: min(trials[name], key=mean_rank) for name in names}
+    more: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for r in range(min(sweep_seeds.values()), recipe.repeats):  # the chosen lr's further seeds
+        for name in names:
+            if r >= sweep_seeds[name]:
+                more[name].append(_brief(train_one(name, chosen[name][0]["learning_rate"], r)))
     runs = []
     for name in names:
-        grid = sweeps.get(name, [lrs[name]])
-        n_seeds = recipe.sweep_seeds if len(grid) > 1 else 1
-        trials = [[train_one(name, lr, r) for r in range(n_seeds)] for lr in grid]  # per lr, its seeds' runs
-        chosen = min(trials, key=mean_rank)
-        best = chosen[0]
+        best = chosen[name][0]
         best["sweep"] = [{"learning_rate": t[0]["learning_rate"], "final": t[0]["final"][key],
                           "final_mean": sum(run["final"][key] for run in t) / len(t), "seeds": len(t),
-                          "train_seconds": t[0]["train_seconds"]} for t in trials]
-        best["repeats"] = [_brief(run) for run in chosen[1:]] + [
-            _brief(train_one(name, best["learning_rate"], r)) for r in range(n_seeds, recipe.repeats)]
+                          "train_seconds": t[0]["train_seconds"]} for t in trials[name]]
+        best["repeats"] = [_brief(run) for run in chosen[name][1:]] + more[name]
         runs.append(best)
     summary = summarize(runs, key, greater_is_better)
     is_main = training_args.process_index == 0

@@ -87,6 +87,29 @@ def test_sweep_seeds_choose_the_lr_by_its_seed_mean_and_count_as_repeats(tmp_pat
         mod.main([*args, "--sweep_seeds", "0", "--output_dir", str(tmp_path / "bad")])
 
 
+def test_the_optimizers_take_turns_seed_by_seed(tmp_path, monkeypatch):
+    """Seed s of every candidate lr of every optimizer trains before seed s + 1 of any, sweeps and repeats alike,
+    so that machine load hits the optimizers whose times are compared alike."""
+    mod = load_script("image_classification")
+    utils = sys.modules["recipe_utils"]
+    order, train = [], utils._train
+
+    def recording(args, name, lr, *rest):
+        order.append((name, lr, args.seed))
+        return train(args, name, lr, *rest)
+
+    monkeypatch.setattr(utils, "_train", recording)
+    args = [a for a in COMMON if a != "mlbfgs"]
+    res = mod.main([*args, "--model_type", "resnet", "--lr_sweep", "adamw=1e-4,3e-3", "--sweep_seeds", "2",
+                    "--learning_rates", "kbfgs=1e-3", "--repeats", "3", "--seed", "0",
+                    "--output_dir", str(tmp_path / "turns")])
+    best = res["runs"][0]["learning_rate"]
+    assert order == [("adamw", 1e-4, 0), ("adamw", 3e-3, 0), ("kbfgs", 1e-3, 0),
+                     ("adamw", 1e-4, 1), ("adamw", 3e-3, 1), ("kbfgs", 1e-3, 1),
+                     ("adamw", best, 2), ("kbfgs", 1e-3, 2)]
+    assert [[r["seed"] for r in run["repeats"]] for run in res["runs"]] == [[1, 2], [1, 2]]
+
+
 def test_lr_sweep_rejects_bad_entries():
     sys.path.insert(0, str(ROOT / "scripts"))
     from recipe_utils import parse_lr_sweep
