@@ -30,8 +30,8 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the last model and optimizer went with run_one's frame
     runs = []
-    for name, results in per_round.items():
+    for results in per_round.values():
         run = dict(results[0])  # the same model, batches and seed every round: the rounds differ only in time
         run["round_step_seconds"] = [r["step_seconds"] for r in results]
         run["median_step_seconds"] = statistics.median(r["median_step_seconds"] for r in results)

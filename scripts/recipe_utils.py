@@ -265,14 +265,14 @@ def run_comparison(
     grids = {name: sweeps.get(name, [lrs[name]]) for name in names}
     sweep_seeds = {name: recipe.sweep_seeds if len(grids[name]) > 1 else 1 for name in names}
     trials: dict[str, list[list[dict[str, Any]]]] = {name: [[] for _ in grids[name]] for name in names}
-    for r in range(max(sweep_seeds.values())):  # per lr, its seeds' runs
+    for r in range(max(sweep_seeds.values(), default=0)):  # per lr, its seeds' runs
         for name in names:
             if r < sweep_seeds[name]:
                 for runs_of_lr, lr in zip(trials[name], grids[name]):
                     runs_of_lr.append(train_one(name, lr, r))
     chosen = {name: min(trials[name], key=mean_rank) for name in names}
     more: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    for r in range(min(sweep_seeds.values()), recipe.repeats):  # the chosen lr's further seeds
+    for r in range(min(sweep_seeds.values(), default=0), recipe.repeats):  # the chosen lr's further seeds
         for name in names:
             if r >= sweep_seeds[name]:
                 more[name].append(_brief(train_one(name, chosen[name][0]["learning_rate"], r)))

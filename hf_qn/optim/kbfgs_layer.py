@@ -166,22 +166,30 @@ def grads_with_l2(layers: list[KroneckerLayer], l2s: list[list[float]]) -> list[
     any) bias, which may differ (the Trainer's no-decay split). The L2 terms of all layers are added with two
     multi-tensor kernels (``τ W`` then ``∇W + τ W``, elementwise as the unbatched sum), before each layer's parts
     are joined into its matrix."""
-    parts = [[t if t is None else t.to(torch.float32) for t in la.adapter.grad_parts()] for la in layers]
-    grads, params, taus, where = [], [], [], []
+    weights: list[Tensor] = []  # per layer, its gradient parts in float32
+    biases: list[Tensor | None] = []
+    for la in layers:
+        gw, gb = la.adapter.grad_parts()
+        weights.append(gw.to(torch.float32))
+        biases.append(None if gb is None else gb.to(torch.float32))
+    grads, params, taus, where = [], [], [], []  # what takes an L2 term, and where its sum goes
     for i, (la, l2) in enumerate(zip(layers, l2s)):
         if all(tau == 0 for tau in l2):
             continue
-        for j, (g, w, tau) in enumerate(zip(parts[i], la.adapter.param_parts(), l2)):
-            if g is not None and w is not None:
+        w, b = la.adapter.param_parts()
+        for part, (g, p, tau) in enumerate(zip((weights[i], biases[i]), (w, b), l2)):
+            if g is not None and p is not None:
                 grads.append(g)
-                params.append(w.to(torch.float32))
+                params.append(p.to(torch.float32))
                 taus.append(tau)
-                where.append((i, j))
+                where.append((part, i))
     if grads:
-        summed = torch._foreach_add(grads, torch._foreach_mul(params, taus))
-        for (i, j), g in zip(where, summed):
-            parts[i][j] = g
-    return [la.adapter.to_matrix(w, b) for la, (w, b) in zip(layers, parts)]
+        for (part, i), g in zip(where, torch._foreach_add(grads, torch._foreach_mul(params, taus))):
+            if part == 0:
+                weights[i] = g
+            else:
+                biases[i] = g
+    return [la.adapter.to_matrix(w, b) for la, w, b in zip(layers, weights, biases)]
 
 
 def update_momenta(layers: list[KroneckerLayer], grads: list[Tensor], rho: float) -> None:

@@ -68,17 +68,19 @@ def reduce_statistics(
     all_reduce_sum_(tensors)
     ws = float(world_size())
     divisors = counts.clamp(min=1)
-    divisors32 = divisors.float()
+    # per layer: row counts and divisors as 0-dim views (one unbind each, not two indexing ops per layer)
+    a_rows, h_rows_all = counts[:, 0].unbind(), counts[:, 1].unbind()
+    a_div, h_div = divisors.float()[:, 0].unbind(), divisors[:, 1].unbind()
     out = []
     per = 4 if with_inputs else 2
     for i, ad in enumerate(adapters):
         h_sum, g_sum = tensors[1 + per * i : 3 + per * i]
         to = ad.weight.device
-        h, g, h_rows = h_sum / divisors[i, 1].to(to), (g_sum if ws == 1.0 else g_sum / ws), counts[i, 1].to(to)
+        h, g, h_rows = h_sum / h_div[i].to(to), (g_sum if ws == 1.0 else g_sum / ws), h_rows_all[i].to(to)
         if not with_inputs:
             out.append(LayerMeans(h, g, h_rows))
             continue
         A_sum, a_sum = tensors[3 + per * i : 5 + per * i]
-        div = divisors32[i, 0].to(to)
-        out.append(LayerMeans(h, g, h_rows, A_sum / div, a_sum / div, counts[i, 0].to(to)))
+        div = a_div[i].to(to)
+        out.append(LayerMeans(h, g, h_rows, A_sum / div, a_sum / div, a_rows[i].to(to)))
     return out
