@@ -94,11 +94,10 @@ def build_model(args: StepBenchArguments) -> tuple[torch.nn.Module, Callable[[to
     against, as the keyword arguments of the model's forward."""
     torch.manual_seed(args.seed)
     if args.model == "vit":
-        from transformers import ViTConfig, ViTForImageClassification
+        from image_classification import ModelArguments, vit_config
+        from transformers import ViTForImageClassification
 
-        h = 64  # the recipe's scripts/image_classification.py --model_type vit
-        config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=h, num_hidden_layers=2,
-                           num_attention_heads=4, intermediate_size=2 * h, num_labels=10)
+        config = vit_config(ModelArguments().hidden_size)  # the recipe's default width
         return ViTForImageClassification(config), lambda g: {
             "pixel_values": torch.randn(args.batch, 1, 8, 8, generator=g),
             "labels": torch.randint(0, 10, (args.batch,), generator=g)}

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -55,13 +56,20 @@ def load_digits_split(seed: int, fraction: float, smoke: bool):
     return ds(train_idx), ds(test_idx)
 
 
+def vit_config(hidden_size: int) -> Any:
+    """The recipe's ViT: 8 x 8 one-channel images in 2 x 2 patches, 2 layers of ``hidden_size``, 10 classes."""
+    from transformers import ViTConfig
+
+    return ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=hidden_size, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=2 * hidden_size, num_labels=10)
+
+
 def main(argv: list[str] | None = None) -> dict:
     from transformers import (
         AutoModelForImageClassification,
         HfArgumentParser,
         ResNetConfig,
         ResNetForImageClassification,
-        ViTConfig,
         ViTForImageClassification,
     )
 
@@ -73,8 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = load_digits_split(training_args.seed, data_args.test_fraction, recipe.smoke)
     h = 16 if recipe.smoke else model_args.hidden_size
     if model_args.model_type == "vit":
-        config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=h, num_hidden_layers=2,
-                           num_attention_heads=4, intermediate_size=2 * h, num_labels=10)
+        config = vit_config(h)
         cls = ViTForImageClassification
     elif model_args.model_type == "resnet":
         config = ResNetConfig(num_channels=1, embedding_size=h // 2, hidden_sizes=[h // 2, h], depths=[1, 1],
