@@ -53,7 +53,7 @@ VARIANTS = {
     "kbfgs_int10_bf16": lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.05, fallback_lr=1e-4, update_interval=10,
                                               matmul_dtype="bfloat16"),
     "kbfgs_l": lambda m: hf_qn.KBFGSL(m, preset="paper", lr=0.05, fallback_lr=1e-4),
-    # K-BFGS's defaults (grafted, curvature every 3 steps, input embeddings to the AdamW fallback), and two
+    # K-BFGS's defaults (grafted, curvature every 5 steps, input embeddings to the AdamW fallback), and two
     # variations of which layers it adapts
     "kbfgs_defaults": lambda m: hf_qn.KBFGS(m, lr=1e-4),
     "kbfgs_embeddings": lambda m: hf_qn.KBFGS(m, lr=1e-4, policy=hf_qn.LayerPolicy(adapt_embeddings=True)),
