@@ -511,11 +511,19 @@ def time_ratios(run: dict[str, Any], adam: dict[str, Any], key: str, greater: bo
 
 
 def pace_verdict(ratios: list[float]) -> str:
-    """"faster" / "slower" only when every repeat says so, with the spread beside it; one run is no verdict."""
+    """"faster" / "slower" only when every repeat says so, with the spread beside it; one run is no verdict.
+    A repeat that never reached AdamW's final (``inf``) counts as slower and is named, not printed as a ratio."""
     if len(ratios) < 2:
         return "one run each: the run-to-run spread is not measured, so no verdict; --repeats 3 measures it"
-    lo, hi = min(ratios), max(ratios)
+    reached = [r for r in ratios if math.isfinite(r)]
+    never = len(ratios) - len(reached)
+    if not reached:
+        return f"slower: never reached it in {len(ratios)} runs"
+    lo, hi = min(reached), max(reached)
     spread = f"{lo:.2f}-{hi:.2f}x over {len(ratios)} runs each"
+    if never:
+        spread = f"{lo:.2f}-{hi:.2f}x in {len(reached)} of {len(ratios)} runs, never in {never}"
+        hi = math.inf
     if hi < 1.0:
         return f"faster: {spread}"
     if lo > 1.0:

@@ -161,9 +161,12 @@ def test_benchmark_smoke(tmp_path):
     ([9.0, 8.5, 9.5], "faster: 0.85-0.95x over 3 runs each"),
     ([9.0, 10.5], "within noise: 0.90-1.05x over 2 runs each"),
     ([10.2, 11.0], "slower: 1.02-1.10x over 2 runs each"),
+    ([9.0, 8.0, None], "within noise: 0.80-0.90x in 2 of 3 runs, never in 1"),
+    ([11.0, None], "slower: 1.10-1.10x in 1 of 2 runs, never in 1"),
 ])
 def test_summary_verdict_only_beyond_the_run_to_run_spread(reaches, pace):
-    """"faster" or "slower" only when every repeat says so, with the spread shown; one run gives no verdict."""
+    """"faster" or "slower" only when every repeat says so, with the spread shown; one run gives no verdict; a
+    repeat that never reached AdamW's final (None) is counted, not printed as an infinite ratio."""
     utils = load_script("recipe_utils")
 
     def run(name, final, evals, seconds):
@@ -171,8 +174,8 @@ def test_summary_verdict_only_beyond_the_run_to_run_spread(reaches, pace):
                 "train_seconds": seconds, "median_step_seconds": 0.1}
 
     adam = [run("adamw", 1.0, [{"eval_loss": 1.0, "seconds": 10.0}], 10.0) for _ in reaches]
-    qn = [run("mlbfgs", 0.9, [{"eval_loss": 1.5, "seconds": 5.0}, {"eval_loss": 1.0, "seconds": t}], 12.0)
-          for t in reaches]
+    qn = [run("mlbfgs", 0.9, [{"eval_loss": 1.5, "seconds": 5.0}] + ([] if t is None else [{"eval_loss": 1.0, "seconds": t}]),
+              12.0) for t in reaches]
     runs = [{**adam[0], "repeats": adam[1:]}, {**qn[0], "repeats": qn[1:]}]
     verdict = utils.summarize(runs, "eval_loss", greater=False)["verdict"]
     assert f"({pace})." in verdict and f"{reaches[0] / 10:.2f}x" in verdict
