@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -378,12 +379,21 @@ class KBFGS(QNOptimizerBase):
             return closure()
 
     def _fresh_gradients(self) -> bool:
-        """Whether a backward ran since the last step: a gradient that is a new tensor, or was added to."""
+        """Whether a backward ran since the last step: a gradient that is not the tensor the last step saw, or
+        was written to since. The tensor is compared by weak reference, not by ``id``: a gradient freed by
+        ``zero_grad()`` can leave its address, and so its ``id``, to the next backward's gradient."""
         seen = self.__dict__.get("_seen_grads", {})
-        return any(p.grad is not None and seen.get(id(p)) != (id(p.grad), p.grad._version) for p in self._params())
+        for p in self._params():
+            if p.grad is None:
+                continue
+            ref, version = seen.get(id(p), (None, -1))
+            if ref is None or ref() is not p.grad or p.grad._version != version:
+                return True
+        return False
 
     def _remember_gradients(self) -> None:
-        self._seen_grads = {id(p): (id(p.grad), p.grad._version) for p in self._params() if p.grad is not None}
+        self._seen_grads = {id(p): (weakref.ref(p.grad), p.grad._version) for p in self._params()
+                            if p.grad is not None}
 
     def _commit_statistics(self) -> list[LayerMeans]:
         out = reduce_statistics(self.adapters, self.capture.stats["primary"], True, "training forward/backward")

@@ -820,3 +820,34 @@ def test_one_sided_tied_head_step_equals_the_float64_reference():
     torch.testing.assert_close(model.wte.weight.detach().double(), expected, rtol=1e-5, atol=1e-7)
     st = opt.state[model.wte.weight]
     assert st["output"] == {} and int(st["counters"]["pairs_accepted"]) == int(st["counters"]["pairs_skipped"]) == 0
+
+
+
+def test_a_new_gradient_at_a_freed_gradients_address_counts_as_fresh():
+    """``step(closure)`` after the caller's backward must not run the closure as a first pass: the last step's
+    gradient, once freed, can leave its address (so its ``id``) to the new one, which must still count as fresh.
+    A first pass would add a second backward into the gradient (seen as a rare flake of the dense reference
+    test, whose four gradients all landed at their predecessors' addresses)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.1)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    closure()
+    opt.step(closure)
+    (g,) = torch.autograd.grad(((model(x) - y) ** 2).mean(), [model.weight])
+    old = id(model.weight.grad)
+    model.weight.grad = None  # frees the gradient the step saw ...
+    model.weight.grad = g.clone()  # ... and the new one is allocated in its place
+    if id(model.weight.grad) != old:
+        pytest.skip("this allocator did not reuse the freed gradient's address")
+    calls.clear()
+    opt.step(closure)
+    assert len(calls) == 1  # the second pass only, no first pass
