@@ -520,9 +520,10 @@ def pace_verdict(ratios: list[float]) -> str:
     if not reached:
         return f"slower: never reached it in {len(ratios)} runs"
     lo, hi = min(reached), max(reached)
-    spread = f"{lo:.2f}-{hi:.2f}x over {len(ratios)} runs each"
+    span = f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}x"
+    spread = f"{span} over {len(ratios)} runs each"
     if never:
-        spread = f"{lo:.2f}-{hi:.2f}x in {len(reached)} of {len(ratios)} runs, never in {never}"
+        spread = f"{span} in {len(reached)} of {len(ratios)} runs, never in {never}"
         hi = math.inf
     if hi < 1.0:
         return f"faster: {spread}"
