@@ -516,16 +516,14 @@ def pace_verdict(ratios: list[float]) -> str:
     if len(ratios) < 2:
         return "one run each: the run-to-run spread is not measured, so no verdict; --repeats 3 measures it"
     reached = [r for r in ratios if math.isfinite(r)]
-    never = len(ratios) - len(reached)
     if not reached:
         return f"slower: never reached it in {len(ratios)} runs"
     lo, hi = min(reached), max(reached)
     span = f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}x"
-    spread = f"{span} over {len(ratios)} runs each"
-    if never:
-        spread = f"{span} in {len(reached)} of {len(ratios)} runs, never in {never}"
-        hi = math.inf
-    if hi < 1.0:
+    never = len(ratios) - len(reached)
+    spread = (f"{span} in {len(reached)} of {len(ratios)} runs, never in {never}" if never
+              else f"{span} over {len(ratios)} runs each")
+    if max(ratios) < 1.0:  # a run that never got there (inf) is never faster
         return f"faster: {spread}"
     if lo > 1.0:
         return f"slower: {spread}"

@@ -822,7 +822,6 @@ def test_one_sided_tied_head_step_equals_the_float64_reference():
     assert st["output"] == {} and int(st["counters"]["pairs_accepted"]) == int(st["counters"]["pairs_skipped"]) == 0
 
 
-
 def test_a_new_gradient_at_a_freed_gradients_address_counts_as_fresh():
     """``step(closure)`` after the caller's backward must not run the closure as a first pass: the last step's
     gradient, once freed, can leave its address (so its ``id``) to the new one, which must still count as fresh.
