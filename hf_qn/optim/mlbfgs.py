@@ -637,9 +637,10 @@ class MLBFGS(QNOptimizerBase):
             if total > 0:
                 out = [d * (target / total) for d in out]
         elif mode == "adam":
+            adam = self._adam_denominators(units, out, step)
             if hp["direction_rms"]:
-                self._divide_by_rms(units, out, step)
-            out = self._graft_to_adam(units, out, step)
+                self._divide_by_rms(units, out, step, adam[2])
+            out = self._graft_to_adam(units, out, *adam)
         return out
 
     def _grads(self, params: Sequence[Tensor]) -> list[Tensor]:
@@ -647,12 +648,41 @@ class MLBFGS(QNOptimizerBase):
         local = self._plan.local
         return [g if (g := self._plan.local_grad(p)) is not None else torch.zeros_like(local(p)) for p in params]
 
-    def _divide_by_rms(self, units: list[MLBFGSBlock], directions: list[Tensor], step: int) -> None:
-        """``direction_rms``: each entry of each block's direction divided in place by its own running RMS,
-        ``d ← d / (√v̂_d + ε)`` with ``v_d ← β₂ v_d + (1 − β₂) d²`` (the grafting's β₂ and ε, bias-corrected
-        with ``step``), over the parameters that have a gradient (the others' entries are kept). ``v_d`` is
-        per element like Adam's ``v`` (this rank's pieces under split state); multi-tensor kernels over all
-        parameters. The directions are this step's own tensors, so they are divided where they are."""
+    def _adam_denominators(
+        self, units: list[MLBFGSBlock], directions: list[Tensor], step: int
+    ) -> tuple[list[int], list[Tensor], list[Tensor]]:
+        """Adam's ``v ← β₂ v + (1−β₂) g²`` (β₂ = 0.999, bias-corrected with ``step``) for every parameter with a
+        gradient, in that order: the block of each, its gradient (this rank's piece, in the direction's dtype) and
+        its denominator ``√v̂ + ε`` (ε = 1e-8). Every rank keeps ``v`` for every parameter (like the momentum
+        buffers), so replicas agree without communication; under split state each rank keeps its pieces."""
+        which, vs, gs = [], [], []
+        for i, u in enumerate(units):
+            for p in u.block.params:
+                g = self._plan.local_grad(p)
+                if g is None:
+                    continue
+                st = self._param_state(p)
+                if "exp_avg_sq" not in st:
+                    st["exp_avg_sq"] = torch.zeros_like(g, dtype=directions[i].dtype,
+                                                        memory_format=torch.contiguous_format)
+                which.append(i)
+                vs.append(st["exp_avg_sq"])
+                gs.append(g.to(directions[i].dtype))
+        return which, gs, adam_denominators_(vs, gs, _ADAM_BETA2, step, _ADAM_EPS)
+
+    def _divide_by_rms(
+        self, units: list[MLBFGSBlock], directions: list[Tensor], step: int, denom: list[Tensor]
+    ) -> None:
+        """``direction_rms``: each entry of each block's direction divided in place by its own running RMS and
+        weighted by how far its gradient's RMS stands above ε, ``d ← d · (1 − ε / (√v̂ + ε)) / (√v̂_d + ε)`` with
+        ``v_d ← β₂ v_d + (1 − β₂) d²`` (the grafting's β₂ and ε, bias-corrected with ``step``; ``denom``: the
+        gradients' ``√v̂ + ε`` from :meth:`_adam_denominators`), over the parameters that have a gradient (the
+        others' entries are kept). The weight is 1 up to ε / √v̂ where the gradient has signal and 0 where it is
+        identically zero: an entry whose gradient is rounding noise (an attention key bias, which softmax's shift
+        invariance leaves without gradient) gets Adam's near-zero step instead of a unit-size one that the
+        L-BFGS pairs would then echo. ``v_d`` is per element like Adam's ``v`` (this rank's pieces under split
+        state); multi-tensor kernels over all parameters. The directions are this step's own tensors, so they
+        are divided where they are."""
         pieces, vs = [], []
         for u, d in zip(units, directions):
             offset = 0
@@ -668,27 +698,16 @@ class MLBFGS(QNOptimizerBase):
                 offset += n
         if pieces:
             torch._foreach_div_(pieces, adam_denominators_(vs, pieces, _ADAM_BETA2, step, _ADAM_EPS))
+            torch._foreach_addcdiv_(pieces, pieces, denom, value=-_ADAM_EPS)
 
-    def _graft_to_adam(self, units: list[MLBFGSBlock], directions: list[Tensor], step: int) -> list[Tensor]:
-        """Rescale each block's direction to the norm of Adam's un-momented step in that block,
-        ``‖g / (√v̂ + ε)‖`` with ``v ← β₂ v + (1−β₂) g²`` (β₂ = 0.999, ε = 1e-8, bias-corrected) over its
-        parameters that have a gradient: layer-wise grafting (Agarwal et al. 2020), as Distributed Shampoo
-        grafts its blocks. Every rank keeps ``v`` for every parameter (like the momentum buffers), so replicas
-        agree without communication (under split state each rank keeps its pieces of ``v`` and the squared norms
-        are summed over the ranks). Multi-tensor kernels over all parameters."""
-        pairs = [(p, i) for i, u in enumerate(units) for p in u.block.params if p.grad is not None]
-        which = [i for _, i in pairs]  # block of each parameter
-        vs, gs = [], []
-        for p, i in pairs:
-            st = self._param_state(p)
-            dtype = directions[i].dtype
-            g = self._plan.local_grad(p)
-            assert g is not None
-            if "exp_avg_sq" not in st:
-                st["exp_avg_sq"] = torch.zeros_like(g, dtype=dtype, memory_format=torch.contiguous_format)
-            vs.append(st["exp_avg_sq"])
-            gs.append(g.to(dtype))
-        denom = adam_denominators_(vs, gs, _ADAM_BETA2, step, _ADAM_EPS)
+    def _graft_to_adam(
+        self, units: list[MLBFGSBlock], directions: list[Tensor], which: list[int], gs: list[Tensor],
+        denom: list[Tensor],
+    ) -> list[Tensor]:
+        """Rescale each block's direction to the norm of Adam's un-momented step in that block, ``‖g / (√v̂ + ε)‖``
+        over its parameters that have a gradient (``which``, ``gs``, ``denom``: from :meth:`_adam_denominators`):
+        layer-wise grafting (Agarwal et al. 2020), as Distributed Shampoo grafts its blocks (under split state the
+        squared norms are summed over the ranks). Multi-tensor kernels over all parameters."""
         dev = directions[0].device
         adam_norms = torch._foreach_norm(torch._foreach_div(gs, denom))
         adam_sq = torch.stack([n.to(dev, torch.float64) for n in adam_norms]).square()

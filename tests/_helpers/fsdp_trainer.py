@@ -39,7 +39,7 @@ def run(out: str, per_device: int, mode: str, name: str, save_at: int = 0, resum
     """One Trainer run; rank 0 writes ``out/results.json``."""
     fsdp = mode == "fsdp"
     # without direction_rms: GPT-2's key bias has a zero gradient, and dividing its entries of the direction (rounding
-    # noise, different on two ranks) by their own RMS would lift them to full-size steps (tests/_helpers/sharded_worker.py)
+    # noise, different on two ranks) by their own RMS would lift them far above rounding (tests/_helpers/sharded_worker.py)
     qn_args = "history_size=3,update_interval=2,direction_rms=False" + (",shard_state=True" if mode == "zero1" else "")
     if name == "kbfgs":
         qn_args = ""

@@ -46,9 +46,9 @@ CONFIGS = {  # float64 histories, so that sums in another order are the only dif
 def config(kind: str, name: str) -> dict:
     """``CONFIGS[name]`` for a model ``kind``. GPT-2's attention key bias has an identically zero gradient, so its
     entries of every direction are rounding noise, which differs between one process and two ranks.
-    ``direction_rms`` divides each entry by its own RMS and would lift that noise to full-size steps (harmless to
-    the loss, which does not depend on the key bias, but not the same parameters), so the GPT-2 cases run without
-    it; the CNN's run with it."""
+    ``direction_rms`` divides each entry by its own RMS (weighted by the gradient's RMS over ε, about 1e-3 for that
+    noise), which lifts it to steps far above float32's rounding of the others (harmless to the loss, which does not
+    depend on the key bias, but not the same parameters), so the GPT-2 cases run without it; the CNN's run with it."""
     cfg = dict(CONFIGS[name])
     if kind == "gpt2" and cfg.get("normalize", "adam") == "adam":
         cfg["direction_rms"] = False

@@ -53,6 +53,32 @@ def mse_loss(model, batch):
     return ((model(x) - y) ** 2).mean()
 
 
+def dead_unit_loss(model, batch):
+    """``mse_loss`` on all but the model's last output unit, whose weights and bias then have an identically zero
+    gradient (``batch``'s targets have one column fewer than the model's outputs)."""
+    x, y = batch
+    return ((model(x)[:, : y.shape[1]] - y) ** 2).mean()
+
+
+def dead_unit_drift(model, init, opt, batches, decay: float = 1.0) -> float:
+    """Train ``model`` (a copy of ``init`` whose last module is a Linear with one unit more than the targets) with
+    ``opt`` on ``batches`` and ``dead_unit_loss``. Returns how far its dead unit (weight row and bias) ended from
+    where a per-step factor ``decay`` alone (weight decay) would have left it, relative to how far the other units
+    moved."""
+    for batch in batches:
+        opt.zero_grad()
+        dead_unit_loss(model, batch).backward()
+        opt.step()
+    head, start = model[-1], init[-1]
+    assert head.weight.grad[-1].abs().max() == 0 and head.bias.grad[-1] == 0  # the unit the loss never reads
+    end = torch.cat([head.weight, head.bias[:, None]], dim=1).detach()
+    begin = torch.cat([start.weight, start.bias[:, None]], dim=1).detach()
+    decayed = begin[-1].clone()
+    for _ in batches:
+        decayed.mul_(decay)
+    return float((end[-1] - decayed).norm() / (end[:-1] - begin[:-1]).norm())
+
+
 def regression_batches(n: int, batch: int = 16, d_in: int = 6, d_out: int = 3, seed: int = 0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(d_out, d_in, generator=g)

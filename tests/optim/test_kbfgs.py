@@ -12,7 +12,14 @@ from torch import nn
 import hf_qn
 from hf_qn.optim.state import iter_tensors
 from tests._helpers.models import SmallCNN, digits_tensors, mlp, tiny_bert, tiny_gpt2, token_batch
-from tests._helpers.training import flat_state, loop, mse_loss, regression_batches, roundtrip
+from tests._helpers.training import (
+    dead_unit_drift,
+    flat_state,
+    loop,
+    mse_loss,
+    regression_batches,
+    roundtrip,
+)
 
 
 def test_closure_required_on_curvature_steps_with_clear_error():
@@ -672,7 +679,8 @@ def test_adam_grafting_counts_each_layers_own_steps_when_a_layer_was_paused():
 
 
 def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting():
-    """direction_rms: D ← D / (√v̂_D + ε), v_D ← β₂ v_D + (1−β₂) D², then Adam's layer length. A float64 reference
+    """direction_rms: D ← D (1 − ε / (√v̂ + ε)) / (√v̂_D + ε), v_D ← β₂ v_D + (1−β₂) D² (v̂: the gradient's Adam
+    second moment), then Adam's layer length. A float64 reference
     from the plain direction D: a twin optimizer without grafting at lr 1 (whose step is −D) sees the same
     parameters and batches (consecutive-batch pairs, so both learn the same factors) and is reset onto the RMS
     run's parameters after every step."""
@@ -697,7 +705,8 @@ def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting():
         for i, (la, tw) in enumerate(zip(layers, twin_layers)):
             D = before[i] - _layer_matrix(tw)
             v_D[i] = beta2 * v_D[i] + (1 - beta2) * D * D
-            D_rms = D / ((v_D[i] / (1 - beta2**t)).sqrt() + eps)
+            weight = 1 - eps / ((adam.v[i] / (1 - beta2**t)).sqrt() + eps)
+            D_rms = D * weight / ((v_D[i] / (1 - beta2**t)).sqrt() + eps)
             expected = -adam.length(i, 1e-2) * D_rms / D_rms.norm()
             torch.testing.assert_close(_layer_matrix(la) - before[i], expected, rtol=2e-4, atol=1e-9)
         with torch.no_grad():  # the twin continues from the RMS run's point
@@ -712,6 +721,22 @@ def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting():
 
     assert hf_qn.KBFGS(mlp(), config=KBFGSConfig(graft="none"), graft="adam").config.direction_rms is True
     assert hf_qn.KBFGS(mlp(), config=KBFGSConfig(direction_rms=False), lr=1e-3).config.direction_rms is False
+
+
+def test_direction_rms_keeps_a_unit_without_gradient_in_place():
+    """An output unit the loss never reads has an identically zero gradient, but ``H_g`` mixes the other units into
+    its row of D (without direction_rms that row moves by the mixing alone). direction_rms weights each entry by
+    ``1 − ε / (√v̂ + ε)``, zero there up to rounding, so the row stays where Adam leaves it; dividing by the RMS
+    alone lifted the mixing to a step as large as the other rows'."""
+    torch.manual_seed(0)
+    init = mlp((6, 8, 4))
+    drift = {}
+    for rms in (True, False):
+        model = copy.deepcopy(init)
+        opt = hf_qn.KBFGS(model, lr=1e-2, l2=0.0, direction_rms=rms)  # an L2 term would be a gradient
+        drift[rms] = dead_unit_drift(model, init, opt, regression_batches(40))
+    assert drift[False] > 1e-3  # the direction does reach the dead row
+    assert drift[True] < 1e-6  # RMS scaling alone: 0.37 (K-BFGS), 0.07 (mL-BFGS)
 
 
 def test_a_checkpoint_without_direction_rms_is_refused_by_an_optimizer_with_it():

@@ -14,7 +14,14 @@ import hf_qn
 from hf_qn.optim.mlbfgs import build_blocks
 from tests._helpers.dense import explicit_lbfgs_matrix, random_spd
 from tests._helpers.models import SmallCNN, digits_tensors, mlp, tiny_bert, tiny_gpt2, token_batch
-from tests._helpers.training import flat_state, loop, mse_loss, regression_batches, roundtrip
+from tests._helpers.training import (
+    dead_unit_drift,
+    flat_state,
+    loop,
+    mse_loss,
+    regression_batches,
+    roundtrip,
+)
 
 TEXTBOOK = dict(lr=1.0, momentum=0.0, param_decay=0.0, grad_decay=0.0, update_interval=1, damp=False,
                 normalize=False, gamma="auto", blocks="model", history_dtype=torch.float64)
@@ -306,7 +313,8 @@ def test_adam_grafting_keeps_the_lbfgs_direction_and_takes_adams_block_norm():
 
 
 def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting():
-    """direction_rms (the default with normalize="adam"): d ← d / (√v̂_d + ε), v_d ← β₂ v_d + (1−β₂) d² per element,
+    """direction_rms (the default with normalize="adam"): d ← d (1 − ε / (√v̂ + ε)) / (√v̂_d + ε), v_d ← β₂ v_d +
+    (1−β₂) d² per element (v̂: the gradient's Adam second moment),
     then each block takes Adam's length lr·‖g/(√v̂+ε)‖. A float64 reference from the raw L-BFGS direction: a twin
     with normalize="none" at lr 1 (its step is −H g) sees the same parameters and batches, so it forms the
     same pairs, and is reset onto this run's parameters after every step."""
@@ -334,7 +342,8 @@ def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting():
                 v[p] = 0.999 * v[p] + 0.001 * p.grad**2
                 v_d[p] = 0.999 * v_d[p] + 0.001 * raw[p] ** 2
                 adam.append((p.grad / ((v[p] / (1 - 0.999**t)).sqrt() + 1e-8)).reshape(-1))
-                scaled.append((raw[p] / ((v_d[p] / (1 - 0.999**t)).sqrt() + 1e-8)).reshape(-1))
+                weight = 1 - 1e-8 / ((v[p] / (1 - 0.999**t)).sqrt() + 1e-8)
+                scaled.append((raw[p] * weight / ((v_d[p] / (1 - 0.999**t)).sqrt() + 1e-8)).reshape(-1))
             d_rms = torch.cat(scaled)
             expected = -0.1 * torch.cat(adam).norm() * d_rms / d_rms.norm()
             moved = torch.cat([(p.detach() - before[p]).reshape(-1) for p in block.params])
@@ -344,6 +353,23 @@ def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting():
                 q.copy_(p)
     assert opt.statistics()["qn/pairs_held"] > 0  # the later steps used L-BFGS directions
     assert opt.state[params[0]]["direction_sq"].shape == params[0].shape
+
+
+def test_direction_rms_keeps_a_unit_without_gradient_in_place():
+    """An output unit the loss never reads has an identically zero gradient; weight decay moves it, so the pairs'
+    ``s`` reach it and the L-BFGS direction there is not zero. direction_rms weights each entry by
+    ``1 − ε / (√v̂ + ε)``, zero there up to rounding, so the unit moves by the decay alone, as with Adam; dividing by
+    the RMS alone lifted that entry to a step as large as the other units'."""
+    torch.manual_seed(0)
+    init = mlp((6, 8, 4))
+    lr, wd = 1e-2, 0.1
+    drift = {}
+    for rms in (True, False):
+        model = copy.deepcopy(init)
+        opt = hf_qn.MLBFGS(model, lr=lr, weight_decay=wd, update_interval=1, history_size=3, direction_rms=rms)
+        drift[rms] = dead_unit_drift(model, init, opt, regression_batches(40), decay=1 - lr * wd)
+    assert drift[False] > 1e-3  # the L-BFGS direction does reach the dead unit
+    assert drift[True] < 1e-6  # RMS scaling alone: 0.37 (K-BFGS), 0.07 (mL-BFGS)
 
 
 def test_direction_rms_needs_the_adam_grafting_and_a_state_without_it_is_refused():
