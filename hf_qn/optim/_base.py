@@ -81,6 +81,15 @@ def adam_denominators_(
     return list(denom)
 
 
+def weight_by_gradient_signal_(directions: list[Tensor], grad_denoms: list[Tensor], eps: float) -> None:
+    """``d ← d (1 − ε / (√v̂ + ε))`` in place (``grad_denoms``: the gradients' Adam denominators ``√v̂ + ε``), the
+    weight ``direction_rms`` puts on each RMS-scaled entry of a direction: 1 up to ε / √v̂ where the gradient has
+    signal, √v̂ / ε (Adam's own step) where it is rounding noise and 0 where it is identically zero. Without it, an
+    entry the preconditioner mixes into a coordinate without gradient (an attention key bias, which softmax's
+    shift invariance leaves without one) became a unit-size step once divided by its own RMS. One fused kernel."""
+    torch._foreach_addcdiv_(directions, directions, grad_denoms, value=-eps)
+
+
 def sgd_update_(p: Tensor, grad: Tensor, state: dict[str, Any], lr: float, momentum: float, wd: float) -> None:
     """SGD with heavy-ball momentum and coupled weight decay, as ``torch.optim.SGD`` (dampening 0)."""
     d = grad.add(p, alpha=wd) if wd != 0 else grad

@@ -27,7 +27,7 @@ from ..capture import input_factor_shape
 from ..linalg import damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimate
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
 from ..linalg.blocks import BlockSplit, matvec_rows
-from ._base import adam_denominators_
+from ._base import adam_denominators_, weight_by_gradient_signal_
 from .output_side import OutputSide, keep_blocks, rank2_updates
 from .state import KBFGS_LAYER_COUNTERS
 
@@ -208,11 +208,9 @@ def graft_to_adam(
     ``m̂ = ĝ / (1 − ρᵗ)`` and ``v ← β₂ v + (1 − β₂) G²`` (``G``: this step's gradient with L2); ``t`` counts the
     layer's own steps. With ``direction_rms``, each entry of ``D`` is first divided by its own running RMS and
     weighted by how far its gradient's RMS stands above ε, ``D ← D (1 − ε / (√v̂ + ε)) / (√v̂_D + ε)`` with
-    ``v_D ← β₂ v_D + (1 − β₂) D²`` (Adam's second moment, of the preconditioned direction instead of the gradient).
-    The weight is 1 up to ε / √v̂ where the gradient has signal and 0 where it is identically zero: an entry whose
-    gradient is rounding noise (an attention key bias, which softmax's shift invariance leaves without gradient,
-    but which ``H_g`` and ``H_a`` mix into the direction) gets Adam's near-zero step instead of a unit-size one.
-    The layers that share a step count (and a device) are done together with
+    ``v_D ← β₂ v_D + (1 − β₂) D²`` (Adam's second moment, of the preconditioned direction instead of the gradient;
+    the weight: :func:`weight_by_gradient_signal_`, for the entries ``H_g`` and ``H_a`` mix into a coordinate
+    without gradient). The layers that share a step count (and a device) are done together with
     multi-tensor kernels (both second moments in one update, one ratio of norms per layer in one vector); no host
     sync: the ratios stay tensors."""
     out = list(directions)
@@ -228,7 +226,7 @@ def graft_to_adam(
             both = adam_denominators_(vs + [grafts[i]["direction_sq"] for i in idx], G + D, beta2, t, eps)
             denom = both[: len(idx)]
             D = list(torch._foreach_div(D, both[len(idx) :]))
-            torch._foreach_addcdiv_(D, D, denom, value=-eps)  # D ← D (1 − ε / (√v̂ + ε))
+            weight_by_gradient_signal_(D, denom, eps)
         else:
             denom = adam_denominators_(vs, G, beta2, t, eps)
             D = [directions[i] for i in idx]

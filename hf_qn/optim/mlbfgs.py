@@ -45,7 +45,7 @@ from ..distributed import all_reduce_sum_, greedy_assignment, rank, world_size
 from ..distributed.shards import FullyShardedPlan, ShardPlan, chunk_range, local_piece, plan_for
 from ..linalg import LBFGSHistory, curvature_verdict, mlbfgs_mix
 from ..linalg.bfgs import _dot64_t
-from ._base import QNOptimizerBase, adam_denominators_
+from ._base import QNOptimizerBase, adam_denominators_, weight_by_gradient_signal_
 from .config import MLBFGSConfig
 from .state import FORMAT, HF_QN, MLBFGS_BLOCK_COUNTERS, MLBFGS_PARAM_KEYS, convert_mlbfgs_v1, is_v1, iter_tensors
 
@@ -637,10 +637,10 @@ class MLBFGS(QNOptimizerBase):
             if total > 0:
                 out = [d * (target / total) for d in out]
         elif mode == "adam":
-            adam = self._adam_denominators(units, out, step)
+            which, grads, denom = self._adam_denominators(units, out, step)
             if hp["direction_rms"]:
-                self._divide_by_rms(units, out, step, adam[2])
-            out = self._graft_to_adam(units, out, *adam)
+                self._divide_by_rms(units, out, step, denom)
+            out = self._graft_to_adam(units, out, which, grads, denom)
         return out
 
     def _grads(self, params: Sequence[Tensor]) -> list[Tensor]:
@@ -677,12 +677,10 @@ class MLBFGS(QNOptimizerBase):
         weighted by how far its gradient's RMS stands above ε, ``d ← d · (1 − ε / (√v̂ + ε)) / (√v̂_d + ε)`` with
         ``v_d ← β₂ v_d + (1 − β₂) d²`` (the grafting's β₂ and ε, bias-corrected with ``step``; ``denom``: the
         gradients' ``√v̂ + ε`` from :meth:`_adam_denominators`), over the parameters that have a gradient (the
-        others' entries are kept). The weight is 1 up to ε / √v̂ where the gradient has signal and 0 where it is
-        identically zero: an entry whose gradient is rounding noise (an attention key bias, which softmax's shift
-        invariance leaves without gradient) gets Adam's near-zero step instead of a unit-size one that the
-        L-BFGS pairs would then echo. ``v_d`` is per element like Adam's ``v`` (this rank's pieces under split
-        state); multi-tensor kernels over all parameters. The directions are this step's own tensors, so they
-        are divided where they are."""
+        others' entries are kept; the weight: :func:`weight_by_gradient_signal_`, for the entries L-BFGS's pairs
+        echo into a coordinate without gradient). ``v_d`` is per element like Adam's ``v`` (this rank's pieces
+        under split state); multi-tensor kernels over all parameters. The directions are this step's own tensors,
+        so they are divided where they are."""
         pieces, vs = [], []
         for u, d in zip(units, directions):
             offset = 0
@@ -698,7 +696,7 @@ class MLBFGS(QNOptimizerBase):
                 offset += n
         if pieces:
             torch._foreach_div_(pieces, adam_denominators_(vs, pieces, _ADAM_BETA2, step, _ADAM_EPS))
-            torch._foreach_addcdiv_(pieces, pieces, denom, value=-_ADAM_EPS)
+            weight_by_gradient_signal_(pieces, denom, _ADAM_EPS)
 
     def _graft_to_adam(
         self, units: list[MLBFGSBlock], directions: list[Tensor], which: list[int], gs: list[Tensor],

@@ -12,14 +12,7 @@ from torch import nn
 import hf_qn
 from hf_qn.optim.state import iter_tensors
 from tests._helpers.models import SmallCNN, digits_tensors, mlp, tiny_bert, tiny_gpt2, token_batch
-from tests._helpers.training import (
-    dead_unit_drift,
-    flat_state,
-    loop,
-    mse_loss,
-    regression_batches,
-    roundtrip,
-)
+from tests._helpers.training import dead_unit_drift, flat_state, loop, mse_loss, regression_batches, roundtrip
 
 
 def test_closure_required_on_curvature_steps_with_clear_error():

@@ -14,14 +14,7 @@ import hf_qn
 from hf_qn.optim.mlbfgs import build_blocks
 from tests._helpers.dense import explicit_lbfgs_matrix, random_spd
 from tests._helpers.models import SmallCNN, digits_tensors, mlp, tiny_bert, tiny_gpt2, token_batch
-from tests._helpers.training import (
-    dead_unit_drift,
-    flat_state,
-    loop,
-    mse_loss,
-    regression_batches,
-    roundtrip,
-)
+from tests._helpers.training import dead_unit_drift, flat_state, loop, mse_loss, regression_batches, roundtrip
 
 TEXTBOOK = dict(lr=1.0, momentum=0.0, param_decay=0.0, grad_decay=0.0, update_interval=1, damp=False,
                 normalize=False, gamma="auto", blocks="model", history_dtype=torch.float64)
