@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_autoencoder import kbfgs_step
+from recipe_utils import lr_beyond_best_end
 
 logger = logging.getLogger("benchmark_lm")
 
@@ -417,13 +418,10 @@ def _sweep_group(names: list[str], data: dict[str, Any], args: LMBenchmarkArgume
             logger.info("sweep %s lr=%g: val loss %.3f after %.0f s (%d steps)", r.name, r.lr,
                         finals[r.name][r.lr], r.clock, r.steps)
         pending = {}
-        for n in names:
-            lrs = sorted(finals[n])
-            best = min(lrs, key=lambda lr: finals[n][lr])
-            if best == lrs[0] and math.isfinite(finals[n][best]):
-                pending[n] = [lrs[0] / 3]
-            elif best == lrs[-1]:
-                pending[n] = [lrs[-1] * 3]
+        for n in names:  # a best lr at an end of the grid: one more candidate, 3x beyond it
+            beyond = lr_beyond_best_end({lr: v if math.isfinite(v) else math.inf for lr, v in finals[n].items()})
+            if beyond is not None and beyond not in finals[n]:
+                pending[n] = [beyond]
     result = {}
     for n in names:
         lrs = sorted(finals[n])

@@ -90,6 +90,12 @@ class RecipeArguments:
         metadata={"help": "Learning-rate sweeps as name=v1,v2,..., e.g. adamw=1e-4,3e-4,1e-3: every candidate "
                           "trains with the full budget and the best final eval metric is reported."},
     )
+    lr_sweep_extend: int = field(
+        default=2,
+        metadata={"help": "When a sweep's best lr is at an end of its grid, train one more candidate a factor of 3 "
+                          "beyond that end, up to this many times per optimizer, so that the lr kept is an interior "
+                          "optimum (the card says when it is still at an end); 0 keeps the grid as given."},
+    )
     smoke: bool = field(default=False, metadata={"help": "A few steps on tiny sizes (used by the tests)."})
     card_title: str | None = field(default=None)
     push_card_to_hub: bool = field(
@@ -110,10 +116,10 @@ class RecipeArguments:
     )
 
     def __post_init__(self) -> None:
-        for name in ("repeats", "sweep_seeds"):
+        for name, lo in (("repeats", 1), ("sweep_seeds", 1), ("lr_sweep_extend", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid --{name}: {value!r} (must be an integer >= 1)")
+            if not isinstance(value, int) or value < lo:
+                raise ValueError(f"Invalid --{name}: {value!r} (must be an integer >= {lo})")
 
 
 def _named_values(items: list[str], flag: str, single: bool) -> dict[str, list[float]]:
@@ -140,6 +146,21 @@ def parse_learning_rates(items: list[str], defaults: dict[str, float]) -> dict[s
 
 def parse_lr_sweep(items: list[str]) -> dict[str, list[float]]:
     return _named_values(items, "--lr_sweep", single=False)
+
+
+def lr_beyond_best_end(mean_ranks: dict[float, float]) -> float | None:
+    """The next candidate of a sweep whose best lr (lowest mean rank; ``inf`` for a run that diverged) is at an
+    end of its grid: a factor of 3 beyond that end, rounded to two significant digits; None when the best is
+    interior or the grid has a single point. When every candidate diverged, the next one is below the grid."""
+    if len(mean_ranks) < 2:
+        return None
+    lrs = sorted(mean_ranks)
+    best = min(lrs, key=lambda lr: mean_ranks[lr])
+    if best == lrs[0]:  # the lowest, or all diverged (min keeps the first of equal ranks)
+        return float(f"{lrs[0] / 3:.2g}")
+    if best == lrs[-1]:
+        return float(f"{lrs[-1] * 3:.2g}")
+    return None
 
 
 def sync_cuda() -> None:
@@ -264,13 +285,27 @@ def run_comparison(
     # that a change of machine load during the comparison hits them alike: their training times are compared.
     grids = {name: sweeps.get(name, [lrs[name]]) for name in names}
     sweep_seeds = {name: recipe.sweep_seeds if len(grids[name]) > 1 else 1 for name in names}
-    trials: dict[str, list[list[dict[str, Any]]]] = {name: [[] for _ in grids[name]] for name in names}
-    for r in range(max(sweep_seeds.values(), default=0)):  # per lr, its seeds' runs
-        for name in names:
-            if r < sweep_seeds[name]:
-                for runs_of_lr, lr in zip(trials[name], grids[name]):
-                    runs_of_lr.append(train_one(name, lr, r))
-    chosen = {name: min(trials[name], key=mean_rank) for name in names}
+    trials: dict[str, dict[float, list[dict[str, Any]]]] = {name: {} for name in names}  # per lr, its seeds' runs
+
+    def run_candidates(todo: dict[str, list[float]]) -> None:
+        for r in range(max(sweep_seeds[name] for name in todo)):
+            for name, candidates in todo.items():
+                if r < sweep_seeds[name]:
+                    for lr in candidates:
+                        trials[name].setdefault(lr, []).append(train_one(name, lr, r))
+
+    run_candidates(grids)
+    for _ in range(recipe.lr_sweep_extend):  # a best lr at an end of its grid: one more candidate beyond it
+        beyond = {name: lr_beyond_best_end({lr: mean_rank(t) for lr, t in trials[name].items()}) for name in names}
+        todo = {name: [lr] for name, lr in beyond.items() if lr is not None and lr not in trials[name]}
+        if not todo:
+            break
+        run_candidates(todo)
+    chosen = {name: min(trials[name].values(), key=mean_rank) for name in names}
+    for name in names:
+        if lr_beyond_best_end({lr: mean_rank(t) for lr, t in trials[name].items()}) is not None:
+            logger.warning("%s: the best lr %g is still at an end of its sweep %s", name,
+                           chosen[name][0]["learning_rate"], sorted(trials[name]))
     more: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for r in range(min(sweep_seeds.values(), default=0), recipe.repeats):  # the chosen lr's further seeds
         for name in names:
@@ -281,7 +316,7 @@ def run_comparison(
         best = chosen[name][0]
         best["sweep"] = [{"learning_rate": t[0]["learning_rate"], "final": t[0]["final"][key],
                           "final_mean": sum(run["final"][key] for run in t) / len(t), "seeds": len(t),
-                          "train_seconds": t[0]["train_seconds"]} for t in trials[name]]
+                          "train_seconds": t[0]["train_seconds"]} for _, t in sorted(trials[name].items())]
         best["repeats"] = [_brief(run) for run in chosen[name][1:]] + more[name]
         runs.append(best)
     summary = summarize(runs, key, greater_is_better)
@@ -312,6 +347,7 @@ def run_comparison(
                          "weight_decay": training_args.weight_decay, "seed": training_args.seed,
                          "lr_sweep (best final eval metric kept)": sweeps or "none",
                          "seeds per sweep candidate (best mean kept)": recipe.sweep_seeds,
+                         "lr_sweep_extend (candidates beyond a best end)": recipe.lr_sweep_extend,
                          "repeats": recipe.repeats,
                          "model in this folder": meta["model_saved_from"]},
         table=table,
@@ -544,7 +580,9 @@ def summary_table(summary: dict[str, Any], key: str) -> str:
         swept = r.get("swept") or []
         grid = ", ".join(f"{v:g}" for v in swept)
         chosen_by = f"best mean of {r['sweep_seeds']} seeds among" if r.get("sweep_seeds", 1) > 1 else "best of"
-        lr = f"{r['lr']:g}" + (f" ({chosen_by} {grid})" if len(swept) > 1 else "")
+        at_end = len(swept) > 1 and r["lr"] in (min(swept), max(swept))
+        lr = f"{r['lr']:g}" + (f" ({chosen_by} {grid}{'; at an end of the grid' if at_end else ''})"
+                               if len(swept) > 1 else "")
         state = r.get("optimizer_state_bytes")
         line = (f"| {r['optimizer']} | {lr} | {r['final']:.4f} | {r['train_seconds']:.1f} | "
                 f"{r['median_step_seconds']:.3f} | {reach} | {'-' if state is None else f'{state / 2**20:.1f}'} |")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def test_lr_sweep_keeps_the_best_candidate_and_records_the_grid(tmp_path):
     mod = load_script("image_classification")
     out = tmp_path / "sweep"
     args = [a for a in COMMON if a not in ("kbfgs", "mlbfgs")]
-    res = mod.main([*args, "--model_type", "resnet", "--lr_sweep", "adamw=1e-4,3e-3", "--output_dir", str(out)])
+    res = mod.main([*args, "--model_type", "resnet", "--lr_sweep", "adamw=1e-4,3e-3", "--lr_sweep_extend", "0",
+                    "--output_dir", str(out)])
     (run,) = res["runs"]
     finals = {t["learning_rate"]: t["final"] for t in run["sweep"]}
     assert sorted(finals) == [1e-4, 3e-3]
@@ -73,7 +75,7 @@ def test_sweep_seeds_choose_the_lr_by_its_seed_mean_and_count_as_repeats(tmp_pat
     args = [a for a in COMMON if a not in ("kbfgs", "mlbfgs")]
     out = tmp_path / "sweep"
     res = mod.main([*args, "--model_type", "resnet", "--lr_sweep", "adamw=1e-4,3e-3", "--sweep_seeds", "2",
-                    "--repeats", "3", "--output_dir", str(out)])
+                    "--lr_sweep_extend", "0", "--repeats", "3", "--output_dir", str(out)])
     (run,) = res["runs"]
     means = {t["learning_rate"]: t["final_mean"] for t in run["sweep"]}
     assert [t["seeds"] for t in run["sweep"]] == [2, 2]
@@ -85,6 +87,48 @@ def test_sweep_seeds_choose_the_lr_by_its_seed_mean_and_count_as_repeats(tmp_pat
     assert "best mean of 2 seeds among 0.0001, 0.003" in (out / "README.md").read_text()
     with pytest.raises(ValueError, match="--sweep_seeds"):
         mod.main([*args, "--sweep_seeds", "0", "--output_dir", str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="--lr_sweep_extend"):
+        mod.main([*args, "--lr_sweep_extend", "-1", "--output_dir", str(tmp_path / "bad")])
+
+
+def test_a_best_lr_at_an_end_of_the_grid_is_extended_beyond_it(tmp_path, monkeypatch):
+    """A best lr at an end of its grid gets a candidate a factor of 3 beyond that end, up to --lr_sweep_extend times:
+    with the metric peaking at lr 0.02, the grid 1e-3, 3e-3 grows upward until the best is interior (after 3
+    extensions) or the budget runs out (2: the card says the lr kept is still at an end)."""
+    mod = load_script("image_classification")
+    utils = sys.modules["recipe_utils"]
+    train, order = utils._train, []
+
+    def peaked(args, name, lr, *rest):  # a real run whose final metric is replaced by a known function of lr
+        order.append(lr)
+        run, model = train(args, name, lr, *rest)
+        run["final"]["eval_accuracy"] = 1.0 - abs(math.log10(lr / 0.02)) / 10
+        return run, model
+
+    monkeypatch.setattr(utils, "_train", peaked)
+    args = [a for a in COMMON if a not in ("kbfgs", "mlbfgs")]
+    for extend, grown, kept in (("2", [9e-3, 0.027], 0.027), ("3", [9e-3, 0.027, 0.081], 0.027)):
+        order.clear()
+        out = tmp_path / f"extend{extend}"
+        res = mod.main([*args, "--model_type", "resnet", "--lr_sweep", "adamw=1e-3,3e-3", "--lr_sweep_extend", extend,
+                        "--output_dir", str(out)])
+        (run,) = res["runs"]
+        assert order == [1e-3, 3e-3, *grown]
+        assert [t["learning_rate"] for t in run["sweep"]] == sorted(order)
+        assert run["learning_rate"] == kept
+        card = (out / "README.md").read_text()
+        assert ("at an end of the grid" in card) == (extend == "2")
+
+
+def test_lr_beyond_best_end():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from recipe_utils import lr_beyond_best_end
+
+    assert lr_beyond_best_end({1e-3: -0.9, 3e-3: -0.8}) == pytest.approx(3.3e-4)  # best at the low end
+    assert lr_beyond_best_end({1e-3: -0.7, 3e-3: -0.8}) == pytest.approx(9e-3)  # at the high end
+    assert lr_beyond_best_end({1e-3: -0.7, 3e-3: -0.8, 1e-2: -0.75}) is None  # interior
+    assert lr_beyond_best_end({1e-3: math.inf, 3e-3: math.inf}) == pytest.approx(3.3e-4)  # all diverged: lower
+    assert lr_beyond_best_end({1e-3: -0.8}) is None  # no sweep
 
 
 def test_the_optimizers_take_turns_seed_by_seed(tmp_path, monkeypatch):
@@ -101,7 +145,7 @@ def test_the_optimizers_take_turns_seed_by_seed(tmp_path, monkeypatch):
     monkeypatch.setattr(utils, "_train", recording)
     args = [a for a in COMMON if a != "mlbfgs"]
     res = mod.main([*args, "--model_type", "resnet", "--lr_sweep", "adamw=1e-4,3e-3", "--sweep_seeds", "2",
-                    "--learning_rates", "kbfgs=1e-3", "--repeats", "3", "--seed", "0",
+                    "--lr_sweep_extend", "0", "--learning_rates", "kbfgs=1e-3", "--repeats", "3", "--seed", "0",
                     "--output_dir", str(tmp_path / "turns")])
     best = res["runs"][0]["learning_rate"]
     assert order == [("adamw", 1e-4, 0), ("adamw", 3e-3, 0), ("kbfgs", 1e-3, 0),
