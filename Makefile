@@ -59,9 +59,9 @@ RECIPE_COMMON = --eval_strategy steps --eval_steps 0.1 --logging_steps 5 --save_
 SEEDS_TEXT = --sweep_seeds 3 --repeats 5
 SEEDS_VIT = --sweep_seeds 5 --repeats 10
 # Every optimizer gets a 4-point lr sweep (full budget each, seed 0; best final metric kept), grown by a factor of 3
-# beyond an end that wins (--lr_sweep_extend, twice at most), so that the lr kept is an interior optimum. K-BFGS grafts its step
-# length to Adam's; its best lr was 0.3-10x AdamW's on these recipes, mostly above it, so its grid sits one to two
-# points above AdamW's.
+# beyond an end that wins (--lr_sweep_extend, twice at most), so that the lr kept is an interior optimum. K-BFGS
+# grafts its step length to Adam's; its best lr was 0.3-10x AdamW's on these recipes, mostly above it, so its grid
+# sits one to two points above AdamW's.
 SWEEP_TEXT  = --lr_sweep adamw=2e-5,5e-5,1e-4,2e-4 kbfgs=1e-4,2e-4,4e-4,8e-4 mlbfgs=3e-6,1e-5,3e-5,1e-4
 SWEEP_SCRATCH = --lr_sweep adamw=3e-4,1e-3,3e-3,1e-2 kbfgs=1e-3,3e-3,1e-2,3e-2 mlbfgs=1e-4,3e-4,1e-3,3e-3
 cards: $(STAMP)
