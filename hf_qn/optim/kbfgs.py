@@ -36,7 +36,7 @@ from ..adapters.registry import FallbackParam
 from ..capture import Capture
 from ..distributed import is_dtensor
 from ..distributed.shards import local_piece
-from ..linalg import all_finite, finite_flag
+from ..linalg import finite_flag
 from ._base import ROLE, ROLE_FALLBACK, ROLE_QN, QNOptimizerBase, adamw_state_
 from .config import MATMUL_DTYPES, KBFGSConfig
 from .guards import CurvatureSchedule, GrowthGuard, KLClip, LossGuard, StepBackoff
@@ -323,12 +323,13 @@ class KBFGS(QNOptimizerBase):
         # A ← β_A A + (1−β_A) A_batch                                                       (Alg. 1, line 5)
         a_means = self._update_input_factors(now, active) if now is not None else []
         # ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄);  D = H_g ĝ H_a                                       (eq. 3)
-        directions = self._directions(active)
-        if directions is None:
+        found = self._directions(active)
+        if found is None:
             return self._skip("non-finite direction; step skipped", loss)
+        directions, norms = found
         # ν: KL clip × loss-guard back-off, then no layer's step outgrows its last curvature step's
         scale = self.kl_clip.scale(*self._present(directions)) * self.backoff.factor
-        sizes, scale = self._limit_growth(directions, scale, curvature)
+        sizes, scale = self._limit_growth(directions, norms, scale, curvature)
         # W̄ ← W̄ − α ν D; the fallback parameters by AdamW / SGD                             (Alg. 1, line 7)
         self._apply(directions, scale)
         kept = True
@@ -419,9 +420,11 @@ class KBFGS(QNOptimizerBase):
                                               self._sqrt_lam()))
         return out
 
-    def _directions(self, active: list[bool]) -> list[Tensor | None] | None:
-        """Per active layer ``ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄)`` and ``D = H_g ĝ H_a`` (None for a paused layer);
-        None if any is not finite. The elementwise stages run over all active layers at once."""
+    def _directions(self, active: list[bool]) -> tuple[list[Tensor | None], list[float]] | None:
+        """Per active layer ``ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄)`` and ``D = H_g ĝ H_a`` (None for a paused layer), with
+        the norms ``‖D‖`` (0 for a paused layer); None if any is not finite. The elementwise stages run over all
+        active layers at once, and the norms, which also tell whether every direction is finite (a NaN or inf
+        entry makes its norm one), are read with one host sync."""
         cfg = self.config
         on = [la for la, a in zip(self.layers, active) if a]
         for la in on:
@@ -430,12 +433,20 @@ class KBFGS(QNOptimizerBase):
         update_momenta(on, grads, cfg.grad_decay)
         D = [la.direction(self._matmul_dtype_for(la)) for la in on]
         if cfg.graft == "adam":  # [D ← D / (√v̂_D + ε)], then D ← D · ‖m̂ / (√v̂ + ε)‖ / ‖D‖
-            D = graft_to_adam(on, D, grads, cfg.grad_decay, cfg.fallback_betas[1], cfg.fallback_eps,
-                              bool(cfg.direction_rms))
-        if D and not all_finite(*D):
+            D, norms = graft_to_adam(on, D, grads, cfg.grad_decay, cfg.fallback_betas[1], cfg.fallback_eps,
+                                     bool(cfg.direction_rms))
+        else:
+            norms = list(torch._foreach_norm(D)) if D else []
+        values = torch.stack([n.float().to(D[0].device) for n in norms]).tolist() if D else []
+        if not all(math.isfinite(v) for v in values):
             return None
-        it = iter(D)
-        return [next(it) if a else None for a in active]
+        it, sizes = iter(zip(D, values)), list[float]()
+        out = list[Tensor | None]()
+        for a in active:
+            d, size = next(it) if a else (None, 0.0)
+            out.append(d)
+            sizes.append(size)
+        return out, sizes
 
     def _present(self, directions: list[Tensor | None]) -> tuple[list[Tensor], list[Tensor], list[float]]:
         """The active layers' directions, gradient averages and learning rates."""
@@ -467,20 +478,17 @@ class KBFGS(QNOptimizerBase):
         return self.config.inverse_interval if self.config.input_inverse == "cholesky" else None
 
     def _limit_growth(
-        self, directions: list[Tensor | None], scale: float, curvature: bool
+        self, directions: list[Tensor | None], norms: list[float], scale: float, curvature: bool
     ) -> tuple[list[float], float]:
-        """With ``update_interval > 1``: the layers' step sizes ``‖α D‖`` (one host sync for all) and the
-        scale the growth guard allows."""
+        """With ``update_interval > 1``: the layers' step sizes ``‖α D‖`` (``norms``: each ``‖D‖``) and the scale
+        the growth guard allows."""
         if self.config.update_interval == 1:
             return [], scale
         if curvature:
             self.schedule.refresh_next(False)  # this step is the refresh
-        present = [D for D in directions if D is not None]
-        if not present:
+        if all(D is None for D in directions):
             return [0.0] * len(directions), scale
-        dev = present[0].device
-        norms = iter(torch.stack([D.norm().float().to(dev) for D in present]).tolist())
-        sizes = [0.0 if D is None else lr * next(norms) for D, lr in zip(directions, self._layer_lrs())]
+        sizes = [0.0 if D is None else lr * n for D, n, lr in zip(directions, norms, self._layer_lrs())]
         return sizes, self.growth_guard.limit(sizes, scale, self.schedule)
 
     def _apply(self, directions: list[Tensor | None], scale: float) -> None:

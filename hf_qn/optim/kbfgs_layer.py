@@ -203,7 +203,7 @@ def update_momenta(layers: list[KroneckerLayer], grads: list[Tensor], rho: float
 def graft_to_adam(
     layers: list[KroneckerLayer], directions: list[Tensor], grads: list[Tensor], rho: float, beta2: float, eps: float,
     direction_rms: bool = False,
-) -> list[Tensor]:
+) -> tuple[list[Tensor], list[Tensor]]:
     """Each layer's ``D`` rescaled to the norm of Adam's step ``m̂ / (√v̂ + ε)`` in that layer, where
     ``m̂ = ĝ / (1 − ρᵗ)`` and ``v ← β₂ v + (1 − β₂) G²`` (``G``: this step's gradient with L2); ``t`` counts the
     layer's own steps. With ``direction_rms``, each entry of ``D`` is first divided by its own running RMS and
@@ -212,8 +212,9 @@ def graft_to_adam(
     the weight: :func:`weight_by_gradient_signal_`, for the entries ``H_g`` and ``H_a`` mix into a coordinate
     without gradient). The layers that share a step count (and a device) are done together with
     multi-tensor kernels (both second moments in one update, one ratio of norms per layer in one vector); no host
-    sync: the ratios stay tensors."""
-    out = list(directions)
+    sync: the ratios stay tensors. Returns the grafted directions and their norms (0-dim tensors, ``r ‖D‖`` for the
+    ratio ``r``: Adam's norm, or 0 for a zero direction; non-finite if the direction is)."""
+    out, norms = list(directions), dict[int, Tensor]()
     grafts = [la.ensure_graft_state(direction_rms) for la in layers]
     for graft in grafts:
         graft["steps"] += 1
@@ -232,10 +233,12 @@ def graft_to_adam(
             D = [directions[i] for i in idx]
         momenta = [layers[i].state["momentum_buffer"] for i in idx]
         adam_norms = torch.stack(torch._foreach_norm(torch._foreach_div(momenta, denom))) / (1.0 - rho**t)
-        ratios = adam_norms / torch.stack(torch._foreach_norm(D)).clamp_min(tiny)
-        for i, d, r in zip(idx, D, ratios.unbind()):
+        d_norms = torch.stack(torch._foreach_norm(D))
+        ratios = adam_norms / d_norms.clamp_min(tiny)
+        for i, d, r, n in zip(idx, D, ratios.unbind(), (ratios * d_norms).unbind()):
             out[i] = d * r
-    return out
+            norms[i] = n
+    return out, [norms[i] for i in range(len(layers))]
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,45 @@ def test_growth_guard_bounds_a_stale_step_and_refreshes_curvature(momentum):
     assert stats["qn/pairs_accepted"] == 2 * len(opt.adapters)  # steps 0 and 2 (the refresh) updated curvature
 
 
+@pytest.mark.parametrize("preset", ["paper", None])
+def test_growth_guard_reference_is_the_step_taken(preset):
+    """The growth guard's reference for each layer is the size of the step the layer took, ``‖ΔW‖`` (bias-free
+    layers), whether the size comes from the direction's own norm (the paper's) or from the grafted length
+    (the defaults: Adam's norm times the direction's RMS-scaled one, read with the finiteness check)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.Tanh(), nn.Linear(6, 2, bias=False))
+    opt = hf_qn.KBFGS(model, preset=preset, lr=0.05, l2=0.0, update_interval=3, warmup_curvature_steps=0)
+    for batch in regression_batches(2, d_in=4, d_out=2):  # a curvature step, then a stale one
+        opt.zero_grad()
+        before = [m.weight.detach().clone() for m in _linears(model)]
+        mse_loss(model, batch).backward()
+        curvature = opt.curvature_step_next()
+        opt.step((lambda b=batch: mse_loss(model, b).backward()) if curvature and preset == "paper" else None)
+        if curvature:
+            refs = opt.growth_guard.state["ref_step_sizes"].tolist()
+            assert refs == pytest.approx(_layer_steps(model, before), rel=1e-5)
+            assert min(refs) > 0
+
+
+@pytest.mark.parametrize("preset", ["paper", None])
+def test_nonfinite_direction_skips_step(preset):
+    """A factor gone non-finite makes the direction non-finite: the step is skipped with a warning and no
+    parameter moves, with and without grafting (whose rescaling would turn an inf into NaN or 0)."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = hf_qn.KBFGS(model, preset=preset, lr=0.05)
+    batches = regression_batches(3)
+    loop(model, opt, batches[:2], mse_loss)
+    opt.layers[0].state["input"]["H_a"][0, 0] = float("inf")
+    snap = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    mse_loss(model, batches[2]).backward()
+    with pytest.warns(RuntimeWarning, match="non-finite direction"):
+        opt.step(lambda: mse_loss(model, batches[2]).backward())
+    assert all(torch.equal(a, b) for a, b in zip(snap, model.parameters()))
+    assert opt.statistics()["qn/steps_skipped_nonfinite"] == 1
+
+
 def test_growth_guard_leaves_the_paper_algorithm_alone_at_interval_one():
     torch.manual_seed(0)
     model = mlp()
