@@ -131,6 +131,12 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
         metadata={"help": "The optimizer's qn/* statistics in the logs: interval (counts since the last log), "
                   "total (counts since the start) or off."},
     )
+    qn_log_factor_norms: bool = field(
+        default=False,
+        metadata={"help": "K-BFGS: with qn_log_statistics, also log qn/max_norm_H_g and qn/max_norm_H_a, Lanczos "
+                  "estimates of the factors' largest eigenvalues (they read every factor 30 times: on MiniLM "
+                  "about half a training step per log line on a CPU)."},
+    )
     qn_exclude: list[str] = field(
         default_factory=list, metadata={"help": "K-BFGS: regexes of module names not to adapt."}
     )
@@ -422,11 +428,12 @@ class QNTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The Trainer's log, with the optimizer's ``qn/*`` statistics on every line that carries the training
         loss: counts since the previous such line (``qn_log_statistics="interval"``), since the start
-        (``"total"``), or none (``"off"``)."""
+        (``"total"``), or none (``"off"``); K-BFGS's factor norms too with ``qn_log_factor_norms``."""
         inner = unwrap_optimizer(self.optimizer) if self.optimizer is not None else None
         mode = getattr(self.args, "qn_log_statistics", "interval")
         if "loss" in logs and isinstance(inner, (KBFGS, MLBFGS)) and mode != "off":
-            stats = inner.statistics()
+            norms = bool(getattr(self.args, "qn_log_factor_norms", False))
+            stats = inner.statistics(factor_norms=norms) if isinstance(inner, KBFGS) else inner.statistics()
             if mode == "interval":
                 last = self.__dict__.setdefault("_qn_last_counts", {})
                 counts = {k: v for k, v in stats.items() if k in inner.COUNTERS}

@@ -14,7 +14,7 @@ from .bfgs import (
 from .damping import DampedPair, double_damping, lm_damping, mlbfgs_damping, mlbfgs_mix, powell_damping_inverse
 from .kron import damped_cholesky_inverse, kron_precondition
 from .lbfgs import LBFGSHistory
-from .spectral import sym_psd_norm_estimate
+from .spectral import sym_psd_norm_estimate, sym_psd_norm_estimates
 
 __all__ = [
     "CurvatureCheck",
@@ -34,4 +34,5 @@ __all__ = [
     "mlbfgs_mix",
     "powell_damping_inverse",
     "sym_psd_norm_estimate",
+    "sym_psd_norm_estimates",
 ]

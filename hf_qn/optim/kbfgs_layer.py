@@ -15,6 +15,7 @@ The pair and ``H_a`` updates of all layers of one width run together as the rows
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from ..adapters import LayerAdapter
 from ..capture import input_factor_shape
-from ..linalg import damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimate
+from ..linalg import damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimates
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
 from ..linalg.blocks import BlockSplit, matvec_rows
 from ._base import adam_denominators_, weight_by_gradient_signal_
@@ -348,33 +349,48 @@ def update_input_inverses(
                 la.count("input_updates_skipped", n - sum(accepted))
 
 
-def layer_statistics(layers: list[KroneckerLayer]) -> dict[str, float]:
-    """The layers' counters summed, and the largest norms of their factors (``qn/max_norm_H_g``, ``_H_a``)."""
+def layer_statistics(layers: list[KroneckerLayer], factor_norms: bool = True) -> dict[str, float]:
+    """The layers' counters summed and, with ``factor_norms``, the largest norms of their factors
+    (``qn/max_norm_H_g``, ``_H_a``; NaN if a factor is not finite): the Lanczos estimates of all the factors'
+    matrices in one batched call."""
     out: dict[str, float] = dict.fromkeys((f"qn/{k}" for k in KBFGS_LAYER_COUNTERS), 0.0)
-    hg_norm = ha_norm = 0.0
+    output_mats: list[Tensor] = []
+    input_mats: list[Tensor] = []
     for la in layers:
         if "counters" not in la.state:
             continue
         for k in KBFGS_LAYER_COUNTERS:
             out[f"qn/{k}"] += float(la.state["counters"][k])
+        if not factor_norms:
+            continue
         H_g = la.state["output"].get("H_g")
         if H_g is not None:
-            hg_norm = max(hg_norm, factor_norm(H_g, la.output.split))
-        ha_norm = max(ha_norm, factor_norm(la.state["input"]["H_a"], la.input_split))
-    out["qn/max_norm_H_g"] = hg_norm
-    out["qn/max_norm_H_a"] = ha_norm
+            output_mats += factor_matrices(H_g, la.output.split)
+        input_mats += factor_matrices(la.state["input"]["H_a"], la.input_split)
+    if not factor_norms:
+        return out
+    norms = sym_psd_norm_estimates(output_mats + input_mats)
+    out["qn/max_norm_H_g"] = _nan_max(norms[: len(output_mats)])
+    out["qn/max_norm_H_a"] = _nan_max(norms[len(output_mats) :])
     return out
 
 
-def factor_norm(H: Tensor, split: BlockSplit) -> float:
-    """The largest eigenvalue of a factor: a diagonal's largest entry, a dense factor's Lanczos estimate, the
-    largest of its blocks' for a block-diagonal one (the padding of the last block left out)."""
+def factor_matrices(H: Tensor, split: BlockSplit) -> list[Tensor]:
+    """The symmetric matrices whose largest eigenvalue is the factor's: a dense factor itself, each block of a
+    block-diagonal one (the padding of the last block left out), a diagonal's largest entry as a 1 x 1 matrix."""
     if H.dim() == 1:
-        return float(H.max())
+        return [H.max().reshape(1, 1)]
     if H.dim() == 2:
-        return sym_psd_norm_estimate(H)
+        return [H]
     last = split.size - split.pad
-    return max(sym_psd_norm_estimate(H[-1, :last, :last]), *(sym_psd_norm_estimate(b) for b in H[:-1]))
+    return [*H[:-1].unbind(0), H[-1, :last, :last]]
+
+
+def _nan_max(values: list[float]) -> float:
+    """The largest value, NaN if any is NaN (a non-finite factor must show in the logs), 0 for none."""
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return max(values, default=0.0)
 
 
 def read_flags(flags: list[Tensor]) -> list[list[list[bool]]]:

@@ -525,6 +525,22 @@ def test_logs_count_per_interval_and_say_what_is_preconditioned(tmp_path, caplog
         _args(tmp_path, qn_log_statistics="sometimes")
 
 
+def test_factor_norms_are_logged_only_when_asked(tmp_path):
+    """K-BFGS's factor norms (a Lanczos pass over every factor) stay out of the log lines by default; with
+    qn_log_factor_norms they are on every line that carries the loss, positive and finite."""
+    for asked in (False, True):
+        torch.manual_seed(0)
+        trainer = QNTrainer(model=RegressionModel(), train_dataset=regression_dataset(),
+                            args=_args(tmp_path, qn_optimizer="kbfgs", learning_rate=0.2, max_steps=4,
+                                       logging_steps=2, qn_log_factor_norms=asked, qn_args="preset=paper"))
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        assert logs and all("qn/pairs_accepted" in h for h in logs)
+        for key in ("qn/max_norm_H_g", "qn/max_norm_H_a"):
+            assert all((key in h) == asked for h in logs)
+            assert not asked or all(0 < h[key] < float("inf") for h in logs)
+
+
 def test_card_carries_the_configured_learning_rate(tmp_path):
     """After a linear schedule has taken the lr to 0, the card still says the configured one."""
     torch.manual_seed(0)

@@ -94,3 +94,29 @@ def test_gpt2_blocks_its_wide_layers_and_learns():
             assert opt.statistics()["qn/pairs_accepted"] > 0
     assert losses[40][-1] < 0.5 * losses[40][0]
     assert abs(losses[40][-1] - losses[None][-1]) < 0.25 * losses[None][0]
+
+
+@pytest.mark.parametrize("max_block_dim", [None, 3])
+def test_logged_factor_norms_are_the_largest_eigenvalues(max_block_dim):
+    """``qn/max_norm_H_g`` / ``_H_a`` (one batched Lanczos call for all factors, exact at these sizes) equal the
+    largest eigenvalue over the layers' factors, a block-diagonal factor taken as the dense matrix of its blocks
+    without the last block's padding (float64 reference; to 1e-6, as the float32 factors are symmetric only to
+    rounding and eigvalsh reads one triangle); a non-finite factor is logged as NaN."""
+    model, opt = _trained(max_block_dim)
+
+    def dense(H, split):
+        if H.dim() == 2:
+            return H
+        last = split.size - split.pad
+        return torch.block_diag(*H[:-1], H[-1, :last, :last])
+
+    def top(mats):
+        return max(float(torch.linalg.eigvalsh(M.double())[-1]) for M in mats)
+
+    stats = opt.statistics()
+    assert stats["qn/max_norm_H_g"] == pytest.approx(
+        top([dense(la.state["output"]["H_g"], la.output.split) for la in opt.layers]), rel=1e-6)
+    assert stats["qn/max_norm_H_a"] == pytest.approx(
+        top([dense(la.state["input"]["H_a"], la.input_split) for la in opt.layers]), rel=1e-6)
+    opt.layers[1].state["input"]["H_a"].view(-1)[0] = float("nan")
+    assert math.isnan(opt.statistics()["qn/max_norm_H_a"])
