@@ -442,13 +442,9 @@ class KBFGS(QNOptimizerBase):
         values = torch.stack([n.float().to(D[0].device) for n in norms]).tolist() if D else []
         if not all(math.isfinite(v) for v in values):
             return None
-        it, sizes = iter(zip(D, values)), list[float]()
-        out = list[Tensor | None]()
-        for a in active:
-            d, size = next(it) if a else (None, 0.0)
-            out.append(d)
-            sizes.append(size)
-        return out, sizes
+        it = iter(zip(D, values))
+        per_layer: list[tuple[Tensor | None, float]] = [next(it) if a else (None, 0.0) for a in active]
+        return [d for d, _ in per_layer], [n for _, n in per_layer]
 
     def _present(self, directions: list[Tensor | None]) -> tuple[list[Tensor], list[Tensor], list[float]]:
         """The active layers' directions, gradient averages and learning rates."""
