@@ -294,16 +294,18 @@ def run_comparison(
                     for lr in candidates:
                         trials[name].setdefault(lr, []).append(train_one(name, lr, r))
 
+    def beyond(name: str) -> float | None:
+        return lr_beyond_best_end({lr: mean_rank(t) for lr, t in trials[name].items()})
+
     run_candidates(grids)
     for _ in range(recipe.lr_sweep_extend):  # a best lr at an end of its grid: one more candidate beyond it
-        beyond = {name: lr_beyond_best_end({lr: mean_rank(t) for lr, t in trials[name].items()}) for name in names}
-        todo = {name: [lr] for name, lr in beyond.items() if lr is not None and lr not in trials[name]}
+        todo = {name: [lr] for name in names if (lr := beyond(name)) is not None and lr not in trials[name]}
         if not todo:
             break
         run_candidates(todo)
     chosen = {name: min(trials[name].values(), key=mean_rank) for name in names}
     for name in names:
-        if lr_beyond_best_end({lr: mean_rank(t) for lr, t in trials[name].items()}) is not None:
+        if beyond(name) is not None:
             logger.warning("%s: the best lr %g is still at an end of its sweep %s", name,
                            chosen[name][0]["learning_rate"], sorted(trials[name]))
     more: dict[str, list[dict[str, Any]]] = {name: [] for name in names}

@@ -351,28 +351,29 @@ def update_input_inverses(
 
 def layer_statistics(layers: list[KroneckerLayer], factor_norms: bool = True) -> dict[str, float]:
     """The layers' counters summed and, with ``factor_norms``, the largest norms of their factors
-    (``qn/max_norm_H_g``, ``_H_a``; NaN if a factor is not finite): the Lanczos estimates of all the factors'
-    matrices in one batched call."""
+    (:func:`max_factor_norms`)."""
     out: dict[str, float] = dict.fromkeys((f"qn/{k}" for k in KBFGS_LAYER_COUNTERS), 0.0)
+    seen = [la for la in layers if "counters" in la.state]
+    for la in seen:
+        for k in KBFGS_LAYER_COUNTERS:
+            out[f"qn/{k}"] += float(la.state["counters"][k])
+    if factor_norms:
+        out["qn/max_norm_H_g"], out["qn/max_norm_H_a"] = max_factor_norms(seen)
+    return out
+
+
+def max_factor_norms(layers: list[KroneckerLayer]) -> tuple[float, float]:
+    """The largest eigenvalue over the layers' ``H_g`` and over their ``H_a`` (NaN if a factor is not finite, 0
+    for none): the Lanczos estimates of all the factors' matrices in one batched call."""
     output_mats: list[Tensor] = []
     input_mats: list[Tensor] = []
     for la in layers:
-        if "counters" not in la.state:
-            continue
-        for k in KBFGS_LAYER_COUNTERS:
-            out[f"qn/{k}"] += float(la.state["counters"][k])
-        if not factor_norms:
-            continue
         H_g = la.state["output"].get("H_g")
         if H_g is not None:
             output_mats += factor_matrices(H_g, la.output.split)
         input_mats += factor_matrices(la.state["input"]["H_a"], la.input_split)
-    if not factor_norms:
-        return out
     norms = sym_psd_norm_estimates(output_mats + input_mats)
-    out["qn/max_norm_H_g"] = _nan_max(norms[: len(output_mats)])
-    out["qn/max_norm_H_a"] = _nan_max(norms[len(output_mats) :])
-    return out
+    return _nan_max(norms[: len(output_mats)]), _nan_max(norms[len(output_mats) :])
 
 
 def factor_matrices(H: Tensor, split: BlockSplit) -> list[Tensor]:
