@@ -12,13 +12,19 @@ from torch import Tensor
 __all__ = ["all_reduce_sum_", "is_distributed", "is_dtensor", "rank", "shutdown", "world_size"]
 
 
+_DTENSOR: list[type] = []  # DTensor's class, once looked up
+
+
 def is_dtensor(t: object) -> bool:
-    """True for a DTensor (parameters sharded by FSDP2 ``fully_shard`` or tensor parallelism)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - very old torch
-        return False
-    return isinstance(t, DTensor)
+    """True for a DTensor (parameters sharded by FSDP2 ``fully_shard`` or tensor parallelism). The class is
+    imported on the first call, not with hf_qn, and kept: the optimizers ask this of every tensor they touch."""
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - very old torch
+            return False
+        _DTENSOR.append(DTensor)
+    return isinstance(t, _DTENSOR[0])
 
 
 def is_distributed() -> bool:

@@ -11,6 +11,7 @@ from .bfgs import (
     dot64,
     finite_flag,
 )
+from .cast import cast
 from .damping import DampedPair, double_damping, lm_damping, mlbfgs_damping, mlbfgs_mix, powell_damping_inverse
 from .kron import damped_cholesky_inverse, kron_precondition
 from .lbfgs import LBFGSHistory
@@ -22,6 +23,7 @@ __all__ = [
     "LBFGSHistory",
     "all_finite",
     "bfgs_inverse_update",
+    "cast",
     "check_curvature",
     "curvature_verdict",
     "damped_cholesky_inverse",

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .blocks import block_left, block_right
+from .cast import cast
 
 __all__ = ["damped_cholesky_inverse", "kron_precondition"]
 
@@ -25,15 +26,14 @@ def kron_precondition(
     ``X``'s dtype.
     """
     dtype = X.dtype if compute_dtype is None else compute_dtype
-    out = X.to(dtype)
+    out = cast(X, dtype)
     if H_a is not None:
-        if H_a.dim() == 1:
-            out = out * H_a.to(dtype)
-        else:
-            out = block_right(out, H_a.to(dtype)) if H_a.dim() == 3 else out @ H_a.to(dtype)
+        a = cast(H_a, dtype)
+        out = out * a if a.dim() == 1 else block_right(out, a) if a.dim() == 3 else out @ a
     if H_g is not None:
-        out = block_left(H_g.to(dtype), out) if H_g.dim() == 3 else H_g.to(dtype) @ out
-    return out.to(X.dtype)
+        g = cast(H_g, dtype)
+        out = block_left(g, out) if g.dim() == 3 else g @ out
+    return cast(out, X.dtype)
 
 
 def damped_cholesky_inverse(A: Tensor, damping: float) -> Tensor:

@@ -44,11 +44,15 @@ def adamw_updates_(
     a few launches instead of about ten per parameter. ``states`` are the parameters' optimizer states,
     filled on first use (``step`` a 0-dim CPU tensor, as torch keeps it)."""
     beta1, beta2 = betas
-    buckets: dict[tuple[Any, ...], list[int]] = {}
-    for i, (p, st) in enumerate(zip(params, states)):
+    for p, st in zip(params, states):
         adamw_state_(p, st)
-        st["step"] += 1
-        buckets.setdefault((p.device, p.dtype, float(st["step"])), []).append(i)
+    steps = [st["step"] for st in states]  # 0-dim CPU tensors: counted and read all at once
+    if not steps:
+        return
+    torch._foreach_add_(steps, 1)
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for i, (p, step) in enumerate(zip(params, torch.stack(steps).tolist())):
+        buckets.setdefault((p.device, p.dtype, step), []).append(i)
     for (_, _, step), idx in buckets.items():
         ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
         exp_avgs = [states[i]["exp_avg"] for i in idx]
@@ -201,8 +205,7 @@ class QNOptimizerBase(torch.optim.Optimizer):
                 bad += (~torch.isfinite(torch.stack([n.double() for n in torch._foreach_norm(local)]))).sum()
             all_reduce_sum_([bad], sharded[0].device_mesh.get_group())  # type: ignore[attr-defined]
             return not bool(bad.item())
-        norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
-        return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
     # ------------------------------------------------------------------ copies
     #: attributes beyond torch's (defaults, state, param_groups) that a pickled or deep-copied

@@ -65,6 +65,10 @@ class KLClip:
     def __init__(self, kl_clip: float | None) -> None:
         self.kl_clip = kl_clip
 
+    @property
+    def enabled(self) -> bool:
+        return self.kl_clip is not None
+
     def scale(self, directions: list[Tensor], momenta: list[Tensor], lrs: list[float]) -> float:
         if self.kl_clip is None:
             return 1.0

@@ -330,10 +330,11 @@ class KBFGS(QNOptimizerBase):
             return self._skip("non-finite direction; step skipped", loss)
         directions, norms = found
         # ν: KL clip × loss-guard back-off, then no layer's step outgrows its last curvature step's
-        scale = self.kl_clip.scale(*self._present(directions)) * self.backoff.factor
-        sizes, scale = self._limit_growth(directions, norms, scale, curvature)
+        lrs = self._layer_lrs()
+        scale = self._kl_scale(directions, lrs) * self.backoff.factor
+        sizes, scale = self._limit_growth(directions, norms, lrs, scale, curvature)
         # W̄ ← W̄ − α ν D; the fallback parameters by AdamW / SGD                             (Alg. 1, line 7)
-        self._apply(directions, scale)
+        self._apply(directions, lrs, scale)
         kept = True
         if now is not None:
             if snapshot is not None:
@@ -439,19 +440,21 @@ class KBFGS(QNOptimizerBase):
                                      bool(cfg.direction_rms))
         else:
             norms = list(torch._foreach_norm(D)) if D else []
-        values = torch.stack([n.float().to(D[0].device) for n in norms]).tolist() if D else []
+        dev = D[0].device if D else None
+        values = torch.stack([n if n.device == dev else n.to(dev) for n in norms]).tolist() if D else []
         if not all(math.isfinite(v) for v in values):
             return None
         it = iter(zip(D, values))
         per_layer: list[tuple[Tensor | None, float]] = [next(it) if a else (None, 0.0) for a in active]
         return [d for d, _ in per_layer], [n for _, n in per_layer]
 
-    def _present(self, directions: list[Tensor | None]) -> tuple[list[Tensor], list[Tensor], list[float]]:
-        """The active layers' directions, gradient averages and learning rates."""
+    def _kl_scale(self, directions: list[Tensor | None], lrs: list[float]) -> float:
+        """The KL clip's ``ν`` over the active layers' directions, gradient averages and learning rates."""
+        if not self.kl_clip.enabled:
+            return 1.0
         keep = [i for i, D in enumerate(directions) if D is not None]
-        lrs = self._layer_lrs()
-        return ([directions[i] for i in keep], [self.layers[i].state["momentum_buffer"] for i in keep],  # type: ignore[misc]
-                [lrs[i] for i in keep])
+        return self.kl_clip.scale([directions[i] for i in keep],  # type: ignore[misc]
+                                  [self.layers[i].state["momentum_buffer"] for i in keep], [lrs[i] for i in keep])
 
     def _layer_lrs(self) -> list[float]:
         return [self._group_of(ad.weight)["lr"] for ad in self.adapters]
@@ -476,22 +479,23 @@ class KBFGS(QNOptimizerBase):
         return self.config.inverse_interval if self.config.input_inverse == "cholesky" else None
 
     def _limit_growth(
-        self, directions: list[Tensor | None], norms: list[float], scale: float, curvature: bool
+        self, directions: list[Tensor | None], norms: list[float], lrs: list[float], scale: float, curvature: bool
     ) -> tuple[list[float], float]:
-        """With ``update_interval > 1``: the layers' step sizes ``‖α D‖`` (``norms``: each ``‖D‖``) and the scale
-        the growth guard allows."""
+        """With ``update_interval > 1``: the layers' step sizes ``‖α D‖`` (``norms``: each ``‖D‖``, ``lrs``: each
+        ``α``) and the scale the growth guard allows."""
         if self.config.update_interval == 1:
             return [], scale
         if curvature:
             self.schedule.refresh_next(False)  # this step is the refresh
         if all(D is None for D in directions):
             return [0.0] * len(directions), scale
-        sizes = [0.0 if D is None else lr * n for D, n, lr in zip(directions, norms, self._layer_lrs())]
+        sizes = [0.0 if D is None else lr * n for D, n, lr in zip(directions, norms, lrs)]
         return sizes, self.growth_guard.limit(sizes, scale, self.schedule)
 
-    def _apply(self, directions: list[Tensor | None], scale: float) -> None:
-        """W̄ ← W̄ − α ν D; fallback parameters by their own rule (parameters without a gradient are skipped)."""
-        add_to_layers(self.adapters, directions, self._layer_lrs(), -scale)
+    def _apply(self, directions: list[Tensor | None], lrs: list[float], scale: float) -> None:
+        """W̄ ← W̄ − α ν D (``lrs``: each layer's ``α``); fallback parameters by their own rule (parameters without a
+        gradient are skipped)."""
+        add_to_layers(self.adapters, directions, lrs, -scale)
         for g in self.param_groups:
             if g[ROLE] == ROLE_FALLBACK:
                 self._fallback_step(g)

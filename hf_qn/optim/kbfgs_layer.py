@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..adapters import LayerAdapter
 from ..capture import input_factor_shape
-from ..linalg import damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimates
+from ..linalg import cast, damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimates
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
 from ..linalg.blocks import BlockSplit, matvec_rows
 from ._base import adam_denominators_, weight_by_gradient_signal_
@@ -171,8 +171,8 @@ def grads_with_l2(layers: list[KroneckerLayer], l2s: list[list[float]]) -> list[
     biases: list[Tensor | None] = []
     for la in layers:
         gw, gb = la.adapter.grad_parts()
-        weights.append(gw.to(torch.float32))
-        biases.append(None if gb is None else gb.to(torch.float32))
+        weights.append(cast(gw, torch.float32))
+        biases.append(None if gb is None else cast(gb, torch.float32))
     grads, params, taus, where = [], [], [], []  # what takes an L2 term, and where its sum goes
     for i, (la, l2) in enumerate(zip(layers, l2s)):
         if all(tau == 0 for tau in l2):
@@ -181,7 +181,7 @@ def grads_with_l2(layers: list[KroneckerLayer], l2s: list[list[float]]) -> list[
         for part, (g, p, tau) in enumerate(zip((weights[i], biases[i]), (w, b), l2)):
             if g is not None and p is not None:
                 grads.append(g)
-                params.append(p.to(torch.float32))
+                params.append(cast(p, torch.float32))
                 taus.append(tau)
                 where.append((part, i))
     if grads:
@@ -217,14 +217,17 @@ def graft_to_adam(
     ratio ``r``: Adam's norm, or 0 for a zero direction; non-finite if the direction is)."""
     out, norms = list(directions), dict[int, Tensor]()
     grafts = [la.ensure_graft_state(direction_rms) for la in layers]
-    for graft in grafts:
-        graft["steps"] += 1
+    if not grafts:
+        return out, []
+    step_counts = [graft["steps"] for graft in grafts]  # 0-dim int64 CPU tensors: counted and read all at once
+    torch._foreach_add_(step_counts, 1)
+    counts: list[int] = torch.stack(step_counts).tolist()
     tiny = torch.finfo(torch.float32).tiny
-    for idx in group_indices(list(range(len(layers))), key=lambda i: (int(grafts[i]["steps"]), directions[i].device)):
-        t = int(grafts[idx[0]]["steps"])
+    for idx in group_indices(list(range(len(layers))), key=lambda i: (counts[i], directions[i].device)):
+        t = counts[idx[0]]
         vs, G = [grafts[i]["exp_avg_sq"] for i in idx], [grads[i] for i in idx]
         if direction_rms:
-            D = [directions[i].to(torch.float32) for i in idx]
+            D = [cast(directions[i], torch.float32) for i in idx]
             both = adam_denominators_(vs + [grafts[i]["direction_sq"] for i in idx], G + D, beta2, t, eps)
             denom = both[: len(idx)]
             D = list(torch._foreach_div(D, both[len(idx) :]))

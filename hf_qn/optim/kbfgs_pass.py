@@ -19,7 +19,7 @@ from ..adapters import LayerAdapter
 from ..capture import Capture, LayerStats
 from ..distributed import all_reduce_sum_, is_distributed, world_size
 from ..distributed.shards import local_part
-from ..linalg import all_finite
+from ..linalg import all_finite, cast
 from .kbfgs_stats import LayerMeans, reduce_statistics
 
 __all__ = ["run_closure", "second_pass"]
@@ -97,12 +97,13 @@ def add_to_layers(
             continue
         targets, updates = by_alpha.setdefault(lr * factor, ([], []))
         w, b = ad.from_matrix(D)
-        pairs = [(ad.weight, w)]
-        if b is not None and ad.bias is not None and ad.bias.grad is not None:
-            pairs.append((ad.bias, b))
+        bias = ad.bias if b is not None else None
+        pairs: list[tuple[nn.Parameter, Tensor]] = [(ad.weight, w)]
+        if b is not None and bias is not None and bias.grad is not None:
+            pairs.append((bias, b))
         for p, whole_update in pairs:  # an FSDP2 parameter takes the rows of its shard
             target, update = local_part(p, whole_update)
             targets.append(target)
-            updates.append(update.to(p.dtype))
+            updates.append(cast(update, p.dtype))
     for alpha, (targets, updates) in by_alpha.items():
         torch._foreach_add_(targets, updates, alpha=alpha)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_qn.linalg import damped_cholesky_inverse, kron_precondition
+from hf_qn.linalg import cast, damped_cholesky_inverse, kron_precondition
 from tests._helpers.dense import random_spd
 
 
@@ -45,3 +45,13 @@ def test_compute_dtype_rounds_only_the_products():
     d = torch.rand(30, dtype=torch.float64) + 0.5
     out_d = kron_precondition(None, X.float(), d.float(), compute_dtype=torch.bfloat16)
     torch.testing.assert_close(out_d.double(), X * d, rtol=2e-2, atol=2e-2)
+
+
+def test_cast_returns_the_tensor_itself_when_its_dtype_matches():
+    x = torch.randn(3, 4)
+    assert cast(x, torch.float32) is x
+    y = cast(x, torch.float64)
+    assert y.dtype == torch.float64 and torch.equal(y, x.double())
+    X, H = torch.randn(5, 4), random_spd(4).float()
+    assert kron_precondition(None, X, None) is X  # nothing to multiply, nothing to convert
+    torch.testing.assert_close(kron_precondition(None, X, H, torch.float64), (X.double() @ H.double()).float())
