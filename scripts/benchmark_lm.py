@@ -2,10 +2,12 @@
 """Causal language modelling on real Wikipedia text: hf_qn against tuned AdamW, Muon and SOAP at equal time.
 
 Data: the Wikipedia excerpt shipped in gensim's test data (106 articles, about 3 MB of text after the markup
-is stripped by gensim's own ``filter_wiki``); every 10th article is held out whole for validation. A
-byte-level BPE tokenizer is trained on the training articles only. Model: GPT-2 built from a config (tied
-embeddings, transformers' Conv1D layers, no dropout), ``--size small`` (4 layers of width 128, about 1.3M
-parameters at a 4096 vocabulary) or ``large`` (6 layers of width 256, about 5.8M).
+is stripped by gensim's own ``filter_wiki``); every 10th article is held out whole for validation. With
+``--text_files`` the same benchmark runs on your own plain text instead: documents are its blank-line-separated
+blocks, every 10th held out whole. A byte-level BPE tokenizer is trained on the training documents only.
+Model: GPT-2 built from a config (tied embeddings, transformers' Conv1D layers, no dropout), ``--size small``
+(4 layers of width 128, about 1.3M parameters at a 4096 vocabulary) or ``large`` (6 layers of width 256, about
+5.8M).
 
 How the comparison is kept fair:
 
@@ -24,14 +26,17 @@ Outputs in ``--output_dir``: ``results.json`` (every evaluation of every run), `
     python scripts/benchmark_lm.py --output_dir model_cards/lm-gpt2-wikipedia
     python scripts/benchmark_lm.py --size large --output_dir model_cards/lm-gpt2-wikipedia-large
     python scripts/benchmark_lm.py --optimizers adamw kbfgs --lr adamw=1e-3 kbfgs=1e-3 --budget 30
+    python scripts/benchmark_lm.py --text_files my_text.txt.gz --optimizers adamw muon_fp32 kbfgs --output_dir /tmp/t
 """
 
 from __future__ import annotations
 
 import bz2
 import dataclasses
+import gzip
 import json
 import logging
+import lzma
 import math
 import os
 import re
@@ -102,7 +107,12 @@ class LMBenchmarkArguments:
     warmup_steps: int = field(default=20, metadata={"help": "Linear lr warm-up of every optimizer."})
     val_blocks: int = field(default=64, metadata={"help": "Validation blocks evaluated (from held-out articles)."})
     threads: int = field(default=2, metadata={"help": "torch.set_num_threads."})
-    max_articles: int | None = field(default=None, metadata={"help": "Use only this many articles (tests)."})
+    text_files: list[str] = field(default_factory=list, metadata={
+        "help": "Train on these plain-text files (UTF-8; .gz, .bz2 or .xz compressed also read) instead of the "
+                "Wikipedia excerpt: documents are their blank-line-separated blocks, every 10th held out whole "
+                "for validation."})
+    max_articles: int | None = field(default=None, metadata={
+        "help": "Use only this many articles (or documents of --text_files): for tests."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the card (needs the Hub)."})
     hub_model_id: str = field(default="hf-qn/lm-gpt2-wikipedia-benchmark")
 
@@ -127,6 +137,31 @@ def load_wikipedia(max_articles: int | None = None) -> list[str]:
             if max_articles and len(articles) >= max_articles:
                 break
     return articles
+
+
+def load_text_files(paths: list[str], max_documents: int | None = None) -> list[str]:
+    """The documents of plain-text files, file after file: each blank-line-separated block, its lines stripped
+    (blocks with no text dropped). ``.gz``, ``.bz2`` and ``.xz`` files are decompressed; bytes that are not UTF-8
+    are replaced."""
+    openers: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    documents = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--text_files: no file {path!r}")
+        with openers.get(os.path.splitext(path)[1], open)(path, "rt", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        for block in re.split(r"\n[ \t\r\f\v]*\n", text):
+            lines = [line.strip() for line in block.splitlines() if line.strip()]
+            if lines:
+                documents.append("\n".join(lines))
+    return documents[:max_documents] if max_documents else documents
+
+
+def corpus_name(args: LMBenchmarkArguments) -> str:
+    """What the run trained on, for its log, plot and card."""
+    if not args.text_files:
+        return "Wikipedia (gensim excerpt)"
+    return "text of " + ", ".join(os.path.basename(p) for p in args.text_files)
 
 
 def split_articles(articles: list[str]) -> tuple[list[str], list[str]]:
@@ -532,15 +567,17 @@ def plot(records: list[dict[str, Any]], path: str, title: str) -> None:
 
 
 def write_card(rows: list[dict[str, Any]], args: LMBenchmarkArguments, table: str, command: str,
-               sweeps: dict[str, Any], n_params: int) -> str:
+               sweeps: dict[str, Any], n_params: int, documents: int) -> str:
     from hf_qn.integrations.model_card import write_benchmark_card
 
     n_embd, n_layer, n_head = SIZES[args.size]
     return write_benchmark_card(
         output_dir=args.output_dir,
-        title=f"hf_qn: causal language modelling on Wikipedia, GPT-2 {args.size} ({n_params / 1e6:.1f}M parameters)",
+        title=f"hf_qn: causal language modelling on {corpus_name(args)}, GPT-2 {args.size} "
+              f"({n_params / 1e6:.1f}M parameters)",
         command=command,
-        dataset=("Wikipedia excerpt (gensim test data, 106 articles)", "wikipedia"),
+        dataset=(("Wikipedia excerpt (gensim test data, 106 articles)", "wikipedia") if not args.text_files else
+                 (f"{corpus_name(args)} ({documents} documents)", "text")),
         task=("text-generation", "Causal language modelling"),
         metric_name="val_loss_nats_per_token",
         results=[{"optimizer": r["optimizer"], "value": sum(r["final"]) / len(r["final"])} for r in rows
@@ -559,15 +596,25 @@ def write_card(rows: list[dict[str, Any]], args: LMBenchmarkArguments, table: st
 
 # ------------------------------------------------------------------------------------------------ main
 def prepare_data(args: LMBenchmarkArguments) -> dict[str, Any]:
-    articles = load_wikipedia(args.max_articles)
+    if args.text_files:
+        articles = load_text_files(args.text_files, args.max_articles)
+    else:
+        articles = load_wikipedia(args.max_articles)
     train_texts, val_texts = split_articles(articles)
+    if not val_texts:
+        raise ValueError(f"{corpus_name(args)}: {len(articles)} document(s); at least 10 are needed, since every "
+                         "10th is held out for validation (separate documents by blank lines)")
     tokenizer = train_tokenizer(train_texts, args.vocab_size)
     train = to_blocks(train_texts, tokenizer, args.block_size)
     val = to_blocks(val_texts, tokenizer, args.block_size)[: args.val_blocks]
-    logger.info("Wikipedia: %d train / %d validation articles; BPE vocabulary %d; %d train blocks (%d tokens), "
-                "%d validation blocks", len(train_texts), len(val_texts), tokenizer.get_vocab_size(), len(train),
-                train.numel(), len(val))
-    return {"train": train, "val": val, "vocab_size": args.vocab_size}
+    if len(train) < args.batch_size or len(val) == 0:
+        raise ValueError(f"{corpus_name(args)}: {len(train)} training and {len(val)} validation blocks of "
+                         f"{args.block_size} tokens; the benchmark needs at least --batch_size ({args.batch_size}) "
+                         "and 1: give more text or a smaller --block_size")
+    logger.info("%s: %d train / %d validation documents; BPE vocabulary %d; %d train blocks (%d tokens), "
+                "%d validation blocks", corpus_name(args), len(train_texts), len(val_texts),
+                tokenizer.get_vocab_size(), len(train), train.numel(), len(val))
+    return {"train": train, "val": val, "vocab_size": args.vocab_size, "documents": len(articles)}
 
 
 def parse_fixed_lrs(items: list[str]) -> dict[str, float]:
@@ -615,9 +662,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     plot(records, os.path.join(args.output_dir, "loss_curves.png"),
-         f"GPT-2 {args.size} ({n_params / 1e6:.1f}M) on Wikipedia (gensim excerpt), batch {args.batch_size}x"
+         f"GPT-2 {args.size} ({n_params / 1e6:.1f}M) on {corpus_name(args)}, batch {args.batch_size}x"
          f"{args.block_size} tokens")
-    write_card(rows, args, table, command, sweeps, n_params)
+    write_card(rows, args, table, command, sweeps, n_params, data["documents"])
     print(table)
     return {"meta": meta, "sweeps": sweeps, "rows": rows, "records": records}
 
