@@ -2,7 +2,8 @@
 
 ``x.to(dtype)`` returns ``x`` itself when it already has that dtype, but still goes through torch's argument
 parsing and dispatcher, about a microsecond. K-BFGS's step converts a few tensors per layer; on a model of many
-small layers (a ViT of 64-wide layers) those calls were a tenth of the step. :func:`cast` reads the dtype first.
+small layers (a ViT of 64-wide layers) such calls were 222 of a plain step's 448 tensor operators. :func:`cast`
+reads the dtype first.
 """
 
 from __future__ import annotations
