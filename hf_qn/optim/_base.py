@@ -46,12 +46,10 @@ def adamw_updates_(
     beta1, beta2 = betas
     for p, st in zip(params, states):
         adamw_state_(p, st)
-    steps = [st["step"] for st in states]  # 0-dim CPU tensors: counted and read all at once
-    if not steps:
+    if not states:
         return
-    torch._foreach_add_(steps, 1)
     buckets: dict[tuple[Any, ...], list[int]] = {}
-    for i, (p, step) in enumerate(zip(params, torch.stack(steps).tolist())):
+    for i, (p, step) in enumerate(zip(params, count_steps_([st["step"] for st in states]))):
         buckets.setdefault((p.device, p.dtype, step), []).append(i)
     for (_, _, step), idx in buckets.items():
         ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
@@ -69,6 +67,13 @@ def adamw_state_(p: Tensor, st: dict[str, Any]) -> None:
         st["step"] = torch.tensor(0.0, dtype=torch.float32)
         st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def count_steps_(counters: list[Tensor]) -> list[Any]:
+    """Add 1 to each step counter (0-dim CPU tensors, as torch.optim keeps ``step``) and return their new values,
+    with one multi-tensor add and one read for all of them instead of an add and a read per counter."""
+    torch._foreach_add_(counters, 1)
+    return torch.stack(counters).tolist()
 
 
 def adam_denominators_(

@@ -28,7 +28,7 @@ from ..capture import input_factor_shape
 from ..linalg import cast, damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimates
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
 from ..linalg.blocks import BlockSplit, matvec_rows
-from ._base import adam_denominators_, weight_by_gradient_signal_
+from ._base import adam_denominators_, count_steps_, weight_by_gradient_signal_
 from .output_side import OutputSide, keep_blocks, rank2_updates
 from .state import KBFGS_LAYER_COUNTERS
 
@@ -219,9 +219,7 @@ def graft_to_adam(
     grafts = [la.ensure_graft_state(direction_rms) for la in layers]
     if not grafts:
         return out, []
-    step_counts = [graft["steps"] for graft in grafts]  # 0-dim int64 CPU tensors: counted and read all at once
-    torch._foreach_add_(step_counts, 1)
-    counts: list[int] = torch.stack(step_counts).tolist()
+    counts: list[int] = count_steps_([graft["steps"] for graft in grafts])
     tiny = torch.finfo(torch.float32).tiny
     for idx in group_indices(list(range(len(layers))), key=lambda i: (counts[i], directions[i].device)):
         t = counts[idx[0]]
