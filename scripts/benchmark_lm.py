@@ -96,7 +96,8 @@ class LMBenchmarkArguments:
     budget: float = field(default=120.0, metadata={"help": "Training seconds of every final run."})
     sweep_seconds: float = field(default=30.0, metadata={"help": "Training seconds of every lr candidate."})
     lr: list[str] = field(default_factory=list, metadata={
-        "help": "Fixed learning rates as NAME=VALUE (that optimizer is not swept), e.g. adamw=1e-3."})
+        "help": "Fixed learning rates as NAME=VALUE (that optimizer is not swept), e.g. adamw=1e-3; a variant "
+                "(kbfgs:k=v) takes its base's (kbfgs=...) unless given its own (kbfgs:k=v=...)."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={
         "help": "One final run per optimizer and seed (initial weights and batch order); sweeps use the first."})
     slice_seconds: float = field(default=1.0, metadata={"help": "Training seconds of one turn of a run."})
@@ -114,7 +115,9 @@ class LMBenchmarkArguments:
     max_articles: int | None = field(default=None, metadata={
         "help": "Use only this many articles (or documents of --text_files): for tests."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the card (needs the Hub)."})
-    hub_model_id: str = field(default="hf-qn/lm-gpt2-wikipedia-benchmark")
+    hub_model_id: str | None = field(default=None, metadata={
+        "help": "Hub repository of --push_to_hub. (default: hf-qn/lm-gpt2-<corpus>[-<size>]-benchmark, the corpus "
+                "named by the first of --text_files, or wikipedia)"})
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -162,6 +165,17 @@ def corpus_name(args: LMBenchmarkArguments) -> str:
     if not args.text_files:
         return "Wikipedia (gensim excerpt)"
     return "text of " + ", ".join(os.path.basename(p) for p in args.text_files)
+
+
+def default_hub_model_id(args: LMBenchmarkArguments) -> str:
+    """``hf-qn/lm-gpt2-<corpus>[-<size>]-benchmark``: the corpus is ``wikipedia`` or the first text file's name
+    without its extensions, the size is left out for the default ``small``."""
+    corpus = "wikipedia"
+    if args.text_files:
+        stem = os.path.basename(args.text_files[0]).split(".")[0]
+        corpus = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:48] or "text"
+    size = "" if args.size == "small" else f"-{args.size}"
+    return f"hf-qn/lm-gpt2-{corpus.lower()}{size}-benchmark"
 
 
 def split_articles(articles: list[str]) -> tuple[list[str], list[str]]:
@@ -590,7 +604,7 @@ def write_card(rows: list[dict[str, Any]], args: LMBenchmarkArguments, table: st
         table=table,
         plot="loss_curves.png",
         push_to_hub=args.push_to_hub,
-        hub_model_id=args.hub_model_id,
+        hub_model_id=args.hub_model_id or default_hub_model_id(args),
     )
 
 
@@ -617,13 +631,26 @@ def prepare_data(args: LMBenchmarkArguments) -> dict[str, Any]:
     return {"train": train, "val": val, "vocab_size": args.vocab_size, "documents": len(articles)}
 
 
-def parse_fixed_lrs(items: list[str]) -> dict[str, float]:
+def parse_fixed_lrs(items: list[str], names: list[str] | None = None) -> dict[str, float]:
+    """``--lr NAME=VALUE ...`` as ``{name: lr}``. With ``names`` (the optimizers of the run), a variant
+    (``kbfgs:k=v``) not given its own lr takes its base's (``kbfgs=...``), and a NAME that is none of ``names`` nor
+    the base of one is refused."""
     fixed = {}
     for item in items:
         name, sep, value = item.rpartition("=")
         if not sep:
             raise ValueError(f"Invalid --lr {item!r}: write NAME=VALUE with NAME one of {ALL_OPTIMIZERS}")
         fixed[name] = float(value)
+    if names is None:
+        return fixed
+    bases = {n: n.partition(":")[0] for n in names}
+    unknown = sorted(set(fixed) - set(names) - set(bases.values()))
+    if unknown:
+        raise ValueError(f"Invalid --lr for {unknown}: not among --optimizers {names} nor the base of one; write "
+                         "the optimizer's name as in --optimizers, or its base (kbfgs=... also sets kbfgs:k=v)")
+    for n, base in bases.items():
+        if n not in fixed and base in fixed:
+            fixed[n] = fixed[base]
     return fixed
 
 
@@ -637,12 +664,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"Invalid --size {args.size!r}: one of {list(SIZES)}")
     for name in args.optimizers:
         split_variant(name)  # refuses an unknown name before any work
-    fixed = parse_fixed_lrs(args.lr)
+    names = ["adamw"] + [n for n in args.optimizers if n != "adamw"]  # AdamW is the reference of every ratio
+    fixed = parse_fixed_lrs(args.lr, names)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     os.makedirs(args.output_dir, exist_ok=True)
     data = prepare_data(args)
-    names = ["adamw"] + [n for n in args.optimizers if n != "adamw"]  # AdamW is the reference of every ratio
     sweeps = sweep(names, data, args, fixed) if args.sweep_seconds > 0 else {}
     lrs = {n: fixed.get(n, sweeps.get(n, {}).get("lr", sweep_grid(n)[1])) for n in names}
     runs = [Run(n, lrs[n], seed, args.budget, data, args, lrs["adamw"]) for seed in args.seeds for n in names]

@@ -60,6 +60,18 @@ def test_variants_and_bad_names(bench):
     assert bench.parse_fixed_lrs(["kbfgs:damping=0.1=3e-3"]) == {"kbfgs:damping=0.1": 3e-3}
 
 
+def test_a_variant_takes_its_bases_fixed_lr_unless_given_its_own(bench):
+    names = ["adamw", "kbfgs", "kbfgs:grad_decay=0.95", "kbfgs:damping=0.1", "muon"]
+    fixed = bench.parse_fixed_lrs(["kbfgs=2e-3", "kbfgs:damping=0.1=5e-3", "adamw=3e-4"], names)
+    assert fixed == {"adamw": 3e-4, "kbfgs": 2e-3, "kbfgs:grad_decay=0.95": 2e-3, "kbfgs:damping=0.1": 5e-3}
+    assert bench.parse_fixed_lrs(["kbfgs=2e-3"], ["adamw", "kbfgs:grad_decay=0.95"]) == {
+        "kbfgs": 2e-3, "kbfgs:grad_decay=0.95": 2e-3}  # a base that only its variants run
+    with pytest.raises(ValueError, match=r"Invalid --lr for \['kbfgs:grad_decay=0.9'\]"):
+        bench.parse_fixed_lrs(["kbfgs:grad_decay=0.9=2e-3"], names)  # a typo is refused, not ignored
+    with pytest.raises(ValueError, match=r"Invalid --lr for \['soap'\]"):
+        bench.parse_fixed_lrs(["soap=1e-2"], names)
+
+
 def test_sweep_extends_a_grid_whose_best_lr_is_at_an_end(bench, monkeypatch):
     """A grid won at its top end grows by 3x until the optimum is interior (the loss is least at 0.05)."""
     monkeypatch.setitem(bench.SWEEPS, "adamw", [0.001, 0.01])
@@ -136,3 +148,14 @@ def test_a_run_on_text_files_names_them_in_its_card(bench, tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["meta"]["args"]["text_files"] == [str(tmp_path / "notes.txt")]
     assert all(r["error"] is None and r["steps"] > 0 for r in saved["records"])
+
+
+def test_the_default_hub_repository_names_the_corpus_and_the_size(bench):
+    def args(**kw):
+        return bench.LMBenchmarkArguments(output_dir="out", **kw)
+
+    assert bench.default_hub_model_id(args()) == "hf-qn/lm-gpt2-wikipedia-benchmark"
+    assert bench.default_hub_model_id(args(size="large")) == "hf-qn/lm-gpt2-wikipedia-large-benchmark"
+    assert (bench.default_hub_model_id(args(text_files=["/data/Library Docstrings.txt.gz", "b.txt"]))
+            == "hf-qn/lm-gpt2-library-docstrings-benchmark")
+    assert bench.default_hub_model_id(args(text_files=["/data/.txt"])) == "hf-qn/lm-gpt2-text-benchmark"
