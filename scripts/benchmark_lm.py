@@ -97,7 +97,8 @@ class LMBenchmarkArguments:
     sweep_seconds: float = field(default=30.0, metadata={"help": "Training seconds of every lr candidate."})
     lr: list[str] = field(default_factory=list, metadata={
         "help": "Fixed learning rates as NAME=VALUE (that optimizer is not swept), e.g. adamw=1e-3; a variant "
-                "(kbfgs:k=v) takes its base's (kbfgs=...) unless given its own (kbfgs:k=v=...)."})
+                "(kbfgs:k=v) takes its base's (kbfgs=...) unless given its own (kbfgs:k=v=...) or its lr is on "
+                "another scale (graft=none)."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={
         "help": "One final run per optimizer and seed (initial weights and batch order); sweeps use the first."})
     slice_seconds: float = field(default=1.0, metadata={"help": "Training seconds of one turn of a run."})
@@ -633,8 +634,9 @@ def prepare_data(args: LMBenchmarkArguments) -> dict[str, Any]:
 
 def parse_fixed_lrs(items: list[str], names: list[str] | None = None) -> dict[str, float]:
     """``--lr NAME=VALUE ...`` as ``{name: lr}``. With ``names`` (the optimizers of the run), a variant
-    (``kbfgs:k=v``) not given its own lr takes its base's (``kbfgs=...``), and a NAME that is none of ``names`` nor
-    the base of one is refused."""
+    (``kbfgs:k=v``) not given its own lr takes its base's (``kbfgs=...``) when its lr is on the same scale (the same
+    sweep grid: not a ``graft=none`` variant, whose lr is the paper's α), and a NAME that is none of ``names`` nor the
+    base of one is refused."""
     fixed = {}
     for item in items:
         name, sep, value = item.rpartition("=")
@@ -649,7 +651,7 @@ def parse_fixed_lrs(items: list[str], names: list[str] | None = None) -> dict[st
         raise ValueError(f"Invalid --lr for {unknown}: not among --optimizers {names} nor the base of one; write "
                          "the optimizer's name as in --optimizers, or its base (kbfgs=... also sets kbfgs:k=v)")
     for n, base in bases.items():
-        if n not in fixed and base in fixed:
+        if n not in fixed and base in fixed and sweep_grid(n) == sweep_grid(base):  # same lr scale (not graft=none)
             fixed[n] = fixed[base]
     return fixed
 

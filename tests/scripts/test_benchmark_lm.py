@@ -66,6 +66,8 @@ def test_a_variant_takes_its_bases_fixed_lr_unless_given_its_own(bench):
     assert fixed == {"adamw": 3e-4, "kbfgs": 2e-3, "kbfgs:grad_decay=0.95": 2e-3, "kbfgs:damping=0.1": 5e-3}
     assert bench.parse_fixed_lrs(["kbfgs=2e-3"], ["adamw", "kbfgs:grad_decay=0.95"]) == {
         "kbfgs": 2e-3, "kbfgs:grad_decay=0.95": 2e-3}  # a base that only its variants run
+    # an ungrafted variant's lr is the paper's α, on another scale: it keeps its own grid
+    assert bench.parse_fixed_lrs(["kbfgs=2e-3"], ["adamw", "kbfgs", "kbfgs:graft=none"]) == {"kbfgs": 2e-3}
     with pytest.raises(ValueError, match=r"Invalid --lr for \['kbfgs:grad_decay=0.9'\]"):
         bench.parse_fixed_lrs(["kbfgs:grad_decay=0.9=2e-3"], names)  # a typo is refused, not ignored
     with pytest.raises(ValueError, match=r"Invalid --lr for \['soap'\]"):
