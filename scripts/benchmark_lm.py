@@ -645,7 +645,7 @@ def parse_fixed_lrs(items: list[str], names: list[str] | None = None) -> dict[st
         fixed[name] = float(value)
     if names is None:
         return fixed
-    bases = {n: n.partition(":")[0] for n in names}
+    bases = {n: split_variant(n)[0] for n in names}
     unknown = sorted(set(fixed) - set(names) - set(bases.values()))
     if unknown:
         raise ValueError(f"Invalid --lr for {unknown}: not among --optimizers {names} nor the base of one; write "
