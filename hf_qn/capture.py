@@ -6,7 +6,9 @@ over rows (samples, tokens or spatial positions) of
 * ``A_sum = Σ ā āᵀ`` and ``a_sum = Σ ā`` over homogeneous input rows (for an Embedding, the token
   counts, i.e. the diagonal of ``Σ e eᵀ``);
 * ``h_sum = Σ h`` over pre-activation rows;
-* ``g_sum = Σ ∂L/∂h`` over the same rows, divided by the loss scale when one is in use.
+* ``g_sum = Σ ∂L/∂h`` over the same rows, divided by the loss scale when one is in use;
+* ``G_sum = Σ (∂L/∂h)(∂L/∂h)ᵀ`` over the same rows, for a layer whose output factor is K-FAC's (asked for per
+  layer, as ``output_grams``), divided by the loss scale squared.
 
 ``g_sum`` is the gradient of the (batch-mean) loss with respect to a uniform shift of the layer's
 pre-activations; ``h_sum / rows`` is their mean. Those are the two ends of a K-BFGS output-side pair
@@ -60,12 +62,14 @@ def input_factor_shape(adapter: LayerAdapter, split: BlockSplit | None) -> tuple
 
 class LayerStats:
     """Row sums of one layer since the last reset, on the layer's device: input side in float32,
-    output side (``h_sum``, ``g_sum``) in float64. ``input_shape`` is the shape ``A_sum`` has (and its zeros, when
-    the layer saw no rows): ``(d_in, d_in)``, ``(blocks, size, size)`` for a block split, ``(d_in,)`` when
-    diagonal."""
+    output side (``h_sum``, ``g_sum``) in float64, the output-gradient Gram ``G_sum`` in float32. ``input_shape`` is
+    the shape ``A_sum`` has (and its zeros, when the layer saw no rows): ``(d_in, d_in)``, ``(blocks, size, size)``
+    for a block split, ``(d_in,)`` when diagonal; ``output_shape`` likewise for ``G_sum``, None when it is not
+    captured."""
 
-    def __init__(self, input_shape: tuple[int, ...]) -> None:
+    def __init__(self, input_shape: tuple[int, ...], output_shape: tuple[int, ...] | None = None) -> None:
         self.input_shape = input_shape
+        self.output_shape = output_shape
         self.reset()
 
     def reset(self) -> None:
@@ -76,6 +80,8 @@ class LayerStats:
         self.h_rows = 0
         self.samples = 0
         self.g_sum: Tensor | None = None
+        self.G_sum: Tensor | None = None
+        self.G_rows = 0
         self.forward_calls = 0
         self.grad_calls = 0
 
@@ -103,6 +109,11 @@ class Capture:
         input_splits: per adapter, a :class:`~hf_qn.linalg.blocks.BlockSplit` whose diagonal blocks of
             ``Σ ā āᵀ`` alone are formed (``A_sum`` is then ``(blocks, size, size)``), or None for the whole
             matrix. (default: None for every adapter)
+        output_grams: per adapter, the :class:`~hf_qn.linalg.blocks.BlockSplit` of its output-gradient Gram
+            ``G_sum`` (the diagonal blocks of ``Σ g gᵀ``, or the whole matrix for a split of one block), or None
+            where it is not wanted. Taken on primary passes only, in ``gram_dtype``, over the rows ``max_input_rows``
+            leaves (it caps both Grams).
+            (default: None for every adapter)
 
     ``enabled`` switches all capture on or off (the optimizer turns it on only for steps that
     update curvature, so the others pay nothing). :meth:`second_pass` switches the hooks to a
@@ -118,10 +129,13 @@ class Capture:
         gram_dtype: torch.dtype = torch.float32,
         max_input_rows: int | None = None,
         input_splits: Sequence[BlockSplit | None] | None = None,
+        output_grams: Sequence[BlockSplit | None] | None = None,
     ) -> None:
         self.adapters = list(adapters)
         self.input_splits: list[BlockSplit | None] = (
             list(input_splits) if input_splits is not None else [None] * len(self.adapters))
+        self.output_grams: list[BlockSplit | None] = (
+            list(output_grams) if output_grams is not None else [None] * len(self.adapters))
         self.gram_dtype = gram_dtype
         self.max_input_rows = max_input_rows
         self.input_stats = input_stats
@@ -129,7 +143,8 @@ class Capture:
         self.enabled = True
         self.mode = PRIMARY
         self.stats: dict[str, list[LayerStats]] = {
-            mode: [LayerStats(input_factor_shape(ad, sp)) for ad, sp in zip(self.adapters, self.input_splits)]
+            mode: [LayerStats(input_factor_shape(ad, sp), None if og is None else og.factor_shape)
+                   for ad, sp, og in zip(self.adapters, self.input_splits, self.output_grams)]
             for mode in (PRIMARY, SECOND)
         }
         self._handles: list[RemovableHandle] = []
@@ -146,12 +161,16 @@ class Capture:
             h.remove()
         self._handles.clear()
 
-    def add(self, adapter: LayerAdapter, input_split: BlockSplit | None = None) -> None:
+    def add(
+        self, adapter: LayerAdapter, input_split: BlockSplit | None = None, output_gram: BlockSplit | None = None
+    ) -> None:
         """Capture one more layer (hooked at once if the others are)."""
         self.adapters.append(adapter)
         self.input_splits.append(input_split)
+        self.output_grams.append(output_gram)
         for mode in (PRIMARY, SECOND):
-            self.stats[mode].append(LayerStats(input_factor_shape(adapter, input_split)))
+            self.stats[mode].append(LayerStats(input_factor_shape(adapter, input_split),
+                                               None if output_gram is None else output_gram.factor_shape))
         if self._handles:
             self._handles.append(adapter.module.register_forward_hook(_ForwardHook(self, len(self.adapters) - 1)))
 
@@ -204,7 +223,8 @@ class Capture:
         self._capture_forward(adapter, st, inputs, output, with_inputs=self.input_stats and mode == PRIMARY,
                               split=self.input_splits[index])
         if output.requires_grad and not adapter.one_sided:
-            output.register_hook(self._make_grad_hook(adapter, st))
+            gram = self.output_grams[index] if mode == PRIMARY else None
+            output.register_hook(self._make_grad_hook(adapter, st, gram))
 
     @torch.no_grad()
     def _capture_forward(
@@ -242,13 +262,25 @@ class Capture:
         st.h_rows += int(h.shape[0])
         st.samples += int(h.shape[0]) // max(adapter.output_group_size(output), 1)
 
-    def _make_grad_hook(self, adapter: LayerAdapter, st: LayerStats) -> Callable[[Tensor], None]:
+    def _make_grad_hook(
+        self, adapter: LayerAdapter, st: LayerStats, gram: BlockSplit | None = None
+    ) -> Callable[[Tensor], None]:
         def grad_hook(grad: Tensor) -> None:
             with torch.no_grad():
-                g = row_sums(adapter.output_rows(grad))
-                if self.grad_scale is not None:
-                    g = g / float(self.grad_scale())
+                rows = adapter.output_rows(grad)
+                g = row_sums(rows)
+                scale = 1.0 if self.grad_scale is None else float(self.grad_scale())
+                if scale != 1.0:
+                    g = g / scale
                 st.g_sum = LayerStats._add(st.g_sum, g)
+                if gram is not None:  # K-FAC's output factor: Σ g gᵀ (its diagonal blocks when split)
+                    r = rows.detach()
+                    if self.max_input_rows is not None and r.shape[0] > self.max_input_rows:
+                        r = r[:: -(-r.shape[0] // self.max_input_rows)]  # evenly strided, as for A_sum
+                    r = r.to(self.gram_dtype)
+                    G = (gram.gram(r) if gram.blocked else r.T @ r).to(torch.float32)
+                    st.G_sum = LayerStats._add(st.G_sum, G if scale == 1.0 else G / scale**2)
+                    st.G_rows += int(r.shape[0])
                 st.grad_calls += 1
 
         return grad_hook

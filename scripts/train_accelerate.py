@@ -32,7 +32,7 @@ logger = logging.getLogger("train_accelerate")
 
 @dataclass
 class Arguments:
-    optimizer: str = field(default="mlbfgs", metadata={"help": "kbfgs | kbfgs_l | mlbfgs | adamw"})
+    optimizer: str = field(default="mlbfgs", metadata={"help": "kbfgs | kbfgs_l | kbfgs_kfac | mlbfgs | adamw"})
     steps: int = field(default=20)
     global_batch: int = field(default=64)
     lr: float | None = field(default=None)
@@ -54,6 +54,8 @@ def build(args: Arguments):
     lr = args.lr
     if args.optimizer == "kbfgs":
         opt = hf_qn.KBFGS(model, preset="paper", lr=lr or 0.2)
+    elif args.optimizer == "kbfgs_kfac":  # K-FAC's output factor: the output gradients' Gram is all-reduced too
+        opt = hf_qn.KBFGS(model, preset="paper", lr=lr or 0.2, output_side="kfac")
     elif args.optimizer == "kbfgs_l":
         opt = hf_qn.KBFGSL(model, preset="paper", lr=lr or 0.2, history_size=10)
     elif args.optimizer == "mlbfgs":

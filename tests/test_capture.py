@@ -113,6 +113,47 @@ def test_grad_scale_divides_gradient_statistics():
         torch.testing.assert_close(s.g_sum, r)
 
 
+def test_output_grams_are_the_sums_of_output_gradient_outer_products_on_primary_passes_only():
+    """``output_grams``: ``G_sum = Σ g gᵀ`` over the rows of each forward (its diagonal blocks for a split, padding
+    zero), summed over micro-batches, divided by the loss scale squared; none where not asked nor on a second pass."""
+    from hf_qn.linalg.blocks import BlockSplit
+
+    torch.manual_seed(0)
+    model = mlp()  # Linear 6->8, 8->5, 5->3
+    grads: list[list[torch.Tensor]] = [[], [], []]
+    def keep_grads(i):
+        def hook(_m, _x, out):
+            out.register_hook(lambda g: grads[i].append(g.double()))
+
+        return hook
+
+    for i, lin in enumerate([model[0], model[2], model[4]]):
+        lin.register_forward_hook(keep_grads(i))
+    asg = assign_layers(model)
+    splits = [BlockSplit.of(8, None), BlockSplit.of(5, 2), None]  # whole, blocks 2+2+1(+1 padding), not asked
+    cap = Capture(asg.adapters, output_grams=splits, grad_scale=lambda: 8.0).attach()
+    for _ in range(2):  # two micro-batches accumulate
+        (model(torch.randn(4, 6)).pow(2).sum() * 8.0).backward()
+    st = cap.stats["primary"]
+    g0, g1 = (torch.cat(grads[i]) / 8.0 for i in (0, 1))
+    torch.testing.assert_close(st[0].G_sum.double(), g0.T @ g0, rtol=1e-5, atol=1e-6)
+    assert st[1].G_sum.shape == (3, 2, 2) and st[2].G_sum is None
+    G1 = torch.nn.functional.pad(g1.T @ g1, (0, 1, 0, 1))
+    for b in range(3):
+        torch.testing.assert_close(st[1].G_sum[b].double(), G1[2 * b : 2 * b + 2, 2 * b : 2 * b + 2], rtol=1e-5, atol=1e-6)
+    assert st[0].G_rows == st[1].G_rows == 8 and st[2].G_rows == 0
+    with cap.second_pass() as second:
+        model(torch.randn(4, 6)).sum().backward()
+    assert all(s.G_sum is None and s.g_sum is not None for s in second)
+    cap.detach()
+    capped = Capture(asg.adapters, output_grams=splits, max_input_rows=3).attach()  # every third of 8 rows: 0, 3, 6
+    grads[0].clear()
+    model(torch.randn(8, 6)).sum().backward()
+    g = grads[0][0][::3]
+    torch.testing.assert_close(capped.stats["primary"][0].G_sum.double(), g.T @ g, rtol=1e-5, atol=1e-6)
+    assert capped.stats["primary"][0].G_rows == 3 and capped.stats["primary"][0].h_rows == 8
+
+
 def test_second_pass_uses_separate_sums_without_input_side():
     model = mlp()
     _, cap = _capture(model)

@@ -18,7 +18,7 @@ def _compare(one: dict, two: dict, atol: float) -> None:
     np.testing.assert_allclose(two["params"], one["params"], atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize(("optimizer", "accum"), [("mlbfgs", 1), ("kbfgs", 2), ("kbfgs_l", 1)])
+@pytest.mark.parametrize(("optimizer", "accum"), [("mlbfgs", 1), ("kbfgs", 2), ("kbfgs_l", 1), ("kbfgs_kfac", 2)])
 def test_two_ranks_match_one_rank_at_the_same_global_batch(tmp_path, optimizer, accum):
     args = ["--optimizer", optimizer, "--steps", "12", "--grad_accum", str(accum)]
     run_script("train_accelerate.py", [*args, "--output_dir", str(tmp_path / "one")], nproc=1)

@@ -36,15 +36,16 @@ def kron_precondition(
     return cast(out, X.dtype)
 
 
-def damped_cholesky_inverse(A: Tensor, damping: float) -> Tensor:
-    """``(A + damping·I)⁻¹`` by Cholesky, in float64 internally; symmetric by construction. A 3-D ``A`` is a
-    batch (the blocks of a block-diagonal factor), each inverted alike.
+def damped_cholesky_inverse(A: Tensor, damping: float, compute_dtype: torch.dtype = torch.float64) -> Tensor:
+    """``(A + damping·I)⁻¹`` by Cholesky, in ``compute_dtype`` internally (float64 unless the caller knows the
+    damped matrix is well conditioned); symmetric by construction. A 3-D ``A`` is a batch (the blocks of a
+    block-diagonal factor), each inverted alike.
 
     Raises ``torch.linalg.LinAlgError`` if the damped matrix is not positive definite (a caller
     holding a non-finite factor must not get here).
     """
     n = A.shape[-1]
-    M = A.double() + damping * torch.eye(n, dtype=torch.float64, device=A.device)
+    M = A.to(compute_dtype) + damping * torch.eye(n, dtype=compute_dtype, device=A.device)
     L = torch.linalg.cholesky(M)
     inv = torch.cholesky_inverse(L)
     return (0.5 * (inv + inv.mT)).to(A.dtype)

@@ -173,6 +173,12 @@ class KBFGSConfig(_Config):
             rows is the largest cost of a curvature step on a transformer. None uses every row. (default: None)
         history_size: ``None`` for a dense BFGS ``H_g`` (K-BFGS); an integer ``p`` for an L-BFGS
             ``H_g`` with ``p`` pairs (K-BFGS(L); the paper uses 100). (default: None)
+        output_side: how ``H_g`` is learned: ``"bfgs"`` (the paper's: damped BFGS from the pre-activation pairs)
+            or ``"kfac"`` (K-FAC's output factor: ``H_g = (Ĝ + √λ I)⁻¹`` with ``G`` the running average (β_A)
+            of the output gradients' second moment ``E[g gᵀ]`` over rows, scaled to unit mean eigenvalue,
+            re-inverted at every curvature step; it learns every direction of a batch at once where BFGS learns
+            one pair per curvature step, at the price of a Gram over the rows and a Cholesky per curvature step;
+            measured in docs/benchmarks.md). (default: ``"bfgs"``)
         max_block_dim: a Kronecker factor (dense ``H_g``, or ``H_a``) of dimension ``d`` larger than this is held
             block-diagonal: ``⌈d / max_block_dim⌉`` equal diagonal blocks, each learned by its own BFGS updates
             from its part of the pairs (Shampoo's ``max_preconditioner_dim``). A layer's products ``H_g ĝ H_a``
@@ -258,6 +264,7 @@ class KBFGSConfig(_Config):
     input_warm_start: int = 0
     max_input_rows: int | None = None
     history_size: int | None = None
+    output_side: str = "bfgs"
     max_block_dim: int | None = None
     pairs: str = "consecutive"
     curvature_eps: float = 1e-4
@@ -325,6 +332,12 @@ class KBFGSConfig(_Config):
             check_int("history_size", self.history_size, 1, "None for dense BFGS, or an integer")
             object.__setattr__(self, "history_size", int(self.history_size))
         check_choice("input_inverse", self.input_inverse, ("bfgs", "cholesky"))
+        check_choice("output_side", self.output_side, ("bfgs", "kfac"))
+        if self.output_side == "kfac" and self.history_size is not None:
+            raise ValueError(
+                f"Invalid history_size: {self.history_size} with output_side='kfac' (an L-BFGS history is a BFGS "
+                "output side); use KBFGS (history_size=None) for the K-FAC output factor, or output_side='bfgs'"
+            )
         check_choice("pairs", self.pairs, ("same_batch", "consecutive"))
         check_choice("fallback", self.fallback, FALLBACKS)
         check_choice("graft", self.graft, ("none", "adam"))

@@ -52,7 +52,7 @@ from .kbfgs_layer import (
 )
 from .kbfgs_pass import add_to_layers, run_closure, second_pass
 from .kbfgs_stats import LayerMeans, reduce_statistics
-from .output_side import output_side_for
+from .output_side import KFACOutput, output_side_for, refresh_kfac_factors
 from .state import FORMAT, KBFGS_LAYER_COUNTERS, KBFGS_LAYER_KEYS, convert_kbfgs_v1, is_v1, iter_tensors
 
 __all__ = ["KBFGS", "KBFGSL", "MATMUL_DTYPES", "KBFGSConfig"]
@@ -145,7 +145,8 @@ class KBFGS(QNOptimizerBase):
         self._bind_layers()
         self.grad_scaler = grad_scaler
         self.capture = Capture(self.adapters, grad_scale=self._current_scale if grad_scaler is not None else None,
-                               input_splits=[la.input_split for la in self.layers])
+                               input_splits=[la.input_split for la in self.layers],
+                               output_grams=[la.output_gram for la in self.layers])
         self.capture.attach()
         self._training = True
         #: called in place of a missing closure on curvature steps (set by QNTrainer).
@@ -189,7 +190,7 @@ class KBFGS(QNOptimizerBase):
         for ad in adapters:
             self.adapters.append(ad)
             self.layers.append(_new_layer(ad, self.config))
-            self.capture.add(ad, self.layers[-1].input_split)
+            self.capture.add(ad, self.layers[-1].input_split, self.layers[-1].output_gram)
         names = dict(fresh.param_names)
         self.assignment.param_names.update(names)
         self.assignment.fallback += [FallbackParam(names.get(id(p), "?"), p, "added with add_param_group")  # type: ignore[arg-type]
@@ -214,7 +215,7 @@ class KBFGS(QNOptimizerBase):
         configured values of those two."""
         hp = {**self.hparams, "lr": self.config.lr, "l2": self.config.l2}
         if hp != self._config_values:
-            for name in ("history_size", "max_block_dim"):
+            for name in ("history_size", "output_side", "max_block_dim"):
                 if hp[name] != getattr(self.config, name):
                     raise ValueError(
                         f"KBFGS: {name} changed from {getattr(self.config, name)} to {hp[name]} in param_groups; "
@@ -324,6 +325,9 @@ class KBFGS(QNOptimizerBase):
         now = self._commit_statistics() if curvature else None
         # A ← β_A A + (1−β_A) A_batch                                                       (Alg. 1, line 5)
         a_means = self._update_input_factors(now, active) if now is not None else []
+        # [output_side="kfac": G ← β_A G + (1−β_A) G_batch, H_g = (Ĝ + √λ I)⁻¹]
+        if now is not None:
+            self._update_kfac_outputs(now, active)
         # ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄);  D = H_g ĝ H_a                                       (eq. 3)
         found = self._directions(active)
         if found is None:
@@ -422,6 +426,19 @@ class KBFGS(QNOptimizerBase):
             out.append(la.update_input_factor(m.A, m.a, finite > 0, cfg.factor_decay, cfg.input_warm_start,
                                               self._sqrt_lam()))
         return out
+
+    def _update_kfac_outputs(self, now: list[LayerMeans], active: list[bool]) -> None:
+        """K-FAC output factors (``output_side="kfac"``) take their batch's ``E[g gᵀ]`` and are re-inverted; a
+        non-finite batch is skipped and counted in ``pairs_skipped`` (the output side's rejected updates), a
+        taken one in ``pairs_accepted``."""
+        todo = [(la, m.G) for la, m, on in zip(self.layers, now, active)
+                if on and isinstance(la.output, KFACOutput) and m.G is not None and int(m.h_rows) > 0]
+        for la, _ in todo:
+            la.ensure_state()
+        taken = refresh_kfac_factors([la.output for la, _ in todo], [G for _, G in todo],  # type: ignore[misc]
+                                     self.config.factor_decay, self._sqrt_lam())
+        for (la, _), ok in zip(todo, taken):
+            la.count("pairs_accepted" if ok else "pairs_skipped")
 
     def _directions(self, active: list[bool]) -> tuple[list[Tensor | None], list[float]] | None:
         """Per active layer ``ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄)`` and ``D = H_g ĝ H_a`` (None for a paused layer), with
@@ -533,6 +550,8 @@ class KBFGS(QNOptimizerBase):
                "counters": {k: v.clone() for k, v in la.state["counters"].items()}}
         if "graft" in la.state:
             out["graft"] = {k: v.clone() for k, v in la.state["graft"].items()}
+        if isinstance(la.output, KFACOutput):  # re-inverted before the closure runs
+            out["output"] = {k: v.clone() for k, v in la.state["output"].items()}
         return out
 
     def _put_back(self, snapshot: dict[str, Any]) -> None:
@@ -547,6 +566,8 @@ class KBFGS(QNOptimizerBase):
             self.state[w]["counters"] = saved["counters"]
             if "graft" in saved:
                 self.state[w]["graft"] = saved["graft"]
+            if "output" in saved:
+                self.state[w]["output"] = saved["output"]
         for p, saved in snapshot["fallback"].items():
             self.state[p] = saved
         self._load_global_state(snapshot["global"])
@@ -656,6 +677,8 @@ class KBFGS(QNOptimizerBase):
         return [la.layout() for la in self.layers]
 
     def _output_side_name(self) -> str:
+        if self.config.output_side == "kfac":
+            return "kfac"
         return "dense" if self.config.history_size is None else "lbfgs"
 
     def _check_layer_keys(self) -> None:
@@ -683,8 +706,9 @@ class KBFGS(QNOptimizerBase):
         if saved["output_side"] != self._output_side_name():
             raise ValueError(
                 f"KBFGS.load_state_dict: the state holds {saved['output_side']!r} output-side factors and this "
-                f"optimizer uses {self._output_side_name()!r} ones (history_size={self.config.history_size}); "
-                "load it into KBFGS for 'dense', KBFGSL (or history_size=p) for 'lbfgs'"
+                f"optimizer uses {self._output_side_name()!r} ones (history_size={self.config.history_size}, "
+                f"output_side={self.config.output_side!r}); load it into KBFGS for 'dense', KBFGSL (or "
+                "history_size=p) for 'lbfgs', KBFGS(output_side='kfac') for 'kfac'"
             )
         self.schedule.state = dict(saved["schedule"])
         self.counters["steps_skipped_nonfinite"] = saved["steps_skipped_nonfinite"]
@@ -761,7 +785,8 @@ def _param_groups(assignment: LayerAssignment, cfg: KBFGSConfig, no_decay: set[s
 
 def _new_layer(adapter: LayerAdapter, cfg: KBFGSConfig) -> KroneckerLayer:
     """The curvature unit of an adapted layer, with the output side the configuration asks for."""
-    output = output_side_for(adapter.name, adapter.d_out, cfg.history_size, adapter.one_sided, cfg.max_block_dim)
+    output = output_side_for(adapter.name, adapter.d_out, cfg.history_size, adapter.one_sided, cfg.max_block_dim,
+                             cfg.output_side)
     return KroneckerLayer(adapter, output, cfg.max_block_dim)
 
 

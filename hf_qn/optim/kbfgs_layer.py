@@ -50,6 +50,11 @@ class KroneckerLayer:
         self.state: dict[str, Any] = {}
 
     @property
+    def output_gram(self) -> BlockSplit | None:
+        """The split of the output-gradient Gram the capture takes for this layer (K-FAC's output factor), or None."""
+        return self.output.split if self.output.needs_output_gram else None
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """The shape of ``A``: ``(d_in,)`` diagonal, ``(d_in, d_in)`` dense, ``(blocks, size, size)`` blocked."""
         return input_factor_shape(self.adapter, self.input_split)

@@ -1,7 +1,8 @@
 """K-BFGS's batch statistics: captured row sums turned into means, all-reduced over ranks.
 
 ``A = Σ ā āᵀ / R``, ``ā = Σ ā / R`` (input side, float32), ``h̄ = Σ h / R_h``, ``ḡ = Σ ∂L/∂h`` averaged over
-ranks (output side, float64): the ingredients of one curvature step (paper, Algorithm 1, lines 4 and 9).
+ranks (output side, float64): the ingredients of one curvature step (paper, Algorithm 1, lines 4 and 9); and
+``G = Σ g gᵀ / R_G`` for a layer whose output factor is K-FAC's (float32; ``R_G``: the rows its Gram used).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ __all__ = ["LayerMeans", "reduce_statistics"]
 
 
 class LayerMeans(NamedTuple):
-    """One layer's means over a batch (``A``, ``a``, ``a_rows`` are None for a second pass)."""
+    """One layer's means over a batch (``A``, ``a``, ``a_rows`` are None for a second pass; ``G`` is None where the
+    output-gradient Gram is not captured)."""
 
     h: Tensor
     g: Tensor
@@ -27,6 +29,7 @@ class LayerMeans(NamedTuple):
     A: Tensor | None = None
     a: Tensor | None = None
     a_rows: Tensor | None = None
+    G: Tensor | None = None
 
 
 def _check_seen(adapters: list[LayerAdapter], stats: list[LayerStats], what: str, expect: list[bool] | None) -> None:
@@ -51,7 +54,8 @@ def reduce_statistics(
     _check_seen(adapters, stats, what, expect)
     # every layer's row counts in one tensor: one host-to-device copy, one all-reduce entry
     home = adapters[0].weight.device
-    counts = torch.tensor([[float(st.a_rows), float(st.h_rows)] for st in stats], dtype=torch.float64, device=home)
+    counts = torch.tensor([[float(st.a_rows), float(st.h_rows), float(st.G_rows)] for st in stats],
+                          dtype=torch.float64, device=home)
     tensors: list[Tensor] = [counts]
     for ad, st in zip(adapters, stats):
         dev = ad.weight.device
@@ -65,12 +69,21 @@ def reduce_statistics(
             if st.a_sum is None:
                 st.a_sum = torch.zeros(ad.d_in, device=dev)
             tensors += [st.A_sum, st.a_sum]
+    grams = [i for i, st in enumerate(stats) if with_inputs and st.output_shape is not None]
+    for i in grams:  # after every layer's others, so that the offsets above stay fixed
+        st = stats[i]
+        if st.G_sum is None:
+            st.G_sum = torch.zeros(st.output_shape, device=adapters[i].weight.device)  # type: ignore[arg-type]
+        tensors.append(st.G_sum)
     all_reduce_sum_(tensors)
     ws = float(world_size())
     divisors = counts.clamp(min=1)
     # per layer: row counts and divisors as 0-dim views (one unbind each, not two indexing ops per layer)
     a_rows, h_rows_all = counts[:, 0].unbind(), counts[:, 1].unbind()
     a_div, h_div = divisors.float()[:, 0].unbind(), divisors[:, 1].unbind()
+    g_div = divisors[:, 2].float().unbind() if grams else ()
+    G_means = {i: tensors[len(tensors) - len(grams) + k] / g_div[i].to(adapters[i].weight.device)
+               for k, i in enumerate(grams)}
     out = []
     per = 4 if with_inputs else 2
     for i, ad in enumerate(adapters):
@@ -82,5 +95,5 @@ def reduce_statistics(
             continue
         A_sum, a_sum = tensors[3 + per * i : 5 + per * i]
         div = a_div[i].to(to)
-        out.append(LayerMeans(h, g, h_rows, A_sum / div, a_sum / div, a_rows[i].to(to)))
+        out.append(LayerMeans(h, g, h_rows, A_sum / div, a_sum / div, a_rows[i].to(to), G_means.get(i)))
     return out

@@ -6,6 +6,10 @@ applied and learned from its damped pairs ``(s, y)``.
   layer wider than ``max_block_dim``, as equal diagonal blocks, each updated from its part of the pair;
 * :class:`LimitedBFGS` (K-BFGS(L)): ``H_g`` implied by the last ``history_size`` pairs (compact form), never
   formed;
+* :class:`KFACOutput` (``output_side="kfac"``): K-FAC's output factor instead of BFGS's,
+  ``H_g = (Ĝ + √λ I)⁻¹`` with ``G`` the running average of the output gradients' second moment ``E[g gᵀ]`` over
+  rows (tokens) and ``Ĝ = G / (tr G / d_out)`` (unit mean eigenvalue, so that ``√λ`` damps it as it damps ``A``),
+  re-inverted at every curvature step before the direction; it learns no pairs;
 * :class:`OneSided`: ``H_g = I``, for layers too wide for an output factor (a tied LM head over the
   vocabulary): the layer is preconditioned by its input factor alone, ``D = ĝ H_a``, and learns no pairs.
 
@@ -25,11 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..linalg import LBFGSHistory
+from ..linalg import LBFGSHistory, damped_cholesky_inverse
 from ..linalg.batched import bfgs_rank2_rows
 from ..linalg.blocks import BlockSplit, block_left, matvec_rows
 
-__all__ = ["DenseBFGS", "LimitedBFGS", "OneSided", "OutputSide", "output_side_for"]
+__all__ = ["DenseBFGS", "KFACOutput", "LimitedBFGS", "OneSided", "OutputSide", "output_side_for",
+           "refresh_kfac_factors"]
 
 
 class OutputSide(ABC):
@@ -41,6 +46,8 @@ class OutputSide(ABC):
     STATE_KEYS: tuple[str, ...] = ()
     #: whether the layer learns from ``(s, y)`` pairs (its pairs are not formed when it does not).
     learns: bool = True
+    #: whether the capture takes the layer's output-gradient Gram ``Σ g gᵀ`` (cut by :attr:`split`) for it.
+    needs_output_gram: bool = False
 
     def __init__(self, name: str, d_out: int) -> None:
         self.name = name
@@ -88,7 +95,7 @@ class DenseBFGS(OutputSide):
     ``max_block_dim``, its diagonal blocks (``(blocks, size, size)``), one update per block and pair."""
 
     needs_damped_products = True
-    STATE_KEYS = ("H_g",)
+    STATE_KEYS: tuple[str, ...] = ("H_g",)
 
     def __init__(self, name: str, d_out: int, max_block_dim: int | None = None) -> None:
         super().__init__(name, d_out)
@@ -166,6 +173,68 @@ class LimitedBFGS(OutputSide):
         self._middle = None
 
 
+class KFACOutput(DenseBFGS):
+    """K-FAC's output factor (state ``{"G", "H_g", "batches"}``): ``G`` is the plain average of the first batch's
+    ``E[g gᵀ]`` and then its running average with ``factor_decay`` (as ``A`` is), and ``H_g = (Ĝ + √λ I)⁻¹``,
+    ``Ĝ = G / (tr G / d_out)``, is re-inverted exactly at every curvature step (:func:`refresh_kfac_factors`).
+    Held and applied as :class:`DenseBFGS` holds its ``H_g`` (block-diagonal above ``max_block_dim``: the
+    diagonal blocks of ``G``, each inverted alone); it forms no pairs."""
+
+    needs_damped_products = False
+    STATE_KEYS = ("G", "H_g", "batches")
+    learns = False
+    needs_output_gram = True
+
+    def init_state(self, device: torch.device) -> dict[str, Any]:
+        return {"G": torch.zeros(self.split.factor_shape, dtype=torch.float32, device=device),
+                "H_g": self.split.identity(torch.float32, device), "batches": torch.tensor(0, dtype=torch.int64)}
+
+    def accumulate(self, G_batch: Tensor, decay: float) -> None:
+        """``G ← G_batch`` on the first batch, then ``G ← β G + (1 − β) G_batch``."""
+        G, batches = self.state["G"], self.state["batches"]
+        if int(batches) == 0:
+            G.copy_(G_batch)
+        else:
+            G.mul_(decay).add_(G_batch, alpha=1.0 - decay)
+        batches.add_(1)
+
+    @staticmethod
+    def propose(
+        sides: list[OutputSide], s: Tensor, y: Tensor, Hy: Tensor, sy: Tensor, ok: Tensor
+    ) -> tuple[Tensor, Any]:
+        raise AssertionError("a K-FAC output factor takes no pair")
+
+    def commit(self, k: int, kept: list[bool], s: Tensor, y: Tensor, proposal: Any) -> None:
+        raise AssertionError("a K-FAC output factor takes no pair")
+
+
+def refresh_kfac_factors(sides: list[KFACOutput], G_batches: list[Tensor], decay: float, sqrt_lam: float) -> list[bool]:
+    """Each side's ``G`` takes its batch's ``G_batch`` where that is finite (one host sync for all), and every
+    side that has seen a batch gets ``H_g = (Ĝ + √λ I)⁻¹`` anew; the factors of one shape are inverted in one
+    batched Cholesky call. Returns, per side, whether its batch was taken."""
+    if not sides:
+        return []
+    finite = torch.stack([torch.isfinite(G).all() for G in G_batches]).tolist()
+    for side, G, ok in zip(sides, G_batches, finite):
+        if ok:
+            side.accumulate(G, decay)
+    ready = [side for side in sides if int(side.state["batches"]) > 0]
+    shapes: dict[tuple[int, ...], list[KFACOutput]] = {}
+    for side in ready:
+        shapes.setdefault(tuple(side.state["G"].shape), []).append(side)
+    for group in shapes.values():
+        G = torch.stack([side.state["G"] for side in group])  # (layers, d, d) or (layers, blocks, size, size)
+        dims = torch.tensor([side.d_out for side in group], dtype=G.dtype, device=G.device)
+        mean_eig = G.diagonal(dim1=-2, dim2=-1).flatten(1).sum(1) / dims
+        tiny = torch.finfo(G.dtype).tiny
+        G = G / mean_eig.clamp_min(tiny).reshape(-1, *([1] * (G.dim() - 1)))
+        # float32: Ĝ + √λ I has eigenvalues in [√λ, d_out + √λ], so its condition number is at most ~d_out / √λ
+        H = damped_cholesky_inverse(G.flatten(0, -3) if G.dim() > 3 else G, sqrt_lam, torch.float32).reshape(G.shape)
+        for side, H_k in zip(group, H.unbind(0)):
+            side.state["H_g"] = H_k.clone()
+    return [bool(ok) for ok in finite]
+
+
 class OneSided(OutputSide):
     """``H_g = I``: no output-side state, no pairs; the direction is ``ĝ H_a``."""
 
@@ -188,12 +257,16 @@ class OneSided(OutputSide):
 
 
 def output_side_for(
-    name: str, d_out: int, history_size: int | None, one_sided: bool = False, max_block_dim: int | None = None
+    name: str, d_out: int, history_size: int | None, one_sided: bool = False, max_block_dim: int | None = None,
+    kind: str = "bfgs",
 ) -> OutputSide:
-    """The strategy a layer gets: none (``one_sided``, for a layer the policy marks too wide), dense BFGS
-    (block-diagonal above ``max_block_dim``), or L-BFGS with ``history_size`` pairs."""
+    """The strategy a layer gets: none (``one_sided``, for a layer the policy marks too wide), K-FAC's factor
+    (``kind="kfac"``), dense BFGS (both block-diagonal above ``max_block_dim``), or L-BFGS with ``history_size``
+    pairs."""
     if one_sided:
         return OneSided(name, d_out)
+    if kind == "kfac":
+        return KFACOutput(name, d_out, max_block_dim)
     if history_size is None:
         return DenseBFGS(name, d_out, max_block_dim)
     return LimitedBFGS(name, d_out, history_size)

@@ -6,7 +6,7 @@ counter is a 0-dim int64 tensor. ``tests/optim/test_state_layout.py`` pins the w
 
 K-BFGS (``KBFGS``, ``KBFGSL``)::
 
-    "hf_qn": {"format": 2, "optimizer": "KBFGS", "output_side": "dense" | "lbfgs",
+    "hf_qn": {"format": 2, "optimizer": "KBFGS", "output_side": "dense" | "lbfgs" | "kfac",
               "schedule": {"step", "refresh_next"},
               "steps_skipped_nonfinite",
               "growth_guard": {"ref_step_sizes" (one per layer), "steps_clipped"},
@@ -14,8 +14,9 @@ K-BFGS (``KBFGS``, ``KBFGSL``)::
               "backoff": {"factor"}}
     state[layer weight] = {
         "input": {"A", "H_a", "batches", "inverse_countdown" (Cholesky inverse only)},
-        "output": {"H_g"} (dense BFGS) | {"S", "Y", "SY", "YY", "count", "head"} (L-BFGS),
-        (a factor wider than max_block_dim, "A", "H_a" or "H_g", is (blocks, size, size): its diagonal blocks;
+        "output": {"H_g"} (dense BFGS) | {"S", "Y", "SY", "YY", "count", "head"} (L-BFGS)
+                  | {"G", "H_g", "batches"} (K-FAC's output factor, output_side="kfac"),
+        (a factor wider than max_block_dim, "A", "H_a", "G" or "H_g", is (blocks, size, size): its diagonal blocks;
          the layout then records [name, d_out, d_in, "blocks", output blocks, input blocks])
         "momentum_buffer": ĝ (d_out x d_in),
         "pair": {"s_avg", "y_avg", "h_prev", "g_prev", "has_prev"},

@@ -27,6 +27,7 @@ LAYER_COMMON = {
 HISTORY = {"S": F32, "Y": F32, "SY": F64, "YY": F64, "count": I64, "head": I64}
 DENSE_LAYER = {**LAYER_COMMON, "output/H_g": F32}
 LBFGS_LAYER = {**LAYER_COMMON, **{f"output/{k}": v for k, v in HISTORY.items()}}
+KFAC_LAYER = {**LAYER_COMMON, "output/G": F32, "output/H_g": F32, "output/batches": I64}
 ADAMW = {"step": F32, "exp_avg": F32, "exp_avg_sq": F32}
 MLBFGS_PARAM = {k: F32 for k in ("param_avg", "grad_avg", "param_avg_prev", "grad_avg_prev", "momentum_buffer",
                                  "exp_avg_sq", "direction_sq")}
@@ -50,6 +51,11 @@ CASES = {
         lambda m: hf_qn.KBFGS(m, matmul_dtype="float32"), {"optimizer": "KBFGS", "output_side": "dense"},
         {k: v for k, v in KBFGS_GLOBAL.items() if k != "loss_guard/loss_avg"},  # no same-batch loss guard
         {i: {**DENSE_LAYER, "graft/exp_avg_sq": F32, "graft/steps": I64, "graft/direction_sq": F32} for i in (0, 2, 4)},
+    ),
+    "kbfgs_kfac": (
+        lambda m: hf_qn.KBFGS(m, output_side="kfac", matmul_dtype="float32"), {"optimizer": "KBFGS", "output_side": "kfac"},
+        {k: v for k, v in KBFGS_GLOBAL.items() if k != "loss_guard/loss_avg"},
+        {i: {**KFAC_LAYER, "graft/exp_avg_sq": F32, "graft/steps": I64, "graft/direction_sq": F32} for i in (0, 2, 4)},
     ),
     "kbfgsl": (
         lambda m: hf_qn.KBFGSL(m, preset="paper", history_size=3), {"optimizer": "KBFGS", "output_side": "lbfgs"}, KBFGS_GLOBAL,

@@ -1,0 +1,148 @@
+"""K-FAC's output factor (``output_side="kfac"``): against a float64 reference, in the direction, and its refusals.
+
+The reference records each Linear's output gradients with hooks of its own (not hf_qn's capture), forms
+``G = E[g gᵀ]`` over rows and its running average in float64, and inverts ``Ĝ + √λ I`` with ``torch.linalg.inv``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import hf_qn
+from hf_qn.optim.output_side import KFACOutput
+from tests._helpers.models import mlp
+from tests._helpers.training import loop, mse_loss, regression_batches, roundtrip
+
+
+def _record_output_grads(model: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """Forward hooks that keep, per Linear, the gradient of its output (rows x d_out) of every backward."""
+    grads: dict[str, list[torch.Tensor]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            grads[name] = []
+
+            def hook(_m, _i, out, name=name):
+                if out.requires_grad:
+                    out.register_hook(lambda g: grads[name].append(g.detach().double().clone()))
+
+            mod.register_forward_hook(hook)
+    return grads
+
+
+def _reference_H_g(G: torch.Tensor, sqrt_lam: float) -> torch.Tensor:
+    d = G.shape[0]
+    return torch.linalg.inv(G / (G.trace() / d) + sqrt_lam * torch.eye(d, dtype=torch.float64))
+
+
+def test_the_output_factor_is_the_damped_inverse_of_the_running_output_gradient_moment():
+    """Four curvature steps: after each, every layer's ``H_g`` is ``(Ĝ + √λ I)⁻¹`` with ``G`` the plain first
+    batch's ``E[g gᵀ]`` and then its running average with ``factor_decay``, ``Ĝ`` scaled to unit mean eigenvalue."""
+    torch.manual_seed(0)
+    model = mlp()
+    grads = _record_output_grads(model)
+    decay, damping = 0.8, 0.3
+    opt = hf_qn.KBFGS(model, output_side="kfac", update_interval=1, factor_decay=decay, damping=damping,
+                      matmul_dtype="float32")
+    G_ref: dict[str, torch.Tensor] = {}
+    for k, batch in enumerate(regression_batches(4)):
+        loop(model, opt, [batch], mse_loss)
+        for la in opt.layers:
+            g = grads[la.name][-1]  # rows x d_out of this step's backward
+            G_batch = g.T @ g / g.shape[0]
+            G_ref[la.name] = G_batch if k == 0 else decay * G_ref[la.name] + (1 - decay) * G_batch
+            out = la.state["output"]
+            assert isinstance(la.output, KFACOutput) and int(out["batches"]) == k + 1
+            torch.testing.assert_close(out["G"].double(), G_ref[la.name], rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(out["H_g"].double(), _reference_H_g(G_ref[la.name], math.sqrt(damping)),
+                                       rtol=2e-5, atol=1e-6)
+    assert all(int(la.state["counters"]["pairs_accepted"]) == 4 for la in opt.layers)
+
+
+def test_the_first_direction_uses_the_factor_of_its_own_batch():
+    """The factor is refreshed before the direction: the first step (no grafting, no guards) moves each layer by
+    ``−α H_g ĝ H_a`` with ``ĝ = (1 − ρ) ∇W̄``, ``H_g`` the reference inverse of this batch's ``Ĝ``."""
+    torch.manual_seed(0)
+    model = mlp()
+    grads = _record_output_grads(model)
+    lr, rho, damping = 0.1, 0.9, 0.3
+    opt = hf_qn.KBFGS(model, output_side="kfac", graft="none", l2=0.0, lr=lr, grad_decay=rho, damping=damping,
+                      update_interval=1, max_update_growth=None, matmul_dtype="float32")
+    before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    mse_loss(model, regression_batches(1)[0]).backward()
+    grad = {n: p.grad.detach().double().clone() for n, p in model.named_parameters()}
+    opt.step()
+    for la, (name, mod) in zip(opt.layers, [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]):
+        g = grads[name][-1]
+        H_g = _reference_H_g(g.T @ g / g.shape[0], math.sqrt(damping))
+        G_bar = torch.cat([grad[f"{name}.weight"], grad[f"{name}.bias"][:, None]], 1)
+        D = H_g @ ((1 - rho) * G_bar) @ la.state["input"]["H_a"].double()
+        torch.testing.assert_close(mod.weight.detach().double() - before[f"{name}.weight"], -lr * D[:, :-1],
+                                   rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(mod.bias.detach().double() - before[f"{name}.bias"], -lr * D[:, -1],
+                                   rtol=1e-4, atol=1e-7)
+
+
+def test_blocked_factors_invert_each_diagonal_block_of_the_moment():
+    """Above ``max_block_dim`` the factor holds the diagonal blocks of ``G`` (padding zero) and each is inverted
+    alone, after the whole factor is scaled by its mean eigenvalue over the layer's ``d_out`` coordinates."""
+    torch.manual_seed(0)
+    model = mlp(sizes=(6, 8, 5, 3))
+    grads = _record_output_grads(model)
+    opt = hf_qn.KBFGS(model, output_side="kfac", max_block_dim=3, update_interval=1, matmul_dtype="float32")
+    loop(model, opt, regression_batches(1), mse_loss)
+    la = opt.layers[0]  # d_out 8: blocks of 3, 3, 2 (+1 padding)
+    g = grads[la.name][-1]
+    G = g.T @ g / g.shape[0]
+    H = la.state["output"]["H_g"].double()
+    assert H.shape == (3, 3, 3)
+    scale = G.trace() / 8
+    for b, (lo, hi) in enumerate(((0, 3), (3, 6), (6, 8))):
+        n = hi - lo
+        ref = torch.linalg.inv(G[lo:hi, lo:hi] / scale + math.sqrt(0.3) * torch.eye(n, dtype=torch.float64))
+        torch.testing.assert_close(H[b, :n, :n], ref, rtol=2e-5, atol=1e-6)
+
+
+def test_a_non_finite_moment_is_skipped():
+    """A batch whose ``E[g gᵀ]`` is not finite leaves ``G`` and its count as they were (the inverse is recomputed
+    from the same ``G``). The optimizer never passes one: a non-finite output gradient makes a non-finite
+    parameter gradient, and such a step is skipped whole."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = hf_qn.KBFGS(model, output_side="kfac", update_interval=1)
+    loop(model, opt, regression_batches(2), mse_loss)
+    la = opt.layers[0]
+    G, H = la.state["output"]["G"].clone(), la.state["output"]["H_g"].clone()
+    from hf_qn.optim.output_side import refresh_kfac_factors
+
+    taken = refresh_kfac_factors([la.output], [torch.full_like(G, float("nan"))], 0.9, math.sqrt(0.3))  # type: ignore[list-item]
+    assert taken == [False]
+    assert torch.equal(la.state["output"]["G"], G) and int(la.state["output"]["batches"]) == 2
+    assert torch.isfinite(la.state["output"]["H_g"]).all()
+    torch.testing.assert_close(la.state["output"]["H_g"], H, rtol=1e-5, atol=1e-6)  # re-inverted from the same G
+
+
+def test_kfac_trains_and_refuses_what_it_cannot_do():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = hf_qn.KBFGS(model, output_side="kfac", lr=3e-2)
+    losses = loop(model, opt, regression_batches(30), mse_loss)
+    assert losses[-1] < 0.3 * losses[0]  # 0.75 -> 0.16 (AdamW at the same lr: 0.27)
+    with pytest.raises(ValueError, match="Invalid output_side: 'shampoo'"):
+        hf_qn.KBFGS(model, output_side="shampoo")
+    with pytest.raises(ValueError, match="Invalid history_size: 5 with output_side='kfac'"):
+        hf_qn.KBFGS(model, output_side="kfac", history_size=5)
+    with pytest.raises(ValueError, match="output_side='kfac'"):
+        hf_qn.KBFGSL(model, output_side="kfac")
+    dense = hf_qn.KBFGS(model)
+    with pytest.raises(ValueError, match="'kfac' output-side factors.*KBFGS\\(output_side='kfac'\\)"):
+        dense.load_state_dict(roundtrip(opt.state_dict()))
+    with pytest.raises(ValueError, match="'dense' output-side factors"):
+        hf_qn.KBFGS(model, output_side="kfac").load_state_dict(roundtrip(dense.state_dict()))
+    opt.param_groups[0]["output_side"] = "bfgs"
+    with pytest.raises(ValueError, match="output_side changed from kfac to bfgs"):
+        loop(model, opt, regression_batches(1), mse_loss)
