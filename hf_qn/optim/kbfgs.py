@@ -431,8 +431,8 @@ class KBFGS(QNOptimizerBase):
         """K-FAC output factors (``output_side="kfac"``) take their batch's ``E[g gᵀ]`` and are re-inverted; a
         non-finite batch is skipped and counted in ``pairs_skipped`` (the output side's rejected updates), a
         taken one in ``pairs_accepted``."""
-        todo = [(la, m.G) for la, m, on in zip(self.layers, now, active)
-                if on and isinstance(la.output, KFACOutput) and m.G is not None and int(m.h_rows) > 0]
+        todo = [(la, m.G) for la, m, on in zip(self.layers, now, active)  # an active layer's hooks saw rows
+                if on and isinstance(la.output, KFACOutput) and m.G is not None]
         for la, _ in todo:
             la.ensure_state()
         taken = refresh_kfac_factors([la.output for la, _ in todo], [G for _, G in todo],  # type: ignore[misc]

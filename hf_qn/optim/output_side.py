@@ -211,7 +211,7 @@ class KFACOutput(DenseBFGS):
 def refresh_kfac_factors(sides: list[KFACOutput], G_batches: list[Tensor], decay: float, sqrt_lam: float) -> list[bool]:
     """Each side's ``G`` takes its batch's ``G_batch`` where that is finite (one host sync for all), and every
     side that has seen a batch gets ``H_g = (Ĝ + √λ I)⁻¹`` anew; the factors of one shape are inverted in one
-    batched Cholesky call. Returns, per side, whether its batch was taken."""
+    batched Cholesky call (per device). Returns, per side, whether its batch was taken."""
     if not sides:
         return []
     finite = torch.stack([torch.isfinite(G).all() for G in G_batches]).tolist()
@@ -219,10 +219,10 @@ def refresh_kfac_factors(sides: list[KFACOutput], G_batches: list[Tensor], decay
         if ok:
             side.accumulate(G, decay)
     ready = [side for side in sides if int(side.state["batches"]) > 0]
-    shapes: dict[tuple[int, ...], list[KFACOutput]] = {}
+    groups: dict[tuple[Any, ...], list[KFACOutput]] = {}  # by shape and device (a model split over devices)
     for side in ready:
-        shapes.setdefault(tuple(side.state["G"].shape), []).append(side)
-    for group in shapes.values():
+        groups.setdefault((*side.state["G"].shape, side.state["G"].device), []).append(side)
+    for group in groups.values():
         G = torch.stack([side.state["G"] for side in group])  # (layers, d, d) or (layers, blocks, size, size)
         dims = torch.tensor([side.d_out for side in group], dtype=G.dtype, device=G.device)
         mean_eig = G.diagonal(dim1=-2, dim2=-1).flatten(1).sum(1) / dims
