@@ -111,8 +111,8 @@ class Capture:
             matrix. (default: None for every adapter)
         output_grams: per adapter, the :class:`~hf_qn.linalg.blocks.BlockSplit` of its output-gradient Gram
             ``G_sum`` (the diagonal blocks of ``Σ g gᵀ``, or the whole matrix for a split of one block), or None
-            where it is not wanted. Taken on primary passes only, in ``gram_dtype``, over the rows ``max_input_rows``
-            leaves (it caps both Grams).
+            where it is not wanted. Taken on primary passes only, in ``gram_dtype`` (float32 for float16), over the
+            rows ``max_input_rows`` leaves (it caps both Grams).
             (default: None for every adapter)
 
     ``enabled`` switches all capture on or off (the optimizer turns it on only for steps that
@@ -277,7 +277,8 @@ class Capture:
                     r = rows.detach()
                     if self.max_input_rows is not None and r.shape[0] > self.max_input_rows:
                         r = r[:: -(-r.shape[0] // self.max_input_rows)]  # evenly strided, as for A_sum
-                    r = r.to(self.gram_dtype)
+                    # float16's range holds neither a loss-scaled gradient's square nor an unscaled one's
+                    r = r.to(torch.float32 if self.gram_dtype == torch.float16 else self.gram_dtype)
                     G = (gram.gram(r) if gram.blocked else r.T @ r).to(torch.float32)
                     st.G_sum = LayerStats._add(st.G_sum, G if scale == 1.0 else G / scale**2)
                     st.G_rows += int(r.shape[0])

@@ -233,3 +233,20 @@ def test_max_input_rows_uses_evenly_strided_rows_and_changes_nothing_when_not_ex
         loop(net, hf_qn.KBFGS(net, max_input_rows=m), batches, mse_loss)
         runs.append([p.detach().clone() for p in net.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_output_gram_with_a_float16_gram_dtype_stays_finite_under_loss_scaling():
+    """A float16 ``gram_dtype`` (``matmul_dtype="float16"``) forms the output-gradient Gram in float32: a gradient
+    scaled by 65536 squares past float16's range."""
+    from hf_qn.linalg.blocks import BlockSplit
+
+    torch.manual_seed(0)
+    model = mlp()
+    asg = assign_layers(model)
+    splits = [BlockSplit.of(ad.d_out, None) for ad in asg.adapters]
+    grads: list[torch.Tensor] = []
+    model[4].register_forward_hook(lambda _m, _x, out: out.register_hook(lambda g: grads.append(g.double())) and None)
+    cap = Capture(asg.adapters, gram_dtype=torch.float16, output_grams=splits, grad_scale=lambda: 65536.0).attach()
+    (model(torch.randn(16, 6)).pow(2).sum() * 65536.0).backward()
+    g = grads[0] / 65536.0
+    torch.testing.assert_close(cap.stats["primary"][2].G_sum.double(), g.T @ g, rtol=1e-5, atol=1e-6)
