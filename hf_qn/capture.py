@@ -241,9 +241,7 @@ class Capture:
                 st.A_sum = LayerStats._add(st.A_sum, counts)
                 st.a_rows += int(ids.numel())
             else:
-                r = rows.detach()
-                if self.max_input_rows is not None and r.shape[0] > self.max_input_rows:
-                    r = r[:: -(-r.shape[0] // self.max_input_rows)]  # evenly strided rows
+                r = self._capped(rows.detach())
                 g = r.to(self.gram_dtype)
                 gram = split.gram(g) if split is not None and split.blocked else g.T @ g
                 st.A_sum = LayerStats._add(st.A_sum, gram.to(torch.float32))
@@ -262,6 +260,13 @@ class Capture:
         st.h_rows += int(h.shape[0])
         st.samples += int(h.shape[0]) // max(adapter.output_group_size(output), 1)
 
+    def _capped(self, rows: Tensor) -> Tensor:
+        """At most ``max_input_rows`` of ``rows``, evenly strided (every ``ceil(R / max_input_rows)``-th): the rows
+        behind both Grams."""
+        if self.max_input_rows is not None and rows.shape[0] > self.max_input_rows:
+            return rows[:: -(-rows.shape[0] // self.max_input_rows)]
+        return rows
+
     def _make_grad_hook(
         self, adapter: LayerAdapter, st: LayerStats, gram: BlockSplit | None = None
     ) -> Callable[[Tensor], None]:
@@ -274,9 +279,7 @@ class Capture:
                     g = g / scale
                 st.g_sum = LayerStats._add(st.g_sum, g)
                 if gram is not None:  # K-FAC's output factor: Σ g gᵀ (its diagonal blocks when split)
-                    r = rows.detach()
-                    if self.max_input_rows is not None and r.shape[0] > self.max_input_rows:
-                        r = r[:: -(-r.shape[0] // self.max_input_rows)]  # evenly strided, as for A_sum
+                    r = self._capped(rows.detach())
                     # float16's range holds neither a loss-scaled gradient's square nor an unscaled one's
                     r = r.to(torch.float32 if self.gram_dtype == torch.float16 else self.gram_dtype)
                     G = (gram.gram(r) if gram.blocked else r.T @ r).to(torch.float32)
