@@ -14,7 +14,7 @@ State contract (tested in ``tests/optim/test_state_contract.py``):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -74,6 +74,14 @@ def count_steps_(counters: list[Tensor]) -> list[Any]:
     with one multi-tensor add and one read for all of them instead of an add and a read per counter."""
     torch._foreach_add_(counters, 1)
     return torch.stack(counters).tolist()
+
+
+def group_indices(items: list[Any], key: Callable[[Any], Any]) -> list[list[int]]:
+    """Indices of ``items`` grouped by ``key``, groups and members in first-seen order."""
+    groups: dict[Any, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    return list(groups.values())
 
 
 def adam_denominators_(

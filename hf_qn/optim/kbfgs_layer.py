@@ -16,7 +16,6 @@ The pair and ``H_a`` updates of all layers of one width run together as the rows
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ from ..capture import input_factor_shape
 from ..linalg import cast, damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimates
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
 from ..linalg.blocks import BlockSplit, matvec_rows
-from ._base import adam_denominators_, count_steps_, weight_by_gradient_signal_
+from ._base import adam_denominators_, count_steps_, group_indices, weight_by_gradient_signal_
 from .output_side import OutputSide, keep_blocks, rank2_updates
 from .state import KBFGS_LAYER_COUNTERS
 
@@ -412,10 +411,3 @@ def read_flags(flags: list[Tensor]) -> list[list[list[bool]]]:
         start += f.shape[1]
     return out
 
-
-def group_indices(items: list[Any], key: Callable[[Any], Any]) -> list[list[int]]:
-    """Indices of ``items`` grouped by ``key``, groups and members in first-seen order."""
-    groups: dict[Any, list[int]] = {}
-    for i, item in enumerate(items):
-        groups.setdefault(key(item), []).append(i)
-    return list(groups.values())

@@ -32,6 +32,7 @@ from torch import Tensor
 from ..linalg import LBFGSHistory, damped_cholesky_inverse
 from ..linalg.batched import bfgs_rank2_rows
 from ..linalg.blocks import BlockSplit, block_left, matvec_rows
+from ._base import group_indices
 
 __all__ = ["DenseBFGS", "KFACOutput", "LimitedBFGS", "OneSided", "OutputSide", "output_side_for",
            "refresh_kfac_factors"]
@@ -219,10 +220,9 @@ def refresh_kfac_factors(sides: list[KFACOutput], G_batches: list[Tensor], decay
         if ok:
             side.accumulate(G, decay)
     ready = [side for side in sides if int(side.state["batches"]) > 0]
-    groups: dict[tuple[Any, ...], list[KFACOutput]] = {}  # by shape and device (a model split over devices)
-    for side in ready:
-        groups.setdefault((*side.state["G"].shape, side.state["G"].device), []).append(side)
-    for group in groups.values():
+    # by shape and device (a model split over devices)
+    for idx in group_indices(ready, key=lambda side: (*side.state["G"].shape, side.state["G"].device)):
+        group = [ready[i] for i in idx]
         G = torch.stack([side.state["G"] for side in group])  # (layers, d, d) or (layers, blocks, size, size)
         dims = torch.tensor([side.d_out for side in group], dtype=G.dtype, device=G.device)
         mean_eig = G.diagonal(dim1=-2, dim2=-1).flatten(1).sum(1) / dims
