@@ -54,7 +54,10 @@ class BlockSplit:
         return x.reshape(*x.shape[:-2], self.blocks * self.size)[..., : self.dim]
 
     def gram(self, r: Tensor) -> Tensor:
-        """The diagonal blocks of ``rᵀ r`` for rows ``r`` (``(R, dim)``), as ``(blocks, size, size)``."""
+        """The factor ``rᵀ r`` over these coordinates for rows ``r`` (``(R, dim)``), shaped as :attr:`factor_shape`:
+        the whole matrix in one block, else its diagonal blocks ``(blocks, size, size)``."""
+        if not self.blocked:
+            return r.T @ r
         x = self.rows(r).transpose(0, 1)  # (blocks, R, size)
         return x.transpose(1, 2) @ x
 

@@ -38,8 +38,8 @@ def kron_precondition(
 
 def damped_cholesky_inverse(A: Tensor, damping: float, compute_dtype: torch.dtype = torch.float64) -> Tensor:
     """``(A + damping·I)⁻¹`` by Cholesky, in ``compute_dtype`` internally (float64 unless the caller knows the
-    damped matrix is well conditioned); symmetric by construction. A 3-D ``A`` is a batch (the blocks of a
-    block-diagonal factor), each inverted alike.
+    damped matrix is well conditioned); symmetric by construction. Leading dimensions are a batch (the blocks of a
+    block-diagonal factor, several layers' factors), each matrix inverted alike.
 
     Raises ``torch.linalg.LinAlgError`` if the damped matrix is not positive definite (a caller
     holding a non-finite factor must not get here).

@@ -229,7 +229,7 @@ def refresh_kfac_factors(sides: list[KFACOutput], G_batches: list[Tensor], decay
         tiny = torch.finfo(G.dtype).tiny
         G = G / mean_eig.clamp_min(tiny).reshape(-1, *([1] * (G.dim() - 1)))
         # float32: Ĝ + √λ I has eigenvalues in [√λ, d_out + √λ], so its condition number is at most ~d_out / √λ
-        H = damped_cholesky_inverse(G.flatten(0, -3) if G.dim() > 3 else G, sqrt_lam, torch.float32).reshape(G.shape)
+        H = damped_cholesky_inverse(G, sqrt_lam, torch.float32)  # batched over every leading dimension
         for side, H_k in zip(group, H.unbind(0)):
             side.state["H_g"] = H_k.clone()
     return [bool(ok) for ok in finite]

@@ -48,6 +48,7 @@ def test_products_equal_the_dense_block_diagonal(dim, max_block):
     full = r.T @ r
     mask = block_diagonal(torch.ones(sp.blocks, sp.size, sp.size, dtype=torch.float64), dim)
     torch.testing.assert_close(block_diagonal(sp.gram(r), dim), full * mask)
+    assert torch.equal(whole.gram(r), full)  # one block: the whole matrix, shaped as the factor
     assert torch.equal(sp.unrows(sp.rows(r)), r)
     assert sp.rows(r)[..., -1, sp.size - sp.pad :].abs().sum() == 0  # padding is zero
 
