@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -37,7 +38,28 @@ from hf_qn.integrations.trainer import (
 logger = logging.getLogger("hf_qn.recipes")
 
 OPTIMIZER_CHOICES = ("kbfgs", "kbfgs_l", "mlbfgs", "adamw", "sgd")
+QN_OPTIMIZERS = ("kbfgs", "kbfgs_l", "mlbfgs")
 DEFAULT_OPTIMIZERS = ["adamw", "kbfgs", "mlbfgs"]
+
+
+def split_optimizer(name: str) -> tuple[str, dict[str, Any]]:
+    """An optimizer of the comparison: a name of ``OPTIMIZER_CHOICES``, or a quasi-Newton one with its own
+    hyperparameters, ``"kbfgs:output_side=kfac"`` (name, colon, ``qn_args`` syntax), which runs as a row of its
+    own beside plain ``kbfgs``. Returns the base name and those hyperparameters (they override ``--qn_args``)."""
+    base, sep, extra = name.partition(":")
+    if base not in OPTIMIZER_CHOICES:
+        raise ValueError(f"Invalid optimizer {name!r}: choose from {OPTIMIZER_CHOICES}, or a variant such as "
+                         "kbfgs:output_side=kfac")
+    if not sep:
+        return base, {}
+    if base not in QN_OPTIMIZERS:
+        raise ValueError(f"Invalid optimizer {name!r}: only {QN_OPTIMIZERS} take hyperparameters after a colon")
+    hyper = parse_qn_args(extra)
+    unknown = sorted(set(hyper) - set(qn_args_for(base, hyper)))
+    if not hyper or unknown:
+        raise ValueError(f"Invalid optimizer {name!r}: after the colon give {base}'s hyperparameters as "
+                         f"name=value,... ({'unknown: ' + ', '.join(unknown) if unknown else 'none given'})")
+    return base, hyper
 
 
 def check_push_possible(recipe: RecipeArguments, training_args: QNTrainingArguments) -> None:
@@ -64,9 +86,12 @@ def comparison_plan(recipe: RecipeArguments, training_args: QNTrainingArguments,
     for every optimizer), then the recipe's defaults."""
     names = recipe.optimizers or ([training_args.qn_optimizer] if training_args.qn_optimizer else DEFAULT_OPTIMIZERS)
     for name in names:
-        if name not in OPTIMIZER_CHOICES:
-            raise ValueError(f"Invalid optimizer {name!r} (choose from {OPTIMIZER_CHOICES})")
+        split_optimizer(name)  # raises on a bad name
+    if len(set(names)) != len(names):
+        raise ValueError(f"Invalid --optimizers {names}: each optimizer (or variant) once")
     base = dict(default_lrs)
+    # a variant starts from its base optimizer's default lr
+    base.update({name: default_lrs[split_optimizer(name)[0]] for name in names if name not in base})
     if getattr(training_args, "learning_rate_given", False):
         base.update(dict.fromkeys(names, training_args.learning_rate))
     return names, parse_learning_rates(recipe.learning_rates, base)
@@ -78,8 +103,10 @@ class RecipeArguments:
 
     optimizers: list[str] | None = field(
         default=None,
-        metadata={"help": f"Optimizers to train with, one after another, in {OPTIMIZER_CHOICES} (default: "
-                  "--qn_optimizer alone when it is given, else adamw kbfgs mlbfgs)."},
+        metadata={"help": f"Optimizers to train with, one after another, in {OPTIMIZER_CHOICES}; a quasi-Newton "
+                  "one may carry its own hyperparameters after a colon and run beside the plain one, e.g. "
+                  "kbfgs kbfgs:output_side=kfac (default: --qn_optimizer alone when it is given, else adamw kbfgs "
+                  "mlbfgs)."},
     )
     learning_rates: list[str] = field(
         default_factory=list,
@@ -127,13 +154,15 @@ def _named_values(items: list[str], flag: str, single: bool) -> dict[str, list[f
     expected = "name=value" if single else "name=v1,v2,..."
     out: dict[str, list[float]] = {}
     for item in items:
-        name, sep, values = item.partition("=")
+        name, sep, values = item.rpartition("=")  # the last "=": a variant's name has its own (kbfgs:output_side=kfac)
         try:
             grid = [float(v) for v in values.split(",") if v]
+            split_optimizer(name)
         except ValueError:
             grid = []
-        if not sep or name not in OPTIMIZER_CHOICES or not grid or (single and len(grid) != 1):
-            raise ValueError(f"Invalid {flag} entry {item!r} (expected {expected} with name in {OPTIMIZER_CHOICES})")
+        if not sep or not grid or (single and len(grid) != 1):
+            raise ValueError(f"Invalid {flag} entry {item!r} (expected {expected} with name in {OPTIMIZER_CHOICES} "
+                             "or a variant such as kbfgs:output_side=kfac)")
         out[name] = grid
     return out
 
@@ -218,10 +247,13 @@ class TrainTimeCallback(TrainerCallback):
 def optimizer_args(base: QNTrainingArguments, name: str, lr: float, output_dir: str) -> QNTrainingArguments:
     """The TrainingArguments for one optimizer of the comparison."""
     changes: dict[str, Any] = dict(output_dir=output_dir, learning_rate=lr)
-    if name in ("kbfgs", "kbfgs_l", "mlbfgs"):  # qn_args serves every optimizer compared: each takes its own
-        changes.update(qn_optimizer=name, qn_args=qn_args_for(name, parse_qn_args(base.qn_args)))
+    optimizer, own = split_optimizer(name)
+    # qn_args serves every optimizer compared (each takes the entries it has); a variant's own entries win
+    if optimizer in QN_OPTIMIZERS:
+        changes.update(qn_optimizer=optimizer,
+                       qn_args={**qn_args_for(optimizer, parse_qn_args(base.qn_args)), **own})
     else:
-        changes.update(qn_optimizer=None, optim="adamw_torch" if name == "adamw" else "sgd", qn_args={})
+        changes.update(qn_optimizer=None, optim="adamw_torch" if optimizer == "adamw" else "sgd", qn_args={})
     # Re-run the constructor (and its validation) from the init fields rather than mutating in place; the
     # deprecated per-hyperparameter flags are already in qn_args.
     values = {f.name: getattr(base, f.name) for f in fields(base) if f.init and f.name not in _LEGACY_FLAGS}
@@ -267,7 +299,7 @@ def run_comparison(
         return -v if greater_is_better else v
 
     def train_one(name: str, lr: float, repeat: int = 0) -> dict[str, Any]:
-        tag = f"{name}-lr{lr:g}" + (f"-repeat{repeat}" if repeat else "")
+        tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + f"-lr{lr:g}" + (f"-repeat{repeat}" if repeat else "")
         args = optimizer_args(training_args, name, lr, os.path.join(out_root, "runs", tag))
         if repeat:
             args.seed = training_args.seed + repeat
@@ -404,6 +436,7 @@ def _train(args: QNTrainingArguments, name: str, lr: float, model_init: Callable
     steps = sorted(timer.step_seconds[1:]) or [float("nan")]
     run = {
         "optimizer": name,
+        "qn_args": dict(args.qn_args or {}),  # the hyperparameters it ran with beyond the defaults (and lr)
         "learning_rate": lr,
         "seed": args.seed,
         "train_seconds": timer.train_seconds,

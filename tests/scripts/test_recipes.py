@@ -164,6 +164,49 @@ def test_lr_sweep_rejects_bad_entries():
             parse_lr_sweep([bad])
 
 
+def test_optimizer_variants_are_named_rows_with_their_own_hyperparameters(tmp_path):
+    """``kbfgs:output_side=kfac`` is an optimizer of its own in --optimizers, --learning_rates and --lr_sweep (its
+    name has "=" signs too); its hyperparameters override --qn_args; bad variants are refused, naming the fix."""
+    from hf_qn import QNTrainingArguments
+
+    utils = load_script("recipe_utils")
+    assert utils.split_optimizer("kbfgs:output_side=kfac,damping=0.5") == ("kbfgs", {"output_side": "kfac",
+                                                                                  "damping": 0.5})
+    assert utils.split_optimizer("adamw") == ("adamw", {})
+    for bad, why in (("adamw:lr=1", "only"), ("kbfgs:", "none given"), ("kbfgs:history=3", "unknown: history"),
+                     ("mlbfgs:output_side=kfac", "unknown: output_side"), ("adam", "choose from")):
+        with pytest.raises(ValueError, match=why):
+            utils.split_optimizer(bad)
+    variant = "kbfgs:output_side=kfac,damping=0.5"
+    assert utils.parse_lr_sweep([f"{variant}=1e-3,3e-3", "kbfgs=1e-2"]) == {variant: [1e-3, 3e-3], "kbfgs": [1e-2]}
+    assert utils.parse_learning_rates([f"{variant}=0.01"], {"kbfgs": 3e-3}) == {"kbfgs": 3e-3, variant: 0.01}
+    with pytest.raises(ValueError, match="--lr_sweep"):
+        utils.parse_lr_sweep(["kbfgs:nonsense=1=1e-3"])
+    base = QNTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                               qn_args="damping=0.2,update_interval=10")
+    args = utils.optimizer_args(base, variant, 0.1, str(tmp_path / "v"))
+    assert args.qn_optimizer == "kbfgs"
+    assert args.qn_args == {"damping": 0.5, "update_interval": 10, "output_side": "kfac"}
+    recipe = utils.RecipeArguments(optimizers=["adamw", "kbfgs", variant])
+    names, lrs = utils.comparison_plan(recipe, base, {"adamw": 1e-3, "kbfgs": 3e-3})
+    assert names == ["adamw", "kbfgs", variant] and lrs[variant] == 3e-3  # its base's default lr
+    with pytest.raises(ValueError, match="each optimizer"):
+        utils.comparison_plan(utils.RecipeArguments(optimizers=["kbfgs", "kbfgs"]), base, {"kbfgs": 3e-3})
+
+
+def test_a_variant_trains_beside_its_base_optimizer(tmp_path):
+    """A recipe run with kbfgs and kbfgs:output_side=kfac: two rows, the variant's optimizer built with K-FAC's
+    output side (its hyperparameters in results.json), both in the card."""
+    mod = load_script("image_classification")
+    out = tmp_path / "variants"
+    args = [a for a in COMMON if a != "mlbfgs"] + ["kbfgs:output_side=kfac"]
+    res = mod.main([*args, "--model_type", "resnet", "--output_dir", str(out)])
+    assert [r["optimizer"] for r in res["runs"]] == ["adamw", "kbfgs", "kbfgs:output_side=kfac"]
+    assert [r["qn_args"].get("output_side") for r in res["runs"]] == [None, None, "kfac"]
+    assert res["runs"][2]["optimizer_statistics"] != res["runs"][1]["optimizer_statistics"]
+    _check_card_and_json(out, "accuracy")
+
+
 def test_one_qn_args_serves_every_optimizer_compared(tmp_path):
     """A recipe's --qn_args reaches each optimizer with the entries it takes: preset=paper to K-BFGS only,
     mL-BFGS's normalize to mL-BFGS only, a name both have (lr) to both; AdamW gets none."""
