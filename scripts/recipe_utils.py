@@ -513,7 +513,7 @@ def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, 
                    final_max=avg["final_max"], mean_ratio_to_adamw_final=None)
         if adam_avg is not None:
             row["mean_ratio_to_adamw_final"] = seed_averaged_ratio(avg, adam_avg, greater)
-    qn = [row for row in rows if row["optimizer"] in ("kbfgs", "kbfgs_l", "mlbfgs")]
+    qn = [row for row in rows if split_optimizer(row["optimizer"])[0] in QN_OPTIMIZERS]  # variants too
     verdict = "No AdamW run in this comparison."
     if adam is not None and qn:
         adam_row = next(row for row in rows if row["optimizer"] == "adamw")

@@ -340,6 +340,24 @@ def test_seed_averaged_summary_uses_the_mean_curve_of_every_seed():
     assert "mean final over 2 seeds" in table and "| 0.9000 (0.9000-0.9000) | 0.80 |" in table
 
 
+def test_summary_counts_a_variant_as_a_quasi_newton_optimizer():
+    """A variant row (kbfgs:output_side=kfac) competes in the verdict like its base optimizer: the faster one is
+    named, in the single-run and in the seed-averaged sentence."""
+    utils = load_script("recipe_utils")
+
+    def run(name, t_reach):
+        return {"optimizer": name, "learning_rate": 1e-3, "final": {"eval_accuracy": 0.9},
+                "evals": [{"eval_accuracy": 0.5, "seconds": 1.0}, {"eval_accuracy": 0.9, "seconds": t_reach}],
+                "train_seconds": 10.0, "median_step_seconds": 0.1}
+
+    adam = run("adamw", 10.0)
+    runs = [{**adam, "repeats": [adam]}, {**run("kbfgs", 9.0), "repeats": [run("kbfgs", 9.0)]},
+            {**run("kbfgs:output_side=kfac", 6.0), "repeats": [run("kbfgs:output_side=kfac", 6.0)]}]
+    verdict = utils.summarize(runs, "eval_accuracy", greater=True)["verdict"]
+    assert verdict.startswith("kbfgs:output_side=kfac reached AdamW's final eval_accuracy (0.9) after 6.0 s")
+    assert "2 seeds, kbfgs:output_side=kfac reached AdamW's mean final eval_accuracy (0.9) in 0.60x" in verdict
+
+
 def test_repeats_train_from_their_own_seed(tmp_path):
     """--repeats N trains seeds seed, seed+1, ...: each repeat starts from its own initial weights and data order
     (the Trainer seeds model_init with the run's seed), so the repeats' curves differ; one seed twice is equal."""
