@@ -28,7 +28,7 @@ from ..linalg import cast, damped_cholesky_inverse, kron_precondition, sym_psd_n
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
 from ..linalg.blocks import BlockSplit, matvec_rows
 from ._base import adam_denominators_, count_steps_, group_indices, weight_by_gradient_signal_
-from .output_side import OutputSide, keep_blocks, rank2_updates
+from .output_side import OutputSide, PairLearner, keep_blocks, rank2_updates
 from .state import KBFGS_LAYER_COUNTERS
 
 __all__ = [
@@ -268,11 +268,13 @@ def update_output_sides(
     rows of a matrix, and what happened to every row is read back with one host sync at the end."""
     beta = hp.pair_decay
     results = []  # per group: its layers, flags (powell, lm, kept) x rows, damped pairs, the proposal, rows/layer
-    learners = [i for i, la in enumerate(layers) if la.output.learns]  # one-sided layers form no pairs
+    # one-sided layers and K-FAC's output factors form no pairs
+    learners = [i for i, la in enumerate(layers) if isinstance(la.output, PairLearner)]
     for members in group_indices(learners, key=lambda i: (layers[i].output.split, layers[i].adapter.weight.device)):
         rows = [learners[m] for m in members]
         group = [layers[r] for r in rows]
-        split = group[0].output.split
+        sides = [la.output for la in group if isinstance(la.output, PairLearner)]  # all of them
+        split = sides[0].split
         pairs = [la.state["pair"] for la in group]
         S = torch.stack([p["s_avg"] for p in pairs]).mul_(beta)
         S.add_(torch.stack([s_raw[r] for r in rows]).to(torch.float32), alpha=1.0 - beta)
@@ -284,26 +286,25 @@ def update_output_sides(
         n, size = split.blocks, split.size
         S, Y = split.rows(S).reshape(-1, size), split.rows(Y).reshape(-1, size)  # layer k: rows k·n ... k·n + n − 1
         usable = torch.isfinite(S).all(-1) & torch.isfinite(Y).all(-1) & (S.abs().amax(-1) > 0)
-        Hy = torch.cat([la.output.apply_rows(Y[k * n : k * n + n]) for k, la in enumerate(group)])
+        Hy = torch.cat([side.apply_rows(Y[k * n : k * n + n]) for k, side in enumerate(sides)])
         d = double_damping_rows(
             S, Y, Hy, usable, mu1=hp.powell_mu, mu2=hp.sqrt_damping, powell=True, lm=hp.lm_damping
         )
         grad_norm = split.rows(torch.stack([g_now[r] for r in rows])).reshape(-1, size).norm(dim=-1)
         ok, sy = curvature_ok_rows(d.s, d.y, hp.curvature_eps, grad_norm)
         ok &= usable
-        side = group[0].output
-        if side.needs_damped_products and hp.lm_damping != "none":  # y changed where LM fired
-            Hy = torch.cat([la.output.apply_rows(d.y[k * n : k * n + n]) for k, la in enumerate(group)])
-        kept, proposal = side.propose([la.output for la in group], d.s, d.y, Hy, sy, ok)
-        results.append((group, torch.stack([d.powell, d.lm, kept]), d, proposal, n))
-    for (group, _, d, proposal, n), flags in zip(results, read_flags([r[1] for r in results])):
-        for k, la in enumerate(group):
+        if sides[0].needs_damped_products and hp.lm_damping != "none":  # y changed where LM fired
+            Hy = torch.cat([side.apply_rows(d.y[k * n : k * n + n]) for k, side in enumerate(sides)])
+        kept, proposal = sides[0].propose(sides, d.s, d.y, Hy, sy, ok)
+        results.append((group, sides, torch.stack([d.powell, d.lm, kept]), d, proposal, n))
+    for (group, sides, _, d, proposal, n), flags in zip(results, read_flags([r[2] for r in results])):
+        for k, (la, side) in enumerate(zip(group, sides)):
             powell, lm, accepted = (f[k * n : k * n + n] for f in flags)
             la.count("powell_damped", sum(powell))
             la.count("lm_damped", sum(lm))
             la.count("pairs_skipped", n - sum(accepted))
             if any(accepted):
-                la.output.commit(k, accepted, d.s[k * n : k * n + n], d.y[k * n : k * n + n], proposal)
+                side.commit(k, accepted, d.s[k * n : k * n + n], d.y[k * n : k * n + n], proposal)
                 la.count("pairs_accepted", sum(accepted))
 
 

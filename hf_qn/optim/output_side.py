@@ -13,12 +13,14 @@ applied and learned from its damped pairs ``(s, y)``.
 * :class:`OneSided`: ``H_g = I``, for layers too wide for an output factor (a tied LM head over the
   vocabulary): the layer is preconditioned by its input factor alone, ``D = ĝ H_a``, and learns no pairs.
 
-A strategy owns the ``"output"`` part of its layer's state. A layer's pair is cut into the rows of its
-``split`` (one row of ``d_out``, or one per diagonal block: each block is damped, tested and updated as a
-pair of its own). The rows of the layers of one split are proposed together (:meth:`OutputSide.propose`,
-one matrix, so one set of kernels per width); each layer then commits its own (:meth:`OutputSide.commit`).
-Adding a strategy (say a diagonal ``H_g`` for layers too wide for a dense factor) means subclassing
-:class:`OutputSide` and naming it in :func:`output_side_for`.
+A strategy owns the ``"output"`` part of its layer's state. Those that learn from pairs are
+:class:`PairLearner` s: a layer's pair is cut into the rows of its ``split`` (one row of ``d_out``, or one per
+diagonal block: each block is damped, tested and updated as a pair of its own). The rows of the layers of one
+split are proposed together (:meth:`PairLearner.propose`, one matrix, so one set of kernels per width); each
+layer then commits its own (:meth:`PairLearner.commit`). :class:`HeldMatrix` is the storage the dense BFGS and
+K-FAC factors share (a matrix, or its diagonal blocks). Adding a strategy (say a diagonal ``H_g`` for layers too
+wide for a dense factor) means subclassing :class:`OutputSide` (or :class:`PairLearner`) and naming it in
+:func:`output_side_for`.
 """
 
 from __future__ import annotations
@@ -34,26 +36,23 @@ from ..linalg.batched import bfgs_rank2_rows
 from ..linalg.blocks import BlockSplit, block_left, matvec_rows
 from ._base import group_indices
 
-__all__ = ["DenseBFGS", "KFACOutput", "LimitedBFGS", "OneSided", "OutputSide", "output_side_for",
-           "refresh_kfac_factors"]
+__all__ = ["DenseBFGS", "HeldMatrix", "KFACOutput", "LimitedBFGS", "OneSided", "OutputSide", "PairLearner",
+           "output_side_for", "refresh_kfac_factors"]
 
 
 class OutputSide(ABC):
     """One layer's ``H_g``. ``state`` is the layer's ``"output"`` state dict (created by :meth:`init_state`)."""
 
-    #: whether :meth:`propose` wants ``H y`` recomputed with the damped ``y`` (dense BFGS does).
-    needs_damped_products: bool = False
     #: the keys of the state :meth:`init_state` makes.
     STATE_KEYS: tuple[str, ...] = ()
-    #: whether the layer learns from ``(s, y)`` pairs (its pairs are not formed when it does not).
-    learns: bool = True
     #: whether the capture takes the layer's output-gradient Gram ``Σ g gᵀ`` (cut by :attr:`split`) for it.
     needs_output_gram: bool = False
 
     def __init__(self, name: str, d_out: int) -> None:
         self.name = name
         self.d_out = d_out
-        #: how the layer's pairs are cut into rows: one row of ``d_out`` unless ``H_g`` is block-diagonal.
+        #: how the layer's pairs and output Gram are cut into rows: one row of ``d_out`` unless ``H_g`` is
+        #: block-diagonal.
         self.split = BlockSplit.of(d_out, None)
         self.state: dict[str, Any] = {}
 
@@ -78,10 +77,18 @@ class OutputSide(ABC):
         """``H_g y`` for a vector given as the rows of ``split`` (``(blocks, size)``), as rows."""
         return self.split.rows(self.apply(self.split.unrows(Y)))
 
+
+class PairLearner(OutputSide):
+    """An ``H_g`` learned from the layer's damped pairs ``(s, y)`` (:func:`~hf_qn.optim.kbfgs_layer.update_output_sides`
+    forms them only for these)."""
+
+    #: whether :meth:`propose` wants ``H y`` recomputed with the damped ``y`` (dense BFGS does).
+    needs_damped_products: bool = False
+
     @staticmethod
     @abstractmethod
     def propose(
-        sides: list[OutputSide], s: Tensor, y: Tensor, Hy: Tensor, sy: Tensor, ok: Tensor
+        sides: list[PairLearner], s: Tensor, y: Tensor, Hy: Tensor, sy: Tensor, ok: Tensor
     ) -> tuple[Tensor, Any]:
         """For the layers ``sides`` (their pairs' rows, in order: ``s``, ``y``, ``H y``, ``sᵀy`` and the mask
         ``ok`` of rows that passed the curvature test): the mask of rows to keep and what :meth:`commit` needs."""
@@ -91,19 +98,13 @@ class OutputSide(ABC):
         """Take what ``kept`` marks of layer ``k``'s part of a proposal (``s``, ``y``: that layer's rows)."""
 
 
-class DenseBFGS(OutputSide):
-    """K-BFGS: a dense ``H_g`` (state ``{"H_g"}``), one inverse-BFGS rank-2 update per kept pair; wider than
-    ``max_block_dim``, its diagonal blocks (``(blocks, size, size)``), one update per block and pair."""
-
-    needs_damped_products = True
-    STATE_KEYS: tuple[str, ...] = ("H_g",)
+class HeldMatrix(OutputSide):
+    """An ``H_g`` held as a matrix in ``state["H_g"]``; wider than ``max_block_dim``, as its diagonal blocks
+    (``(blocks, size, size)``)."""
 
     def __init__(self, name: str, d_out: int, max_block_dim: int | None = None) -> None:
         super().__init__(name, d_out)
         self.split = BlockSplit.of(d_out, max_block_dim)
-
-    def init_state(self, device: torch.device) -> dict[str, Any]:
-        return {"H_g": self.split.identity(torch.float32, device)}
 
     def apply(self, X: Tensor) -> Tensor:
         H = self.state["H_g"]
@@ -117,9 +118,20 @@ class DenseBFGS(OutputSide):
         H: Tensor = self.state["H_g"]
         return H if H.dim() == 2 else None
 
+
+class DenseBFGS(PairLearner, HeldMatrix):
+    """K-BFGS: a dense ``H_g`` (state ``{"H_g"}``), one inverse-BFGS rank-2 update per kept pair; wider than
+    ``max_block_dim``, its diagonal blocks, one update per block and pair."""
+
+    needs_damped_products = True
+    STATE_KEYS: tuple[str, ...] = ("H_g",)
+
+    def init_state(self, device: torch.device) -> dict[str, Any]:
+        return {"H_g": self.split.identity(torch.float32, device)}
+
     @staticmethod
     def propose(
-        sides: list[OutputSide], s: Tensor, y: Tensor, Hy: Tensor, sy: Tensor, ok: Tensor
+        sides: list[PairLearner], s: Tensor, y: Tensor, Hy: Tensor, sy: Tensor, ok: Tensor
     ) -> tuple[Tensor, Any]:
         new, finite = rank2_updates([side.state["H_g"] for side in sides], s, y, Hy, sy)
         return ok & finite, new
@@ -129,7 +141,7 @@ class DenseBFGS(OutputSide):
         self.state["H_g"] = keep_blocks(proposal[k], self.state["H_g"], kept)
 
 
-class LimitedBFGS(OutputSide):
+class LimitedBFGS(PairLearner):
     """K-BFGS(L): ``H_g`` from the last ``history_size`` pairs (state: the history's ``S, Y, SY, YY, count,
     head``), applied in compact form with float64 products. The compact form's middle matrix depends on
     the history alone: it is kept from one push (or load) to the next, since a step applies it once or
@@ -163,7 +175,7 @@ class LimitedBFGS(OutputSide):
 
     @staticmethod
     def propose(
-        sides: list[OutputSide], s: Tensor, y: Tensor, Hy: Tensor, sy: Tensor, ok: Tensor
+        sides: list[PairLearner], s: Tensor, y: Tensor, Hy: Tensor, sy: Tensor, ok: Tensor
     ) -> tuple[Tensor, Any]:
         return ok, None
 
@@ -174,16 +186,14 @@ class LimitedBFGS(OutputSide):
         self._middle = None
 
 
-class KFACOutput(DenseBFGS):
+class KFACOutput(HeldMatrix):
     """K-FAC's output factor (state ``{"G", "H_g", "batches"}``): ``G`` is the plain average of the first batch's
     ``E[g gᵀ]`` and then its running average with ``factor_decay`` (as ``A`` is), and ``H_g = (Ĝ + √λ I)⁻¹``,
     ``Ĝ = G / (tr G / d_out)``, is re-inverted exactly at every curvature step (:func:`refresh_kfac_factors`).
-    Held and applied as :class:`DenseBFGS` holds its ``H_g`` (block-diagonal above ``max_block_dim``: the
-    diagonal blocks of ``G``, each inverted alone); it forms no pairs."""
+    Held and applied as dense BFGS holds its ``H_g`` (block-diagonal above ``max_block_dim``: the diagonal
+    blocks of ``G``, each inverted alone); it forms no pairs."""
 
-    needs_damped_products = False
     STATE_KEYS = ("G", "H_g", "batches")
-    learns = False
     needs_output_gram = True
 
     def init_state(self, device: torch.device) -> dict[str, Any]:
@@ -198,15 +208,6 @@ class KFACOutput(DenseBFGS):
         else:
             G.mul_(decay).add_(G_batch, alpha=1.0 - decay)
         batches.add_(1)
-
-    @staticmethod
-    def propose(
-        sides: list[OutputSide], s: Tensor, y: Tensor, Hy: Tensor, sy: Tensor, ok: Tensor
-    ) -> tuple[Tensor, Any]:
-        raise AssertionError("a K-FAC output factor takes no pair")
-
-    def commit(self, k: int, kept: list[bool], s: Tensor, y: Tensor, proposal: Any) -> None:
-        raise AssertionError("a K-FAC output factor takes no pair")
 
 
 def refresh_kfac_factors(sides: list[KFACOutput], G_batches: list[Tensor], decay: float, sqrt_lam: float) -> list[bool]:
@@ -238,22 +239,11 @@ def refresh_kfac_factors(sides: list[KFACOutput], G_batches: list[Tensor], decay
 class OneSided(OutputSide):
     """``H_g = I``: no output-side state, no pairs; the direction is ``ĝ H_a``."""
 
-    learns = False
-
     def init_state(self, device: torch.device) -> dict[str, Any]:
         return {}
 
     def apply(self, X: Tensor) -> Tensor:
         return X
-
-    @staticmethod
-    def propose(
-        sides: list[OutputSide], s: Tensor, y: Tensor, Hy: Tensor, sy: Tensor, ok: Tensor
-    ) -> tuple[Tensor, Any]:
-        return torch.zeros_like(ok), None
-
-    def commit(self, k: int, kept: list[bool], s: Tensor, y: Tensor, proposal: Any) -> None:
-        raise AssertionError("a one-sided layer takes no pair")
 
 
 def output_side_for(
