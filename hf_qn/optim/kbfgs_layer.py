@@ -273,7 +273,7 @@ def update_output_sides(
     for members in group_indices(learners, key=lambda i: (layers[i].output.split, layers[i].adapter.weight.device)):
         rows = [learners[m] for m in members]
         group = [layers[r] for r in rows]
-        sides = [la.output for la in group if isinstance(la.output, PairLearner)]  # all of them
+        sides = [la.output for la in group if isinstance(la.output, PairLearner)]  # every one (typed as learners)
         split = sides[0].split
         pairs = [la.state["pair"] for la in group]
         S = torch.stack([p["s_avg"] for p in pairs]).mul_(beta)
