@@ -53,6 +53,36 @@ def test_recipe_smoke(tmp_path, script, extra, metric):
     _check_card_and_json(out, metric)
 
 
+def test_wiki_next_sentence_pairs_are_real_neighbours_or_from_another_article():
+    """Positive pairs are consecutive sentences of one article, negative pairs a sentence and one of another
+    article, half and half; the pairs are the same for the same seed."""
+    mod = load_script("text_classification")
+    articles = ["\n".join(f"Article {a} sentence number {i} is here." for i in range(12)) for a in range(3)]
+    first, second, labels = mod.next_sentence_pairs(articles, 40, seed=0)
+    assert labels == [1, 0] * 20
+    for a, b, y in zip(first, second, labels):
+        (art_a, i), (art_b, j) = ((w[1], int(w[4])) for w in (a.split(), b.split()))
+        assert (art_a == art_b and j == i + 1) if y else art_a != art_b
+    assert mod.next_sentence_pairs(articles, 40, seed=0) == (first, second, labels)
+    with pytest.raises(ValueError, match="--builtin"):
+        mod.DataArguments(builtin="imdb")
+
+
+def test_wiki_next_sentence_recipe_runs_on_held_out_articles(tmp_path):
+    """The recipe on the Wikipedia pairs: tokenized as pairs, test pairs from the held-out articles only."""
+    mod = load_script("text_classification")
+    data = mod.DataArguments(builtin="wiki_next_sentence", train_pairs=30, test_pairs=20)
+    train, test = mod.load_data(data, seed=0)
+    assert (len(train), len(test)) == (30, 20) and sum(test["label"]) == 10
+    assert not set(train["text"]) & set(test["text"])  # whole articles held out
+    out = tmp_path / "nsp"
+    args = [a for a in COMMON if a != "mlbfgs"]
+    res = mod.main([*args, "--builtin", "wiki_next_sentence", "--train_pairs", "32", "--test_pairs", "16",
+                    "--output_dir", str(out)])
+    assert [r["optimizer"] for r in res["runs"]] == ["adamw", "kbfgs"]
+    _check_card_and_json(out, "accuracy")
+
+
 def test_lr_sweep_keeps_the_best_candidate_and_records_the_grid(tmp_path):
     mod = load_script("image_classification")
     out = tmp_path / "sweep"
