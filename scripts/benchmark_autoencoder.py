@@ -192,7 +192,7 @@ def make_runner(name: str, model: nn.Module, lr: float | None, args: BenchmarkAr
 
     if name in ("adamw", "sgd", "mlbfgs", "mlbfgs_unit", "soap", "psgd"):
         if name == "adamw":
-            opt = torch.optim.AdamW(model.parameters(), lr=lr or 3e-3, weight_decay=0.0)
+            opt = torch.optim.AdamW(model.parameters(), lr=lr or 3e-3, weight_decay=0.0, fused=True)
         elif name == "sgd":
             opt = torch.optim.SGD(model.parameters(), lr=lr or 1e-3, momentum=0.9, nesterov=True)
         elif name == "mlbfgs":

@@ -304,12 +304,12 @@ def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> 
 
     name, kwargs = split_variant(name)
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     if name in ("muon", "muon_fp32"):
         hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and ".h." in n]
         rest = [p for n, p in model.named_parameters() if not (p.dim() == 2 and ".h." in n)]
         return Optimizers(torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"),
-                          torch.optim.AdamW(rest, lr=adamw_lr, weight_decay=0.0))
+                          torch.optim.AdamW(rest, lr=adamw_lr, weight_decay=0.0, fused=True))
     if name == "soap":
         import heavyball
 

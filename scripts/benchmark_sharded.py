@@ -48,7 +48,7 @@ logger = logging.getLogger("benchmark_sharded")
 
 SIZES = {"tiny": (32, 1, 2), "small": (128, 4, 4), "large": (256, 6, 8)}  # n_embd, n_layer, n_head
 OPTIMIZERS = {
-    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
+    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True),
     "mlbfgs": lambda m: hf_qn.MLBFGS(m, lr=1e-3),
     "mlbfgs_bf16": lambda m: hf_qn.MLBFGS(m, lr=1e-3, history_dtype="bfloat16"),
     "kbfgs": lambda m: hf_qn.KBFGS(m, lr=1e-3),

@@ -45,7 +45,7 @@ logger = logging.getLogger("benchmark_step")
 Batch = dict[str, torch.Tensor]
 
 VARIANTS = {
-    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01),
+    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01, fused=True),
     "mlbfgs": lambda m: hf_qn.MLBFGS(m, lr=1e-4),
     "mlbfgs_bf16": lambda m: hf_qn.MLBFGS(m, lr=1e-4, history_dtype=torch.bfloat16),
     "kbfgs": lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.05, fallback_lr=1e-4),

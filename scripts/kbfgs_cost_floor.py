@@ -124,7 +124,7 @@ def time_parts(args: FloorArguments, model: nn.Module, x: torch.Tensor) -> dict[
         model.zero_grad(set_to_none=True)
         loss().backward()
 
-    adamw = torch.optim.AdamW(model.parameters(), lr=1e-12, weight_decay=0.0)  # lr ~0: timing only
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-12, weight_decay=0.0, fused=True)  # lr ~0: timing only
 
     # The second pass: forward, then only activation gradients. Freezing the weights of layers with a bias
     # (the bias keeps the output in the graph) skips the weight-gradient products, as hf_qn does.
@@ -224,7 +224,7 @@ def time_steps(args: FloorArguments, interval: int, X: torch.Tensor) -> dict[str
     twin = copy.deepcopy(model)
     kbfgs = hf_qn.KBFGS(model, preset="paper", lr=0.2, damping=0.3, l2=0.0, update_interval=interval,
                         matmul_dtype=args.matmul_dtype)
-    adamw = torch.optim.AdamW(twin.parameters(), lr=3e-3, weight_decay=0.0)
+    adamw = torch.optim.AdamW(twin.parameters(), lr=3e-3, weight_decay=0.0, fused=True)
     n_batches = max(1, len(X) // args.batch_size)
     times: dict[str, list[float]] = {"kbfgs": [], "adamw": []}
     curvature = []

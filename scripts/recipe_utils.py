@@ -251,7 +251,7 @@ def optimizer_args(base: QNTrainingArguments, name: str, lr: float, output_dir: 
         changes.update(qn_optimizer=optimizer,
                        qn_args={**qn_args_for(optimizer, parse_qn_args(base.qn_args)), **own})
     else:
-        changes.update(qn_optimizer=None, optim="adamw_torch" if optimizer == "adamw" else "sgd", qn_args={})
+        changes.update(qn_optimizer=None, optim="adamw_torch_fused" if optimizer == "adamw" else "sgd", qn_args={})
     # Re-run the constructor (and its validation) from the init fields rather than mutating in place; the
     # deprecated per-hyperparameter flags are already in qn_args.
     values = {f.name: getattr(base, f.name) for f in fields(base) if f.init and f.name not in _LEGACY_FLAGS}

@@ -61,7 +61,7 @@ def build(args: Arguments):
     elif args.optimizer == "mlbfgs":
         opt = hf_qn.MLBFGS(model, lr=lr or 1e-3, update_interval=2, history_size=4)
     elif args.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=lr or 3e-3)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr or 3e-3, fused=True)
     else:
         raise ValueError(f"Invalid --optimizer {args.optimizer!r}")
     return model, opt

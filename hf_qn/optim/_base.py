@@ -37,12 +37,15 @@ def adamw_updates_(
     betas: tuple[float, float],
     eps: float,
     wd: float,
+    fused: bool | None = None,
 ) -> None:
-    """AdamW (decoupled weight decay) on each parameter, computed as ``torch.optim.AdamW(foreach=False)``
-    computes it: the same arithmetic in the same order, so the same bits (``tests/optim/test_kbfgs.py``
-    checks it). Multi-tensor kernels (``torch._foreach_*``) take each (device, dtype, step count) bucket in
-    a few launches instead of about ten per parameter. ``states`` are the parameters' optimizer states,
-    filled on first use (``step`` a 0-dim CPU tensor, as torch keeps it)."""
+    """AdamW (decoupled weight decay) on each parameter. ``fused=False``: computed as
+    ``torch.optim.AdamW(foreach=False)`` computes it, the same arithmetic in the same order, so the same bits,
+    with multi-tensor kernels (``torch._foreach_*``): a few launches per (device, dtype, step count) bucket
+    instead of about ten per parameter. ``fused=True``: torch's fused AdamW kernel, one pass over each tensor,
+    the bits of ``torch.optim.AdamW(fused=True)``. ``None``: fused where :func:`fused_adamw_supported`.
+    ``tests/optim/test_kbfgs.py`` checks both against torch. ``states`` are the parameters' optimizer states,
+    filled on first use (``step`` a 0-dim CPU tensor, as torch's non-fused AdamW keeps it)."""
     beta1, beta2 = betas
     for p, st in zip(params, states):
         adamw_state_(p, st)
@@ -51,13 +54,30 @@ def adamw_updates_(
     buckets: dict[tuple[Any, ...], list[int]] = {}
     for i, (p, step) in enumerate(zip(params, count_steps_([st["step"] for st in states]))):
         buckets.setdefault((p.device, p.dtype, step), []).append(i)
-    for (_, _, step), idx in buckets.items():
+    for (device, _, step), idx in buckets.items():
         ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
         exp_avgs = [states[i]["exp_avg"] for i in idx]
+        if fused or (fused is None and fused_adamw_supported(ps)):
+            # the kernel reads the step from a float32 tensor on the parameters' device, as torch's fused AdamW
+            # keeps it; the CPU counters stay the state (checkpoints are the same either way)
+            steps = [torch.tensor(float(step), dtype=torch.float32, device=device)] * len(idx)
+            torch._fused_adamw_(ps, gs, exp_avgs, [states[i]["exp_avg_sq"] for i in idx], [], steps, lr=lr,
+                                beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+            continue
         torch._foreach_mul_(ps, 1 - lr * wd)
         torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
         denoms = adam_denominators_([states[i]["exp_avg_sq"] for i in idx], gs, beta2, step, eps)
         torch._foreach_addcdiv_(ps, exp_avgs, denoms, value=-lr / (1 - beta1**step))
+
+
+def fused_adamw_supported(params: list[Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these parameters: plain floating-point tensors (not DTensors) on
+    a device torch has the kernel for."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return all(type(p) in (Tensor, nn.Parameter) and p.is_floating_point() and p.device.type in devices
+               for p in params)
 
 
 def adamw_state_(p: Tensor, st: dict[str, Any]) -> None:
@@ -192,7 +212,7 @@ class QNOptimizerBase(torch.optim.Optimizer):
         if group["fallback"] == "adamw":
             adamw_updates_(
                 params, [p.grad for p in params], [self.state[p] for p in params], group["lr"],
-                tuple(group["betas"]), group["eps"], group["weight_decay"],
+                tuple(group["betas"]), group["eps"], group["weight_decay"], group.get("fused"),
             )
             return
         for p in params:
@@ -335,7 +355,13 @@ class QNOptimizerBase(torch.optim.Optimizer):
             stripped_state[pid] = {k: v for k, v in st.items() if k not in self._CURVATURE_KEYS}
         stripped = {k: v for k, v in state_dict.items() if k != HF_QN}
         stripped["state"] = stripped_state
+        constructed = [dict(g) for g in self.param_groups]
         super().load_state_dict(stripped)
+        for group, before in zip(self.param_groups, constructed):
+            # a hyperparameter added after the checkpoint was written keeps the value this optimizer was
+            # constructed with (torch would leave it out)
+            for key, value in before.items():
+                group.setdefault(key, value)
         id_map = self._saved_ids(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, keep in kept.items():

@@ -793,7 +793,7 @@ def _new_layer(adapter: LayerAdapter, cfg: KBFGSConfig) -> KroneckerLayer:
 def _fallback_values(cfg: KBFGSConfig) -> dict[str, Any]:
     """A fallback param group's hyperparameters."""
     return {"fallback": cfg.fallback, "lr": cfg.fallback_lr_value, "betas": cfg.fallback_betas, "eps": cfg.fallback_eps,
-            "momentum": cfg.fallback_momentum, "weight_decay": cfg.fallback_weight_decay}
+            "momentum": cfg.fallback_momentum, "weight_decay": cfg.fallback_weight_decay, "fused": cfg.fallback_fused}
 
 
 class KBFGSL(KBFGS):

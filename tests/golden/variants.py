@@ -32,10 +32,10 @@ THREADS = 1  # one thread: reductions in a fixed order
 Factory = Callable[[nn.Module], torch.optim.Optimizer]
 
 #: what the K-BFGS variants were recorded with, spelled out so that a change of defaults cannot move them: the
-#: paper's configuration, and the layer assignment of the time (a tied embedding and layers wider than max_dim
-#: went to the fallback).
+#: paper's configuration, the layer assignment of the time (a tied embedding and layers wider than max_dim
+#: went to the fallback) and the fallback's AdamW arithmetic of the time (``torch.optim.AdamW(foreach=False)``'s).
 RECORDED_POLICY = hf_qn.LayerPolicy(tied_heads=False, wide="fallback")
-PAPER = {"preset": "paper", "policy": RECORDED_POLICY}
+PAPER = {"preset": "paper", "policy": RECORDED_POLICY, "fallback_fused": False}
 
 KBFGS_VARIANTS: dict[str, Factory] = {
     "kbfgs_dense": lambda m: hf_qn.KBFGS(m, **PAPER, lr=0.1, damping=0.3),
@@ -56,7 +56,7 @@ KBFGS_VARIANTS: dict[str, Factory] = {
     ),
     "kbfgs_bf16_products": lambda m: hf_qn.KBFGS(m, **PAPER, lr=0.1, damping=0.3, matmul_dtype=torch.bfloat16),
     "kbfgs_adamw_fallback": lambda m: hf_qn.KBFGS(
-        m, preset="paper", lr=0.1, damping=0.3, fallback_lr=3e-3, fallback_weight_decay=0.01,
+        m, preset="paper", lr=0.1, damping=0.3, fallback_lr=3e-3, fallback_weight_decay=0.01, fallback_fused=False,
         policy=hf_qn.LayerPolicy(exclude=[r"(^0$|\.c_fc$)"], tied_heads=False, wide="fallback"),
     ),
     "kbfgs_sgd_fallback": lambda m: hf_qn.KBFGS(

@@ -195,13 +195,17 @@ def test_growth_guard_leaves_the_paper_algorithm_alone_at_interval_one():
     assert opt.statistics()["qn/steps_clipped"] == 0
 
 
-def test_fallback_equals_torch_adamw_exactly():
-    """Parameters no adapter takes (here: LayerNorm) follow torch.optim.AdamW bit for bit."""
+@pytest.mark.parametrize("fused", [False, True, None])
+def test_fallback_equals_torch_adamw_exactly(fused):
+    """Parameters no adapter takes (here: LayerNorm) follow torch.optim.AdamW bit for bit: its fused kernel
+    (``fallback_fused`` True, or None on a CPU) or its single-tensor arithmetic (False)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
     ref = copy.deepcopy(model)
-    opt = hf_qn.KBFGS(model, preset="paper", lr=0.1, fallback_lr=1e-2, fallback_weight_decay=0.01)
-    ref_opt = torch.optim.AdamW(ref[1].parameters(), lr=1e-2, weight_decay=0.01, foreach=False)
+    opt = hf_qn.KBFGS(model, preset="paper", lr=0.1, fallback_lr=1e-2, fallback_weight_decay=0.01,
+                      fallback_fused=fused)
+    kernel = {"foreach": False} if fused is False else {"fused": True}
+    ref_opt = torch.optim.AdamW(ref[1].parameters(), lr=1e-2, weight_decay=0.01, **kernel)
     for batch in regression_batches(5):
         opt.zero_grad()
         ref_opt.zero_grad()
@@ -219,6 +223,31 @@ def test_fallback_equals_torch_adamw_exactly():
         with torch.no_grad():  # keep the rest of the reference model in lockstep
             for p, q in zip(model.parameters(), ref.parameters()):
                 q.copy_(p)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fallback_kernels_match_their_torch_adamw_on_large_tensors(fused):
+    """On tensors large enough for the two kernels' roundings to differ, each ``fused`` setting gives the bits of
+    its own torch.optim.AdamW and not the other's (so the test above tells the kernels apart)."""
+    from hf_qn.optim._base import adamw_updates_
+
+    torch.manual_seed(0)
+    params = [torch.randn(300, 200), torch.randn(999)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
+    ours, states = [p.clone() for p in params], [{} for _ in params]
+    refs = {k: [nn.Parameter(p.clone()) for p in params] for k in ("fused", "foreach")}
+    opts = {"fused": torch.optim.AdamW(refs["fused"], lr=1e-2, weight_decay=0.01, fused=True),
+            "foreach": torch.optim.AdamW(refs["foreach"], lr=1e-2, weight_decay=0.01, foreach=False)}
+    for gs in grads:
+        adamw_updates_(ours, gs, states, 1e-2, (0.9, 0.999), 1e-8, 0.01, fused)
+        for name, opt in opts.items():
+            for q, g in zip(refs[name], gs):
+                q.grad = g.clone()
+            opt.step()
+    same, other = ("fused", "foreach") if fused else ("foreach", "fused")
+    assert all(torch.equal(a, b) for a, b in zip(ours, refs[same]))
+    assert not all(torch.equal(a, b) for a, b in zip(ours, refs[other]))
+    assert all(st["step"].device.type == "cpu" and float(st["step"]) == 4 for st in states)
 
 
 def test_param_groups_cover_every_parameter_once_and_scheduler_scales_both_parts():
