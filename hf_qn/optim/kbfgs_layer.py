@@ -242,7 +242,7 @@ def graft_to_adam(
         d_norms = torch.stack(torch._foreach_norm(D))
         ratios = adam_norms / d_norms.clamp_min(tiny)
         for i, d, r, n in zip(idx, D, ratios.unbind(), (ratios * d_norms).unbind()):
-            out[i] = d * r
+            out[i] = d.mul_(r) if direction_rms else d * r  # with direction_rms, D is this function's own copy
             norms[i] = n
     return out, [norms[i] for i in range(len(layers))]
 
