@@ -242,6 +242,11 @@ class TrainTimeCallback(TrainerCallback):
             self.evals.append({"step": state.global_step, "seconds": self.train_seconds, **metrics})
 
 
+#: the Trainer's AdamW for the AdamW rows: torch's fused kernel, the Trainer's own default (several times faster on a
+#: CPU than ``adamw_torch``'s multi-tensor passes; docs/benchmarks.md)
+ADAMW_OPTIM = "adamw_torch_fused"
+
+
 def optimizer_args(base: QNTrainingArguments, name: str, lr: float, output_dir: str) -> QNTrainingArguments:
     """The TrainingArguments for one optimizer of the comparison."""
     changes: dict[str, Any] = dict(output_dir=output_dir, learning_rate=lr)
@@ -251,7 +256,7 @@ def optimizer_args(base: QNTrainingArguments, name: str, lr: float, output_dir: 
         changes.update(qn_optimizer=optimizer,
                        qn_args={**qn_args_for(optimizer, parse_qn_args(base.qn_args)), **own})
     else:
-        changes.update(qn_optimizer=None, optim="adamw_torch_fused" if optimizer == "adamw" else "sgd", qn_args={})
+        changes.update(qn_optimizer=None, optim=ADAMW_OPTIM if optimizer == "adamw" else "sgd", qn_args={})
     # Re-run the constructor (and its validation) from the init fields rather than mutating in place; the
     # deprecated per-hyperparameter flags are already in qn_args.
     values = {f.name: getattr(base, f.name) for f in fields(base) if f.init and f.name not in _LEGACY_FLAGS}
@@ -377,6 +382,7 @@ def run_comparison(
                          "epochs": training_args.num_train_epochs, "max_steps": training_args.max_steps,
                          "batch_size": training_args.per_device_train_batch_size,
                          "weight_decay": training_args.weight_decay, "seed": training_args.seed,
+                         "AdamW rows (Trainer optim)": ADAMW_OPTIM,
                          "lr_sweep (best final eval metric kept)": sweeps or "none",
                          "seeds per sweep candidate (best mean kept)": recipe.sweep_seeds,
                          "lr_sweep_extend (candidates beyond a best end)": recipe.lr_sweep_extend,

@@ -249,6 +249,7 @@ def test_one_qn_args_serves_every_optimizer_compared(tmp_path):
     assert got["kbfgs"].qn_args == {"preset": "paper", "update_interval": 10}
     assert got["mlbfgs"].qn_args == {"update_interval": 10, "normalize": "unit"}
     assert (got["adamw"].qn_optimizer, got["adamw"].qn_args) == (None, {})
+    assert got["adamw"].optim == "adamw_torch_fused"  # the Trainer's fastest AdamW, its own default: a fair peer
     assert [got[n].learning_rate for n in got] == [0.1, 0.1, 0.1]
 
 
