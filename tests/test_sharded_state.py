@@ -72,16 +72,26 @@ def test_torch_distributed_checkpoint_resume_is_bitwise(ranks, case):
         assert r[case]["dcp_resume_bitwise"]
 
 
-@pytest.mark.parametrize("case", [f"kbfgs/{kind}/{cfg}" for kind in ("gpt2", "cnn") for cfg in ("default", "paper")])
+#: parameters of K-BFGS on 2 ranks against one process, float32 factors: sums in another order. K-FAC's output factor
+#: (the GPT-2's default) is a full matrix from the first curvature step, so its rounding reaches every entry of the
+#: direction, which ``direction_rms`` divides by its own running RMS: near-zero entries carry it to 1.25e-5 (its
+#: factors agree to 9e-7, as the others').
+PARAM_RTOL = {"kbfgs/gpt2/default": 3e-5}
+
+
+@pytest.mark.parametrize("case", [f"kbfgs/{kind}/{cfg}" for kind, cfg in w.KBFGS_CASES])
 def test_kbfgs_under_fsdp2_equals_one_process_and_resumes_bitwise(ranks, case):
     """K-BFGS on FSDP2 shards: each layer's gradient gathered whole, the factors (from the hooks' all-reduced
     statistics) and the direction replicated, each rank adding its shard's rows; the defaults (grafted,
-    consecutive pairs; float32 products, see KBFGS_CONFIGS) and the paper's same-batch pairs, whose second pass
-    runs through the sharded model."""
+    consecutive pairs; float32 products, see KBFGS_CONFIGS: K-FAC's output factor on the GPT-2, BFGS's on the CNN),
+    the GPT-2 with BFGS's, and the paper's same-batch pairs, whose second pass runs through the sharded model. The
+    factors are the one process's (a rank's output gradients are world_size times the global loss's: K-FAC's
+    output Gram is rescaled by world_size²)."""
     for r in ranks:
         got = r[case]
         assert got["pairs"] == got["reference_pairs"] > 0
-        assert got["max_rel_diff"] < 1e-5, got["max_rel_diff"]  # float32 factors: sums in another order
+        assert got["factor_max_rel_diff"] < 5e-6, got["factor_max_rel_diff"]
+        assert got["max_rel_diff"] < PARAM_RTOL.get(case, 1e-5), got["max_rel_diff"]
         assert got["dcp_resume_bitwise"]
 
 
@@ -106,18 +116,20 @@ def test_a_two_rank_checkpoint_reshards_to_one_rank(worker_out, one_rank_group, 
     assert w.max_rel(w.full_params(model), ref["params"]) < 1e-11
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "cnn"])
-def test_a_two_rank_kbfgs_checkpoint_loads_on_one_rank(worker_out, one_rank_group, kind):
+@pytest.mark.parametrize(("kind", "cfg"), [("gpt2", "default"), ("gpt2", "bfgs"), ("cnn", "default")])
+def test_a_two_rank_kbfgs_checkpoint_loads_on_one_rank(worker_out, one_rank_group, kind, cfg):
     """K-BFGS's DCP checkpoint from 2 ranks (whole factors, sharded fallback state) read by 1: the run goes on as
-    one process's does (float32 factors: within 1e-5)."""
+    one process's does (float32 factors; K-FAC's output Gram is saved at the one process's scale, or the averages
+    of the two world sizes would mix, as they did before it was rescaled: 0.19)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    ref, _ = w.kbfgs_run(kind, w.KBFGS_CONFIGS["default"])
-    model, opt = w.kbfgs_model(kind, w.KBFGS_CONFIGS["default"], init_device_mesh("cpu", (1,)))
-    w.dcp_restore(model, opt, worker_out / "dcp" / f"kbfgs-{kind}-default")
+    config = w.KBFGS_CONFIGS[cfg]
+    ref, _ = w.kbfgs_run(kind, config)
+    model, opt = w.kbfgs_model(kind, config, init_device_mesh("cpu", (1,)))
+    w.dcp_restore(model, opt, worker_out / "dcp" / f"kbfgs-{kind}-{cfg}")
     assert int(opt.schedule.state["step"]) == w.SAVE_AT
-    w.kbfgs_train(kind, w.KBFGS_CONFIGS["default"], model, opt, w.STEPS - w.SAVE_AT, start=w.SAVE_AT)
-    assert w.max_rel(w.full_params(model), w.full_params(ref)) < 1e-5
+    w.kbfgs_train(kind, config, model, opt, w.STEPS - w.SAVE_AT, start=w.SAVE_AT)
+    assert w.max_rel(w.full_params(model), w.full_params(ref)) < PARAM_RTOL.get(f"kbfgs/{kind}/{cfg}", 1e-5)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "cnn"])

@@ -173,12 +173,16 @@ class KBFGSConfig(_Config):
             rows is the largest cost of a curvature step on a transformer. None uses every row. (default: None)
         history_size: ``None`` for a dense BFGS ``H_g`` (K-BFGS); an integer ``p`` for an L-BFGS
             ``H_g`` with ``p`` pairs (K-BFGS(L); the paper uses 100). (default: None)
-        output_side: how ``H_g`` is learned: ``"bfgs"`` (the paper's: damped BFGS from the pre-activation pairs)
-            or ``"kfac"`` (K-FAC's output factor: ``H_g = (Ĝ + √λ I)⁻¹`` with ``G`` the running average (β_A)
-            of the output gradients' second moment ``E[g gᵀ]`` over rows, scaled to unit mean eigenvalue,
-            re-inverted at every curvature step; it learns every direction of a batch at once where BFGS learns
-            one pair per curvature step, at the price of a Gram over the rows and a Cholesky per curvature step;
-            measured in docs/benchmarks.md). (default: ``"bfgs"``)
+        output_side: how ``H_g`` is learned: ``"bfgs"`` (the paper's: damped BFGS from the pre-activation pairs),
+            ``"kfac"`` (K-FAC's output factor: ``H_g = (Ĝ + √λ I)⁻¹`` with ``G`` the running average (β_A) of the
+            output gradients' second moment ``E[g gᵀ]`` over rows, scaled to unit mean eigenvalue, re-inverted at
+            every curvature step; it learns every direction of a batch at once where BFGS learns one pair per
+            curvature step, at the price of a Gram over the rows and a Cholesky per curvature step) or
+            ``"auto"``: ``"kfac"`` for a transformers model built from a config (trained from scratch: no
+            checkpoint in its ``name_or_path``), ``"bfgs"`` for everything else (a pretrained checkpoint being
+            fine-tuned, any other module, an L-BFGS output side), as measured in docs/benchmarks.md: K-FAC's
+            factor trained every model measured from scratch faster, and fails fine-tunes of small batches.
+            The optimizer's ``config`` and ``param_groups`` hold the resolved value. (default: ``"auto"``)
         max_block_dim: a Kronecker factor (dense ``H_g``, or ``H_a``) of dimension ``d`` larger than this is held
             block-diagonal: ``⌈d / max_block_dim⌉`` equal diagonal blocks, each learned by its own BFGS updates
             from its part of the pairs (Shampoo's ``max_preconditioner_dim``). A layer's products ``H_g ĝ H_a``
@@ -270,7 +274,7 @@ class KBFGSConfig(_Config):
     input_warm_start: int = 0
     max_input_rows: int | None = None
     history_size: int | None = None
-    output_side: str = "bfgs"
+    output_side: str = "auto"
     max_block_dim: int | None = None
     pairs: str = "consecutive"
     curvature_eps: float = 1e-4
@@ -339,7 +343,7 @@ class KBFGSConfig(_Config):
             check_int("history_size", self.history_size, 1, "None for dense BFGS, or an integer")
             object.__setattr__(self, "history_size", int(self.history_size))
         check_choice("input_inverse", self.input_inverse, ("bfgs", "cholesky"))
-        check_choice("output_side", self.output_side, ("bfgs", "kfac"))
+        check_choice("output_side", self.output_side, ("auto", "bfgs", "kfac"))
         if self.output_side == "kfac" and self.history_size is not None:
             raise ValueError(
                 f"Invalid history_size: {self.history_size} with output_side='kfac' (an L-BFGS history is a BFGS "
@@ -365,7 +369,7 @@ class KBFGSConfig(_Config):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {"lr": 0.3, "damping": 0.3, "l2": 1e-5, "update_interval": 1, "warmup_curvature_steps": 20,
                   "pair_decay": 0.9, "pairs": "same_batch", "graft": "none", "direction_rms": False,
-                  "matmul_dtype": "float32"},
+                  "matmul_dtype": "float32", "output_side": "bfgs"},
     }
     #: names of earlier versions: accepted with a FutureWarning (the table in docs/design.md).
     RENAMED: ClassVar[dict[str, str]] = {"momentum": "grad_decay", "weight_decay": "l2", "stat_decay": "factor_decay"}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import warnings
 import weakref
@@ -54,6 +55,8 @@ from .kbfgs_pass import add_to_layers, run_closure, second_pass
 from .kbfgs_stats import LayerMeans, reduce_statistics
 from .output_side import KFACOutput, output_side_for, refresh_kfac_factors
 from .state import FORMAT, KBFGS_LAYER_COUNTERS, KBFGS_LAYER_KEYS, convert_kbfgs_v1, is_v1, iter_tensors
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["KBFGS", "KBFGSL", "MATMUL_DTYPES", "KBFGSConfig"]
 
@@ -109,7 +112,7 @@ class KBFGS(QNOptimizerBase):
             raise TypeError(f"Invalid policy: {policy!r} (must be an hf_qn.LayerPolicy or None)")
         if config is not None and not isinstance(config, KBFGSConfig):
             raise TypeError(f"Invalid config: {config!r} (must be an hf_qn.optim.config.KBFGSConfig or None)")
-        cfg = KBFGSConfig.from_kwargs(config, **hyperparameters)
+        cfg = resolve_output_side(KBFGSConfig.from_kwargs(config, **hyperparameters), model)
         sparse = [n for n, m in model.named_modules() if getattr(m, "sparse", False) is True]
         if sparse:
             raise ValueError(
@@ -707,8 +710,9 @@ class KBFGS(QNOptimizerBase):
             raise ValueError(
                 f"KBFGS.load_state_dict: the state holds {saved['output_side']!r} output-side factors and this "
                 f"optimizer uses {self._output_side_name()!r} ones (history_size={self.config.history_size}, "
-                f"output_side={self.config.output_side!r}); load it into KBFGS for 'dense', KBFGSL (or "
-                "history_size=p) for 'lbfgs', KBFGS(output_side='kfac') for 'kfac'"
+                f"output_side={self.config.output_side!r}); load it into KBFGS(output_side='bfgs') for 'dense', "
+                "KBFGSL (or history_size=p) for 'lbfgs', KBFGS(output_side='kfac') for 'kfac' (output_side='auto', "
+                "the default, takes 'kfac' for a transformers model built from a config and 'bfgs' otherwise)"
             )
         self.schedule.state = dict(saved["schedule"])
         self.counters["steps_skipped_nonfinite"] = saved["steps_skipped_nonfinite"]
@@ -781,6 +785,31 @@ def _param_groups(assignment: LayerAssignment, cfg: KBFGSConfig, no_decay: set[s
         if ps:
             groups.append({"params": ps, ROLE: ROLE_FALLBACK, **_fallback_values(cfg), "weight_decay": wd})
     return groups
+
+
+def built_from_config(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers model built from a config rather than loaded from a checkpoint: it holds
+    at least one ``PreTrainedModel`` (recognised by its ``config`` and string ``name_or_path``, without importing
+    transformers; under a DDP, FSDP2 or ``torch.compile`` wrapper too) and none of them names a checkpoint
+    (``from_pretrained`` records the path or Hub id there, a model built from a config has ``""``)."""
+    found = [m for m in model.modules() if hasattr(m, "config") and isinstance(getattr(m, "name_or_path", None), str)]
+    return bool(found) and not any(m.name_or_path for m in found)
+
+
+def resolve_output_side(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
+    """``cfg`` with ``output_side="auto"`` resolved for ``model``: K-FAC's output factor for a transformers model
+    built from a config (:func:`built_from_config`: training from scratch, where it measured faster), the BFGS
+    one otherwise (fine-tuning a checkpoint, where K-FAC's factor fails on small batches; any other module; an
+    L-BFGS output side). Logged at INFO, since it decides the state's layout."""
+    if cfg.output_side != "auto":
+        return cfg
+    scratch = cfg.history_size is None and built_from_config(model)
+    side = "kfac" if scratch else "bfgs"
+    logger.info("KBFGS: output_side='auto' is %r (%s); pass output_side='bfgs' or 'kfac' to choose", side,
+                "a transformers model built from a config: training from scratch" if scratch else
+                "an L-BFGS output side" if cfg.history_size is not None else
+                "not a transformers model built from a config: fine-tuning a checkpoint or another module")
+    return dataclasses.replace(cfg, output_side=side)
 
 
 def _new_layer(adapter: LayerAdapter, cfg: KBFGSConfig) -> KroneckerLayer:

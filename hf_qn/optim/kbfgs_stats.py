@@ -3,6 +3,11 @@
 ``A = Σ ā āᵀ / R``, ``ā = Σ ā / R`` (input side, float32), ``h̄ = Σ h / R_h``, ``ḡ = Σ ∂L/∂h`` averaged over
 ranks (output side, float64): the ingredients of one curvature step (paper, Algorithm 1, lines 4 and 9); and
 ``G = Σ g gᵀ / R_G`` for a layer whose output factor is K-FAC's (float32; ``R_G``: the rows its Gram used).
+
+Each rank's loss is the mean over its own rows, so the output gradients ``g`` it sees are ``world_size`` times
+those of the loss over the global batch: ``ḡ`` (a sum over the batch) is divided by ``world_size`` and ``G`` (a
+mean of products of two ``g``) by ``world_size²``, so that every statistic, and a checkpoint of them, is the one
+process's whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -84,6 +89,8 @@ def reduce_statistics(
     g_div = divisors[:, 2].float().unbind() if grams else ()
     G_means = {i: tensors[len(tensors) - len(grams) + k] / g_div[i].to(adapters[i].weight.device)
                for k, i in enumerate(grams)}
+    if ws != 1.0:  # the ranks' g are ws times the global loss's (module docstring)
+        G_means = {i: G / (ws * ws) for i, G in G_means.items()}
     out = []
     per = 4 if with_inputs else 2
     for i, ad in enumerate(adapters):

@@ -57,7 +57,11 @@ def config(kind: str, name: str) -> dict:
 
 #: "default" is K-BFGS's defaults with float32 products: where bf16 is native, ``matmul_dtype="auto"`` rounds each
 #: rank's partial Gram to bf16, and sharded runs then agree with one process to about 1e-2, not float32's 1e-5.
-KBFGS_CONFIGS = {"default": {"matmul_dtype": "float32"}, "paper": {"preset": "paper", "lr": 0.05}}
+KBFGS_CONFIGS = {"default": {"matmul_dtype": "float32"}, "bfgs": {"matmul_dtype": "float32", "output_side": "bfgs"},
+                 "paper": {"preset": "paper", "lr": 0.05}}
+#: (model, K-BFGS configuration) runs: the defaults take K-FAC's output factor on the GPT-2 (a transformers model
+#: built from a config) and BFGS's on the CNN; "bfgs" is the GPT-2's BFGS factor with consecutive pairs.
+KBFGS_CASES = [("gpt2", "default"), ("gpt2", "bfgs"), ("gpt2", "paper"), ("cnn", "default"), ("cnn", "paper")]
 
 
 def kbfgs_model(kind: str, cfg: dict, mesh=None) -> tuple[nn.Module, object]:
@@ -84,6 +88,18 @@ def kbfgs_train(kind: str, cfg: dict, model, opt, steps: int = STEPS, part=None,
 
         opt.step(closure if cfg.get("preset") == "paper" else None)
     return model, opt
+
+
+def factor_rel_diff(opt, ref_opt) -> float:
+    """The largest ``max |a - b| / max |b|`` over the layers' input and output factor states of two K-BFGS runs."""
+    worst = 0.0
+    for la, lb in zip(opt.layers, ref_opt.layers):
+        for side in ("input", "output"):
+            for key, value in la.state.get(side, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    ref = lb.state[side][key]
+                    worst = max(worst, float((value - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
+    return worst
 
 
 def kbfgs_run(kind: str, cfg: dict, mesh=None, part=None) -> tuple[nn.Module, object]:
@@ -293,7 +309,7 @@ def main() -> None:
             opt = hf_qn.MLBFGS(model, **cfg)
             train(kind, model, opt, SAVE_AT)
             mids[kind, cfg_name] = {"params": full_params(model), "state": copy.deepcopy(opt.state_dict())}
-    kbfgs_refs = {(kind, name): kbfgs_run(kind, cfg) for kind in ("gpt2", "cnn") for name, cfg in KBFGS_CONFIGS.items()}
+    kbfgs_refs = {(kind, name): kbfgs_run(kind, KBFGS_CONFIGS[name]) for kind, name in KBFGS_CASES}
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     from torch.distributed.device_mesh import init_device_mesh
@@ -305,25 +321,26 @@ def main() -> None:
     for case, kind, cfg_name in cases:
         results[f"{case}/{kind}/{cfg_name}"] = run_case(case, kind, cfg_name, refs[kind, cfg_name], mesh, rank,
                                                         world, out_dir)
-    for kind in ("gpt2", "cnn"):
-        for cfg_name, cfg in KBFGS_CONFIGS.items():
-            model, opt = kbfgs_run(kind, cfg, mesh, (rank, world))
-            ref_model, ref_opt = kbfgs_refs[kind, cfg_name]
-            out = results[f"kbfgs/{kind}/{cfg_name}"] = {
-                "max_rel_diff": max_rel(full_params(model), full_params(ref_model)),
-                "pairs": opt.statistics()["qn/pairs_accepted"],
-                "reference_pairs": ref_opt.statistics()["qn/pairs_accepted"],
-            }
-            # torch.distributed.checkpoint at SAVE_AT into fresh objects, then on: the uninterrupted run's bits
-            import torch.distributed.checkpoint as dcp
+    for kind, cfg_name in KBFGS_CASES:
+        cfg = KBFGS_CONFIGS[cfg_name]
+        model, opt = kbfgs_run(kind, cfg, mesh, (rank, world))
+        ref_model, ref_opt = kbfgs_refs[kind, cfg_name]
+        out = results[f"kbfgs/{kind}/{cfg_name}"] = {
+            "max_rel_diff": max_rel(full_params(model), full_params(ref_model)),
+            "factor_max_rel_diff": factor_rel_diff(opt, ref_opt),
+            "pairs": opt.statistics()["qn/pairs_accepted"],
+            "reference_pairs": ref_opt.statistics()["qn/pairs_accepted"],
+        }
+        # torch.distributed.checkpoint at SAVE_AT into fresh objects, then on: the uninterrupted run's bits
+        import torch.distributed.checkpoint as dcp
 
-            half, half_opt = kbfgs_train(kind, cfg, *kbfgs_model(kind, cfg, mesh), SAVE_AT, (rank, world))
-            path = out_dir / "dcp" / f"kbfgs-{kind}-{cfg_name}"
-            dcp.save(dcp_state(half, half_opt), checkpoint_id=str(path))
-            again, again_opt = kbfgs_model(kind, cfg, mesh)
-            dcp_restore(again, again_opt, path)
-            kbfgs_train(kind, cfg, again, again_opt, STEPS - SAVE_AT, (rank, world), start=SAVE_AT)
-            out["dcp_resume_bitwise"] = all(torch.equal(a, b) for a, b in zip(local_params(again), local_params(model)))
+        half, half_opt = kbfgs_train(kind, cfg, *kbfgs_model(kind, cfg, mesh), SAVE_AT, (rank, world))
+        path = out_dir / "dcp" / f"kbfgs-{kind}-{cfg_name}"
+        dcp.save(dcp_state(half, half_opt), checkpoint_id=str(path))
+        again, again_opt = kbfgs_model(kind, cfg, mesh)
+        dcp_restore(again, again_opt, path)
+        kbfgs_train(kind, cfg, again, again_opt, STEPS - SAVE_AT, (rank, world), start=SAVE_AT)
+        out["dcp_resume_bitwise"] = all(torch.equal(a, b) for a, b in zip(local_params(again), local_params(model)))
     for kind in ("gpt2", "cnn"):
         results[f"from_whole/{kind}"] = resume_from_whole(kind, "adam", mids[kind, "adam"], refs[kind, "adam"], mesh,
                                                           rank, world)

@@ -146,3 +146,54 @@ def test_kfac_trains_and_refuses_what_it_cannot_do():
     opt.param_groups[0]["output_side"] = "bfgs"
     with pytest.raises(ValueError, match="output_side changed from kfac to bfgs"):
         loop(model, opt, regression_batches(1), mse_loss)
+
+
+def test_auto_output_side_is_kfac_for_a_transformers_model_built_from_a_config(tmp_path, caplog):
+    """The default ``output_side="auto"``: K-FAC's factor for a transformers model built from a config (also inside a
+    wrapper), the BFGS one for the same model loaded from a checkpoint, a plain module, an L-BFGS output side and the
+    paper's preset; an explicit choice is kept. The resolved value is what the config, the param groups and the
+    checkpoint hold, and the log says which was taken and why."""
+    import logging
+
+    from tests._helpers.models import tiny_gpt2, token_batch
+
+    torch.manual_seed(0)
+    scratch = tiny_gpt2()
+    assert hf_qn.optim.config.KBFGSConfig().output_side == "auto"
+    with caplog.at_level(logging.INFO, logger="hf_qn.optim.kbfgs"):
+        opt = hf_qn.KBFGS(scratch)
+    assert "output_side='auto' is 'kfac' (a transformers model built from a config" in caplog.text
+    assert opt.config.output_side == "kfac" and {g["output_side"] for g in opt.param_groups} == {"kfac"}
+    assert any(isinstance(la.output, KFACOutput) for la in opt.layers)
+
+    class Wrapper(nn.Module):  # as DDP holds the model (.module)
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    assert hf_qn.KBFGS(Wrapper(scratch)).config.output_side == "kfac"
+    scratch.save_pretrained(tmp_path)
+    loaded = type(scratch).from_pretrained(tmp_path)
+    assert loaded.name_or_path == str(tmp_path)
+    assert hf_qn.KBFGS(loaded).config.output_side == "bfgs"
+    assert hf_qn.KBFGS(mlp()).config.output_side == "bfgs"
+    assert hf_qn.KBFGSL(scratch).config.output_side == "bfgs"
+    assert hf_qn.KBFGS(scratch, preset="paper").config.output_side == "bfgs"
+    assert hf_qn.KBFGS(scratch, output_side="bfgs").config.output_side == "bfgs"
+    assert hf_qn.KBFGS(mlp(), output_side="kfac").config.output_side == "kfac"
+
+    # "auto" on a model built from a config takes exactly the steps of output_side="kfac"
+    a, b = tiny_gpt2(), tiny_gpt2()
+    b.load_state_dict(a.state_dict())
+    batch = token_batch()
+    opts = hf_qn.KBFGS(a, update_interval=1), hf_qn.KBFGS(b, output_side="kfac", update_interval=1)
+    for _ in range(3):
+        for model, o in zip((a, b), opts):
+            o.zero_grad()
+            model(**batch, labels=batch["input_ids"]).loss.backward()
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert opts[0].state_dict()["hf_qn"]["output_side"] == "kfac"
+    with pytest.raises(ValueError, match="output_side='auto', the default, takes 'kfac' for a transformers model"):
+        hf_qn.KBFGS(loaded).load_state_dict(roundtrip(opts[0].state_dict()))
