@@ -383,6 +383,8 @@ def run_comparison(
                          "batch_size": training_args.per_device_train_batch_size,
                          "weight_decay": training_args.weight_decay, "seed": training_args.seed,
                          "AdamW rows (Trainer optim)": ADAMW_OPTIM,
+                         "K-BFGS rows' output factor": {r["optimizer"]: r["output_side"] for r in runs
+                                                        if r.get("output_side")} or "none",
                          "lr_sweep (best final eval metric kept)": sweeps or "none",
                          "seeds per sweep candidate (best mean kept)": recipe.sweep_seeds,
                          "lr_sweep_extend (candidates beyond a best end)": recipe.lr_sweep_extend,
@@ -451,6 +453,8 @@ def _train(args: QNTrainingArguments, name: str, lr: float, model_init: Callable
         "evals": timer.evals,
         "log_history": [h for h in trainer.state.log_history if "eval_loss" not in h],  # evals are above
         "optimizer_statistics": inner.statistics() if hasattr(inner, "statistics") else {},
+        # K-BFGS's output factor as its output_side="auto" resolved it for this model (None for the others)
+        "output_side": getattr(getattr(inner, "config", None), "output_side", None),
         "optimizer_state_bytes": optimizer_state_bytes(inner),
         "peak_gpu_memory_bytes": peak,  # torch.cuda.max_memory_allocated over training; None on CPU
     }

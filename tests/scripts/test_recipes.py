@@ -234,6 +234,9 @@ def test_a_variant_trains_beside_its_base_optimizer(tmp_path):
     res = mod.main([*args, "--model_type", "resnet", "--output_dir", str(out)])
     assert [r["optimizer"] for r in res["runs"]] == ["adamw", "kbfgs", "kbfgs:output_side=bfgs"]
     assert [r["qn_args"].get("output_side") for r in res["runs"]] == [None, None, "bfgs"]
+    assert [r["output_side"] for r in res["runs"]] == [None, "kfac", "bfgs"]  # as "auto" resolved it
+    assert "- `K-BFGS rows' output factor`: `{'kbfgs': 'kfac', 'kbfgs:output_side=bfgs': 'bfgs'}`" in (
+        out / "README.md").read_text()
     assert res["runs"][2]["optimizer_statistics"] != res["runs"][1]["optimizer_statistics"]
     _check_card_and_json(out, "accuracy")
 
