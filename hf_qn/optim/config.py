@@ -181,7 +181,8 @@ class KBFGSConfig(_Config):
             ``"auto"``: ``"kfac"`` for a transformers model built from a config (trained from scratch: no
             checkpoint in its ``name_or_path``), ``"bfgs"`` for everything else (a pretrained checkpoint being
             fine-tuned, any other module, an L-BFGS output side), as measured in docs/benchmarks.md: K-FAC's
-            factor trained every model measured from scratch faster, and fails fine-tunes of small batches.
+            factor trained every model measured from scratch as well as BFGS's or better, and fails fine-tunes of
+            small batches.
             The optimizer's ``config`` and ``param_groups`` hold the resolved value. (default: ``"auto"``)
         max_block_dim: a Kronecker factor (dense ``H_g``, or ``H_a``) of dimension ``d`` larger than this is held
             block-diagonal: ``⌈d / max_block_dim⌉`` equal diagonal blocks, each learned by its own BFGS updates
