@@ -798,17 +798,18 @@ def built_from_config(model: nn.Module) -> bool:
 
 def resolve_output_side(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
     """``cfg`` with ``output_side="auto"`` resolved for ``model``: K-FAC's output factor for a transformers model
-    built from a config (:func:`built_from_config`: training from scratch, where it measured faster), the BFGS
-    one otherwise (fine-tuning a checkpoint, where K-FAC's factor fails on small batches; any other module; an
-    L-BFGS output side). Logged at INFO, since it decides the state's layout."""
+    built from a config (:func:`built_from_config`: training from scratch, where it measured as well as BFGS's or
+    better), the BFGS one otherwise (fine-tuning a checkpoint, where K-FAC's factor fails on small batches; any
+    other module; an L-BFGS output side). Logged at INFO, since it decides the state's layout."""
     if cfg.output_side != "auto":
         return cfg
-    scratch = cfg.history_size is None and built_from_config(model)
-    side = "kfac" if scratch else "bfgs"
-    logger.info("KBFGS: output_side='auto' is %r (%s); pass output_side='bfgs' or 'kfac' to choose", side,
-                "a transformers model built from a config: training from scratch" if scratch else
-                "an L-BFGS output side" if cfg.history_size is not None else
-                "not a transformers model built from a config: fine-tuning a checkpoint or another module")
+    if cfg.history_size is not None:
+        side, why = "bfgs", "an L-BFGS output side"
+    elif built_from_config(model):
+        side, why = "kfac", "a transformers model built from a config: training from scratch"
+    else:
+        side, why = "bfgs", "not a transformers model built from a config: fine-tuning a checkpoint or another module"
+    logger.info("KBFGS: output_side='auto' is %r (%s); pass output_side='bfgs' or 'kfac' to choose", side, why)
     return dataclasses.replace(cfg, output_side=side)
 
 

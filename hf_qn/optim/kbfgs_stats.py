@@ -86,11 +86,10 @@ def reduce_statistics(
     # per layer: row counts and divisors as 0-dim views (one unbind each, not two indexing ops per layer)
     a_rows, h_rows_all = counts[:, 0].unbind(), counts[:, 1].unbind()
     a_div, h_div = divisors.float()[:, 0].unbind(), divisors[:, 1].unbind()
-    g_div = divisors[:, 2].float().unbind() if grams else ()
+    # the ranks' g are ws times the global loss's (module docstring): G is divided by ws² with its row count
+    g_div = (divisors[:, 2].float() * (ws * ws)).unbind() if grams else ()
     G_means = {i: tensors[len(tensors) - len(grams) + k] / g_div[i].to(adapters[i].weight.device)
                for k, i in enumerate(grams)}
-    if ws != 1.0:  # the ranks' g are ws times the global loss's (module docstring)
-        G_means = {i: G / (ws * ws) for i, G in G_means.items()}
     out = []
     per = 4 if with_inputs else 2
     for i, ad in enumerate(adapters):

@@ -90,16 +90,10 @@ def kbfgs_train(kind: str, cfg: dict, model, opt, steps: int = STEPS, part=None,
     return model, opt
 
 
-def factor_rel_diff(opt, ref_opt) -> float:
-    """The largest ``max |a - b| / max |b|`` over the layers' input and output factor states of two K-BFGS runs."""
-    worst = 0.0
-    for la, lb in zip(opt.layers, ref_opt.layers):
-        for side in ("input", "output"):
-            for key, value in la.state.get(side, {}).items():
-                if torch.is_tensor(value) and value.is_floating_point():
-                    ref = lb.state[side][key]
-                    worst = max(worst, float((value - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
-    return worst
+def factor_states(opt) -> dict[str, torch.Tensor]:
+    """Every floating tensor of the layers' input and output factor states of a K-BFGS optimizer, by path."""
+    return {f"{la.name}/{side}/{key}": value for la in opt.layers for side in ("input", "output")
+            for key, value in la.state.get(side, {}).items() if torch.is_tensor(value) and value.is_floating_point()}
 
 
 def kbfgs_run(kind: str, cfg: dict, mesh=None, part=None) -> tuple[nn.Module, object]:
@@ -327,7 +321,7 @@ def main() -> None:
         ref_model, ref_opt = kbfgs_refs[kind, cfg_name]
         out = results[f"kbfgs/{kind}/{cfg_name}"] = {
             "max_rel_diff": max_rel(full_params(model), full_params(ref_model)),
-            "factor_max_rel_diff": factor_rel_diff(opt, ref_opt),
+            "factor_max_rel_diff": max_rel(factor_states(opt), factor_states(ref_opt)),
             "pairs": opt.statistics()["qn/pairs_accepted"],
             "reference_pairs": ref_opt.statistics()["qn/pairs_accepted"],
         }
