@@ -418,6 +418,8 @@ class Run:
                 "seconds": self.clock, "median_step_seconds": timed[len(timed) // 2],
                 "mean_step_seconds": self.clock / max(1, self.steps), "error": self.error,
                 "final_val_loss": self.evals[-1]["val_loss"] if self.error is None else float("inf"),
+                # K-BFGS's output factor as its output_side="auto" resolved it for this model (None for the others)
+                "output_side": getattr(getattr(self.opt, "config", None), "output_side", None),
                 "optimizer_statistics": stats() if callable(stats) else {}}
 
 
@@ -525,7 +527,8 @@ def summarize(records: list[dict[str, Any]], budget: float) -> list[dict[str, An
         row: dict[str, Any] = {"optimizer": name, "lr": recs[0]["lr"], "seeds": [r["seed"] for r in recs],
                                "final": [r["final_val_loss"] for r in recs], "half": [loss_at(r, budget / 2)
                                                                                     for r in recs],
-                               "steps": [r["steps"] for r in recs], "errors": [r["error"] for r in recs if r["error"]]}
+                               "steps": [r["steps"] for r in recs], "errors": [r["error"] for r in recs if r["error"]],
+                               "output_side": recs[0].get("output_side")}
         pairs = [(r, adam[r["seed"]]) for r in recs if r["seed"] in adam]
         row["median_ratio"] = [r["median_step_seconds"] / a["median_step_seconds"] for r, a in pairs]
         row["mean_ratio"] = [r["mean_step_seconds"] / a["mean_step_seconds"] for r, a in pairs]
@@ -542,7 +545,8 @@ def markdown_table(rows: list[dict[str, Any]], budget: float) -> str:
         ratio = f"{_spread(row['median_ratio'], '{:.2f}')} / {_spread(row['mean_ratio'], '{:.2f}')}"
         cells = [row["optimizer"], f"{row['lr']:g}", _spread(row["half"], "{:.3f}"), _spread(row["final"], "{:.3f}"),
                  _spread([float(s) for s in row["steps"]], "{:.0f}"), ratio, _spread(row["reach"], "{:.2f}"),
-                 "; ".join(sorted(set(row["errors"])))]
+                 "; ".join([f"output factor: {row['output_side']}"] * bool(row.get("output_side"))
+                           + sorted(set(row["errors"])))]
         lines.append("| " + " | ".join(cells) + " |")
     n = len(rows[0]["seeds"]) if rows else 0
     lines.append("")

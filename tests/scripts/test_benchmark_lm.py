@@ -111,7 +111,11 @@ def test_tiny_end_to_end_run_writes_table_plot_and_card(bench, tmp_path):
     assert all(0 < x <= 1.0 for x in adam["reach"])  # AdamW reaches its own final loss by its end
     for f in ("results.md", "loss_curves.png", "README.md"):
         assert (tmp_path / f).stat().st_size > 0
-    assert "| kbfgs | 0.003 |" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "| kbfgs | 0.003 |" in table
+    # the row records K-BFGS's output factor as "auto" resolved it: a GPT-2 built from a config takes K-FAC's
+    assert [r["output_side"] for r in saved["records"][:3]] == [None, "kfac", None]
+    assert "output factor: kfac |" in table.split("| kbfgs |")[1].splitlines()[0]
 
 
 def test_text_files_are_read_as_blank_line_separated_documents(bench, tmp_path):
