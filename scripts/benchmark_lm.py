@@ -18,7 +18,9 @@ How the comparison is kept fair:
 * each optimizer's learning rate is swept (the candidates interleaved the same way, ``--sweep_seconds``
   each, long enough to leave the warm-up); when the best candidate is at an end of the grid, the grid is
   extended past it until the optimum is interior;
-* all use the same linear warm-up (``--warmup_steps``), then a constant learning rate, and no weight decay.
+* all use the same linear warm-up (``--warmup_steps``), then a constant learning rate (or, with
+  ``--lr_schedule cosine``, a cosine decay to zero over each run's own budget of training seconds, as a decaying
+  schedule would end at that budget), and no weight decay.
 
 Outputs in ``--output_dir``: ``results.json`` (every evaluation of every run), ``results.md`` (the table),
 ``loss_curves.png`` (validation loss against seconds and against steps) and a model card ``README.md``.
@@ -79,9 +81,17 @@ SWEEPS: dict[str, list[float]] = {
     "muon_fp32": [0.01, 0.03, 0.1],
     "soap": [1e-3, 3e-3, 1e-2],
     "mlbfgs": [1e-4, 3e-4, 1e-3],
+    "mlbfgs_unit": [0.03, 0.1, 0.3],  # mlbfgs:normalize=unit,...: lr is the step length (official runs: 0.1)
     "kbfgs": [1e-3, 3e-3, 1e-2],  # grafted to Adam's step length: AdamW's scale
     "kbfgs_paper": [0.03, 0.1, 0.3],
     "kbfgs_paper_int10": [0.03, 0.1, 0.3],
+}
+
+
+#: the lr after the warm-up, as a factor of the base lr, at a fraction of the run's budget of training seconds
+LR_SCHEDULES: dict[str, Callable[[float], float]] = {
+    "constant": lambda frac: 1.0,
+    "cosine": lambda frac: 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac))),
 }
 
 
@@ -107,6 +117,9 @@ class LMBenchmarkArguments:
     block_size: int = field(default=128)
     batch_size: int = field(default=16)
     warmup_steps: int = field(default=20, metadata={"help": "Linear lr warm-up of every optimizer."})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": f"After the warm-up: one of {list(LR_SCHEDULES)}; cosine decays every run's lr to zero over its "
+                "own budget of training seconds (the sweep's candidates over --sweep_seconds)."})
     val_blocks: int = field(default=64, metadata={"help": "Validation blocks evaluated (from held-out articles)."})
     threads: int = field(default=2, metadata={"help": "torch.set_num_threads."})
     text_files: list[str] = field(default_factory=list, metadata={
@@ -294,6 +307,8 @@ def sweep_grid(name: str) -> list[float]:
         return list(SWEEPS["kbfgs"])
     if base in KBFGS_VARIANTS and kwargs.get("graft") == "none":
         return list(SWEEPS["kbfgs_paper"])
+    if base == "mlbfgs" and kwargs.get("normalize") == "unit":  # lr is the step's length, as the official code's
+        return list(SWEEPS["mlbfgs_unit"])
     return list(SWEEPS[base])
 
 
@@ -368,6 +383,7 @@ class Run:
         warmup = max(1, args.warmup_steps)
         self._groups = [(g, g["lr"]) for g in self.opt.param_groups]
         self._warmup = warmup
+        self._schedule = LR_SCHEDULES[args.lr_schedule]
         self._step_fn = make_step(name, self.model, self.opt)
         self._batches = batch_stream(data["train"], args.batch_size, seed)
         self._val, self._eval_every, self._eval_batch = data["val"], args.eval_every, args.batch_size
@@ -385,7 +401,7 @@ class Run:
                            "val_loss": evaluate(self.model, self._val, self._eval_batch)})
 
     def _set_lr(self) -> None:
-        factor = min(1.0, (self.steps + 1) / self._warmup)
+        factor = min(1.0, (self.steps + 1) / self._warmup) * self._schedule(self.clock / self.budget)
         for g, base in self._groups:
             g["lr"] = base * factor
 
@@ -603,7 +619,8 @@ def write_card(rows: list[dict[str, Any]], args: LMBenchmarkArguments, table: st
                  if not r["errors"]],
         hyperparameters={"n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "vocab_size": args.vocab_size,
                          "block_size": args.block_size, "batch_size": args.batch_size, "budget_s": args.budget,
-                         "sweep_s": args.sweep_seconds, "warmup_steps": args.warmup_steps, "seeds": args.seeds,
+                         "sweep_s": args.sweep_seconds, "warmup_steps": args.warmup_steps,
+                         "lr_schedule": args.lr_schedule, "seeds": args.seeds,
                          "threads": args.threads, "lrs_used": {r["optimizer"]: r["lr"] for r in rows},
                          "sweeps": {n: s["grid"] for n, s in sweeps.items()}},
         table=table,
@@ -639,7 +656,8 @@ def prepare_data(args: LMBenchmarkArguments) -> dict[str, Any]:
 def parse_fixed_lrs(items: list[str], names: list[str] | None = None) -> dict[str, float]:
     """``--lr NAME=VALUE ...`` as ``{name: lr}``. With ``names`` (the optimizers of the run), a variant
     (``kbfgs:k=v``) not given its own lr takes its base's (``kbfgs=...``) when its lr is on the same scale (the same
-    sweep grid: not a ``graft=none`` variant, whose lr is the paper's α), and a NAME that is none of ``names`` nor the
+    sweep grid: not a ``graft=none`` variant, whose lr is the paper's α, nor mL-BFGS's ``normalize=unit``, whose lr is
+    a step length), and a NAME that is none of ``names`` nor the
     base of one is refused."""
     fixed = {}
     for item in items:
@@ -668,6 +686,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(LMBenchmarkArguments).parse_args_into_dataclasses(args=argv)
     if args.size not in SIZES:
         raise ValueError(f"Invalid --size {args.size!r}: one of {list(SIZES)}")
+    if args.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"Invalid --lr_schedule {args.lr_schedule!r}: one of {list(LR_SCHEDULES)}")
     for name in args.optimizers:
         split_variant(name)  # refuses an unknown name before any work
     names = ["adamw"] + [n for n in args.optimizers if n != "adamw"]  # AdamW is the reference of every ratio

@@ -74,6 +74,23 @@ def test_a_variant_takes_its_bases_fixed_lr_unless_given_its_own(bench):
         bench.parse_fixed_lrs(["soap=1e-2"], names)
 
 
+def test_cosine_schedule_decays_each_runs_lr_to_zero_over_its_own_budget(bench):
+    cosine = bench.LR_SCHEDULES["cosine"]
+    assert [cosine(f) for f in (0.0, 0.5, 1.0, 1.5)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    run = object.__new__(bench.Run)  # only the lr setting, on a run's own clock
+    group = {"lr": 0.0}
+    run._groups, run._warmup, run._schedule, run.budget = [(group, 2e-3)], 20, cosine, 60.0
+    for steps, clock, lr in ((9, 0.0, 1e-3), (30, 30.0, 1e-3), (30, 60.0, 0.0)):  # warm-up half way; then cosine
+        run.steps, run.clock = steps, clock
+        run._set_lr()
+        assert group["lr"] == pytest.approx(lr, abs=1e-12)
+    with pytest.raises(ValueError, match="Invalid --lr_schedule 'linear'"):
+        bench.main(["--lr_schedule", "linear", "--output_dir", "/nonexistent"])
+    # mL-BFGS's unit-norm direction takes an lr that is a step length: its own grid, not mlbfgs='s
+    assert bench.sweep_grid("mlbfgs:normalize=unit,update_interval=10") == bench.SWEEPS["mlbfgs_unit"]
+    assert bench.parse_fixed_lrs(["mlbfgs=3e-4"], ["adamw", "mlbfgs", "mlbfgs:normalize=unit"]) == {"mlbfgs": 3e-4}
+
+
 def test_sweep_extends_a_grid_whose_best_lr_is_at_an_end(bench, monkeypatch):
     """A grid won at its top end grows by 3x until the optimum is interior (the loss is least at 0.05)."""
     monkeypatch.setitem(bench.SWEEPS, "adamw", [0.001, 0.01])
