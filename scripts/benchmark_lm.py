@@ -657,8 +657,7 @@ def parse_fixed_lrs(items: list[str], names: list[str] | None = None) -> dict[st
     """``--lr NAME=VALUE ...`` as ``{name: lr}``. With ``names`` (the optimizers of the run), a variant
     (``kbfgs:k=v``) not given its own lr takes its base's (``kbfgs=...``) when its lr is on the same scale (the same
     sweep grid: not a ``graft=none`` variant, whose lr is the paper's α, nor mL-BFGS's ``normalize=unit``, whose lr is
-    a step length), and a NAME that is none of ``names`` nor the
-    base of one is refused."""
+    a step length), and a NAME that is none of ``names`` nor the base of one is refused."""
     fixed = {}
     for item in items:
         name, sep, value = item.rpartition("=")
