@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_autoencoder import kbfgs_step
-from recipe_utils import lr_beyond_best_end
+from recipe_utils import lr_beyond_best_end, resolved_output_side
 
 logger = logging.getLogger("benchmark_lm")
 
@@ -434,8 +434,7 @@ class Run:
                 "seconds": self.clock, "median_step_seconds": timed[len(timed) // 2],
                 "mean_step_seconds": self.clock / max(1, self.steps), "error": self.error,
                 "final_val_loss": self.evals[-1]["val_loss"] if self.error is None else float("inf"),
-                # K-BFGS's output factor as its output_side="auto" resolved it for this model (None for the others)
-                "output_side": getattr(getattr(self.opt, "config", None), "output_side", None),
+                "output_side": resolved_output_side(self.opt),
                 "optimizer_statistics": stats() if callable(stats) else {}}
 
 
@@ -559,10 +558,12 @@ def markdown_table(rows: list[dict[str, Any]], budget: float) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         ratio = f"{_spread(row['median_ratio'], '{:.2f}')} / {_spread(row['mean_ratio'], '{:.2f}')}"
+        notes = sorted(set(row["errors"]))
+        if row["output_side"]:
+            notes.insert(0, f"output factor: {row['output_side']}")
         cells = [row["optimizer"], f"{row['lr']:g}", _spread(row["half"], "{:.3f}"), _spread(row["final"], "{:.3f}"),
                  _spread([float(s) for s in row["steps"]], "{:.0f}"), ratio, _spread(row["reach"], "{:.2f}"),
-                 "; ".join([f"output factor: {row['output_side']}"] * bool(row.get("output_side"))
-                           + sorted(set(row["errors"])))]
+                 "; ".join(notes)]
         lines.append("| " + " | ".join(cells) + " |")
     n = len(rows[0]["seeds"]) if rows else 0
     lines.append("")

@@ -196,6 +196,11 @@ def sync_cuda() -> None:
         torch.cuda.synchronize()
 
 
+def resolved_output_side(optimizer: Any) -> str | None:
+    """K-BFGS's output factor as its ``output_side="auto"`` resolved it for the model; None for other optimizers."""
+    return getattr(getattr(optimizer, "config", None), "output_side", None)
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the tensors in ``optimizer.state_dict()["state"]`` (what a checkpoint holds)."""
 
@@ -453,8 +458,7 @@ def _train(args: QNTrainingArguments, name: str, lr: float, model_init: Callable
         "evals": timer.evals,
         "log_history": [h for h in trainer.state.log_history if "eval_loss" not in h],  # evals are above
         "optimizer_statistics": inner.statistics() if hasattr(inner, "statistics") else {},
-        # K-BFGS's output factor as its output_side="auto" resolved it for this model (None for the others)
-        "output_side": getattr(getattr(inner, "config", None), "output_side", None),
+        "output_side": resolved_output_side(inner),
         "optimizer_state_bytes": optimizer_state_bytes(inner),
         "peak_gpu_memory_bytes": peak,  # torch.cuda.max_memory_allocated over training; None on CPU
     }
