@@ -177,12 +177,14 @@ class KBFGSConfig(_Config):
             ``"kfac"`` (K-FAC's output factor: ``H_g = (Ĝ + √λ I)⁻¹`` with ``G`` the running average (β_A) of the
             output gradients' second moment ``E[g gᵀ]`` over rows, scaled to unit mean eigenvalue, re-inverted at
             every curvature step; it learns every direction of a batch at once where BFGS learns one pair per
-            curvature step, at the price of a Gram over the rows and a Cholesky per curvature step) or
-            ``"auto"``: ``"kfac"`` for a transformers model built from a config (trained from scratch: no
-            checkpoint in its ``name_or_path``), ``"bfgs"`` for everything else (a pretrained checkpoint being
-            fine-tuned, any other module, an L-BFGS output side), as measured in docs/benchmarks.md: K-FAC's
-            factor trained every model measured from scratch as well as BFGS's or better, and fails fine-tunes of
-            small batches.
+            curvature step, at the price of a Gram over the rows and a Cholesky per curvature step), ``"none"``
+            (``H_g = I``: every layer preconditioned by its input factor alone, ``D = ĝ H_a``; no output
+            statistics, no pairs, half the products) or ``"auto"``: ``"kfac"`` for a transformers model built
+            from a config (trained from scratch: no checkpoint in its ``name_or_path``), ``"none"`` for one
+            loaded from a checkpoint (a fine-tune), ``"bfgs"`` for any other module and an L-BFGS output side, as
+            measured in docs/benchmarks.md: K-FAC's factor trained every model measured from scratch as well as
+            BFGS's or better and fails fine-tunes of small batches; on the fine-tunes BFGS's factor, learned from
+            a few dozen pairs, added nothing the input factor alone did not reach, at 7-12 % more time.
             The optimizer's ``config`` and ``param_groups`` hold the resolved value. (default: ``"auto"``)
         max_block_dim: a Kronecker factor (dense ``H_g``, or ``H_a``) of dimension ``d`` larger than this is held
             block-diagonal: ``⌈d / max_block_dim⌉`` equal diagonal blocks, each learned by its own BFGS updates
@@ -344,11 +346,12 @@ class KBFGSConfig(_Config):
             check_int("history_size", self.history_size, 1, "None for dense BFGS, or an integer")
             object.__setattr__(self, "history_size", int(self.history_size))
         check_choice("input_inverse", self.input_inverse, ("bfgs", "cholesky"))
-        check_choice("output_side", self.output_side, ("auto", "bfgs", "kfac"))
-        if self.output_side == "kfac" and self.history_size is not None:
+        check_choice("output_side", self.output_side, ("auto", "bfgs", "kfac", "none"))
+        if self.output_side in ("kfac", "none") and self.history_size is not None:
             raise ValueError(
-                f"Invalid history_size: {self.history_size} with output_side='kfac' (an L-BFGS history is a BFGS "
-                "output side); use KBFGS (history_size=None) for the K-FAC output factor, or output_side='bfgs'"
+                f"Invalid history_size: {self.history_size} with output_side={self.output_side!r} (an L-BFGS "
+                f"history is a BFGS output side); use KBFGS (history_size=None) for output_side="
+                f"{self.output_side!r}, or output_side='bfgs'"
             )
         check_choice("pairs", self.pairs, ("same_batch", "consecutive"))
         check_choice("fallback", self.fallback, FALLBACKS)

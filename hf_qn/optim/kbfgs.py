@@ -680,8 +680,8 @@ class KBFGS(QNOptimizerBase):
         return [la.layout() for la in self.layers]
 
     def _output_side_name(self) -> str:
-        if self.config.output_side == "kfac":
-            return "kfac"
+        if self.config.output_side in ("kfac", "none"):
+            return self.config.output_side
         return "dense" if self.config.history_size is None else "lbfgs"
 
     def _check_layer_keys(self) -> None:
@@ -711,8 +711,9 @@ class KBFGS(QNOptimizerBase):
                 f"KBFGS.load_state_dict: the state holds {saved['output_side']!r} output-side factors and this "
                 f"optimizer uses {self._output_side_name()!r} ones (history_size={self.config.history_size}, "
                 f"output_side={self.config.output_side!r}); load it into KBFGS(output_side='bfgs') for 'dense', "
-                "KBFGSL (or history_size=p) for 'lbfgs', KBFGS(output_side='kfac') for 'kfac' (output_side='auto', "
-                "the default, takes 'kfac' for a transformers model built from a config and 'bfgs' otherwise)"
+                "KBFGSL (or history_size=p) for 'lbfgs', KBFGS(output_side='kfac') for 'kfac', "
+                "KBFGS(output_side='none') for 'none' (output_side='auto', the default, takes 'kfac' for a "
+                "transformers model built from a config, 'none' for one loaded from a checkpoint, 'bfgs' otherwise)"
             )
         self.schedule.state = dict(saved["schedule"])
         self.counters["steps_skipped_nonfinite"] = saved["steps_skipped_nonfinite"]
@@ -787,34 +788,44 @@ def _param_groups(assignment: LayerAssignment, cfg: KBFGSConfig, no_decay: set[s
     return groups
 
 
-def built_from_config(model: nn.Module) -> bool:
-    """Whether ``model`` is a transformers model built from a config rather than loaded from a checkpoint: it holds
-    at least one ``PreTrainedModel`` (recognised by its ``config`` and string ``name_or_path``, without importing
-    transformers; under a DDP, FSDP2 or ``torch.compile`` wrapper too) and none of them names a checkpoint
-    (``from_pretrained`` records the path or Hub id there, a model built from a config has ``""``)."""
+def transformers_origin(model: nn.Module) -> str | None:
+    """``"config"`` for a transformers model built from a config, ``"checkpoint"`` for one loaded from a checkpoint,
+    None for any other module. A transformers model is one holding a ``PreTrainedModel`` (recognised by its
+    ``config`` and string ``name_or_path``, without importing transformers; under a DDP, FSDP2 or ``torch.compile``
+    wrapper too); ``from_pretrained`` records the path or Hub id in ``name_or_path``, a model built from a config
+    has ``""``."""
     found = [m for m in model.modules() if hasattr(m, "config") and isinstance(getattr(m, "name_or_path", None), str)]
-    return bool(found) and not any(m.name_or_path for m in found)
+    if not found:
+        return None
+    return "checkpoint" if any(m.name_or_path for m in found) else "config"
 
 
 def resolve_output_side(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
     """``cfg`` with ``output_side="auto"`` resolved for ``model``: K-FAC's output factor for a transformers model
-    built from a config (:func:`built_from_config`: training from scratch, where it measured as well as BFGS's or
-    better), the BFGS one otherwise (fine-tuning a checkpoint, where K-FAC's factor fails on small batches; any
-    other module; an L-BFGS output side). Logged at INFO, since it decides the state's layout."""
+    built from a config (training from scratch, where it measured as well as BFGS's or better), none (``H_g = I``)
+    for one loaded from a checkpoint (a fine-tune, where K-FAC's factor fails on small batches and BFGS's added
+    nothing at more cost), BFGS's for any other module and an L-BFGS output side. Logged at INFO, since it decides
+    the state's layout."""
     if cfg.output_side != "auto":
         return cfg
+    origin = transformers_origin(model)
     if cfg.history_size is not None:
         side, why = "bfgs", "an L-BFGS output side"
-    elif built_from_config(model):
+    elif origin == "config":
         side, why = "kfac", "a transformers model built from a config: training from scratch"
+    elif origin == "checkpoint":
+        side, why = "none", "a transformers model loaded from a checkpoint: fine-tuning"
     else:
-        side, why = "bfgs", "not a transformers model built from a config: fine-tuning a checkpoint or another module"
-    logger.info("KBFGS: output_side='auto' is %r (%s); pass output_side='bfgs' or 'kfac' to choose", side, why)
+        side, why = "bfgs", "not a transformers model"
+    logger.info("KBFGS: output_side='auto' is %r (%s); pass output_side='bfgs', 'kfac' or 'none' to choose", side,
+                why)
     return dataclasses.replace(cfg, output_side=side)
 
 
 def _new_layer(adapter: LayerAdapter, cfg: KBFGSConfig) -> KroneckerLayer:
     """The curvature unit of an adapted layer, with the output side the configuration asks for."""
+    if cfg.output_side == "none":
+        adapter.one_sided = True  # what the capture reads: no output statistics for this layer
     output = output_side_for(adapter.name, adapter.d_out, cfg.history_size, adapter.one_sided, cfg.max_block_dim,
                              cfg.output_side)
     return KroneckerLayer(adapter, output, cfg.max_block_dim)

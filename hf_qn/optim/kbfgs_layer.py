@@ -153,10 +153,10 @@ class KroneckerLayer:
 
     @property
     def direction_flops(self) -> int:
-        """Multiply-adds of ``H_g ĝ H_a`` with dense factors: what decides whether ``matmul_dtype="auto"`` uses
-        bfloat16 for this layer."""
+        """Multiply-adds of ``H_g ĝ H_a`` with dense factors (``ĝ H_a`` one-sided): what decides whether
+        ``matmul_dtype="auto"`` uses bfloat16 for this layer."""
         d_out, d_in = self.adapter.d_out, self.adapter.d_in
-        return d_out * d_in * (d_out + d_in)
+        return d_out * d_in * ((0 if self.adapter.one_sided else d_out) + d_in)
 
     def direction(self, matmul_dtype: torch.dtype) -> Tensor:
         """``D = H_g ĝ H_a`` (the two large products in ``matmul_dtype``)."""

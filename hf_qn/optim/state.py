@@ -6,7 +6,7 @@ counter is a 0-dim int64 tensor. ``tests/optim/test_state_layout.py`` pins the w
 
 K-BFGS (``KBFGS``, ``KBFGSL``)::
 
-    "hf_qn": {"format": 2, "optimizer": "KBFGS", "output_side": "dense" | "lbfgs" | "kfac",
+    "hf_qn": {"format": 2, "optimizer": "KBFGS", "output_side": "dense" | "lbfgs" | "kfac" | "none",
               "schedule": {"step", "refresh_next"},
               "steps_skipped_nonfinite",
               "growth_guard": {"ref_step_sizes" (one per layer), "steps_clipped"},
@@ -15,7 +15,8 @@ K-BFGS (``KBFGS``, ``KBFGSL``)::
     state[layer weight] = {
         "input": {"A", "H_a", "batches", "inverse_countdown" (Cholesky inverse only)},
         "output": {"H_g"} (dense BFGS) | {"S", "Y", "SY", "YY", "count", "head"} (L-BFGS)
-                  | {"G", "H_g", "batches"} (K-FAC's output factor, output_side="kfac"),
+                  | {"G", "H_g", "batches"} (K-FAC's output factor, output_side="kfac")
+                  | {} (output_side="none", and a one-sided layer of any kind),
         (a factor wider than max_block_dim, "A", "H_a", "G" or "H_g", is (blocks, size, size): its diagonal blocks;
          the layout then records [name, d_out, d_in, "blocks", output blocks, input blocks])
         "momentum_buffer": ĝ (d_out x d_in),

@@ -908,6 +908,39 @@ def test_one_sided_tied_head_step_equals_the_float64_reference():
     assert st["output"] == {} and int(st["counters"]["pairs_accepted"]) == int(st["counters"]["pairs_skipped"]) == 0
 
 
+def test_output_side_none_steps_by_the_input_factor_alone_as_the_float64_reference():
+    """``output_side="none"``: every layer one-sided, ``H_g = I``. First step of each layer
+    ``ΔW = −α (1−ρ) G (A + √λ I)⁻¹`` with ``A = mean x xᵀ`` of its inputs; no output statistics, no output state,
+    no pair ever formed; an L-BFGS history is refused with it, and a state of another output side is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4, bias=False), nn.Tanh(), nn.Linear(4, 3, bias=False))
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    opt = hf_qn.KBFGS(model, preset="paper", output_side="none", pairs="consecutive", lr=0.1, damping=0.3,
+                      max_loss_increase=None)
+    assert all(la.adapter.one_sided and la.output_gram is None for la in opt.layers)
+    W0 = [m.weight.detach().double().clone() for m in (model[0], model[2])]
+    inputs = [x.double(), torch.tanh(x @ model[0].weight.T).double()]
+    opt.zero_grad()
+    mse_loss(model, (x, y)).backward()
+    G = [m.weight.grad.double().clone() for m in (model[0], model[2])]
+    stats = opt.capture.stats["primary"]  # the input side captured, the output gradients not looked at
+    assert all(st.A_sum is not None and st.h_rows == 16 and not st.g_sum.any() and st.grad_calls == 0 for st in stats)
+    opt.step()
+    for m, w0, g, a in zip((model[0], model[2]), W0, G, inputs):
+        A = a.T @ a / a.shape[0]
+        expected = w0 - 0.1 * (1 - 0.9) * g @ torch.linalg.inv(A + 0.3**0.5 * torch.eye(A.shape[0], dtype=torch.float64))
+        torch.testing.assert_close(m.weight.detach().double(), expected, rtol=1e-5, atol=1e-7)
+    loop(model, opt, [(torch.randn(16, 5), torch.randn(16, 3)) for _ in range(4)], mse_loss)
+    for m in (model[0], model[2]):
+        st = opt.state[m.weight]
+        assert st["output"] == {} and int(st["counters"]["pairs_accepted"]) == int(st["counters"]["pairs_skipped"]) == 0
+    assert opt.state_dict()["hf_qn"]["output_side"] == "none"
+    with pytest.raises(ValueError, match="Invalid history_size: 3 with output_side='none'"):
+        hf_qn.KBFGS(model, output_side="none", history_size=3)
+    with pytest.raises(ValueError, match="holds 'none' output-side factors.*KBFGS\\(output_side='none'\\)"):
+        hf_qn.KBFGS(model, output_side="bfgs").load_state_dict(roundtrip(opt.state_dict()))
+
+
 def test_a_new_gradient_at_a_freed_gradients_address_counts_as_fresh():
     """``step(closure)`` after the caller's backward must not run the closure as a first pass: the last step's
     gradient, once freed, can leave its address (so its ``id``) to the new one, which must still count as fresh.

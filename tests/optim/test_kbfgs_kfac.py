@@ -150,8 +150,8 @@ def test_kfac_trains_and_refuses_what_it_cannot_do():
 
 def test_auto_output_side_is_kfac_for_a_transformers_model_built_from_a_config(tmp_path, caplog):
     """The default ``output_side="auto"``: K-FAC's factor for a transformers model built from a config (also inside a
-    wrapper), the BFGS one for the same model loaded from a checkpoint, a plain module, an L-BFGS output side and the
-    paper's preset; an explicit choice is kept. The resolved value is what the config, the param groups and the
+    wrapper), none (``H_g = I``) for the same model loaded from a checkpoint, BFGS's for a plain module, an L-BFGS
+    output side and the paper's preset; an explicit choice is kept. The resolved value is what the config, the param groups and the
     checkpoint hold, and the log says which was taken and why."""
     import logging
 
@@ -175,7 +175,10 @@ def test_auto_output_side_is_kfac_for_a_transformers_model_built_from_a_config(t
     scratch.save_pretrained(tmp_path)
     loaded = type(scratch).from_pretrained(tmp_path)
     assert loaded.name_or_path == str(tmp_path)
-    assert hf_qn.KBFGS(loaded).config.output_side == "bfgs"
+    with caplog.at_level(logging.INFO, logger="hf_qn.optim.kbfgs"):
+        assert hf_qn.KBFGS(loaded).config.output_side == "none"
+    assert "output_side='auto' is 'none' (a transformers model loaded from a checkpoint: fine-tuning)" in caplog.text
+    assert all(la.adapter.one_sided for la in hf_qn.KBFGS(loaded).layers)
     assert hf_qn.KBFGS(mlp()).config.output_side == "bfgs"
     assert hf_qn.KBFGSL(scratch).config.output_side == "bfgs"
     assert hf_qn.KBFGS(scratch, preset="paper").config.output_side == "bfgs"
