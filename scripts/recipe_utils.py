@@ -389,7 +389,7 @@ def run_comparison(
                          "weight_decay": training_args.weight_decay, "seed": training_args.seed,
                          "AdamW rows (Trainer optim)": ADAMW_OPTIM,
                          "K-BFGS rows' output factor": {r["optimizer"]: r["output_side"] for r in runs
-                                                        if r.get("output_side")} or "none",
+                                                        if r.get("output_side")} or "no K-BFGS row",
                          "lr_sweep (best final eval metric kept)": sweeps or "none",
                          "seeds per sweep candidate (best mean kept)": recipe.sweep_seeds,
                          "lr_sweep_extend (candidates beyond a best end)": recipe.lr_sweep_extend,

@@ -70,6 +70,8 @@ def _kbfgs_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]
         OptimizerInput(params=None, kwargs={"lr": 0.05, "pairs": "consecutive"}, desc="consecutive pairs"),
         OptimizerInput(params=None, kwargs={"lr": 0.05, "l2": 0.0, "input_inverse": "cholesky"}, desc="cholesky"),
         OptimizerInput(params=None, kwargs={"lr": 0.05, "output_side": "kfac"}, desc="K-FAC output factor"),
+        OptimizerInput(params=None, kwargs={"lr": 0.05, "output_side": "none", "pairs": "consecutive"},
+                       desc="no output factor"),
     ]
 
 
