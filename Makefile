@@ -20,7 +20,7 @@ PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.hf_qn-installed
 
-.PHONY: setup test test-fast lint demo fidelity cards clean
+.PHONY: setup test test-fast lint demo goldens fidelity cards clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,12 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/benchmark_autoencoder.py --preset quick $(DEMO_ARGS)
+
+# The golden trajectories of this machine and, on an AVX-512 CPU, the AVX2 ones (tests/golden/record.py): compared
+# with the committed recordings; after a change meant to move the numbers, re-record both with RECORD=1.
+goldens: $(STAMP)
+	$(PY) -m tests.golden.record $(if $(RECORD),,--check)
+	$(PY) -m tests.golden.record --emulate avx2 $(if $(RECORD),,--check)
 
 fidelity: $(STAMP)
 	$(PY) scripts/kbfgs_fidelity.py --output_dir model_cards/mnist-autoencoder/fidelity

@@ -184,7 +184,7 @@ class KBFGSConfig(_Config):
             loaded from a checkpoint (a fine-tune), ``"bfgs"`` for any other module and an L-BFGS output side, as
             measured in docs/benchmarks.md: K-FAC's factor trained every model measured from scratch as well as
             BFGS's or better and fails fine-tunes of small batches; on the fine-tunes BFGS's factor, learned from
-            a few dozen pairs, added nothing the input factor alone did not reach, at 7-12 % more time.
+            a few dozen pairs, added nothing the input factor alone did not reach, at 5-12 % more time.
             The optimizer's ``config`` and ``param_groups`` hold the resolved value. (default: ``"auto"``)
         max_block_dim: a Kronecker factor (dense ``H_g``, or ``H_a``) of dimension ``d`` larger than this is held
             block-diagonal: ``⌈d / max_block_dim⌉`` equal diagonal blocks, each learned by its own BFGS updates
