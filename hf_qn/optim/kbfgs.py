@@ -793,7 +793,10 @@ def transformers_origin(model: nn.Module) -> str | None:
     None for any other module. A transformers model is one holding a ``PreTrainedModel`` (recognised by its
     ``config`` and string ``name_or_path``, without importing transformers; under a DDP, FSDP2 or ``torch.compile``
     wrapper too); ``from_pretrained`` records the path or Hub id in ``name_or_path``, a model built from a config
-    has ``""``."""
+    has ``""``. A model built from a config that was itself read from a checkpoint
+    (``from_config(AutoConfig.from_pretrained(...))``) inherits its ``name_or_path`` and counts as
+    ``"checkpoint"``: the error on the safe side (K-FAC's factor fails fine-tunes; a from-scratch run without it
+    trains, only slower)."""
     found = [m for m in model.modules() if hasattr(m, "config") and isinstance(getattr(m, "name_or_path", None), str)]
     if not found:
         return None
@@ -814,7 +817,8 @@ def resolve_output_side(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
     elif origin == "config":
         side, why = "kfac", "a transformers model built from a config: training from scratch"
     elif origin == "checkpoint":
-        side, why = "none", "a transformers model loaded from a checkpoint: fine-tuning"
+        side, why = "none", ("a transformers model whose name_or_path names a checkpoint: fine-tuning; a model built "
+                             "from a checkpoint's config and trained from scratch takes output_side='kfac'")
     else:
         side, why = "bfgs", "not a transformers model"
     logger.info("KBFGS: output_side='auto' is %r (%s); pass output_side='bfgs', 'kfac' or 'none' to choose", side,

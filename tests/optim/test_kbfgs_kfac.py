@@ -177,7 +177,11 @@ def test_auto_output_side_is_kfac_for_a_transformers_model_built_from_a_config(t
     assert loaded.name_or_path == str(tmp_path)
     with caplog.at_level(logging.INFO, logger="hf_qn.optim.kbfgs"):
         assert hf_qn.KBFGS(loaded).config.output_side == "none"
-    assert "output_side='auto' is 'none' (a transformers model loaded from a checkpoint: fine-tuning)" in caplog.text
+    assert "output_side='auto' is 'none' (a transformers model whose name_or_path names a checkpoint" in caplog.text
+    # built from a checkpoint's config, it inherits the checkpoint's name: taken for a fine-tune (the safe side)
+    from transformers import AutoConfig
+
+    assert hf_qn.KBFGS(type(scratch)(AutoConfig.from_pretrained(tmp_path))).config.output_side == "none"
     assert all(la.adapter.one_sided for la in hf_qn.KBFGS(loaded).layers)
     assert hf_qn.KBFGS(mlp()).config.output_side == "bfgs"
     assert hf_qn.KBFGSL(scratch).config.output_side == "bfgs"
