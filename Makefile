@@ -74,7 +74,7 @@ SEEDS_RESNET = --sweep_seeds 3 --repeats 10
 SWEEP_TEXT  = --lr_sweep adamw=2e-5,5e-5,1e-4,2e-4 kbfgs=1e-4,2e-4,4e-4,8e-4 kbfgs:output_side=bfgs=1e-4,2e-4,4e-4,8e-4 mlbfgs=3e-6,1e-5,3e-5,1e-4
 SWEEP_SCRATCH = --lr_sweep adamw=3e-4,1e-3,3e-3,1e-2 kbfgs=1e-3,3e-3,1e-2,3e-2 kbfgs:output_side=bfgs=1e-3,3e-3,1e-2,3e-2 mlbfgs=1e-4,3e-4,1e-3,3e-3
 # The models trained from scratch (built from a config) get K-FAC's output factor from the defaults (output_side="auto");
-# the BFGS one, the defaults of a fine-tune, is a row of its own beside it.
+# the BFGS one, the paper's, is a row of its own beside it.
 OPTIMIZERS_SCRATCH = --optimizers adamw kbfgs kbfgs:output_side=bfgs mlbfgs
 # A fine-tune (a checkpoint loaded with from_pretrained) gets no output factor from the defaults (output_side="none");
 # the BFGS one, the paper's, is a row of its own beside it.
