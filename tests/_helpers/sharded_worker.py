@@ -58,10 +58,12 @@ def config(kind: str, name: str) -> dict:
 #: "default" is K-BFGS's defaults with float32 products: where bf16 is native, ``matmul_dtype="auto"`` rounds each
 #: rank's partial Gram to bf16, and sharded runs then agree with one process to about 1e-2, not float32's 1e-5.
 KBFGS_CONFIGS = {"default": {"matmul_dtype": "float32"}, "bfgs": {"matmul_dtype": "float32", "output_side": "bfgs"},
-                 "paper": {"preset": "paper", "lr": 0.05}}
+                 "none": {"matmul_dtype": "float32", "output_side": "none"}, "paper": {"preset": "paper", "lr": 0.05}}
 #: (model, K-BFGS configuration) runs: the defaults take K-FAC's output factor on the GPT-2 (a transformers model
-#: built from a config) and BFGS's on the CNN; "bfgs" is the GPT-2's BFGS factor with consecutive pairs.
-KBFGS_CASES = [("gpt2", "default"), ("gpt2", "bfgs"), ("gpt2", "paper"), ("cnn", "default"), ("cnn", "paper")]
+#: built from a config) and BFGS's on the CNN; "bfgs" is the GPT-2's BFGS factor with consecutive pairs, "none" its
+#: input factors alone (a fine-tune's default).
+KBFGS_CASES = [("gpt2", "default"), ("gpt2", "bfgs"), ("gpt2", "none"), ("gpt2", "paper"), ("cnn", "default"),
+               ("cnn", "paper")]
 
 
 def kbfgs_model(kind: str, cfg: dict, mesh=None) -> tuple[nn.Module, object]:
