@@ -73,15 +73,12 @@ SEEDS_RESNET = --sweep_seeds 3 --repeats 10
 # sits one to two points above AdamW's.
 SWEEP_TEXT  = --lr_sweep adamw=2e-5,5e-5,1e-4,2e-4 kbfgs=1e-4,2e-4,4e-4,8e-4 kbfgs:output_side=bfgs=1e-4,2e-4,4e-4,8e-4 mlbfgs=3e-6,1e-5,3e-5,1e-4
 SWEEP_SCRATCH = --lr_sweep adamw=3e-4,1e-3,3e-3,1e-2 kbfgs=1e-3,3e-3,1e-2,3e-2 kbfgs:output_side=bfgs=1e-3,3e-3,1e-2,3e-2 mlbfgs=1e-4,3e-4,1e-3,3e-3
-# The models trained from scratch (built from a config) get K-FAC's output factor from the defaults (output_side="auto");
-# the BFGS one, the paper's, is a row of its own beside it.
-OPTIMIZERS_SCRATCH = --optimizers adamw kbfgs kbfgs:output_side=bfgs mlbfgs
-# A fine-tune (a checkpoint loaded with from_pretrained) gets no output factor from the defaults (output_side="none");
-# the BFGS one, the paper's, is a row of its own beside it.
-OPTIMIZERS_TEXT = --optimizers adamw kbfgs kbfgs:output_side=bfgs mlbfgs
+# The defaults (output_side="auto") give the models trained from scratch (built from a config) K-FAC's output factor
+# and the fine-tune (a checkpoint loaded with from_pretrained) none; the paper's BFGS factor is a row of its own.
+OPTIMIZERS = --optimizers adamw kbfgs kbfgs:output_side=bfgs mlbfgs
 cards: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/text_classification.py --output_dir model_cards/text-classification-minilm --num_train_epochs 3 --per_device_train_batch_size 8 $(RECIPE_COMMON) $(OPTIMIZERS_TEXT) $(SWEEP_TEXT) $(SEEDS_TEXT)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/causal_lm.py --output_dir model_cards/causal-lm-gpt2-lee --num_train_epochs 2 --per_device_train_batch_size 8 $(RECIPE_COMMON) $(OPTIMIZERS_SCRATCH) $(SWEEP_SCRATCH)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/image_classification.py --model_type vit --output_dir model_cards/image-classification-vit --num_train_epochs 5 --per_device_train_batch_size 32 $(RECIPE_COMMON) $(OPTIMIZERS_SCRATCH) $(SWEEP_SCRATCH) $(SEEDS_VIT)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/image_classification.py --model_type resnet --output_dir model_cards/image-classification-resnet --num_train_epochs 5 --per_device_train_batch_size 32 $(RECIPE_COMMON) $(OPTIMIZERS_SCRATCH) $(SWEEP_SCRATCH) $(SEEDS_RESNET)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/text_classification.py --output_dir model_cards/text-classification-minilm --num_train_epochs 3 --per_device_train_batch_size 8 $(RECIPE_COMMON) $(OPTIMIZERS) $(SWEEP_TEXT) $(SEEDS_TEXT)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/causal_lm.py --output_dir model_cards/causal-lm-gpt2-lee --num_train_epochs 2 --per_device_train_batch_size 8 $(RECIPE_COMMON) $(OPTIMIZERS) $(SWEEP_SCRATCH)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/image_classification.py --model_type vit --output_dir model_cards/image-classification-vit --num_train_epochs 5 --per_device_train_batch_size 32 $(RECIPE_COMMON) $(OPTIMIZERS) $(SWEEP_SCRATCH) $(SEEDS_VIT)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/image_classification.py --model_type resnet --output_dir model_cards/image-classification-resnet --num_train_epochs 5 --per_device_train_batch_size 32 $(RECIPE_COMMON) $(OPTIMIZERS) $(SWEEP_SCRATCH) $(SEEDS_RESNET)
 	rm -rf model_cards/*/runs

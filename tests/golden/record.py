@@ -84,7 +84,8 @@ def main() -> int:
     if args.emulate:
         import hf_qn.optim.config as config
 
-        config._cpu_flags = lambda: frozenset()  # no native bf16 as the CPU reports it
+        flags = config._cpu_flags() - {"avx512_bf16", "amx_bf16"}
+        config._cpu_flags = lambda: flags  # no native bf16 as the CPU reports it
     return write_or_check(record(), args.check)
 
 
