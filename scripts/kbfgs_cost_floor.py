@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _default_warmup() -> int:
     from hf_qn.optim.config import KBFGSConfig
 
-    return KBFGSConfig().warmup_curvature_steps
+    return KBFGSConfig(output_side="bfgs").warmup_curvature_steps  # the autoencoder learns BFGS's output factor
 
 
 if __name__ == "__main__":

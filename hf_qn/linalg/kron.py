@@ -13,7 +13,7 @@ from torch import Tensor
 from .blocks import block_left, block_right
 from .cast import cast
 
-__all__ = ["damped_cholesky_inverse", "kron_precondition"]
+__all__ = ["FLOAT32_INVERSE_MAX_CONDITION", "damped_cholesky_inverse", "kron_precondition"]
 
 
 def kron_precondition(
@@ -36,15 +36,33 @@ def kron_precondition(
     return cast(out, X.dtype)
 
 
-def damped_cholesky_inverse(A: Tensor, damping: float, compute_dtype: torch.dtype = torch.float64) -> Tensor:
-    """``(A + damping·I)⁻¹`` by Cholesky, in ``compute_dtype`` internally (float64 unless the caller knows the
-    damped matrix is well conditioned); symmetric by construction. Leading dimensions are a batch (the blocks of a
-    block-diagonal factor, several layers' factors), each matrix inverted alike.
+#: The largest condition number of a damped factor that :func:`damped_cholesky_inverse` inverts in float32 when
+#: left to choose: the inverse's relative error is then of the order of ``κ · 2⁻²⁴ ≤ 6e-4``. On all-MiniLM-L6-v2's input
+#: factors after one batch (``√λ = 0.55``): the bound ``1 + tr(A)/√λ`` was 6-280, the true ``κ`` 5-110, the float32
+#: inverse within 5e-7 of the float64 one, and five times faster (1537-wide: 49 against 240 ms on 2 CPU threads).
+FLOAT32_INVERSE_MAX_CONDITION = 1e4
+
+
+def damped_cholesky_inverse(A: Tensor, damping: float, compute_dtype: torch.dtype | None = None) -> Tensor:
+    """``(A + damping·I)⁻¹`` by Cholesky for a positive semi-definite ``A``, symmetric by construction. Leading
+    dimensions are a batch (the blocks of a block-diagonal factor, several layers' factors), each matrix inverted
+    alike.
+
+    ``compute_dtype`` is the dtype of the factorisation; None (the default) takes float32 for a float32 (or
+    narrower) ``A`` whose damped matrices' condition numbers are provably at most
+    :data:`FLOAT32_INVERSE_MAX_CONDITION` (for a PSD ``A``, ``κ ≤ 1 + tr(A) / damping``; one host read of the
+    largest trace decides), float64 otherwise. The result has ``A``'s dtype.
 
     Raises ``torch.linalg.LinAlgError`` if the damped matrix is not positive definite (a caller
     holding a non-finite factor must not get here).
     """
     n = A.shape[-1]
+    if compute_dtype is None and A.dtype == torch.float64:
+        compute_dtype = torch.float64
+    if compute_dtype is None:
+        trace = float(A.diagonal(dim1=-2, dim2=-1).sum(-1).max()) if A.numel() else 0.0
+        bound = 1.0 + max(trace, 0.0) / damping
+        compute_dtype = torch.float32 if bound <= FLOAT32_INVERSE_MAX_CONDITION else torch.float64
     M = A.to(compute_dtype) + damping * torch.eye(n, dtype=compute_dtype, device=A.device)
     L = torch.linalg.cholesky(M)
     inv = torch.cholesky_inverse(L)

@@ -138,7 +138,7 @@ class KBFGS(QNOptimizerBase):
         self.assignment: LayerAssignment = assignment
         self.adapters: list[LayerAdapter] = assignment.adapters
         self.layers = [_new_layer(ad, cfg) for ad in self.adapters]
-        self.schedule = CurvatureSchedule(cfg.update_interval, cfg.warmup_curvature_steps)
+        self.schedule = CurvatureSchedule(cfg.update_interval, cfg.warmup_steps)
         self.kl_clip = KLClip(cfg.kl_clip)
         self.backoff = StepBackoff()
         self.growth_guard = GrowthGuard(cfg.max_update_growth, len(self.layers))
@@ -206,7 +206,7 @@ class KBFGS(QNOptimizerBase):
     def _use_config(self, cfg: KBFGSConfig) -> None:
         """Hand the configuration to the parts that read it (the guards and the schedule)."""
         self.config, self._config_values = cfg, dataclasses.asdict(cfg)
-        self.schedule.interval, self.schedule.warmup = cfg.update_interval, cfg.warmup_curvature_steps
+        self.schedule.interval, self.schedule.warmup = cfg.update_interval, cfg.warmup_steps
         self.kl_clip.kl_clip = cfg.kl_clip
         self.growth_guard.max_growth = cfg.max_update_growth
         self.loss_guard.max_increase = cfg.max_loss_increase
@@ -416,7 +416,7 @@ class KBFGS(QNOptimizerBase):
         Each batch's row count and finiteness are read with one host sync for all layers."""
         dev = now[0].h.device
         checks = torch.stack([
-            torch.stack([m.a_rows.double().reshape(()), finite_flag(m.A).double()]).to(dev)  # type: ignore
+            torch.stack([m.a_rows.double().reshape(()), finite_flag(m.A_sum).double()]).to(dev)  # type: ignore
             for m in now
         ]).tolist()
         cfg, out = self.config, list[Tensor | None]()
@@ -424,10 +424,10 @@ class KBFGS(QNOptimizerBase):
             if not on or rows <= 0:
                 out.append(None)
                 continue
-            assert m.A is not None and m.a is not None
+            assert m.A_sum is not None and m.a is not None
             la.ensure_state()
-            out.append(la.update_input_factor(m.A, m.a, finite > 0, cfg.factor_decay, cfg.input_warm_start,
-                                              self._sqrt_lam()))
+            out.append(la.update_input_factor(m.A_sum, rows, m.a, finite > 0, cfg.factor_decay,
+                                              cfg.input_warm_start, self._sqrt_lam()))
         return out
 
     def _update_kfac_outputs(self, now: list[LayerMeans], active: list[bool]) -> None:

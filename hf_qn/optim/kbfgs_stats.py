@@ -25,13 +25,14 @@ __all__ = ["LayerMeans", "reduce_statistics"]
 
 
 class LayerMeans(NamedTuple):
-    """One layer's means over a batch (``A``, ``a``, ``a_rows`` are None for a second pass; ``G`` is None where the
-    output-gradient Gram is not captured)."""
+    """One layer's means over a batch (``A_sum``, ``a``, ``a_rows`` are None for a second pass; ``G`` is None where
+    the output-gradient Gram is not captured). The input Gram stays a sum, ``A = A_sum / a_rows``: the division is
+    folded into the weight with which the running average takes it (one pass over a ``d_in x d_in`` matrix less)."""
 
     h: Tensor
     g: Tensor
     h_rows: Tensor
-    A: Tensor | None = None
+    A_sum: Tensor | None = None
     a: Tensor | None = None
     a_rows: Tensor | None = None
     G: Tensor | None = None
@@ -101,5 +102,5 @@ def reduce_statistics(
             continue
         A_sum, a_sum = tensors[3 + per * i : 5 + per * i]
         div = a_div[i].to(to)
-        out.append(LayerMeans(h, g, h_rows, A_sum / div, a_sum / div, a_rows[i].to(to), G_means.get(i)))
+        out.append(LayerMeans(h, g, h_rows, A_sum, a_sum / div, a_rows[i].to(to), G_means.get(i)))
     return out

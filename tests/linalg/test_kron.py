@@ -55,3 +55,30 @@ def test_cast_returns_the_tensor_itself_when_its_dtype_matches():
     X, H = torch.randn(5, 4), random_spd(4).float()
     assert kron_precondition(None, X, None) is X  # nothing to multiply, nothing to convert
     torch.testing.assert_close(kron_precondition(None, X, H, torch.float64), (X.double() @ H.double()).float())
+
+
+def test_damped_cholesky_inverse_takes_float32_only_where_the_condition_bound_allows():
+    """Left to choose, a float32 factor is inverted in float32 when ``1 + tr(A)/damping`` bounds its condition
+    number by FLOAT32_INVERSE_MAX_CONDITION, in float64 otherwise, and either way is close to the float64 inverse
+    of that float32 matrix; on the ill-conditioned one a float32 inverse would not be. A float64 factor stays
+    float64."""
+    from hf_qn.linalg.kron import FLOAT32_INVERSE_MAX_CONDITION
+
+    torch.manual_seed(0)
+    n = 60
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    well = Q @ torch.diag(torch.linspace(0.1, 2.0, n, dtype=torch.float64)) @ Q.T  # trace 63
+    ill = Q @ torch.diag(torch.logspace(0, -9, n, dtype=torch.float64)) @ Q.T  # kappa ~ 1e7 with damping 1e-7
+    for A, damping, inner in ((well, 0.5, torch.float32), (ill, 1e-7, torch.float64)):
+        A32 = A.float()
+        assert (1 + float(A32.diagonal().sum()) / damping <= FLOAT32_INVERSE_MAX_CONDITION) == (inner is torch.float32)
+        ref = torch.linalg.inv(A32.double() + damping * torch.eye(n, dtype=torch.float64))
+        out = damped_cholesky_inverse(A32, damping)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, damped_cholesky_inverse(A32, damping, inner))  # the choice the bound names
+        assert float((out.double() - ref).norm() / ref.norm()) < 1e-6
+    wrong = damped_cholesky_inverse(ill.float(), 1e-7, torch.float32).double()
+    ref = torch.linalg.inv(ill.float().double() + 1e-7 * torch.eye(n, dtype=torch.float64))
+    assert float((wrong - ref).norm() / ref.norm()) > 1e-3  # what float32 would have given there
+    torch.testing.assert_close(damped_cholesky_inverse(well, 0.5),
+                               torch.linalg.inv(well + 0.5 * torch.eye(n, dtype=torch.float64)), rtol=1e-10, atol=1e-12)

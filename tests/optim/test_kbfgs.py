@@ -969,3 +969,22 @@ def test_a_new_gradient_at_a_freed_gradients_address_counts_as_fresh():
     calls.clear()
     opt.step(closure)
     assert len(calls) == 1  # the second pass only, no first pass
+
+
+def test_a_factor_converted_for_the_products_follows_every_change_of_the_factor():
+    """KroneckerLayer.converted keeps a factor's bfloat16 copy between steps and converts again when the factor
+    is written in place or replaced; in the factor's own dtype it is the factor itself."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = hf_qn.KBFGS(model, matmul_dtype="bfloat16")
+    loop(model, opt, regression_batches(2), mse_loss, closure=False)
+    la = opt.layers[0]
+    H_a = la.state["input"]["H_a"]
+    first = la.converted("H_a", H_a, torch.bfloat16)
+    assert torch.equal(first, H_a.to(torch.bfloat16)) and la.converted("H_a", H_a, torch.bfloat16) is first
+    H_a.mul_(2.0)  # written in place
+    again = la.converted("H_a", H_a, torch.bfloat16)
+    assert again is not first and torch.equal(again, H_a.to(torch.bfloat16))
+    other = H_a * 3.0  # replaced
+    assert torch.equal(la.converted("H_a", other, torch.bfloat16), other.to(torch.bfloat16))
+    assert la.converted("H_a", other, torch.float32) is other
