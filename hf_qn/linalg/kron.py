@@ -57,12 +57,10 @@ def damped_cholesky_inverse(A: Tensor, damping: float, compute_dtype: torch.dtyp
     holding a non-finite factor must not get here).
     """
     n = A.shape[-1]
-    if compute_dtype is None and A.dtype == torch.float64:
-        compute_dtype = torch.float64
     if compute_dtype is None:
         trace = float(A.diagonal(dim1=-2, dim2=-1).sum(-1).max()) if A.numel() else 0.0
-        bound = 1.0 + max(trace, 0.0) / damping
-        compute_dtype = torch.float32 if bound <= FLOAT32_INVERSE_MAX_CONDITION else torch.float64
+        well_conditioned = 1.0 + max(trace, 0.0) / damping <= FLOAT32_INVERSE_MAX_CONDITION
+        compute_dtype = torch.float32 if well_conditioned and A.dtype != torch.float64 else torch.float64
     M = A.to(compute_dtype) + damping * torch.eye(n, dtype=compute_dtype, device=A.device)
     L = torch.linalg.cholesky(M)
     inv = torch.cholesky_inverse(L)

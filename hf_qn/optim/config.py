@@ -336,14 +336,14 @@ class KBFGSConfig(_Config):
                 f"Invalid damping: {self.damping} gives mu2 = sqrt(damping) = {math.sqrt(self.damping):.3g} >= 1, "
                 "which the interpolating LM damping cannot use; pass damping < 1 or lm_damping='additive'"
             )
-        if self.warmup_curvature_steps is None and self.output_side != "auto":  # "auto": once it is resolved
-            object.__setattr__(self, "warmup_curvature_steps", 5 if self.output_side == "none" else 20)
-        for name, lo in (("update_interval", 1), ("warmup_curvature_steps", 0), ("inverse_interval", 1),
-                         ("input_warm_start", 0)):
-            if name == "warmup_curvature_steps" and self.warmup_curvature_steps is None:
-                continue
+        for name, lo in (("update_interval", 1), ("inverse_interval", 1), ("input_warm_start", 0)):
             check_int(name, getattr(self, name), lo)
             object.__setattr__(self, name, int(getattr(self, name)))
+        if self.warmup_curvature_steps is None and self.output_side != "auto":  # "auto": once it is resolved
+            object.__setattr__(self, "warmup_curvature_steps", 5 if self.output_side == "none" else 20)
+        if self.warmup_curvature_steps is not None:
+            check_int("warmup_curvature_steps", self.warmup_curvature_steps, 0, "None or an integer")
+            object.__setattr__(self, "warmup_curvature_steps", int(self.warmup_curvature_steps))
         if self.max_input_rows is not None:
             check_int("max_input_rows", self.max_input_rows, 1, "None or an integer")
             object.__setattr__(self, "max_input_rows", int(self.max_input_rows))
