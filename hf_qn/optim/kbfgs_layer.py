@@ -235,8 +235,10 @@ def graft_to_adam(
     the weight: :func:`weight_by_gradient_signal_`, for the entries ``H_g`` and ``H_a`` mix into a coordinate
     without gradient). The layers that share a step count (and a device) are done together with
     multi-tensor kernels (both second moments in one update, one ratio of norms per layer in one vector); no host
-    sync: the ratios stay tensors. Returns the grafted directions and their norms (0-dim tensors, ``r ‖D‖`` for the
-    ratio ``r``: Adam's norm, or 0 for a zero direction; non-finite if the direction is)."""
+    sync: the ratios stay tensors. ``directions`` are fresh tensors (the products of this step), rescaled in place
+    when float32: no new ``d_out x d_in`` matrix per layer. Returns the grafted directions and their norms (0-dim
+    tensors, ``r ‖D‖`` for the ratio ``r``: Adam's norm, or 0 for a zero direction; non-finite if the direction
+    is)."""
     out, norms = list(directions), dict[int, Tensor]()
     grafts = [la.ensure_graft_state(direction_rms) for la in layers]
     if not grafts:
@@ -250,7 +252,7 @@ def graft_to_adam(
             D = [cast(directions[i], torch.float32) for i in idx]
             both = adam_denominators_(vs + [grafts[i]["direction_sq"] for i in idx], G + D, beta2, t, eps)
             denom = both[: len(idx)]
-            D = list(torch._foreach_div(D, both[len(idx) :]))
+            torch._foreach_div_(D, both[len(idx) :])
             weight_by_gradient_signal_(D, denom, eps)
         else:
             denom = adam_denominators_(vs, G, beta2, t, eps)
@@ -260,7 +262,7 @@ def graft_to_adam(
         d_norms = torch.stack(torch._foreach_norm(D))
         ratios = adam_norms / d_norms.clamp_min(tiny)
         for i, d, r, n in zip(idx, D, ratios.unbind(), (ratios * d_norms).unbind()):
-            out[i] = d.mul_(r) if direction_rms else d * r  # with direction_rms, D is this function's own copy
+            out[i] = d.mul_(r)
             norms[i] = n
     return out, [norms[i] for i in range(len(layers))]
 

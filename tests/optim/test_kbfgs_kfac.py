@@ -208,7 +208,8 @@ def test_auto_output_side_is_kfac_for_a_transformers_model_built_from_a_config(t
 
 def test_the_default_curvature_warm_up_follows_the_output_side(tmp_path):
     """``warmup_curvature_steps=None`` (the default): 20 curvature steps where an output factor is learned (BFGS,
-    L-BFGS, K-FAC), 5 without one (``output_side="none"``, the fine-tune default), resolved with ``output_side``;
+    L-BFGS, K-FAC), 1 without one (``output_side="none"``, the fine-tune default: curvature at the first step
+    and then every ``update_interval``-th), resolved with ``output_side``;
     an explicit value and the paper's preset keep theirs; a keyword that changes the output side derives it
     afresh; the schedule and the param groups take the resolved value."""
     from hf_qn.optim.config import KBFGSConfig
@@ -218,18 +219,23 @@ def test_the_default_curvature_warm_up_follows_the_output_side(tmp_path):
     with pytest.raises(ValueError, match="warmup_curvature_steps=None follows output_side"):
         _ = KBFGSConfig().warmup_steps
     assert {side: KBFGSConfig(output_side=side).warmup_steps for side in ("bfgs", "kfac", "none")} == {
-        "bfgs": 20, "kfac": 20, "none": 5}
+        "bfgs": 20, "kfac": 20, "none": 1}
     assert KBFGSConfig(output_side="none", warmup_curvature_steps=7).warmup_steps == 7
-    assert KBFGSConfig.from_kwargs(KBFGSConfig(output_side="bfgs"), output_side="none").warmup_steps == 5
+    assert KBFGSConfig.from_kwargs(KBFGSConfig(output_side="bfgs"), output_side="none").warmup_steps == 1
     assert KBFGSConfig.from_kwargs(preset="paper", output_side="none").warmup_steps == 20  # the preset's own
     torch.manual_seed(0)
     scratch = tiny_gpt2()
     scratch.save_pretrained(tmp_path)
     loaded = type(scratch).from_pretrained(tmp_path)
-    for model, side, warmup in ((scratch, "kfac", 20), (loaded, "none", 5), (mlp(), "bfgs", 20)):
+    for model, side, warmup in ((scratch, "kfac", 20), (loaded, "none", 1), (mlp(), "bfgs", 20)):
         opt = hf_qn.KBFGS(model)
         assert (opt.config.output_side, opt.schedule.warmup) == (side, warmup)
         assert {g["warmup_curvature_steps"] for g in opt.param_groups} == {warmup}
+        due = []
+        for _ in range(12):
+            due.append(opt.schedule.due())
+            opt.schedule.advance()
+        assert [t for t, d in enumerate(due) if d] == (list(range(12)) if warmup == 20 else [0, 5, 10])
     assert hf_qn.KBFGS(loaded, warmup_curvature_steps=20).schedule.warmup == 20
     with pytest.raises(ValueError, match="warmup_curvature_steps"):
         hf_qn.KBFGS(loaded, warmup_curvature_steps=-1)
