@@ -235,10 +235,9 @@ def graft_to_adam(
     the weight: :func:`weight_by_gradient_signal_`, for the entries ``H_g`` and ``H_a`` mix into a coordinate
     without gradient). The layers that share a step count (and a device) are done together with
     multi-tensor kernels (both second moments in one update, one ratio of norms per layer in one vector); no host
-    sync: the ratios stay tensors. ``directions`` are fresh tensors (the products of this step), rescaled in place
-    when float32: no new ``d_out x d_in`` matrix per layer. Returns the grafted directions and their norms (0-dim
-    tensors, ``r ‖D‖`` for the ratio ``r``: Adam's norm, or 0 for a zero direction; non-finite if the direction
-    is)."""
+    sync: the ratios stay tensors. ``directions`` are fresh tensors (this step's products) and are rescaled in
+    place: no new ``d_out x d_in`` matrix per layer. Returns the grafted directions and their norms (0-dim tensors,
+    ``r ‖D‖`` for the ratio ``r``: Adam's norm, or 0 for a zero direction; non-finite if the direction is)."""
     out, norms = list(directions), dict[int, Tensor]()
     grafts = [la.ensure_graft_state(direction_rms) for la in layers]
     if not grafts:
