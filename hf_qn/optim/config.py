@@ -160,8 +160,9 @@ class KBFGSConfig(_Config):
             after which a warm-up step only nudges ``A``'s running average and ``H_a`` by one BFGS pair. Measured
             on fine-tunes without an output factor: MiniLM sentiment, 5 seeds, 1 warm-up step against 5: the
             same seed-mean learning curve (0.775 at the end), AdamW's final accuracy in 0.96x its time against
-            1.02x; 5 against 20 there: 0.775 against 0.780, 1.08x against 1.21x; next-sentence pairs, one seed:
-            0.694 with 1 and with 5, their curves within 0.008; 5 against 20, 3 seeds: 0.673 against 0.665)
+            1.02x; 5 against 20 there: 0.775 against 0.780, 1.08x against 1.21x; next-sentence pairs, 3 seeds:
+            0.671 with 1, AdamW's final in 0.57x its time, against 0.673 and 0.55x with 5 and 0.665 and 0.65x
+            with 20 in an earlier run)
         input_inverse: how ``H_a`` follows ``A``: ``"bfgs"`` (the paper's Hessian-action BFGS update, no
             inversion after the first) or ``"cholesky"`` (re-inverted every ``inverse_interval``
             curvature steps). (default: ``"bfgs"``)
