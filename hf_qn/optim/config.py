@@ -63,6 +63,18 @@ def check_int(name: str, value: Any, lo: int, what: str = "") -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be {what or 'an integer'} >= {lo})")
 
 
+def set_integers(config: Any, specs: tuple[tuple[str, int, str], ...]) -> None:
+    """For each ``(name, lo, what)``: the field checked to be an integer ``>= lo`` (:func:`check_int`) and stored as
+    an ``int``. A non-empty ``what`` (e.g. ``"None or an integer"``) allows None, left as it is, and names it in the
+    error."""
+    for name, lo, what in specs:
+        value = getattr(config, name)
+        if value is None and what:
+            continue
+        check_int(name, value, lo, what)
+        object.__setattr__(config, name, int(value))
+
+
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, allowed))})")
@@ -339,23 +351,12 @@ class KBFGSConfig(_Config):
                 f"Invalid damping: {self.damping} gives mu2 = sqrt(damping) = {math.sqrt(self.damping):.3g} >= 1, "
                 "which the interpolating LM damping cannot use; pass damping < 1 or lm_damping='additive'"
             )
-        for name, lo in (("update_interval", 1), ("inverse_interval", 1), ("input_warm_start", 0)):
-            check_int(name, getattr(self, name), lo)
-            object.__setattr__(self, name, int(getattr(self, name)))
         if self.warmup_curvature_steps is None and self.output_side != "auto":  # "auto": once it is resolved
             object.__setattr__(self, "warmup_curvature_steps", 1 if self.output_side == "none" else 20)
-        if self.warmup_curvature_steps is not None:
-            check_int("warmup_curvature_steps", self.warmup_curvature_steps, 0, "None or an integer")
-            object.__setattr__(self, "warmup_curvature_steps", int(self.warmup_curvature_steps))
-        if self.max_input_rows is not None:
-            check_int("max_input_rows", self.max_input_rows, 1, "None or an integer")
-            object.__setattr__(self, "max_input_rows", int(self.max_input_rows))
-        if self.max_block_dim is not None:
-            check_int("max_block_dim", self.max_block_dim, 1, "None or an integer")
-            object.__setattr__(self, "max_block_dim", int(self.max_block_dim))
-        if self.history_size is not None:
-            check_int("history_size", self.history_size, 1, "None for dense BFGS, or an integer")
-            object.__setattr__(self, "history_size", int(self.history_size))
+        optional = "None or an integer"
+        set_integers(self, (("update_interval", 1, ""), ("inverse_interval", 1, ""), ("input_warm_start", 0, ""),
+                            ("warmup_curvature_steps", 0, optional), ("max_input_rows", 1, optional),
+                            ("max_block_dim", 1, optional), ("history_size", 1, "None for dense BFGS, or an integer")))
         check_choice("input_inverse", self.input_inverse, ("bfgs", "cholesky"))
         check_choice("output_side", self.output_side, ("auto", "bfgs", "kfac", "none"))
         if self.output_side in ("kfac", "none") and self.history_size is not None:
@@ -569,9 +570,7 @@ class MLBFGSConfig(_Config):
         check_range("lr", self.lr, 0.0, math.inf)
         check_range("weight_decay", self.weight_decay, 0.0, math.inf)
         check_range("curvature_eps", self.curvature_eps, 0.0, math.inf)
-        for name, lo in (("history_size", 1), ("update_interval", 1), ("min_block_size", 0)):
-            check_int(name, getattr(self, name), lo)
-            object.__setattr__(self, name, int(getattr(self, name)))
+        set_integers(self, (("history_size", 1, ""), ("update_interval", 1, ""), ("min_block_size", 0, "")))
         check_range("sigma_low", self.sigma_low, 0.0, 1.0)
         check_range("sigma_high", self.sigma_high, 1.0, math.inf, lo_open=True)
         for name in ("damp", "grad_avg_reset"):
