@@ -6,8 +6,11 @@ is stripped by gensim's own ``filter_wiki``); every 10th article is held out who
 ``--text_files`` the same benchmark runs on your own plain text instead: documents are its blank-line-separated
 blocks, every 10th held out whole. A byte-level BPE tokenizer is trained on the training documents only.
 Model: GPT-2 built from a config (tied embeddings, transformers' Conv1D layers, no dropout), ``--size small``
-(4 layers of width 128, about 1.3M parameters at a 4096 vocabulary) or ``large`` (6 layers of width 256, about
-5.8M).
+(4 layers of width 128, about 1.3M parameters at a 4096 vocabulary), ``large`` (6 layers of width 256, about
+5.8M) or, for a GPU, ``gpt2`` (GPT-2 small's 12 layers of width 768: 124M parameters at ``--vocab_size 50257``).
+On a CUDA device (``--device auto`` takes one where present) the step clock is read after
+``torch.cuda.synchronize()``, the forward passes run under bf16 autocast (``--autocast auto``), and each optimizer's
+peak memory is measured alone for ``--memory_steps`` steps before the final runs.
 
 How the comparison is kept fair:
 
@@ -29,12 +32,15 @@ Outputs in ``--output_dir``: ``results.json`` (every evaluation of every run), `
     python scripts/benchmark_lm.py --size large --output_dir model_cards/lm-gpt2-wikipedia-large
     python scripts/benchmark_lm.py --optimizers adamw kbfgs --lr adamw=1e-3 kbfgs=1e-3 --budget 30
     python scripts/benchmark_lm.py --text_files my_text.txt.gz --optimizers adamw muon_fp32 kbfgs --output_dir /tmp/t
+    python scripts/benchmark_lm.py --size gpt2 --vocab_size 50257 --block_size 512 --optimizers adamw muon kbfgs \
+        --output_dir /tmp/gpu      # GPT-2 small on a GPU
 """
 
 from __future__ import annotations
 
 import bz2
 import dataclasses
+import gc
 import gzip
 import json
 import logging
@@ -55,12 +61,14 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_autoencoder import kbfgs_step
-from recipe_utils import lr_beyond_best_end, resolved_output_side
+from recipe_utils import lr_beyond_best_end, optimizer_state_bytes, resolved_output_side
 
 logger = logging.getLogger("benchmark_lm")
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-SIZES = {"tiny": (32, 1, 2), "small": (128, 4, 4), "large": (256, 6, 8)}  # n_embd, n_layer, n_head
+#: n_embd, n_layer, n_head; gpt2 is GPT-2 small's shape
+SIZES = {"tiny": (32, 1, 2), "small": (128, 4, 4), "large": (256, 6, 8), "gpt2": (768, 12, 12)}
+AUTOCAST = {"auto": None, "none": None, "bfloat16": torch.bfloat16}  # auto: resolved by resolve_device
 
 #: the optimizers this benchmark knows: constructor keyword arguments of the hf_qn rows, and the peers.
 KBFGS_VARIANTS: dict[str, dict[str, Any]] = {
@@ -122,6 +130,14 @@ class LMBenchmarkArguments:
                 "own budget of training seconds (the sweep's candidates over --sweep_seconds)."})
     val_blocks: int = field(default=64, metadata={"help": "Validation blocks evaluated (from held-out articles)."})
     threads: int = field(default=2, metadata={"help": "torch.set_num_threads."})
+    device: str = field(default="auto", metadata={
+        "help": "Where the models train: auto (CUDA where present, else the CPU), cpu, cuda or cuda:N."})
+    autocast: str = field(default="auto", metadata={
+        "help": f"Forward passes under torch.autocast: one of {list(AUTOCAST)}; auto is bfloat16 on a CUDA device "
+                "that has it, none on a CPU (weights and optimizer states stay float32)."})
+    memory_steps: int = field(default=10, metadata={
+        "help": "On a CUDA device, steps of each optimizer alone, before the final runs, whose peak memory (model, "
+                "optimizer state, activations) the table reports; 0: not measured."})
     text_files: list[str] = field(default_factory=list, metadata={
         "help": "Train on these plain-text files (UTF-8; .gz, .bz2 or .xz compressed also read) instead of the "
                 "Wikipedia excerpt: documents are their blank-line-separated blocks, every 10th held out whole "
@@ -224,7 +240,7 @@ def batch_stream(blocks: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]
     """Batches of rows in a fresh seeded permutation every epoch (the same for every optimizer of a seed)."""
     gen = torch.Generator().manual_seed(seed + 1)
     while True:
-        perm = torch.randperm(len(blocks), generator=gen)
+        perm = torch.randperm(len(blocks), generator=gen).to(blocks.device)
         for b in range(len(blocks) // batch_size):
             yield blocks[perm[b * batch_size : (b + 1) * batch_size]]
 
@@ -240,9 +256,30 @@ def gpt2(size: str, vocab_size: int, block_size: int, seed: int) -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
-def lm_loss(model: nn.Module, x: Tensor) -> Tensor:
-    """Mean next-token cross-entropy in nats per token."""
-    return model(input_ids=x, labels=x).loss
+def lm_loss(model: nn.Module, x: Tensor, autocast_dtype: torch.dtype | None = None) -> Tensor:
+    """Mean next-token cross-entropy in nats per token; the forward pass under autocast to ``autocast_dtype``
+    (None: none)."""
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        return model(input_ids=x, labels=x).loss
+
+
+def resolve_device(args: LMBenchmarkArguments) -> tuple[torch.device, torch.dtype | None]:
+    """``--device`` and ``--autocast`` as a device and an autocast dtype (None: full precision)."""
+    if args.autocast not in AUTOCAST:
+        raise ValueError(f"Invalid --autocast {args.autocast!r}: one of {list(AUTOCAST)}")
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                              else args.device)
+    except RuntimeError as err:
+        raise ValueError(f"Invalid --device {args.device!r}: auto, cpu, cuda or cuda:N ({err})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"Invalid --device {args.device!r}: auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu (or auto)")
+    if args.autocast == "auto":
+        fast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return device, torch.bfloat16 if fast else None
+    return device, AUTOCAST[args.autocast]
 
 
 # ------------------------------------------------------------------------------------------------ optimizers
@@ -289,6 +326,9 @@ class Optimizers:
     def step(self) -> None:
         for o in self.opts:
             o.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": [o.state_dict()["state"] for o in self.opts]}
 
 
 def split_variant(name: str) -> tuple[str, dict[str, Any]]:
@@ -338,12 +378,13 @@ def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> 
     raise ValueError(f"Unknown optimizer {name!r} (choose from {ALL_OPTIMIZERS})")
 
 
-def make_step(name: str, model: nn.Module, opt: Any) -> Callable[[Tensor], float]:
+def make_step(name: str, model: nn.Module, opt: Any,
+              autocast_dtype: torch.dtype | None = None) -> Callable[[Tensor], float]:
     """One training step of ``name`` on a batch; returns the batch loss before the step."""
     import hf_qn
 
     def objective(x: Tensor) -> Tensor:
-        return lm_loss(model, x)
+        return lm_loss(model, x, autocast_dtype)
 
     if isinstance(opt, hf_qn.KBFGS):
         return lambda x: kbfgs_step(opt, objective, x)
@@ -364,9 +405,9 @@ def make_step(name: str, model: nn.Module, opt: Any) -> Callable[[Tensor], float
 
 # ------------------------------------------------------------------------------------------------ runs
 @torch.no_grad()
-def evaluate(model: nn.Module, blocks: Tensor, batch_size: int) -> float:
+def evaluate(model: nn.Module, blocks: Tensor, batch_size: int, autocast_dtype: torch.dtype | None = None) -> float:
     model.eval()
-    total = sum(float(lm_loss(model, blocks[i : i + batch_size])) * len(blocks[i : i + batch_size])
+    total = sum(float(lm_loss(model, blocks[i : i + batch_size], autocast_dtype)) * len(blocks[i : i + batch_size])
                 for i in range(0, len(blocks), batch_size))
     model.train()
     return total / len(blocks)
@@ -378,13 +419,14 @@ class Run:
     def __init__(self, name: str, lr: float, seed: int, budget: float, data: dict[str, Any],
                  args: LMBenchmarkArguments, adamw_lr: float) -> None:
         self.name, self.lr, self.seed, self.budget = name, lr, seed, budget
-        self.model = gpt2(args.size, data["vocab_size"], args.block_size, seed)
+        self.device, self._autocast = data["device"], data["autocast"]
+        self.model = gpt2(args.size, data["vocab_size"], args.block_size, seed).to(self.device)
         self.opt = build_optimizer(name, self.model, lr, adamw_lr)
         warmup = max(1, args.warmup_steps)
         self._groups = [(g, g["lr"]) for g in self.opt.param_groups]
         self._warmup = warmup
         self._schedule = LR_SCHEDULES[args.lr_schedule]
-        self._step_fn = make_step(name, self.model, self.opt)
+        self._step_fn = make_step(name, self.model, self.opt, self._autocast)
         self._batches = batch_stream(data["train"], args.batch_size, seed)
         self._val, self._eval_every, self._eval_batch = data["val"], args.eval_every, args.batch_size
         self.clock, self.steps, self.error = 0.0, 0, None
@@ -398,26 +440,37 @@ class Run:
 
     def _evaluate(self) -> None:
         self.evals.append({"seconds": self.clock, "step": self.steps,
-                           "val_loss": evaluate(self.model, self._val, self._eval_batch)})
+                           "val_loss": evaluate(self.model, self._val, self._eval_batch, self._autocast)})
 
     def _set_lr(self) -> None:
         factor = min(1.0, (self.steps + 1) / self._warmup) * self._schedule(self.clock / self.budget)
         for g, base in self._groups:
             g["lr"] = base * factor
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":  # kernels run asynchronously: the clock waits for them
+            torch.cuda.synchronize(self.device)
+
+    def train_step(self) -> float:
+        """One step on the next batch, charged to this run's clock; returns the batch loss before the step."""
+        self._set_lr()
+        x = next(self._batches)
+        self._sync()
+        t0 = time.perf_counter()
+        loss = self._step_fn(x)
+        self._sync()
+        dt = time.perf_counter() - t0
+        self.clock += dt
+        self.steps += 1
+        self.step_seconds.append(dt)
+        return loss
+
     def advance(self, until: float) -> None:
         """Train until this run's clock reaches ``until`` (or its budget), evaluating every ``eval_every``."""
         until = min(until, self.budget)
         try:
             while self.clock < until:
-                self._set_lr()
-                x = next(self._batches)
-                t0 = time.perf_counter()
-                loss = self._step_fn(x)
-                dt = time.perf_counter() - t0
-                self.clock += dt
-                self.steps += 1
-                self.step_seconds.append(dt)
+                loss = self.train_step()
                 if not math.isfinite(loss):
                     self.error = "diverged (non-finite loss)"
                     break
@@ -434,8 +487,33 @@ class Run:
                 "seconds": self.clock, "median_step_seconds": timed[len(timed) // 2],
                 "mean_step_seconds": self.clock / max(1, self.steps), "error": self.error,
                 "final_val_loss": self.evals[-1]["val_loss"] if self.error is None else float("inf"),
-                "output_side": resolved_output_side(self.opt),
+                "output_side": resolved_output_side(self.opt), "state_bytes": optimizer_state_bytes(self.opt),
+                "params": sum(p.numel() for p in self.model.parameters()),
                 "optimizer_statistics": stats() if callable(stats) else {}}
+
+
+def peak_memory_gib(name: str, lr: float, data: dict[str, Any], args: LMBenchmarkArguments,
+                    adamw_lr: float) -> float:
+    """GiB of CUDA memory at the peak of ``--memory_steps`` steps of ``name`` alone: its model, optimizer state and
+    activations (the data, resident before, not counted); NaN where the optimizer fails."""
+    device = data["device"]
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    run: Run | None = None
+    try:
+        run = Run(name, lr, args.seeds[0], math.inf, data, args, adamw_lr)
+        for _ in range(args.memory_steps):
+            run.train_step()
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    except Exception:  # a peer failing is reported by its final runs
+        logger.exception("%s: peak memory not measured", name)
+        peak = float("nan")
+    run = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
 
 
 def interleave(runs: list[Run], slice_seconds: float, label: str) -> None:
@@ -543,7 +621,9 @@ def summarize(records: list[dict[str, Any]], budget: float) -> list[dict[str, An
                                "final": [r["final_val_loss"] for r in recs], "half": [loss_at(r, budget / 2)
                                                                                     for r in recs],
                                "steps": [r["steps"] for r in recs], "errors": [r["error"] for r in recs if r["error"]],
-                               "output_side": recs[0].get("output_side")}
+                               "output_side": recs[0].get("output_side"),
+                               "state_bytes_per_param": recs[0]["state_bytes"] / recs[0]["params"],
+                               "peak_memory_gib": recs[0].get("peak_memory_gib")}
         pairs = [(r, adam[r["seed"]]) for r in recs if r["seed"] in adam]
         row["median_ratio"] = [r["median_step_seconds"] / a["median_step_seconds"] for r, a in pairs]
         row["mean_ratio"] = [r["mean_step_seconds"] / a["mean_step_seconds"] for r, a in pairs]
@@ -553,8 +633,10 @@ def summarize(records: list[dict[str, Any]], budget: float) -> list[dict[str, An
 
 
 def markdown_table(rows: list[dict[str, Any]], budget: float) -> str:
+    peak = any(row["peak_memory_gib"] is not None for row in rows)
     head = ["optimizer", "lr", f"val loss @ {budget / 2:g} s", f"val loss @ {budget:g} s", "steps",
-            "step x AdamW (median / mean)", "time to AdamW's final (x AdamW's)", "notes"]
+            "step x AdamW (median / mean)", "time to AdamW's final (x AdamW's)", "state bytes / param",
+            *(["peak GiB"] if peak else []), "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         ratio = f"{_spread(row['median_ratio'], '{:.2f}')} / {_spread(row['mean_ratio'], '{:.2f}')}"
@@ -563,12 +645,16 @@ def markdown_table(rows: list[dict[str, Any]], budget: float) -> str:
             notes.insert(0, f"output factor: {row['output_side']}")
         cells = [row["optimizer"], f"{row['lr']:g}", _spread(row["half"], "{:.3f}"), _spread(row["final"], "{:.3f}"),
                  _spread([float(s) for s in row["steps"]], "{:.0f}"), ratio, _spread(row["reach"], "{:.2f}"),
+                 f"{row['state_bytes_per_param']:.1f}",
+                 *([f"{row['peak_memory_gib']:.2f}" if row["peak_memory_gib"] is not None else ""] if peak else []),
                  "; ".join(notes)]
         lines.append("| " + " | ".join(cells) + " |")
     n = len(rows[0]["seeds"]) if rows else 0
     lines.append("")
     lines.append(f"Validation loss in nats per token; {n} seed(s): mean (min-max). Ratios are paired with AdamW's "
-                 "run of the same seed; the time to AdamW's final loss is interpolated between evaluations.")
+                 "run of the same seed; the time to AdamW's final loss is interpolated between evaluations. State "
+                 "bytes: the tensors of the optimizer's state_dict at the end, per model parameter"
+                 + ("; peak GiB: the optimizer's run alone (model, state, activations)." if peak else "."))
     return "\n".join(lines)
 
 
@@ -622,7 +708,8 @@ def write_card(rows: list[dict[str, Any]], args: LMBenchmarkArguments, table: st
                          "block_size": args.block_size, "batch_size": args.batch_size, "budget_s": args.budget,
                          "sweep_s": args.sweep_seconds, "warmup_steps": args.warmup_steps,
                          "lr_schedule": args.lr_schedule, "seeds": args.seeds,
-                         "threads": args.threads, "lrs_used": {r["optimizer"]: r["lr"] for r in rows},
+                         "threads": args.threads, "device": args.device, "autocast": args.autocast,
+                         "lrs_used": {r["optimizer"]: r["lr"] for r in rows},
                          "sweeps": {n: s["grid"] for n, s in sweeps.items()}},
         table=table,
         plot="loss_curves.png",
@@ -690,19 +777,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"Invalid --lr_schedule {args.lr_schedule!r}: one of {list(LR_SCHEDULES)}")
     for name in args.optimizers:
         split_variant(name)  # refuses an unknown name before any work
+    device, autocast_dtype = resolve_device(args)
     names = ["adamw"] + [n for n in args.optimizers if n != "adamw"]  # AdamW is the reference of every ratio
     fixed = parse_fixed_lrs(args.lr, names)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     os.makedirs(args.output_dir, exist_ok=True)
     data = prepare_data(args)
+    data.update(device=device, autocast=autocast_dtype, train=data["train"].to(device), val=data["val"].to(device))
     sweeps = sweep(names, data, args, fixed) if args.sweep_seconds > 0 else {}
     lrs = {n: fixed.get(n, sweeps.get(n, {}).get("lr", sweep_grid(n)[1])) for n in names}
+    peaks = ({n: peak_memory_gib(n, lrs[n], data, args, lrs["adamw"]) for n in names}
+             if device.type == "cuda" and args.memory_steps > 0 else {})
     runs = [Run(n, lrs[n], seed, args.budget, data, args, lrs["adamw"]) for seed in args.seeds for n in names]
     n_params = sum(p.numel() for p in runs[0].model.parameters())
-    logger.info("GPT-2 %s: %.2fM parameters; final runs %s", args.size, n_params / 1e6, lrs)
+    logger.info("GPT-2 %s: %.2fM parameters on %s (autocast %s); final runs %s", args.size, n_params / 1e6, device,
+                autocast_dtype, lrs)
     interleave(runs, args.slice_seconds, "final runs")
-    records = [r.record() for r in runs]
+    records = [{**r.record(), **({"peak_memory_gib": peaks[r.name]} if peaks else {})} for r in runs]
     rows = summarize(records, args.budget)
     table = markdown_table(rows, args.budget)
     from hf_qn.integrations.model_card import hardware_description

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -133,6 +134,46 @@ def test_tiny_end_to_end_run_writes_table_plot_and_card(bench, tmp_path):
     # the row records K-BFGS's output factor as "auto" resolved it: a GPT-2 built from a config takes K-FAC's
     assert [r["output_side"] for r in saved["records"][:3]] == [None, "kfac", None]
     assert "output factor: kfac |" in table.split("| kbfgs |")[1].splitlines()[0]
+
+
+def test_device_and_autocast_are_resolved_or_refused_naming_the_option(bench):
+    def resolve(**kw):
+        return bench.resolve_device(bench.LMBenchmarkArguments(**kw))
+
+    cuda = torch.cuda.is_available()
+    auto_device, auto_dtype = resolve()
+    assert auto_device.type == ("cuda" if cuda else "cpu")
+    assert auto_dtype is (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None)
+    assert resolve(device="cpu") == (torch.device("cpu"), None)  # no autocast on a CPU unless asked
+    assert resolve(device="cpu", autocast="bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match="Invalid --autocast 'fp8'"):
+        resolve(autocast="fp8")
+    with pytest.raises(ValueError, match="Invalid --device 'tpu'"):
+        resolve(device="tpu")
+    with pytest.raises(ValueError, match="Invalid --device 'meta'"):
+        resolve(device="meta")
+    if not cuda:
+        with pytest.raises(ValueError, match="--device cuda: no CUDA device is available here; use --device cpu"):
+            resolve(device="cuda")
+
+
+def test_a_run_under_bf16_autocast_records_state_bytes_per_parameter(bench, tmp_path):
+    """Under bf16 autocast every optimizer trains (finite losses, float32 weights kept) and the table gives each
+    optimizer's state size: AdamW's two float32 moments are 8 bytes a parameter (plus one step counter per tensor),
+    K-BFGS's factors and momentum more; no peak-memory column off a GPU."""
+    result = bench.main(["--size", "tiny", "--max_articles", "12", "--optimizers", "adamw", "kbfgs", "--budget", "1",
+                         "--sweep_seconds", "0", "--eval_every", "0.5", "--slice_seconds", "0.5", "--device", "cpu",
+                         "--autocast", "bfloat16", "--output_dir", str(tmp_path)])
+    assert result["meta"]["args"]["autocast"] == "bfloat16"
+    for r in result["records"]:
+        assert r["error"] is None and r["steps"] > 0 and all(math.isfinite(e["val_loss"]) for e in r["evals"])
+    per_param = {row["optimizer"]: row["state_bytes_per_param"] for row in result["rows"]}
+    n_tensors = len(list(bench.gpt2("tiny", 4096, 128, 0).parameters()))
+    n_params = result["records"][0]["params"]
+    assert per_param["adamw"] == pytest.approx(8.0 + 4.0 * n_tensors / n_params)  # float32 exp_avg, exp_avg_sq, step
+    assert per_param["kbfgs"] > per_param["adamw"]
+    table = (tmp_path / "results.md").read_text()
+    assert "state bytes / param" in table and "peak GiB" not in table
 
 
 def test_text_files_are_read_as_blank_line_separated_documents(bench, tmp_path):

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# hf_qn's GPU checks in one command, sized for a short GPU loan (about 7 minutes on an H100 or H200):
+#   1. tests/test_cuda.py: the optimizers on CUDA against the CPU, exact resume, the real GradScaler, the LM
+#      benchmark's GPU path;
+#   2. GPT-2 small (12 x 768, 124M parameters at the 50257 vocabulary) on the Wikipedia excerpt: AdamW, Muon and
+#      K-BFGS's defaults, lr swept, taking turns in one process (scripts/benchmark_lm.py): validation loss against
+#      seconds and steps, step ratios, optimizer state bytes and each optimizer's peak GPU memory.
+#
+#     OUT_DIR=model_cards/lm-gpt2-wikipedia-gpu bash scripts/gpu_checks.sh
+#
+# Run from the repository root (hf_qn is imported from it). The text comes from gensim's test data; where gensim is
+# not installed (a bare GPU image), write the same articles to a file on a machine that has it and pass the file:
+#
+#     python -c "import sys; sys.path.insert(0, 'scripts'); import benchmark_lm as b; \
+#                open('wiki.txt', 'w').write('\n\n'.join(b.load_wikipedia()))"
+#     WIKI_TEXT=wiki.txt bash scripts/gpu_checks.sh
+#
+# (articles have no blank lines inside, so --text_files reads back the same documents and the same split).
+# SIZE, VOCAB, BLOCK, BUDGET and SWEEP override the benchmark's size, vocabulary, block length, seconds of each
+# final run and of each sweep candidate (SIZE=tiny VOCAB=512 BLOCK=64 BUDGET=2 SWEEP=0 is a CPU dry run).
+set -euo pipefail
+OUT_DIR=${OUT_DIR:-model_cards/lm-gpt2-wikipedia-gpu}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+TEXT=()
+if [ -n "${WIKI_TEXT:-}" ]; then TEXT=(--text_files "$WIKI_TEXT"); fi
+
+python -m pytest -q -m cuda tests/test_cuda.py
+python scripts/benchmark_lm.py "${TEXT[@]}" --size "${SIZE:-gpt2}" --vocab_size "${VOCAB:-50257}" \
+    --block_size "${BLOCK:-512}" --batch_size 16 --optimizers adamw muon kbfgs --budget "${BUDGET:-60}" \
+    --sweep_seconds "${SWEEP:-15}" --eval_every 5 --output_dir "$OUT_DIR"
