@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# hf_qn's GPU checks in one command, sized for a short GPU loan (about 7 minutes on an H100 or H200):
+# hf_qn's GPU checks in one command, sized for a short GPU loan (about 7 minutes on an H100 or H200 by estimate; not yet run there):
 #   1. tests/test_cuda.py: the optimizers on CUDA against the CPU, exact resume, the real GradScaler, the LM
 #      benchmark's GPU path;
 #   2. GPT-2 small (12 x 768, 124M parameters at the 50257 vocabulary) on the Wikipedia excerpt: AdamW, Muon and
