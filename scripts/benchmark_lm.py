@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_autoencoder import kbfgs_step
-from recipe_utils import lr_beyond_best_end, optimizer_state_bytes, resolved_output_side
+from recipe_utils import lr_beyond_best_end, optimizer_state_bytes, resolved_output_side, sync_cuda
 
 logger = logging.getLogger("benchmark_lm")
 
@@ -447,18 +447,14 @@ class Run:
         for g, base in self._groups:
             g["lr"] = base * factor
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":  # kernels run asynchronously: the clock waits for them
-            torch.cuda.synchronize(self.device)
-
     def train_step(self) -> float:
         """One step on the next batch, charged to this run's clock; returns the batch loss before the step."""
         self._set_lr()
         x = next(self._batches)
-        self._sync()
+        sync_cuda()  # on a GPU the clock waits for the step's kernels
         t0 = time.perf_counter()
         loss = self._step_fn(x)
-        self._sync()
+        sync_cuda()
         dt = time.perf_counter() - t0
         self.clock += dt
         self.steps += 1
