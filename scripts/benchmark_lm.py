@@ -483,8 +483,7 @@ class Run:
                 "seconds": self.clock, "median_step_seconds": timed[len(timed) // 2],
                 "mean_step_seconds": self.clock / max(1, self.steps), "error": self.error,
                 "final_val_loss": self.evals[-1]["val_loss"] if self.error is None else float("inf"),
-                "output_side": resolved_output_side(self.opt), "state_bytes": optimizer_state_bytes(self.opt),
-                "params": sum(p.numel() for p in self.model.parameters()),
+                "output_side": resolved_output_side(self.opt),
                 "optimizer_statistics": stats() if callable(stats) else {}}
 
 
@@ -790,7 +789,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logger.info("GPT-2 %s: %.2fM parameters on %s (autocast %s); final runs %s", args.size, n_params / 1e6, device,
                 autocast_dtype, lrs)
     interleave(runs, args.slice_seconds, "final runs")
-    records = [{**r.record(), **({"peak_memory_gib": peaks[r.name]} if peaks else {})} for r in runs]
+    # the state's size from the final runs only (a state_dict per sweep candidate would be wasted)
+    records = [{**r.record(), "state_bytes": optimizer_state_bytes(r.opt), "params": n_params,
+                **({"peak_memory_gib": peaks[r.name]} if peaks else {})} for r in runs]
     rows = summarize(records, args.budget)
     table = markdown_table(rows, args.budget)
     from hf_qn.integrations.model_card import hardware_description
