@@ -378,6 +378,37 @@ def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> 
     raise ValueError(f"Unknown optimizer {name!r} (choose from {ALL_OPTIMIZERS})")
 
 
+def check_optimizers(names: list[str]) -> None:
+    """Build every optimizer of ``names`` over a tiny GPT-2, so that a bad variant (``kbfgs:damping=1.0``, a missing
+    peer library) is refused before the text is tokenized and anything trains, with the optimizer's own message."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_embd, n_layer, n_head = SIZES["tiny"]
+    quiet = logging.getLogger("hf_qn")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the real runs log their resolved settings
+    try:
+        for name in names:
+            model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=8, n_embd=n_embd, n_layer=n_layer,
+                                               n_head=n_head))
+            try:
+                build_optimizer(name, model, 1e-3, 1e-3)
+            except Exception as err:
+                raise ValueError(f"Invalid optimizer {name!r} in --optimizers: {type(err).__name__}: {err}") from err
+    finally:
+        quiet.setLevel(level)
+
+
+def state_bytes(opt: Any, name: str) -> float:
+    """:func:`optimizer_state_bytes` of a final run's optimizer; NaN (logged) where its ``state_dict`` fails: a peer's
+    failure is a result to report, not a crash of the report."""
+    try:
+        return float(optimizer_state_bytes(opt))
+    except Exception:
+        logger.exception("%s: optimizer state not measured", name)
+        return float("nan")
+
+
 def make_step(name: str, model: nn.Module, opt: Any,
               autocast_dtype: torch.dtype | None = None) -> Callable[[Tensor], float]:
     """One training step of ``name`` on a batch; returns the batch loss before the step."""
@@ -772,6 +803,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"Invalid --lr_schedule {args.lr_schedule!r}: one of {list(LR_SCHEDULES)}")
     for name in args.optimizers:
         split_variant(name)  # refuses an unknown name before any work
+    check_optimizers(args.optimizers)  # and a bad variant or a missing peer library
     device, autocast_dtype = resolve_device(args)
     names = ["adamw"] + [n for n in args.optimizers if n != "adamw"]  # AdamW is the reference of every ratio
     fixed = parse_fixed_lrs(args.lr, names)
@@ -790,7 +822,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 autocast_dtype, lrs)
     interleave(runs, args.slice_seconds, "final runs")
     # the state's size from the final runs only (a state_dict per sweep candidate would be wasted)
-    records = [{**r.record(), "state_bytes": optimizer_state_bytes(r.opt), "params": n_params,
+    records = [{**r.record(), "state_bytes": state_bytes(r.opt, r.name), "params": n_params,
                 **({"peak_memory_gib": peaks[r.name]} if peaks else {})} for r in runs]
     rows = summarize(records, args.budget)
     table = markdown_table(rows, args.budget)

@@ -61,6 +61,30 @@ def test_variants_and_bad_names(bench):
     assert bench.parse_fixed_lrs(["kbfgs:damping=0.1=3e-3"]) == {"kbfgs:damping=0.1": 3e-3}
 
 
+def test_a_bad_variant_is_refused_before_the_text_is_read(bench, monkeypatch, tmp_path):
+    """A variant whose value the optimizer refuses stops the command before any tokenizing or training, with the
+    optimizer's own message and the name as given; good names build and pass."""
+    def no_data(args):
+        raise AssertionError("the data was prepared before the optimizers were checked")
+
+    monkeypatch.setattr(bench, "prepare_data", no_data)
+    with pytest.raises(ValueError, match=r"Invalid optimizer 'kbfgs:damping=1.0' in --optimizers: .*damping"):
+        bench.main(["--optimizers", "adamw", "kbfgs:damping=1.0", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"Invalid optimizer 'mlbfgs:history_size=0' in --optimizers"):
+        bench.check_optimizers(["mlbfgs:history_size=0"])
+    bench.check_optimizers(["adamw", "muon", "kbfgs:damping=0.1,tied_heads=False", "mlbfgs"])
+
+
+def test_a_failing_state_dict_is_reported_as_nan_not_a_crash(bench):
+    class Broken:
+        def state_dict(self):
+            raise RuntimeError("no state here")
+
+    assert math.isnan(bench.state_bytes(Broken(), "broken"))
+    adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    assert bench.state_bytes(adamw, "adamw") == 0.0  # no step yet: an empty state
+
+
 def test_a_variant_takes_its_bases_fixed_lr_unless_given_its_own(bench):
     names = ["adamw", "kbfgs", "kbfgs:grad_decay=0.95", "kbfgs:damping=0.1", "muon"]
     fixed = bench.parse_fixed_lrs(["kbfgs=2e-3", "kbfgs:damping=0.1=5e-3", "adamw=3e-4"], names)
