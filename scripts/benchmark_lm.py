@@ -379,20 +379,17 @@ def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> 
 
 
 def check_optimizers(names: list[str]) -> None:
-    """Build every optimizer of ``names`` over a tiny GPT-2, so that a bad variant (``kbfgs:damping=1.0``, a missing
-    peer library) is refused before the text is tokenized and anything trains, with the optimizer's own message."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    n_embd, n_layer, n_head = SIZES["tiny"]
+    """Build every optimizer of ``names`` over a tiny GPT-2, so that an unknown name, a bad variant
+    (``kbfgs:damping=1.0``) or a missing peer library is refused before the text is tokenized and anything trains,
+    with the optimizer's own message."""
     quiet = logging.getLogger("hf_qn")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # the real runs log their resolved settings
     try:
         for name in names:
-            model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=8, n_embd=n_embd, n_layer=n_layer,
-                                               n_head=n_head))
+            split_variant(name)  # an unknown name: refused with the list of known ones
             try:
-                build_optimizer(name, model, 1e-3, 1e-3)
+                build_optimizer(name, gpt2("tiny", 64, 8, 0), 1e-3, 1e-3)
             except Exception as err:
                 raise ValueError(f"Invalid optimizer {name!r} in --optimizers: {type(err).__name__}: {err}") from err
     finally:
@@ -801,9 +798,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"Invalid --size {args.size!r}: one of {list(SIZES)}")
     if args.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"Invalid --lr_schedule {args.lr_schedule!r}: one of {list(LR_SCHEDULES)}")
-    for name in args.optimizers:
-        split_variant(name)  # refuses an unknown name before any work
-    check_optimizers(args.optimizers)  # and a bad variant or a missing peer library
+    check_optimizers(args.optimizers)  # an unknown name, a bad variant or a missing peer library: before any work
     device, autocast_dtype = resolve_device(args)
     names = ["adamw"] + [n for n in args.optimizers if n != "adamw"]  # AdamW is the reference of every ratio
     fixed = parse_fixed_lrs(args.lr, names)
