@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..linalg import LBFGSHistory, damped_cholesky_inverse
+from ..linalg import LBFGSHistory, damped_cholesky_inverse, finite_flag
 from ..linalg.batched import bfgs_rank2_rows
 from ..linalg.blocks import BlockSplit, block_left, matvec_rows
 from ._base import group_indices
@@ -216,7 +216,7 @@ def refresh_kfac_factors(sides: list[KFACOutput], G_batches: list[Tensor], decay
     batched Cholesky call (per device). Returns, per side, whether its batch was taken."""
     if not sides:
         return []
-    finite = torch.stack([torch.isfinite(G).all() for G in G_batches]).tolist()
+    finite = torch.stack([finite_flag(G) for G in G_batches]).tolist()  # a sum each: no d x d mask
     for side, G, ok in zip(sides, G_batches, finite):
         if ok:
             side.accumulate(G, decay)

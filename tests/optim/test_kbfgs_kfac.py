@@ -119,8 +119,11 @@ def test_a_non_finite_moment_is_skipped():
     G, H = la.state["output"]["G"].clone(), la.state["output"]["H_g"].clone()
     from hf_qn.optim.output_side import refresh_kfac_factors
 
-    taken = refresh_kfac_factors([la.output], [torch.full_like(G, float("nan"))], 0.9, math.sqrt(0.3))  # type: ignore[list-item]
-    assert taken == [False]
+    one_inf = G.clone()
+    one_inf[0, -1] = float("inf")
+    for bad in (torch.full_like(G, float("nan")), one_inf):
+        taken = refresh_kfac_factors([la.output], [bad], 0.9, math.sqrt(0.3))  # type: ignore[list-item]
+        assert taken == [False]
     assert torch.equal(la.state["output"]["G"], G) and int(la.state["output"]["batches"]) == 2
     assert torch.isfinite(la.state["output"]["H_g"]).all()
     torch.testing.assert_close(la.state["output"]["H_g"], H, rtol=1e-5, atol=1e-6)  # re-inverted from the same G
