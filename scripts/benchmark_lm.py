@@ -100,6 +100,7 @@ SWEEPS: dict[str, list[float]] = {
 LR_SCHEDULES: dict[str, Callable[[float], float]] = {
     "constant": lambda frac: 1.0,
     "cosine": lambda frac: 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac))),
+    "linear": lambda frac: max(0.0, 1.0 - frac),  # the Trainer's default lr_scheduler_type
 }
 
 
@@ -126,8 +127,9 @@ class LMBenchmarkArguments:
     batch_size: int = field(default=16)
     warmup_steps: int = field(default=20, metadata={"help": "Linear lr warm-up of every optimizer."})
     lr_schedule: str = field(default="constant", metadata={
-        "help": f"After the warm-up: one of {list(LR_SCHEDULES)}; cosine decays every run's lr to zero over its "
-                "own budget of training seconds (the sweep's candidates over --sweep_seconds)."})
+        "help": f"After the warm-up: one of {list(LR_SCHEDULES)}; cosine and linear (the Trainer's default) "
+                "decay every run's lr to zero over its own budget of training seconds (the sweep's candidates over "
+                "--sweep_seconds)."})
     val_blocks: int = field(default=64, metadata={"help": "Validation blocks evaluated (from held-out articles)."})
     threads: int = field(default=2, metadata={"help": "torch.set_num_threads."})
     device: str = field(default="auto", metadata={

@@ -99,9 +99,10 @@ def test_a_variant_takes_its_bases_fixed_lr_unless_given_its_own(bench):
         bench.parse_fixed_lrs(["soap=1e-2"], names)
 
 
-def test_cosine_schedule_decays_each_runs_lr_to_zero_over_its_own_budget(bench):
-    cosine = bench.LR_SCHEDULES["cosine"]
+def test_decaying_schedules_take_each_runs_lr_to_zero_over_its_own_budget(bench):
+    cosine, linear = bench.LR_SCHEDULES["cosine"], bench.LR_SCHEDULES["linear"]
     assert [cosine(f) for f in (0.0, 0.5, 1.0, 1.5)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert [linear(f) for f in (0.0, 0.25, 1.0, 1.5)] == pytest.approx([1.0, 0.75, 0.0, 0.0])
     run = object.__new__(bench.Run)  # only the lr setting, on a run's own clock
     group = {"lr": 0.0}
     run._groups, run._warmup, run._schedule, run.budget = [(group, 2e-3)], 20, cosine, 60.0
@@ -109,8 +110,8 @@ def test_cosine_schedule_decays_each_runs_lr_to_zero_over_its_own_budget(bench):
         run.steps, run.clock = steps, clock
         run._set_lr()
         assert group["lr"] == pytest.approx(lr, abs=1e-12)
-    with pytest.raises(ValueError, match="Invalid --lr_schedule 'linear'"):
-        bench.main(["--lr_schedule", "linear", "--output_dir", "/nonexistent"])
+    with pytest.raises(ValueError, match="Invalid --lr_schedule 'step'"):
+        bench.main(["--lr_schedule", "step", "--output_dir", "/nonexistent"])
     # mL-BFGS's unit-norm direction takes an lr that is a step length: its own grid, not mlbfgs='s
     assert bench.sweep_grid("mlbfgs:normalize=unit,update_interval=10") == bench.SWEEPS["mlbfgs_unit"]
     assert bench.parse_fixed_lrs(["mlbfgs=3e-4"], ["adamw", "mlbfgs", "mlbfgs:normalize=unit"]) == {"mlbfgs": 3e-4}
