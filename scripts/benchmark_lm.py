@@ -32,6 +32,8 @@ Outputs in ``--output_dir``: ``results.json`` (every evaluation of every run), `
     python scripts/benchmark_lm.py --size large --output_dir model_cards/lm-gpt2-wikipedia-large
     python scripts/benchmark_lm.py --optimizers adamw kbfgs --lr adamw=1e-3 kbfgs=1e-3 --budget 30
     python scripts/benchmark_lm.py --text_files my_text.txt.gz --optimizers adamw muon_fp32 kbfgs --output_dir /tmp/t
+    python scripts/benchmark_lm.py --optimizers muon muon:lr=2e-3 muon:lr=5e-3 --lr adamw=3e-3 muon=3e-3 \
+        --sweep_seconds 0 --seeds 0 1     # an lr screen: each NAME:lr=VALUE is a row at that lr
     python scripts/benchmark_lm.py --size gpt2 --vocab_size 50257 --block_size 512 --optimizers adamw muon kbfgs \
         --output_dir /tmp/gpu      # GPT-2 small on a GPU
 """
@@ -110,8 +112,9 @@ class LMBenchmarkArguments:
 
     output_dir: str = field(default="outputs/lm", metadata={"help": "Where results, plot and card go."})
     size: str = field(default="small", metadata={"help": f"Model size: one of {list(SIZES)}."})
-    optimizers: list[str] = field(default_factory=lambda: list(DEFAULT_OPTIMIZERS),
-                                  metadata={"help": f"Any of {ALL_OPTIMIZERS}."})
+    optimizers: list[str] = field(default_factory=lambda: list(DEFAULT_OPTIMIZERS), metadata={
+        "help": f"Any of {ALL_OPTIMIZERS}; kbfgs:k=v,... and mlbfgs:k=v,... are variants (config fields); "
+                "NAME:lr=VALUE is a row at that lr, not swept (an lr screen: muon:lr=0.002 muon:lr=0.005)."})
     budget: float = field(default=120.0, metadata={"help": "Training seconds of every final run."})
     sweep_seconds: float = field(default=30.0, metadata={"help": "Training seconds of every lr candidate."})
     lr: list[str] = field(default_factory=list, metadata={
@@ -334,13 +337,26 @@ class Optimizers:
 
 
 def split_variant(name: str) -> tuple[str, dict[str, Any]]:
-    """``"kbfgs:graft=adam,update_interval=10"`` -> ``("kbfgs", {...})``; a named row -> its base and keywords."""
+    """``"kbfgs:graft=adam,update_interval=10"`` -> ``("kbfgs", {...})``; a named row -> its base and keywords.
+    Every optimizer takes ``:lr=VALUE`` (``muon:lr=0.002``): a row at that lr, not swept; the peers take nothing
+    else."""
     from hf_qn.integrations.trainer import parse_qn_args
 
     base, sep, extra = name.partition(":")
-    if base not in ALL_OPTIMIZERS or (sep and base not in (*KBFGS_VARIANTS, "mlbfgs")):
-        raise ValueError(f"Invalid optimizer {name!r}: one of {ALL_OPTIMIZERS}, or kbfgs:k=v,... / mlbfgs:k=v,...")
-    return base, {**KBFGS_VARIANTS.get(base, {}), **parse_qn_args(extra)}
+    if base not in ALL_OPTIMIZERS:
+        raise ValueError(f"Invalid optimizer {name!r}: one of {ALL_OPTIMIZERS}, or kbfgs:k=v,... / mlbfgs:k=v,... "
+                         "(any of them with :lr=VALUE)")
+    kwargs = parse_qn_args(extra) if sep else {}
+    if base not in (*KBFGS_VARIANTS, "mlbfgs") and set(kwargs) - {"lr"}:
+        raise ValueError(f"Invalid optimizer {name!r}: {base} takes only lr=VALUE after the colon (keywords are for "
+                         "kbfgs:k=v,... / mlbfgs:k=v,...)")
+    return base, {**KBFGS_VARIANTS.get(base, {}), **kwargs}
+
+
+def variant_lr(name: str) -> float | None:
+    """The lr a row's name fixes (``muon:lr=0.002`` -> 0.002), or None."""
+    lr = split_variant(name)[1].get("lr")
+    return None if lr is None else float(lr)
 
 
 def sweep_grid(name: str) -> list[float]:
@@ -360,6 +376,7 @@ def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> 
     import hf_qn
 
     name, kwargs = split_variant(name)
+    lr = float(kwargs.pop("lr", lr))
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     if name in ("muon", "muon_fp32"):
@@ -418,12 +435,13 @@ def make_step(name: str, model: nn.Module, opt: Any,
 
     if isinstance(opt, hf_qn.KBFGS):
         return lambda x: kbfgs_step(opt, objective, x)
+    base = split_variant(name)[0]
 
     def step(x: Tensor) -> float:
         opt.zero_grad()
         loss = objective(x)
         loss.backward()
-        if name == "muon_fp32":
+        if base == "muon_fp32":
             with muon_float32():
                 opt.step()
         else:
@@ -770,7 +788,8 @@ def parse_fixed_lrs(items: list[str], names: list[str] | None = None) -> dict[st
     """``--lr NAME=VALUE ...`` as ``{name: lr}``. With ``names`` (the optimizers of the run), a variant
     (``kbfgs:k=v``) not given its own lr takes its base's (``kbfgs=...``) when its lr is on the same scale (the same
     sweep grid: not a ``graft=none`` variant, whose lr is the paper's α, nor mL-BFGS's ``normalize=unit``, whose lr is
-    a step length), and a NAME that is none of ``names`` nor the base of one is refused."""
+    a step length), a row whose name fixes its lr (``muon:lr=0.002``) takes that lr, and a NAME that is none of
+    ``names`` nor the base of one, or that names a row which fixes its own lr, is refused."""
     fixed = {}
     for item in items:
         name, sep, value = item.rpartition("=")
@@ -784,6 +803,11 @@ def parse_fixed_lrs(items: list[str], names: list[str] | None = None) -> dict[st
     if unknown:
         raise ValueError(f"Invalid --lr for {unknown}: not among --optimizers {names} nor the base of one; write "
                          "the optimizer's name as in --optimizers, or its base (kbfgs=... also sets kbfgs:k=v)")
+    named = {n: lr for n in names if (lr := variant_lr(n)) is not None}
+    twice = sorted(set(named) & set(fixed))
+    if twice:
+        raise ValueError(f"Invalid --lr for {twice}: the name already fixes the lr; drop one of the two")
+    fixed.update(named)
     for n, base in bases.items():
         if n not in fixed and base in fixed and sweep_grid(n) == sweep_grid(base):  # same lr scale (not graft=none)
             fixed[n] = fixed[base]

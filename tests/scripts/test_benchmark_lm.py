@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -56,8 +57,9 @@ def test_variants_and_bad_names(bench):
     assert bench.sweep_grid("kbfgs:graft=none") == bench.SWEEPS["kbfgs_paper"]
     with pytest.raises(ValueError, match="Invalid optimizer 'lion'"):
         bench.split_variant("lion")
-    with pytest.raises(ValueError, match="Invalid optimizer"):
-        bench.split_variant("adamw:lr=1")
+    with pytest.raises(ValueError, match="Invalid optimizer 'muon:momentum=0.9': muon takes only lr=VALUE"):
+        bench.split_variant("muon:momentum=0.9")
+    assert bench.split_variant("muon:lr=0.002") == ("muon", {"lr": 0.002})
     assert bench.parse_fixed_lrs(["kbfgs:damping=0.1=3e-3"]) == {"kbfgs:damping=0.1": 3e-3}
 
 
@@ -83,6 +85,30 @@ def test_a_failing_state_dict_is_reported_as_nan_not_a_crash(bench):
     assert math.isnan(bench.state_bytes(Broken(), "broken"))
     adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
     assert bench.state_bytes(adamw, "adamw") == 0.0  # no step yet: an empty state
+
+
+def test_a_row_named_with_its_lr_trains_at_that_lr_unswept(bench, monkeypatch):
+    names = ["adamw", "muon", "muon:lr=0.002", "kbfgs", "kbfgs:lr=4e-3"]
+    assert bench.variant_lr("muon:lr=0.002") == 0.002 and bench.variant_lr("muon") is None
+    fixed = bench.parse_fixed_lrs(["kbfgs=6e-3"], names)  # the base's lr does not override the row's own
+    assert fixed == {"muon:lr=0.002": 0.002, "kbfgs": 6e-3, "kbfgs:lr=4e-3": 4e-3}
+    with pytest.raises(ValueError, match=r"Invalid --lr for \['muon:lr=0.002'\]: the name already fixes the lr"):
+        bench.parse_fixed_lrs(["muon:lr=0.002=0.003"], names)
+    model = bench.gpt2("tiny", 64, 8, 0)
+    muon = bench.build_optimizer("muon_fp32:lr=0.002", model, 0.05, 1e-3)
+    assert [g["lr"] for g in muon.param_groups] == [0.002, 1e-3]  # Muon's matrices at 0.002, AdamW's rest
+    assert bench.build_optimizer("adamw:lr=5e-3", model, 1e-3, 1e-3).param_groups[0]["lr"] == 5e-3
+    assert bench.build_optimizer("kbfgs:lr=4e-3", model, 1e-3, 1e-3).param_groups[0]["lr"] == 4e-3
+    entered = []
+
+    @contextlib.contextmanager
+    def recorded():
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(bench, "muon_float32", recorded)
+    bench.make_step("muon_fp32:lr=0.002", model, muon)(torch.randint(0, 64, (2, 8)))
+    assert entered == [True]  # the named row keeps its float32 Newton-Schulz
 
 
 def test_a_variant_takes_its_bases_fixed_lr_unless_given_its_own(bench):
