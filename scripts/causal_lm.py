@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from recipe_utils import RecipeArguments, perplexity, run_comparison
+from recipe_utils import RecipeArguments, lora_model_init, perplexity, run_comparison
 
 from hf_qn.integrations.trainer import QNTrainingArguments
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         task_name="causal-lm",
         recipe=recipe,
         training_args=training_args,
-        model_init=model_init,
+        model_init=lora_model_init(model_init, recipe, task_type="CAUSAL_LM"),
         train_dataset=train,
         eval_dataset=test,
         compute_metrics=None,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from recipe_utils import RecipeArguments, accuracy_metrics, run_comparison
+from recipe_utils import RecipeArguments, accuracy_metrics, lora_model_init, run_comparison
 
 from hf_qn.integrations.trainer import QNTrainingArguments
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         task_name=f"image-classification-{model_args.model_type}",
         recipe=recipe,
         training_args=training_args,
-        model_init=model_init,
+        model_init=lora_model_init(model_init, recipe, task_type=None, modules_to_save=["classifier"]),
         train_dataset=train,
         eval_dataset=test,
         compute_metrics=accuracy_metrics,

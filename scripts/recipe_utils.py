@@ -62,6 +62,29 @@ def split_optimizer(name: str) -> tuple[str, dict[str, Any]]:
     return base, hyper
 
 
+def lora_model_init(model_init: Callable[[], torch.nn.Module], recipe: RecipeArguments, task_type: str | None,
+                    modules_to_save: list[str] | None = None) -> Callable[[], torch.nn.Module]:
+    """``model_init`` itself for a full fine-tune (``--lora_r 0``); else a ``model_init`` that wraps each fresh
+    model in peft's LoRA adapters (``get_peft_model``). ``task_type`` is peft's (``"SEQ_CLS"`` also trains the
+    classifier head); ``modules_to_save`` names modules trained whole beside the adapters (a new head, where the
+    task type does not imply one). The configuration is built here, so that a bad one or a missing peft stops the
+    recipe before any training."""
+    if recipe.lora_r == 0:
+        return model_init
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ImportError("--lora_r needs peft: pip install peft (in hf_qn's bench and dev extras)") from err
+    config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                        target_modules=recipe.lora_target_modules, task_type=task_type,
+                        modules_to_save=modules_to_save)
+
+    def init() -> torch.nn.Module:
+        return get_peft_model(model_init(), config)
+
+    return init
+
+
 def check_push_possible(recipe: RecipeArguments, training_args: QNTrainingArguments) -> None:
     """Fail before any training when the requested upload cannot happen (no repository named, offline, or
     not logged in), instead of after all of it."""
@@ -140,8 +163,22 @@ class RecipeArguments:
                   "test set one seed picks the lr by luck."},
     )
 
+    lora_r: int = field(
+        default=0,
+        metadata={"help": "LoRA rank: above 0, every run trains peft LoRA adapters of this rank on "
+                          "--lora_target_modules (and the recipe's new head), the rest of the model frozen; 0: a "
+                          "full fine-tune."},
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA's scale numerator (the update is alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA adapters' input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Names of the modules that get adapters (peft's target_modules); default: peft's choice "
+                          "for the architecture (BERT and ViT: query, value)."},
+    )
+
     def __post_init__(self) -> None:
-        for name, lo in (("repeats", 1), ("sweep_seeds", 1), ("lr_sweep_extend", 0)):
+        for name, lo in (("repeats", 1), ("sweep_seeds", 1), ("lr_sweep_extend", 0), ("lora_r", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < lo:
                 raise ValueError(f"Invalid --{name}: {value!r} (must be an integer >= {lo})")
@@ -394,6 +431,10 @@ def run_comparison(
                          "seeds per sweep candidate (best mean kept)": recipe.sweep_seeds,
                          "lr_sweep_extend (candidates beyond a best end)": recipe.lr_sweep_extend,
                          "repeats": recipe.repeats,
+                         "trained": (f"LoRA adapters (peft), r={recipe.lora_r}, alpha={recipe.lora_alpha:g}, "
+                                     f"dropout={recipe.lora_dropout:g}, on "
+                                     f"{recipe.lora_target_modules or 'peft defaults'}"
+                                     if recipe.lora_r else "the whole model"),
                          "model in this folder": meta["model_saved_from"]},
         table=table,
         plot="comparison.png",

@@ -13,6 +13,7 @@ whole articles are held out for the test pairs.
 
     python scripts/text_classification.py --output_dir model_cards/text-classification-minilm
     python scripts/text_classification.py --builtin wiki_next_sentence --output_dir /tmp/nsp
+    python scripts/text_classification.py --builtin wiki_next_sentence --lora_r 8 --output_dir /tmp/nsp-lora
     python scripts/text_classification.py --model_name_or_path bert-base-uncased --dataset_name imdb ...
     torchrun --nproc_per_node 2 scripts/text_classification.py ...        # unchanged under DDP
 """
@@ -25,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from recipe_utils import RecipeArguments, accuracy_metrics, run_comparison
+from recipe_utils import RecipeArguments, accuracy_metrics, lora_model_init, run_comparison
 
 from hf_qn.integrations.trainer import QNTrainingArguments
 
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         task_name="text-classification",
         recipe=recipe,
         training_args=training_args,
-        model_init=model_init,
+        model_init=lora_model_init(model_init, recipe, task_type="SEQ_CLS"),
         train_dataset=train,
         eval_dataset=test,
         compute_metrics=accuracy_metrics,

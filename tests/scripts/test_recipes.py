@@ -53,6 +53,23 @@ def test_recipe_smoke(tmp_path, script, extra, metric):
     _check_card_and_json(out, metric)
 
 
+def test_a_lora_recipe_trains_peft_adapters_and_saves_an_adapter_repository(tmp_path):
+    """--lora_r: every optimizer trains peft's LoRA adapters (and the new head); the folder holds the best run's
+    adapter, loadable by peft, and the card says what was trained."""
+    mod = load_script("text_classification")
+    out = tmp_path / "lora"
+    res = mod.main([*COMMON, "--lora_r", "4", "--lora_target_modules", "query", "value", "--output_dir", str(out)])
+    assert [r["optimizer"] for r in res["runs"]] == ["adamw", "kbfgs", "mlbfgs"]
+    _check_card_and_json(out, "accuracy")
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"query", "value"}
+    assert "LoRA adapters (peft), r=4" in (out / "README.md").read_text()
+    kbfgs = next(r for r in res["runs"] if r["optimizer"] == "kbfgs")
+    assert kbfgs["optimizer_statistics"]["qn/pairs_accepted"] > 0
+    with pytest.raises(ValueError, match="--lora_r"):
+        mod.RecipeArguments(lora_r=-1)
+
+
 def test_wiki_next_sentence_pairs_are_real_neighbours_or_from_another_article():
     """Positive pairs are consecutive sentences of one article, negative pairs a sentence and one of another
     article, half and half; the pairs are the same for the same seed."""
