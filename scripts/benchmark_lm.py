@@ -20,7 +20,8 @@ How the comparison is kept fair:
 * every run of a seed starts from the same initial weights and sees the same batches in the same order;
 * each optimizer's learning rate is swept (the candidates interleaved the same way, ``--sweep_seconds``
   each, long enough to leave the warm-up); when the best candidate is at an end of the grid, the grid is
-  extended past it until the optimum is interior;
+  extended past it until the optimum is interior, each extension run beside a re-run of the end it extends, so that
+  the two are compared under the same machine load;
 * all use the same linear warm-up (``--warmup_steps``), then a constant learning rate (or, with
   ``--lr_schedule cosine``, a cosine decay to zero over each run's own budget of training seconds, as a decaying
   schedule would end at that budget), and no weight decay.
@@ -63,7 +64,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_autoencoder import kbfgs_step
-from recipe_utils import lr_beyond_best_end, optimizer_state_bytes, resolved_output_side, sync_cuda
+from recipe_utils import lr_beyond, optimizer_state_bytes, resolved_output_side, sync_cuda
 
 logger = logging.getLogger("benchmark_lm")
 
@@ -578,7 +579,8 @@ def interleave(runs: list[Run], slice_seconds: float, label: str) -> None:
 def sweep(names: list[str], data: dict[str, Any], args: LMBenchmarkArguments,
           fixed: dict[str, float]) -> dict[str, dict[str, Any]]:
     """lr sweeps of ``names`` (AdamW first: Muon uses its lr for the rest of the model), interleaved; a grid
-    whose best lr is at an end is extended by 3x past it (at most twice), so the optimum is interior."""
+    whose best lr is at an end is extended by 3x past it (at most twice), so the optimum is interior
+    (:func:`_sweep_group`)."""
     out: dict[str, dict[str, Any]] = {}
     todo = [n for n in names if n not in fixed]
     if "adamw" in todo:  # AdamW's lr is needed by Muon's runs
@@ -592,33 +594,42 @@ def sweep(names: list[str], data: dict[str, Any], args: LMBenchmarkArguments,
 
 def _sweep_group(names: list[str], data: dict[str, Any], args: LMBenchmarkArguments,
                  adamw_lr: float) -> dict[str, dict[str, Any]]:
-    grids = {n: sweep_grid(n) for n in names}
-    finals: dict[str, dict[float, float]] = {n: {} for n in names}
-    pending = {n: list(g) for n, g in grids.items()}
+    """The sweeps of ``names``, all candidates interleaved, in rounds: the grids, then, for each optimizer whose
+    best lr is at an end of all it has tried, that lr again beside one 3x beyond it. The best lr of each round is
+    chosen among runs of that round only (a later round may find the machine faster or slower, and the budget is
+    wall time), so an extension is decided by the re-run of the end it extends, under the same load."""
+    results: dict[str, dict[float, float]] = {n: {} for n in names}  # each lr's latest result
+    rounds: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    best: dict[str, float] = {}
+    pending = {n: sweep_grid(n) for n in names}
     for _round in range(3):
         runs = [Run(n, lr, args.seeds[0], args.sweep_seconds, data, args, adamw_lr)
                 for n, lrs in pending.items() for lr in lrs]
         if not runs:
             break
         interleave(runs, args.slice_seconds, "sweep")
+        this_round: dict[str, dict[float, float]] = {n: {} for n in pending}
         for r in runs:
-            finals[r.name][r.lr] = r.record()["final_val_loss"]
-            logger.info("sweep %s lr=%g: val loss %.3f after %.0f s (%d steps)", r.name, r.lr,
-                        finals[r.name][r.lr], r.clock, r.steps)
+            loss = r.record()["final_val_loss"]
+            results[r.name][r.lr] = this_round[r.name][r.lr] = loss
+            logger.info("sweep %s lr=%g: val loss %.3f after %.0f s (%d steps)", r.name, r.lr, loss, r.clock, r.steps)
         pending = {}
-        for n in names:  # a best lr at an end of the grid: one more candidate, 3x beyond it
-            beyond = lr_beyond_best_end({lr: v if math.isfinite(v) else math.inf for lr, v in finals[n].items()})
-            if beyond is not None and beyond not in finals[n]:
-                pending[n] = [beyond]
-    result = {}
+        for n, losses in this_round.items():
+            rounds[n].append({f"{lr:g}": v for lr, v in sorted(losses.items())})
+            # a diverged run ranks last; when all diverged the lowest lr counts as best, so the next goes below it
+            best[n] = min(sorted(losses), key=lambda lr: losses[lr] if math.isfinite(losses[lr]) else math.inf)
+            beyond = lr_beyond(best[n], sorted(results[n]))
+            if beyond is not None and beyond not in results[n]:
+                pending[n] = [best[n], beyond]
+    out = {}
     for n in names:
-        lrs = sorted(finals[n])
-        best = min(lrs, key=lambda lr: finals[n][lr])
-        interior = lrs[0] < best < lrs[-1]
+        lrs = sorted(results[n])
+        interior = lrs[0] < best[n] < lrs[-1]
         if not interior:
-            logger.warning("sweep %s: the best lr %g is still at an end of %s", n, best, lrs)
-        result[n] = {"lr": best, "grid": {f"{lr:g}": finals[n][lr] for lr in lrs}, "interior": interior}
-    return result
+            logger.warning("sweep %s: the best lr %g is still at an end of %s", n, best[n], lrs)
+        out[n] = {"lr": best[n], "grid": {f"{lr:g}": results[n][lr] for lr in lrs}, "rounds": rounds[n],
+                  "interior": interior}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ reporting

@@ -216,15 +216,16 @@ def lr_beyond_best_end(mean_ranks: dict[float, float]) -> float | None:
     """The next candidate of a sweep whose best lr (lowest mean rank; ``inf`` for a run that diverged) is at an
     end of its grid: a factor of 3 beyond that end, rounded to two significant digits; None when the best is
     interior or the grid has a single point. When every candidate diverged, the next one is below the grid."""
-    if len(mean_ranks) < 2:
-        return None
     lrs = sorted(mean_ranks)
-    best = min(lrs, key=lambda lr: mean_ranks[lr])
-    if best == lrs[0]:  # the lowest, or all diverged (min keeps the first of equal ranks)
-        return float(f"{lrs[0] / 3:.2g}")
-    if best == lrs[-1]:
-        return float(f"{lrs[-1] * 3:.2g}")
-    return None
+    return lr_beyond(min(lrs, key=lambda lr: mean_ranks[lr]), lrs)  # all diverged: min keeps the lowest lr
+
+
+def lr_beyond(best: float, lrs: list[float]) -> float | None:
+    """A factor of 3 beyond ``best`` (rounded to two significant digits) when it is an end of the sorted ``lrs``
+    tried; None when it is interior or ``lrs`` is a single point."""
+    if len(lrs) < 2 or lrs[0] < best < lrs[-1]:
+        return None
+    return float(f"{best / 3 if best == lrs[0] else best * 3:.2g}")
 
 
 def sync_cuda() -> None:

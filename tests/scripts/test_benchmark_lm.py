@@ -161,6 +161,32 @@ def test_sweep_extends_a_grid_whose_best_lr_is_at_an_end(bench, monkeypatch):
     out = bench._sweep_group(["adamw"], {}, args, 1e-3)["adamw"]
     assert out["lr"] == pytest.approx(0.03) and out["interior"]
     assert sorted(float(k) for k in out["grid"]) == pytest.approx([0.001, 0.01, 0.03, 0.09])
+    assert [sorted(r) for r in out["rounds"]] == [["0.001", "0.01"], ["0.01", "0.03"], ["0.03", "0.09"]]
+
+
+def test_a_sweep_extension_is_decided_under_one_machine_load(bench, monkeypatch):
+    """Each round finds the machine slower (every loss 10 higher than the round before): the end a round extends
+    is re-run beside the new candidate, so the lr kept is still the true optimum, 0.03, not the first round's
+    0.01 (compared across rounds, 0.03's slower run would lose to it)."""
+    monkeypatch.setitem(bench.SWEEPS, "adamw", [0.001, 0.01])
+    load = [0.0]
+
+    class SlowerEachRound:
+        def __init__(self, name, lr, seed, budget, data, args, adamw_lr):
+            self.name, self.lr, self.clock, self.steps = name, lr, budget, 1
+
+        def record(self):
+            return {"final_val_loss": abs(math.log10(self.lr / 0.05)) + load[0]}
+
+    def interleave(runs, slice_seconds, label):
+        load[0] += 10.0
+
+    monkeypatch.setattr(bench, "Run", SlowerEachRound)
+    monkeypatch.setattr(bench, "interleave", interleave)
+    out = bench._sweep_group(["adamw"], {}, bench.LMBenchmarkArguments(seeds=[0]), 1e-3)["adamw"]
+    assert out["lr"] == pytest.approx(0.03) and out["interior"]
+    assert out["rounds"][1] == {"0.01": pytest.approx(20.0 + math.log10(5)),
+                                "0.03": pytest.approx(20.0 + math.log10(0.05 / 0.03))}
 
 
 def test_tiny_end_to_end_run_writes_table_plot_and_card(bench, tmp_path):
