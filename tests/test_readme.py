@@ -15,7 +15,7 @@ SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTAL
 
 
 def test_the_readme_has_its_snippets():
-    assert len(SNIPPETS) == 4  # plain loop, QNTrainer, plain Trainer, Accelerate
+    assert len(SNIPPETS) == 5  # plain loop, QNTrainer, plain Trainer, Accelerate, PEFT
 
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))

@@ -285,23 +285,28 @@ def build_optimizer(
 
 
 def coverage_line(optimizer: Any) -> str:
-    """One line on what the optimizer preconditions: K-BFGS's adapted share of the parameters and why the rest
-    goes to the fallback; mL-BFGS's blocks."""
+    """One line on what the optimizer preconditions: K-BFGS's adapted share of the trainable parameters, why the
+    rest goes to the fallback, and the frozen share (a LoRA model's base); mL-BFGS's blocks."""
     inner = unwrap_optimizer(optimizer)
     if isinstance(inner, KBFGS):
         asg = inner.assignment
-        n_ad = sum(p.numel() for p in asg.adapted_parameters())
-        n_fb = sum(p.numel() for p in asg.fallback_parameters())
+        trainable = [a for a in asg.adapters if any(p.requires_grad for p in a.parameters())]
+        n_ad = sum(p.numel() for a in trainable for p in a.parameters())
+        n_fb = sum(f.param.numel() for f in asg.fallback if f.param.requires_grad)
+        n_all = sum(p.numel() for p in asg.adapted_parameters() + asg.fallback_parameters())
         reasons: dict[str, int] = {}
         for f in asg.fallback:
-            why = f.reason.split(" (")[0]
-            reasons[why] = reasons.get(why, 0) + f.param.numel()
-        why = "; ".join(f"{100 * n / max(n_ad + n_fb, 1):.1f}% {r}" for r, n in sorted(reasons.items(),
-                                                                                    key=lambda x: -x[1]))
-        return (f"{type(inner).__name__} preconditions {len(asg.adapters)} layers, "
-                f"{100 * n_ad / max(n_ad + n_fb, 1):.1f}% of the parameters; its {inner.config.fallback} fallback "
-                f"(lr {inner.config.fallback_lr_value:g}) takes {100 * n_fb / max(n_ad + n_fb, 1):.1f}%"
-                + (f" ({why})" if why else ""))
+            if f.param.requires_grad:
+                why = f.reason.split(" (")[0]
+                reasons[why] = reasons.get(why, 0) + f.param.numel()
+        total = max(n_ad + n_fb, 1)
+        why = "; ".join(f"{100 * n / total:.1f}% {r}" for r, n in sorted(reasons.items(), key=lambda x: -x[1]))
+        frozen = n_all - n_ad - n_fb
+        return (f"{type(inner).__name__} preconditions {len(trainable)} layers, {100 * n_ad / total:.1f}% of the "
+                f"trainable parameters; its {inner.config.fallback} fallback (lr {inner.config.fallback_lr_value:g}) "
+                f"takes {100 * n_fb / total:.1f}%" + (f" ({why})" if why else "")
+                + (f"; {100 * frozen / max(n_all, 1):.1f}% of all parameters are frozen (trained if unfrozen)"
+                   if frozen else ""))
     if isinstance(inner, MLBFGS):
         n = sum(b.numel for b in inner.blocks)
         return f"MLBFGS preconditions all {n} parameters in {len(inner.blocks)} blocks"

@@ -293,8 +293,9 @@ class KBFGS(QNOptimizerBase):
         out["qn/steps_clipped"] = float(self.growth_guard.state["steps_clipped"])
         out["qn/loss_checks"] = float(self.loss_guard.state["loss_checks"])
         out["qn/step_backoff"] = self.backoff.factor
-        n_fb = sum(p.numel() for p in self.assignment.fallback_parameters())
-        n_all = n_fb + sum(p.numel() for p in self.assignment.adapted_parameters())
+        # of the parameters that train now (a LoRA model's frozen base is no one's)
+        n_fb = sum(p.numel() for p in self.assignment.fallback_parameters() if p.requires_grad)
+        n_all = n_fb + sum(p.numel() for p in self.assignment.adapted_parameters() if p.requires_grad)
         out["qn/fallback_share"] = n_fb / max(n_all, 1)
         return out
 

@@ -110,3 +110,19 @@ def test_qntrainer_resumes_a_lora_fine_tune_exactly(tmp_path):
         assert torch.equal(a, b), name
     opt = unwrap_optimizer(full.optimizer)
     assert opt.statistics()["qn/pairs_accepted"] > 0
+
+
+def test_the_coverage_line_and_the_fallback_share_count_what_trains():
+    """On a LoRA model the Trainer's coverage line counts the layers and parameters that train (the adapters of
+    2 layers x (query, value) x (lora_A, lora_B), and the head) and names the frozen share; ``qn/fallback_share``
+    is a share of the trainable parameters (none here: the head's bias belongs to its layer)."""
+    from hf_qn.integrations.trainer import coverage_line
+
+    model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, target_modules=["query", "value"],
+                                                             task_type="SEQ_CLS"))
+    opt = hf_qn.KBFGS(model, lr=3e-3)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    line = coverage_line(opt)
+    assert line.startswith("KBFGS preconditions 9 layers, 100.0% of the trainable parameters")
+    assert f"{100 * frozen / sum(p.numel() for p in model.parameters()):.1f}% of all parameters are frozen" in line
+    assert opt.statistics(factor_norms=False)["qn/fallback_share"] == 0.0
