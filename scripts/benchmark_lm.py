@@ -23,8 +23,8 @@ How the comparison is kept fair:
   extended past it until the optimum is interior, each extension run beside a re-run of the end it extends, so that
   the two are compared under the same machine load;
 * all use the same linear warm-up (``--warmup_steps``), then a constant learning rate (or, with
-  ``--lr_schedule cosine``, a cosine decay to zero over each run's own budget of training seconds, as a decaying
-  schedule would end at that budget), and no weight decay.
+  ``--lr_schedule cosine`` or ``linear``, the Trainer's default, a decay to zero over each run's own budget of
+  training seconds, as a decaying schedule would end at that budget), and no weight decay.
 
 Outputs in ``--output_dir``: ``results.json`` (every evaluation of every run), ``results.md`` (the table),
 ``loss_curves.png`` (validation loss against seconds and against steps) and a model card ``README.md``.

@@ -9,6 +9,7 @@ Each recipe parses ``RecipeArguments`` plus its own model/data dataclasses and `
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -80,7 +81,7 @@ def lora_model_init(model_init: Callable[[], torch.nn.Module], recipe: RecipeArg
                         modules_to_save=modules_to_save)
 
     def init() -> torch.nn.Module:
-        return get_peft_model(model_init(), config)
+        return get_peft_model(model_init(), copy.deepcopy(config))  # peft fills the config in: one per model
 
     return init
 
@@ -216,6 +217,8 @@ def lr_beyond_best_end(mean_ranks: dict[float, float]) -> float | None:
     """The next candidate of a sweep whose best lr (lowest mean rank; ``inf`` for a run that diverged) is at an
     end of its grid: a factor of 3 beyond that end, rounded to two significant digits; None when the best is
     interior or the grid has a single point. When every candidate diverged, the next one is below the grid."""
+    if not mean_ranks:
+        return None
     lrs = sorted(mean_ranks)
     return lr_beyond(min(lrs, key=lambda lr: mean_ranks[lr]), lrs)  # all diverged: min keeps the lowest lr
 

@@ -176,6 +176,7 @@ def test_lr_beyond_best_end():
     assert lr_beyond_best_end({1e-3: -0.7, 3e-3: -0.8, 1e-2: -0.75}) is None  # interior
     assert lr_beyond_best_end({1e-3: math.inf, 3e-3: math.inf}) == pytest.approx(3.3e-4)  # all diverged: lower
     assert lr_beyond_best_end({1e-3: -0.8}) is None  # no sweep
+    assert lr_beyond_best_end({}) is None
 
 
 def test_the_optimizers_take_turns_seed_by_seed(tmp_path, monkeypatch):
