@@ -168,6 +168,12 @@ class LayerAssignment:
     def fallback_parameters(self) -> list[nn.Parameter]:
         return [f.param for f in self.fallback]
 
+    def trainable_numels(self) -> tuple[int, int]:
+        """Elements of the adapted and of the fallback parameters that train now (``requires_grad``): a LoRA
+        model's frozen base counts in neither."""
+        return (sum(p.numel() for p in self.adapted_parameters() if p.requires_grad),
+                sum(p.numel() for p in self.fallback_parameters() if p.requires_grad))
+
     def report(self) -> str:
         """A table a person can read: each layer or parameter, its treatment and sizes."""
         lines = [f"{'name':<48} {'treatment':<22} {'numel':>10}  detail"]

@@ -290,9 +290,8 @@ def coverage_line(optimizer: Any) -> str:
     inner = unwrap_optimizer(optimizer)
     if isinstance(inner, KBFGS):
         asg = inner.assignment
-        trainable = [a for a in asg.adapters if any(p.requires_grad for p in a.parameters())]
-        n_ad = sum(p.numel() for a in trainable for p in a.parameters())
-        n_fb = sum(f.param.numel() for f in asg.fallback if f.param.requires_grad)
+        layers = sum(1 for a in asg.adapters if any(p.requires_grad for p in a.parameters()))
+        n_ad, n_fb = asg.trainable_numels()
         n_all = sum(p.numel() for p in asg.adapted_parameters() + asg.fallback_parameters())
         reasons: dict[str, int] = {}
         for f in asg.fallback:
@@ -302,7 +301,7 @@ def coverage_line(optimizer: Any) -> str:
         total = max(n_ad + n_fb, 1)
         why = "; ".join(f"{100 * n / total:.1f}% {r}" for r, n in sorted(reasons.items(), key=lambda x: -x[1]))
         frozen = n_all - n_ad - n_fb
-        return (f"{type(inner).__name__} preconditions {len(trainable)} layers, {100 * n_ad / total:.1f}% of the "
+        return (f"{type(inner).__name__} preconditions {layers} layers, {100 * n_ad / total:.1f}% of the "
                 f"trainable parameters; its {inner.config.fallback} fallback (lr {inner.config.fallback_lr_value:g}) "
                 f"takes {100 * n_fb / total:.1f}%" + (f" ({why})" if why else "")
                 + (f"; {100 * frozen / max(n_all, 1):.1f}% of all parameters are frozen (trained if unfrozen)"

@@ -293,10 +293,8 @@ class KBFGS(QNOptimizerBase):
         out["qn/steps_clipped"] = float(self.growth_guard.state["steps_clipped"])
         out["qn/loss_checks"] = float(self.loss_guard.state["loss_checks"])
         out["qn/step_backoff"] = self.backoff.factor
-        # of the parameters that train now (a LoRA model's frozen base is no one's)
-        n_fb = sum(p.numel() for p in self.assignment.fallback_parameters() if p.requires_grad)
-        n_all = n_fb + sum(p.numel() for p in self.assignment.adapted_parameters() if p.requires_grad)
-        out["qn/fallback_share"] = n_fb / max(n_all, 1)
+        n_ad, n_fb = self.assignment.trainable_numels()
+        out["qn/fallback_share"] = n_fb / max(n_ad + n_fb, 1)
         return out
 
     # ------------------------------------------------------------------ step

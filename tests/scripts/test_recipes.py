@@ -63,6 +63,9 @@ def test_a_lora_recipe_trains_peft_adapters_and_saves_an_adapter_repository(tmp_
     _check_card_and_json(out, "accuracy")
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"query", "value"}
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(out)).r == 4  # peft reads the folder back
     assert "LoRA adapters (peft), r=4" in (out / "README.md").read_text()
     kbfgs = next(r for r in res["runs"] if r["optimizer"] == "kbfgs")
     assert kbfgs["optimizer_statistics"]["qn/pairs_accepted"] > 0
