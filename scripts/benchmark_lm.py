@@ -8,6 +8,8 @@ blocks, every 10th held out whole. A byte-level BPE tokenizer is trained on the 
 Model: GPT-2 built from a config (tied embeddings, transformers' Conv1D layers, no dropout), ``--size small``
 (4 layers of width 128, about 1.3M parameters at a 4096 vocabulary), ``large`` (6 layers of width 256, about
 5.8M) or, for a GPU, ``gpt2`` (GPT-2 small's 12 layers of width 768: 124M parameters at ``--vocab_size 50257``).
+``--arch llama`` builds a Llama-architecture model of the same width, depth and heads instead (RMSNorm, rotary
+positions, a SwiGLU MLP, separate q/k/v projections, no biases, an untied LM head).
 On a CUDA device (``--device auto`` takes one where present) the step clock is read after
 ``torch.cuda.synchronize()``, the forward passes run under bf16 autocast (``--autocast auto``), and each optimizer's
 peak memory is measured alone for ``--memory_steps`` steps before the final runs.
@@ -71,6 +73,8 @@ logger = logging.getLogger("benchmark_lm")
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 #: n_embd, n_layer, n_head; gpt2 is GPT-2 small's shape
 SIZES = {"tiny": (32, 1, 2), "small": (128, 4, 4), "large": (256, 6, 8), "gpt2": (768, 12, 12)}
+#: the model families of ``--arch`` (built by :data:`ARCHS`), with the names the logs, plot and card give them
+ARCH_NAMES = {"gpt2": "GPT-2", "llama": "Llama"}
 AUTOCAST = {"auto": None, "none": None, "bfloat16": torch.bfloat16}  # auto: resolved by resolve_device
 
 #: the optimizers this benchmark knows: constructor keyword arguments of the hf_qn rows, and the peers.
@@ -84,7 +88,7 @@ ALL_OPTIMIZERS = [*PEERS, *KBFGS_VARIANTS]
 DEFAULT_OPTIMIZERS = ["adamw", "muon", "muon_fp32", "soap", "mlbfgs", "kbfgs", "kbfgs_paper_int10"]
 
 #: initial lr grids (extended past an end that wins); Muon's lr is its own (spectral) scale. A variant written
-#: ``kbfgs:name=value,...`` (KBFGSConfig fields, and LayerPolicy's tied_heads / wide / max_dim) or
+#: ``kbfgs:name=value,...`` (KBFGSConfig fields, and LayerPolicy's tied_heads / one_sided_heads / wide / max_dim) or
 #: ``mlbfgs:...`` sweeps the grid of its kind.
 SWEEPS: dict[str, list[float]] = {
     "adamw": [3e-4, 1e-3, 3e-3],
@@ -113,6 +117,9 @@ class LMBenchmarkArguments:
 
     output_dir: str = field(default="outputs/lm", metadata={"help": "Where results, plot and card go."})
     size: str = field(default="small", metadata={"help": f"Model size: one of {list(SIZES)}."})
+    arch: str = field(default="gpt2", metadata={
+        "help": f"Model family: one of {list(ARCH_NAMES)} (llama: RMSNorm, rotary positions, SwiGLU, separate "
+                "q/k/v, an untied head; the same width, depth and heads as gpt2's --size)."})
     optimizers: list[str] = field(default_factory=lambda: list(DEFAULT_OPTIMIZERS), metadata={
         "help": f"Any of {ALL_OPTIMIZERS}; kbfgs:k=v,... and mlbfgs:k=v,... are variants (config fields); "
                 "NAME:lr=VALUE is a row at that lr, not swept (an lr screen: muon:lr=0.002 muon:lr=0.005)."})
@@ -152,7 +159,7 @@ class LMBenchmarkArguments:
         "help": "Use only this many articles (or documents of --text_files): for tests."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the card (needs the Hub)."})
     hub_model_id: str | None = field(default=None, metadata={
-        "help": "Hub repository of --push_to_hub. (default: hf-qn/lm-gpt2-<corpus>[-<size>]-benchmark, the corpus "
+        "help": "Hub repository of --push_to_hub. (default: hf-qn/lm-<arch>-<corpus>[-<size>]-benchmark, the corpus "
                 "named by the first of --text_files, or wikipedia)"})
 
 
@@ -204,14 +211,14 @@ def corpus_name(args: LMBenchmarkArguments) -> str:
 
 
 def default_hub_model_id(args: LMBenchmarkArguments) -> str:
-    """``hf-qn/lm-gpt2-<corpus>[-<size>]-benchmark``: the corpus is ``wikipedia`` or the first text file's name
+    """``hf-qn/lm-<arch>-<corpus>[-<size>]-benchmark``: the corpus is ``wikipedia`` or the first text file's name
     without its extensions, the size is left out for the default ``small``."""
     corpus = "wikipedia"
     if args.text_files:
         stem = os.path.basename(args.text_files[0]).split(".")[0]
         corpus = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:48] or "text"
     size = "" if args.size == "small" else f"-{args.size}"
-    return f"hf-qn/lm-gpt2-{corpus.lower()}{size}-benchmark"
+    return f"hf-qn/lm-{args.arch}-{corpus.lower()}{size}-benchmark"
 
 
 def split_articles(articles: list[str]) -> tuple[list[str], list[str]]:
@@ -260,6 +267,31 @@ def gpt2(size: str, vocab_size: int, block_size: int, seed: int) -> nn.Module:
                         bos_token_id=0, eos_token_id=0)  # <|endoftext|> is the first token
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config)
+
+
+def llama(size: str, vocab_size: int, block_size: int, seed: int) -> nn.Module:
+    """A Llama-architecture model of the same width, depth and heads as ``gpt2``'s size: RMSNorm, rotary positions,
+    a SwiGLU MLP of width ``8/3 · n_embd`` (rounded up to a multiple of 32; about the parameters of GPT-2's 4x MLP),
+    separate q/k/v projections and no biases, and LlamaConfig's untied LM head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    n_embd, n_layer, n_head = SIZES[size]
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=-(-8 * n_embd // 96) * 32,
+                         num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head,
+                         max_position_embeddings=block_size, tie_word_embeddings=False, attention_dropout=0.0,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+#: the model families ``--arch`` builds, by name
+ARCHS: dict[str, Callable[[str, int, int, int], nn.Module]] = {"gpt2": gpt2, "llama": llama}
+
+
+def hidden_matrices(model: nn.Module) -> list[str]:
+    """The names of the 2-D weights inside the transformer blocks (GPT-2's ``transformer.h.N``, Llama's
+    ``model.layers.N``): Muon's share; the embeddings, the LM head, norms and biases go to AdamW."""
+    return [n for n, p in model.named_parameters() if p.dim() == 2 and (".h." in n or ".layers." in n)]
 
 
 def lm_loss(model: nn.Module, x: Tensor, autocast_dtype: torch.dtype | None = None) -> Tensor:
@@ -381,8 +413,9 @@ def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> 
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     if name in ("muon", "muon_fp32"):
-        hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and ".h." in n]
-        rest = [p for n, p in model.named_parameters() if not (p.dim() == 2 and ".h." in n)]
+        names = set(hidden_matrices(model))
+        hidden = [p for n, p in model.named_parameters() if n in names]
+        rest = [p for n, p in model.named_parameters() if n not in names]
         return Optimizers(torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"),
                           torch.optim.AdamW(rest, lr=adamw_lr, weight_decay=0.0, fused=True))
     if name == "soap":
@@ -393,13 +426,13 @@ def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> 
     if name == "mlbfgs":
         return hf_qn.MLBFGS(model, lr=lr, **kwargs)
     if name in KBFGS_VARIANTS:
-        policy = {k: kwargs.pop(k) for k in ("tied_heads", "wide", "max_dim") if k in kwargs}
+        policy = {k: kwargs.pop(k) for k in ("tied_heads", "one_sided_heads", "wide", "max_dim") if k in kwargs}
         return hf_qn.KBFGS(model, policy=hf_qn.LayerPolicy(**policy), **{"lr": lr, "l2": 0.0, **kwargs})
     raise ValueError(f"Unknown optimizer {name!r} (choose from {ALL_OPTIMIZERS})")
 
 
-def check_optimizers(names: list[str]) -> None:
-    """Build every optimizer of ``names`` over a tiny GPT-2, so that an unknown name, a bad variant
+def check_optimizers(names: list[str], arch: str = "gpt2") -> None:
+    """Build every optimizer of ``names`` over a tiny model of ``arch``, so that an unknown name, a bad variant
     (``kbfgs:damping=1.0``) or a missing peer library is refused before the text is tokenized and anything trains,
     with the optimizer's own message."""
     quiet = logging.getLogger("hf_qn")
@@ -409,7 +442,7 @@ def check_optimizers(names: list[str]) -> None:
         for name in names:
             split_variant(name)  # an unknown name: refused with the list of known ones
             try:
-                build_optimizer(name, gpt2("tiny", 64, 8, 0), 1e-3, 1e-3)
+                build_optimizer(name, ARCHS[arch]("tiny", 64, 8, 0), 1e-3, 1e-3)
             except Exception as err:
                 raise ValueError(f"Invalid optimizer {name!r} in --optimizers: {type(err).__name__}: {err}") from err
     finally:
@@ -469,7 +502,7 @@ class Run:
                  args: LMBenchmarkArguments, adamw_lr: float) -> None:
         self.name, self.lr, self.seed, self.budget = name, lr, seed, budget
         self.device, self._autocast = data["device"], data["autocast"]
-        self.model = gpt2(args.size, data["vocab_size"], args.block_size, seed).to(self.device)
+        self.model = ARCHS[args.arch](args.size, data["vocab_size"], args.block_size, seed).to(self.device)
         self.opt = build_optimizer(name, self.model, lr, adamw_lr)
         warmup = max(1, args.warmup_steps)
         self._groups = [(g, g["lr"]) for g in self.opt.param_groups]
@@ -749,7 +782,7 @@ def write_card(rows: list[dict[str, Any]], args: LMBenchmarkArguments, table: st
     n_embd, n_layer, n_head = SIZES[args.size]
     return write_benchmark_card(
         output_dir=args.output_dir,
-        title=f"hf_qn: causal language modelling on {corpus_name(args)}, GPT-2 {args.size} "
+        title=f"hf_qn: causal language modelling on {corpus_name(args)}, {ARCH_NAMES[args.arch]} {args.size} "
               f"({n_params / 1e6:.1f}M parameters)",
         command=command,
         dataset=(("Wikipedia excerpt (gensim test data, 106 articles)", "wikipedia") if not args.text_files else
@@ -758,8 +791,9 @@ def write_card(rows: list[dict[str, Any]], args: LMBenchmarkArguments, table: st
         metric_name="val_loss_nats_per_token",
         results=[{"optimizer": r["optimizer"], "value": sum(r["final"]) / len(r["final"])} for r in rows
                  if not r["errors"]],
-        hyperparameters={"n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "vocab_size": args.vocab_size,
-                         "block_size": args.block_size, "batch_size": args.batch_size, "budget_s": args.budget,
+        hyperparameters={"arch": args.arch, "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head,
+                         "vocab_size": args.vocab_size, "block_size": args.block_size, "batch_size": args.batch_size,
+                         "budget_s": args.budget,
                          "sweep_s": args.sweep_seconds, "warmup_steps": args.warmup_steps,
                          "lr_schedule": args.lr_schedule, "seeds": args.seeds,
                          "threads": args.threads, "device": args.device, "autocast": args.autocast,
@@ -833,9 +867,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(LMBenchmarkArguments).parse_args_into_dataclasses(args=argv)
     if args.size not in SIZES:
         raise ValueError(f"Invalid --size {args.size!r}: one of {list(SIZES)}")
+    if args.arch not in ARCHS:
+        raise ValueError(f"Invalid --arch {args.arch!r}: one of {list(ARCHS)}")
     if args.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"Invalid --lr_schedule {args.lr_schedule!r}: one of {list(LR_SCHEDULES)}")
-    check_optimizers(args.optimizers)  # an unknown name, a bad variant or a missing peer library: before any work
+    check_optimizers(args.optimizers, args.arch)  # an unknown name, a bad variant, a missing peer: before any work
     device, autocast_dtype = resolve_device(args)
     names = ["adamw"] + [n for n in args.optimizers if n != "adamw"]  # AdamW is the reference of every ratio
     fixed = parse_fixed_lrs(args.lr, names)
@@ -850,8 +886,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              if device.type == "cuda" and args.memory_steps > 0 else {})
     runs = [Run(n, lrs[n], seed, args.budget, data, args, lrs["adamw"]) for seed in args.seeds for n in names]
     n_params = sum(p.numel() for p in runs[0].model.parameters())
-    logger.info("GPT-2 %s: %.2fM parameters on %s (autocast %s); final runs %s", args.size, n_params / 1e6, device,
-                autocast_dtype, lrs)
+    logger.info("%s %s: %.2fM parameters on %s (autocast %s); final runs %s", ARCH_NAMES[args.arch], args.size,
+                n_params / 1e6, device, autocast_dtype, lrs)
     interleave(runs, args.slice_seconds, "final runs")
     # the state's size from the final runs only (a state_dict per sweep candidate would be wasted)
     records = [{**r.record(), "state_bytes": state_bytes(r.opt, r.name), "params": n_params,
@@ -868,7 +904,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     plot(records, os.path.join(args.output_dir, "loss_curves.png"),
-         f"GPT-2 {args.size} ({n_params / 1e6:.1f}M) on {corpus_name(args)}, batch {args.batch_size}x"
+         f"{ARCH_NAMES[args.arch]} {args.size} ({n_params / 1e6:.1f}M) on {corpus_name(args)}, batch {args.batch_size}x"
          f"{args.block_size} tokens")
     write_card(rows, args, table, command, sweeps, n_params, data["documents"])
     print(table)

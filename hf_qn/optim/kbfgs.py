@@ -688,6 +688,14 @@ class KBFGS(QNOptimizerBase):
         for la in self.layers:
             if not la.state:
                 continue
+            if la.adapter.one_sided and la.state.get("output"):
+                raise ValueError(
+                    f"KBFGS.load_state_dict: the state of layer {la.name!r} holds an output factor "
+                    f"({sorted(la.state['output'])}), and this optimizer preconditions that layer one-sided, by its "
+                    "input factor alone (an LM head, a tied head, or a layer wider than max_dim): the run was saved "
+                    "with it two-sided; to continue it exactly, construct the optimizer with the policy it was saved "
+                    "with (policy=hf_qn.LayerPolicy(one_sided_heads=False) for an LM head, or its max_dim)"
+                )
             for path in la.state_paths(self.config.graft, bool(self.config.direction_rms)):
                 node: Any = la.state
                 for part in path.split("/"):
@@ -754,9 +762,17 @@ class KBFGS(QNOptimizerBase):
                     st["momentum_buffer"] = torch.zeros_like(p)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's ``load_state_dict``, refused (with this optimizer left as it was) when a layer's saved state
+        does not fit its unit here (a missing key, an output factor for a one-sided layer)."""
         self._follow_swapped_parameters()
+        before, global_before = {"state": self.state, "param_groups": self.param_groups}, self._global_state()
         super().load_state_dict(state_dict)
-        self._check_layer_keys()
+        try:
+            self._check_layer_keys()
+        except ValueError:  # torch replaced the state and groups by new objects: the old ones are intact
+            self._load_global_state(global_before)
+            self.__setstate__(before)
+            raise
         self._sync_config()
         self._schedule_capture()
 

@@ -40,6 +40,15 @@ def tiny_gpt2(vocab: int = 97, n_embd: int = 32, n_layer: int = 2):
     return GPT2LMHeadModel(cfg)
 
 
+def tiny_llama(vocab: int = 97, hidden: int = 32, n_layer: int = 1):
+    """A Llama built from a config: separate q/k/v, SwiGLU, RMSNorm, an untied LM head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=n_layer,
+                      num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
 def tiny_bert(vocab: int = 97, num_labels: int = 2):
     from transformers import BertConfig, BertForSequenceClassification
 

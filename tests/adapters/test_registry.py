@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hf_qn.adapters import LayerAdapter, LayerPolicy, LinearAdapter, assign_layers, register_adapter
-from tests._helpers.models import SmallCNN, tiny_bert, tiny_gpt2, tiny_resnet, tiny_vit
+from tests._helpers.models import SmallCNN, tiny_bert, tiny_gpt2, tiny_llama, tiny_resnet, tiny_vit
 
 
 def _check_exactly_once(model, asg):
@@ -17,7 +17,7 @@ def _check_exactly_once(model, asg):
     assert set(covered) == trainable
 
 
-@pytest.mark.parametrize("build", [tiny_gpt2, tiny_bert, tiny_vit, tiny_resnet, SmallCNN])
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama, tiny_bert, tiny_vit, tiny_resnet, SmallCNN])
 def test_every_parameter_assigned_exactly_once(build):
     model = build()
     asg = assign_layers(model)
@@ -44,6 +44,28 @@ def test_gpt2_tied_embedding_is_the_one_sided_head_or_goes_to_fallback_once():
     tied = [f for f in off.fallback if f.param is model.lm_head.weight]
     assert len(tied) == 1 and "tied" in tied[0].reason
     assert not any(a.weight is model.lm_head.weight for a in off.adapters)
+
+
+def test_an_untied_lm_head_is_one_sided_like_a_tied_one_unless_asked_otherwise():
+    """The head ``get_output_embeddings()`` names is preconditioned by its input factor alone, whatever its width
+    (its output factor would be vocab x vocab); every other layer keeps both factors."""
+    model = tiny_llama(vocab=97)  # 97 < max_dim: a dense 97 x 97 output factor would be allowed
+    asg = assign_layers(model)
+    sided = {a.name: a.one_sided for a in asg.adapters}
+    assert sided.pop("lm_head") is True and not any(sided.values()) and len(sided) == 7
+    assert [f.name for f in asg.fallback if f.param is model.model.embed_tokens.weight] == [
+        "model.embed_tokens.weight"]
+    assert "lm_head" in asg.report().split("(one-sided")[0].splitlines()[-1]
+    two = {a.name: a.one_sided for a in assign_layers(model, LayerPolicy(one_sided_heads=False)).adapters}
+    assert two["lm_head"] is False
+    # ungrafted (the paper's steps) it is not decided for the user: the head keeps both factors
+    assert LayerPolicy().resolved(grafted=False).one_sided_heads is False
+    assert LayerPolicy().resolved(grafted=True).one_sided_heads is True
+    # a head wider than max_dim stays adapted (one-sided) with wide="fallback", as a tied head does
+    narrow = assign_layers(model, LayerPolicy(max_dim=64, wide="fallback"))
+    assert [(a.name, a.one_sided) for a in narrow.adapters if a.name == "lm_head"] == [("lm_head", True)]
+    # a model without get_output_embeddings, or whose head is None (a classifier), has no LM head
+    assert not any(a.one_sided for a in assign_layers(tiny_bert()).adapters)
 
 
 def test_vit_free_parameters_and_patch_conv():

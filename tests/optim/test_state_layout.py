@@ -146,6 +146,30 @@ def test_an_incomplete_state_is_refused_naming_the_missing_key():
         hf_qn.KBFGSL(model, preset="paper", history_size=3).load_state_dict(sd)
 
 
+def test_a_two_sided_layers_state_is_refused_by_a_one_sided_layer_and_nothing_changes():
+    """A run saved with a layer two-sided (here ``max_dim=8``) loaded where that layer is one-sided (``max_dim=5``,
+    its ``d_out`` 6 > 5): refused naming the layer and the fix, and the optimizer continues exactly as an untouched
+    twin does."""
+    def make(max_dim):
+        torch.manual_seed(0)
+        model = mlp(sizes=(4, 4, 6))
+        return model, hf_qn.KBFGS(model, policy=hf_qn.LayerPolicy(max_dim=max_dim), update_interval=1)
+
+    def batches(n, seed):
+        return regression_batches(n, d_in=4, d_out=6, seed=seed)
+
+    (saved_model, saved), (model, opt), (twin_model, twin) = make(8), make(5), make(5)
+    assert [la.adapter.one_sided for la in opt.layers] == [False, True]
+    loop(saved_model, saved, batches(2, 0), mse_loss)
+    for m, o in ((model, opt), (twin_model, twin)):
+        loop(m, o, batches(2, 1), mse_loss)
+    with pytest.raises(ValueError, match=r"layer '2' holds an output factor.*one-sided.*one_sided_heads=False"):
+        opt.load_state_dict(roundtrip(saved.state_dict()))
+    more = batches(3, 2)
+    assert loop(model, opt, more, mse_loss) == loop(twin_model, twin, more, mse_loss)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters()))
+
+
 def test_a_no_decay_name_that_matches_nothing_is_refused():
     with pytest.raises(ValueError, match="Invalid no_decay: \\['0.bais'\\]"):
         hf_qn.KBFGS(mlp(), preset="paper", no_decay=["0.bias", "0.bais"])

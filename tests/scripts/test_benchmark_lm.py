@@ -300,3 +300,38 @@ def test_the_default_hub_repository_names_the_corpus_and_the_size(bench):
     assert (bench.default_hub_model_id(args(text_files=["/data/Library Docstrings.txt.gz", "b.txt"]))
             == "hf-qn/lm-gpt2-library-docstrings-benchmark")
     assert bench.default_hub_model_id(args(text_files=["/data/.txt"])) == "hf-qn/lm-gpt2-text-benchmark"
+
+
+def test_muons_share_is_every_block_matrix_of_either_family(bench):
+    """Muon takes the 2-D weights inside the blocks (GPT-2's fused Conv1D, Llama's seven projections); the
+    embeddings and Llama's untied head go to AdamW with the norms and biases."""
+    gpt, llama = bench.gpt2("tiny", 64, 8, 0), bench.llama("tiny", 64, 8, 0)
+    assert bench.hidden_matrices(gpt) == [f"transformer.h.0.{m}.weight"
+                                          for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert bench.hidden_matrices(llama) == [f"model.layers.0.{m}.weight" for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")]
+    muon, adamw = bench.build_optimizer("muon", llama, 1e-2, 1e-3).opts
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    named = dict(llama.named_parameters())
+    assert in_muon == {id(named[n]) for n in bench.hidden_matrices(llama)}
+    assert named["lm_head.weight"] is not named["model.embed_tokens.weight"]  # untied
+    assert {id(p) for g in adamw.param_groups for p in g["params"]} == {id(p) for p in llama.parameters()} - in_muon
+    # the SwiGLU width is 8/3 of the model's, rounded up to a multiple of 32: GPT-2's MLP parameters, about
+    assert llama.config.intermediate_size == 96 and bench.llama("small", 64, 8, 0).config.intermediate_size == 352
+
+
+def test_a_llama_run_trains_every_optimizer_and_names_the_family(bench, tmp_path):
+    with pytest.raises(ValueError, match="--arch 'bert'"):
+        bench.main(["--arch", "bert", "--output_dir", str(tmp_path)])
+    names = ["adamw", "muon_fp32", "kbfgs"]
+    bench.main(["--arch", "llama", "--size", "tiny", "--max_articles", "12", "--optimizers", *names, "--budget", "1",
+                "--sweep_seconds", "0", "--eval_every", "0.5", "--slice_seconds", "0.5", "--output_dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["optimizer"] for r in saved["records"]] == names
+    assert all(r["error"] is None and r["steps"] > 0 and math.isfinite(r["final_val_loss"]) for r in saved["records"])
+    assert saved["records"][2]["output_side"] == "kfac"  # a Llama built from a config trains from scratch
+    card = (tmp_path / "README.md").read_text()
+    assert "Llama tiny" in card
+    hub_id = bench.default_hub_model_id(bench.LMBenchmarkArguments(arch="llama", size="tiny"))
+    assert hub_id == "hf-qn/lm-llama-wikipedia-tiny-benchmark"
