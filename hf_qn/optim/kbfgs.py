@@ -696,6 +696,13 @@ class KBFGS(QNOptimizerBase):
                     "with it two-sided; to continue it exactly, construct the optimizer with the policy it was saved "
                     "with (policy=hf_qn.LayerPolicy(one_sided_heads=False) for an LM head, or its max_dim)"
                 )
+            if not la.adapter.one_sided and la.output.STATE_KEYS and la.state.get("output") == {}:
+                raise ValueError(
+                    f"KBFGS.load_state_dict: the state of layer {la.name!r} holds no output factor, and this optimizer "
+                    "preconditions that layer with one: the run was saved with it one-sided (an LM head, which the "
+                    "default policy makes one-sided, or a layer wider than max_dim); to continue it exactly, construct "
+                    "the optimizer with the policy it was saved with (the default LayerPolicy(), or its max_dim)"
+                )
             for path in la.state_paths(self.config.graft, bool(self.config.direction_rms)):
                 node: Any = la.state
                 for part in path.split("/"):

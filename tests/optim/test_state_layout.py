@@ -149,7 +149,7 @@ def test_an_incomplete_state_is_refused_naming_the_missing_key():
 def test_a_two_sided_layers_state_is_refused_by_a_one_sided_layer_and_nothing_changes():
     """A run saved with a layer two-sided (here ``max_dim=8``) loaded where that layer is one-sided (``max_dim=5``,
     its ``d_out`` 6 > 5): refused naming the layer and the fix, and the optimizer continues exactly as an untouched
-    twin does."""
+    twin does; the other way round is refused too."""
     def make(max_dim):
         torch.manual_seed(0)
         model = mlp(sizes=(4, 4, 6))
@@ -168,6 +168,9 @@ def test_a_two_sided_layers_state_is_refused_by_a_one_sided_layer_and_nothing_ch
     more = batches(3, 2)
     assert loop(model, opt, more, mse_loss) == loop(twin_model, twin, more, mse_loss)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters()))
+    # the other way: a one-sided layer's state into an optimizer that gives that layer an output factor
+    with pytest.raises(ValueError, match=r"layer '2' holds no output factor.*saved with it one-sided"):
+        saved.load_state_dict(roundtrip(opt.state_dict()))
 
 
 def test_a_no_decay_name_that_matches_nothing_is_refused():
