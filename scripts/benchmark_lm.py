@@ -59,7 +59,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -73,8 +73,6 @@ logger = logging.getLogger("benchmark_lm")
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 #: n_embd, n_layer, n_head; gpt2 is GPT-2 small's shape
 SIZES = {"tiny": (32, 1, 2), "small": (128, 4, 4), "large": (256, 6, 8), "gpt2": (768, 12, 12)}
-#: the model families of ``--arch`` (built by :data:`ARCHS`), with the names the logs, plot and card give them
-ARCH_NAMES = {"gpt2": "GPT-2", "llama": "Llama"}
 AUTOCAST = {"auto": None, "none": None, "bfloat16": torch.bfloat16}  # auto: resolved by resolve_device
 
 #: the optimizers this benchmark knows: constructor keyword arguments of the hf_qn rows, and the peers.
@@ -88,7 +86,7 @@ ALL_OPTIMIZERS = [*PEERS, *KBFGS_VARIANTS]
 DEFAULT_OPTIMIZERS = ["adamw", "muon", "muon_fp32", "soap", "mlbfgs", "kbfgs", "kbfgs_paper_int10"]
 
 #: initial lr grids (extended past an end that wins); Muon's lr is its own (spectral) scale. A variant written
-#: ``kbfgs:name=value,...`` (KBFGSConfig fields, and LayerPolicy's tied_heads / one_sided_heads / wide / max_dim) or
+#: ``kbfgs:name=value,...`` (the fields of KBFGSConfig and of LayerPolicy) or
 #: ``mlbfgs:...`` sweeps the grid of its kind.
 SWEEPS: dict[str, list[float]] = {
     "adamw": [3e-4, 1e-3, 3e-3],
@@ -118,8 +116,8 @@ class LMBenchmarkArguments:
     output_dir: str = field(default="outputs/lm", metadata={"help": "Where results, plot and card go."})
     size: str = field(default="small", metadata={"help": f"Model size: one of {list(SIZES)}."})
     arch: str = field(default="gpt2", metadata={
-        "help": f"Model family: one of {list(ARCH_NAMES)} (llama: RMSNorm, rotary positions, SwiGLU, separate "
-                "q/k/v, an untied head; the same width, depth and heads as gpt2's --size)."})
+        "help": "Model family: gpt2 or llama (RMSNorm, rotary positions, SwiGLU, separate q/k/v, an untied head; "
+                "the same width, depth and heads as gpt2's --size)."})
     optimizers: list[str] = field(default_factory=lambda: list(DEFAULT_OPTIMIZERS), metadata={
         "help": f"Any of {ALL_OPTIMIZERS}; kbfgs:k=v,... and mlbfgs:k=v,... are variants (config fields); "
                 "NAME:lr=VALUE is a row at that lr, not swept (an lr screen: muon:lr=0.002 muon:lr=0.005)."})
@@ -284,8 +282,14 @@ def llama(size: str, vocab_size: int, block_size: int, seed: int) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
-#: the model families ``--arch`` builds, by name
-ARCHS: dict[str, Callable[[str, int, int, int], nn.Module]] = {"gpt2": gpt2, "llama": llama}
+class Family(NamedTuple):
+    """A model family of ``--arch``."""
+
+    title: str  #: what the logs, plot and card call it
+    build: Callable[[str, int, int, int], nn.Module]  #: (size, vocab_size, block_size, seed) -> the model
+
+
+ARCHS = {"gpt2": Family("GPT-2", gpt2), "llama": Family("Llama", llama)}
 
 
 def hidden_matrices(model: nn.Module) -> list[str]:
@@ -426,7 +430,7 @@ def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> 
     if name == "mlbfgs":
         return hf_qn.MLBFGS(model, lr=lr, **kwargs)
     if name in KBFGS_VARIANTS:
-        policy = {k: kwargs.pop(k) for k in ("tied_heads", "one_sided_heads", "wide", "max_dim") if k in kwargs}
+        policy, kwargs = hf_qn.LayerPolicy.split_kwargs(kwargs)
         return hf_qn.KBFGS(model, policy=hf_qn.LayerPolicy(**policy), **{"lr": lr, "l2": 0.0, **kwargs})
     raise ValueError(f"Unknown optimizer {name!r} (choose from {ALL_OPTIMIZERS})")
 
@@ -442,7 +446,7 @@ def check_optimizers(names: list[str], arch: str = "gpt2") -> None:
         for name in names:
             split_variant(name)  # an unknown name: refused with the list of known ones
             try:
-                build_optimizer(name, ARCHS[arch]("tiny", 64, 8, 0), 1e-3, 1e-3)
+                build_optimizer(name, ARCHS[arch].build("tiny", 64, 8, 0), 1e-3, 1e-3)
             except Exception as err:
                 raise ValueError(f"Invalid optimizer {name!r} in --optimizers: {type(err).__name__}: {err}") from err
     finally:
@@ -502,7 +506,7 @@ class Run:
                  args: LMBenchmarkArguments, adamw_lr: float) -> None:
         self.name, self.lr, self.seed, self.budget = name, lr, seed, budget
         self.device, self._autocast = data["device"], data["autocast"]
-        self.model = ARCHS[args.arch](args.size, data["vocab_size"], args.block_size, seed).to(self.device)
+        self.model = ARCHS[args.arch].build(args.size, data["vocab_size"], args.block_size, seed).to(self.device)
         self.opt = build_optimizer(name, self.model, lr, adamw_lr)
         warmup = max(1, args.warmup_steps)
         self._groups = [(g, g["lr"]) for g in self.opt.param_groups]
@@ -782,7 +786,7 @@ def write_card(rows: list[dict[str, Any]], args: LMBenchmarkArguments, table: st
     n_embd, n_layer, n_head = SIZES[args.size]
     return write_benchmark_card(
         output_dir=args.output_dir,
-        title=f"hf_qn: causal language modelling on {corpus_name(args)}, {ARCH_NAMES[args.arch]} {args.size} "
+        title=f"hf_qn: causal language modelling on {corpus_name(args)}, {ARCHS[args.arch].title} {args.size} "
               f"({n_params / 1e6:.1f}M parameters)",
         command=command,
         dataset=(("Wikipedia excerpt (gensim test data, 106 articles)", "wikipedia") if not args.text_files else
@@ -886,7 +890,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              if device.type == "cuda" and args.memory_steps > 0 else {})
     runs = [Run(n, lrs[n], seed, args.budget, data, args, lrs["adamw"]) for seed in args.seeds for n in names]
     n_params = sum(p.numel() for p in runs[0].model.parameters())
-    logger.info("%s %s: %.2fM parameters on %s (autocast %s); final runs %s", ARCH_NAMES[args.arch], args.size,
+    logger.info("%s %s: %.2fM parameters on %s (autocast %s); final runs %s", ARCHS[args.arch].title, args.size,
                 n_params / 1e6, device, autocast_dtype, lrs)
     interleave(runs, args.slice_seconds, "final runs")
     # the state's size from the final runs only (a state_dict per sweep candidate would be wasted)
@@ -904,8 +908,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     plot(records, os.path.join(args.output_dir, "loss_curves.png"),
-         f"{ARCH_NAMES[args.arch]} {args.size} ({n_params / 1e6:.1f}M) on {corpus_name(args)}, batch {args.batch_size}x"
-         f"{args.block_size} tokens")
+         f"{ARCHS[args.arch].title} {args.size} ({n_params / 1e6:.1f}M) on {corpus_name(args)}, "
+         f"batch {args.batch_size}x{args.block_size} tokens")
     write_card(rows, args, table, command, sweeps, n_params, data["documents"])
     print(table)
     return {"meta": meta, "sweeps": sweeps, "rows": rows, "records": records}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +140,15 @@ class LayerPolicy:
             one_sided_heads=grafted if self.one_sided_heads is None else self.one_sided_heads,
             adapt_embeddings=not grafted if self.adapt_embeddings is None else self.adapt_embeddings,
         )
+
+    @classmethod
+    def split_kwargs(cls, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``kwargs`` split into (the entries named after this class's fields, the rest): how one flat set of
+        options (the Trainer's ``qn_args``, a factory's kwargs) is told apart into the layer policy and the
+        optimizer's hyperparameters. No name is both (a test holds the two sets disjoint)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return ({k: v for k, v in kwargs.items() if k in names},
+                {k: v for k, v in kwargs.items() if k not in names})
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ _LEGACY_FLAGS = {
     "qn_param_beta": "param_decay", "qn_grad_beta": "grad_decay", "qn_sigma_low": "sigma_low",
     "qn_sigma_high": "sigma_high", "qn_normalize": "normalize", "qn_blocks": "blocks",
     "qn_min_block_size": "min_block_size", "qn_history_dtype": "history_dtype", "qn_matmul_dtype": "matmul_dtype",
+    "qn_max_dim": "max_dim", "qn_exclude": "exclude",
 }
 
 
@@ -86,6 +87,8 @@ class _LegacyQNFlags:
     qn_min_block_size: int | None = None
     qn_history_dtype: str | None = None
     qn_matmul_dtype: str | None = None
+    qn_max_dim: int | None = None
+    qn_exclude: list[str] | None = None
 
 
 @dataclass
@@ -123,9 +126,9 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
     qn_args: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Hyperparameters of the hf_qn optimizer: 'name=value,name=value' or a JSON object, with "
-                  "the names of KBFGSConfig / MLBFGSConfig (e.g. 'damping=0.2,update_interval=10')."},
+                  "the names of KBFGSConfig / MLBFGSConfig (e.g. 'damping=0.2,update_interval=10'), and for K-BFGS "
+                  "those of LayerPolicy, which layers it adapts (e.g. \"exclude=('wte',),one_sided_heads=False\")."},
     )
-    qn_max_dim: int = field(default=4096, metadata={"help": "K-BFGS: largest Kronecker factor dimension adapted."})
     qn_log_statistics: str = field(
         default="interval",
         metadata={"help": "The optimizer's qn/* statistics in the logs: interval (counts since the last log), "
@@ -136,9 +139,6 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
         metadata={"help": "K-BFGS: with qn_log_statistics, also log qn/max_norm_H_g and qn/max_norm_H_a, Lanczos "
                   "estimates of the factors' largest eigenvalues (they read every factor 30 times: on MiniLM "
                   "about half a training step per log line on a CPU)."},
-    )
-    qn_exclude: list[str] = field(
-        default_factory=list, metadata={"help": "K-BFGS: regexes of module names not to adapt."}
     )
 
     def _fill_optimizer_defaults(self) -> None:
@@ -171,7 +171,9 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
             value = getattr(self, flag)
             if value is None:
                 continue
-            warnings.warn(f"--{flag} is deprecated: pass --qn_args '{name}={value}'", FutureWarning, stacklevel=3)
+            if flag == "qn_exclude":
+                value = tuple(value)  # as qn_args writes it: exclude=('lm_head',)
+            warnings.warn(f'--{flag} is deprecated: pass --qn_args "{name}={value}"', FutureWarning, stacklevel=3)
             if flag == "qn_max_loss_increase" and math.isinf(value):
                 value = None  # the old flag's way to turn the guard off
             if flag == "qn_blocks" and value.isdigit():
@@ -184,8 +186,8 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
             parts = {name: qn_args_for(name, hyper) for name in ("kbfgs", "mlbfgs")}
             unknown = sorted(set(hyper).difference(*parts.values()))
             if unknown:
-                raise ValueError(f"Invalid qn_args: {', '.join(map(repr, unknown))} is a hyperparameter of neither "
-                                 "KBFGSConfig nor MLBFGSConfig (or a preset neither has)")
+                raise ValueError(f"Invalid qn_args: {', '.join(map(repr, unknown))} names a field of none of "
+                                 "KBFGSConfig, LayerPolicy and MLBFGSConfig (or a preset neither optimizer has)")
             for name, part in parts.items():
                 optimizer_config(name, part)
 
@@ -233,6 +235,8 @@ def qn_args_for(name: str, hyper: dict[str, Any]) -> dict[str, Any]:
     (``lr`` or ``history_size`` go to each optimizer that has them, ``preset=paper`` to K-BFGS only)."""
     config = _config_class(name)
     own = {f.name for f in dataclasses.fields(config)}
+    if config is KBFGSConfig:
+        own |= {f.name for f in dataclasses.fields(LayerPolicy)}
     return {k: v for k, v in hyper.items()
             if k in own or (k == "preset" and isinstance(v, str) and v in config.PRESETS)}
 
@@ -245,13 +249,18 @@ def _config_class(name: str) -> type[KBFGSConfig] | type[MLBFGSConfig]:
     raise ValueError(f"Invalid qn_optimizer: {name!r} (must be one of {QN_OPTIMIZERS})")
 
 
-def optimizer_config(name: str, hyper: dict[str, Any]) -> KBFGSConfig | MLBFGSConfig:
-    """The validated configuration of optimizer ``name`` with the hyperparameters ``hyper``."""
+def optimizer_config(name: str, hyper: dict[str, Any]) -> tuple[KBFGSConfig | MLBFGSConfig, LayerPolicy | None]:
+    """The validated configuration of optimizer ``name`` with the options ``hyper``, and for K-BFGS the layer
+    policy that the options naming ``LayerPolicy`` fields give (None for mL-BFGS, which has none)."""
     config = _config_class(name)
-    if name == "kbfgs_l":
-        hyper = {"history_size": 100, **hyper}
+    policy = None
     try:
-        return config.from_kwargs(**hyper)
+        if config is KBFGSConfig:
+            fields, hyper = LayerPolicy.split_kwargs(hyper)
+            policy = LayerPolicy(**fields)
+        if name == "kbfgs_l":
+            hyper = {"history_size": 100, **hyper}
+        return config.from_kwargs(**hyper), policy
     except (TypeError, ValueError) as e:
         raise ValueError(f"Invalid qn_args for {name}: {e}") from e
 
@@ -264,8 +273,7 @@ def build_optimizer(
     no_decay = no_decay or set()
     hyper = parse_qn_args(args.qn_args)
     if name in ("kbfgs", "kbfgs_l"):
-        cfg = optimizer_config(name, {"lr": args.learning_rate, "l2": args.weight_decay, **hyper})
-        policy = LayerPolicy(exclude=tuple(args.qn_exclude), max_dim=args.qn_max_dim)
+        cfg, policy = optimizer_config(name, {"lr": args.learning_rate, "l2": args.weight_decay, **hyper})
         cls = KBFGSL if name == "kbfgs_l" else KBFGS
         return cls(model, no_decay=sorted(no_decay), policy=policy, config=cfg)  # type: ignore[arg-type]
     if name == "mlbfgs":
@@ -279,7 +287,7 @@ def build_optimizer(
                     "param_names": [n for n, _ in sel],
                     "weight_decay": args.weight_decay if decay else 0.0,
                 })
-        cfg = optimizer_config(name, {"lr": args.learning_rate, "weight_decay": args.weight_decay, **hyper})
+        cfg, _ = optimizer_config(name, {"lr": args.learning_rate, "weight_decay": args.weight_decay, **hyper})
         return MLBFGS(groups, config=cfg)  # type: ignore[arg-type]
     raise ValueError(f"Invalid qn_optimizer: {name!r} (must be one of {QN_OPTIMIZERS})")
 

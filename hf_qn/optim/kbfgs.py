@@ -112,6 +112,11 @@ class KBFGS(QNOptimizerBase):
             raise TypeError(f"Invalid policy: {policy!r} (must be an hf_qn.LayerPolicy or None)")
         if config is not None and not isinstance(config, KBFGSConfig):
             raise TypeError(f"Invalid config: {config!r} (must be an hf_qn.optim.config.KBFGSConfig or None)")
+        misplaced, _ = LayerPolicy.split_kwargs(hyperparameters)
+        if misplaced:
+            given = ", ".join(f"{k}={v!r}" for k, v in misplaced.items())
+            raise TypeError(f"Invalid hyperparameters {sorted(misplaced)}: fields of LayerPolicy (which layers are "
+                            f"adapted, and how); pass policy=hf_qn.LayerPolicy({given})")
         cfg = resolve_output_side(KBFGSConfig.from_kwargs(config, **hyperparameters), model)
         sparse = [n for n, m in model.named_modules() if getattr(m, "sparse", False) is True]
         if sparse:
@@ -688,21 +693,9 @@ class KBFGS(QNOptimizerBase):
         for la in self.layers:
             if not la.state:
                 continue
-            if la.adapter.one_sided and la.state.get("output"):
-                raise ValueError(
-                    f"KBFGS.load_state_dict: the state of layer {la.name!r} holds an output factor "
-                    f"({sorted(la.state['output'])}), and this optimizer preconditions that layer one-sided, by its "
-                    "input factor alone (an LM head, a tied head, or a layer wider than max_dim): the run was saved "
-                    "with it two-sided; to continue it exactly, construct the optimizer with the policy it was saved "
-                    "with (policy=hf_qn.LayerPolicy(one_sided_heads=False) for an LM head, or its max_dim)"
-                )
-            if not la.adapter.one_sided and la.output.STATE_KEYS and la.state.get("output") == {}:
-                raise ValueError(
-                    f"KBFGS.load_state_dict: the state of layer {la.name!r} holds no output factor, and this optimizer "
-                    "preconditions that layer with one: the run was saved with it one-sided (an LM head, which the "
-                    "default policy makes one-sided, or a layer wider than max_dim); to continue it exactly, construct "
-                    "the optimizer with the policy it was saved with (the default LayerPolicy(), or its max_dim)"
-                )
+            saved = la.state.get("output")  # {} for a one-sided layer; a missing key is named below
+            if saved is not None and bool(saved) != bool(la.output.STATE_KEYS):
+                raise ValueError(_sidedness_refusal(la.name, saved_two_sided=bool(saved), keys=sorted(saved)))
             for path in la.state_paths(self.config.graft, bool(self.config.direction_rms)):
                 node: Any = la.state
                 for part in path.split("/"):
@@ -846,6 +839,21 @@ def resolve_output_side(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
     logger.info("KBFGS: output_side='auto' is %r (%s); pass output_side='bfgs', 'kfac' or 'none' to choose", side,
                 why)
     return dataclasses.replace(cfg, output_side=side)
+
+
+def _sidedness_refusal(name: str, saved_two_sided: bool, keys: list[str]) -> str:
+    """Why a layer's saved state cannot be loaded where the layer is preconditioned the other way (with or
+    without an output factor): the policy changed between save and load."""
+    if saved_two_sided:
+        return (f"KBFGS.load_state_dict: the state of layer {name!r} holds an output factor ({keys}), and this "
+                "optimizer preconditions that layer one-sided, by its input factor alone (an LM head, a tied head, or "
+                "a layer wider than max_dim): the run was saved with it two-sided; to continue it exactly, construct "
+                "the optimizer with the policy it was saved with (policy=hf_qn.LayerPolicy(one_sided_heads=False) for "
+                "an LM head, or its max_dim)")
+    return (f"KBFGS.load_state_dict: the state of layer {name!r} holds no output factor, and this optimizer "
+            "preconditions that layer with one: the run was saved with it one-sided (an LM head, which the default "
+            "policy makes one-sided, or a layer wider than max_dim); to continue it exactly, construct the optimizer "
+            "with the policy it was saved with (the default LayerPolicy(), or its max_dim)")
 
 
 def _new_layer(adapter: LayerAdapter, cfg: KBFGSConfig) -> KroneckerLayer:

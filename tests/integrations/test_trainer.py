@@ -16,7 +16,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback
 import hf_qn
 from hf_qn.integrations.trainer import QNTrainer, QNTrainingArguments, build_optimizer, qn_args_for, unwrap_optimizer
 from hf_qn.optim.mlbfgs import build_blocks
-from tests._helpers.models import tiny_gpt2
+from tests._helpers.models import tiny_gpt2, tiny_llama
 from tests._helpers.training import flat_state
 
 
@@ -105,6 +105,50 @@ def test_qn_arguments_parse_from_cli_and_json(tmp_path):
         QNTrainingArguments(output_dir=str(tmp_path), qn_min_block_size=-1, use_cpu=True)
 
 
+def test_qn_args_reach_the_layer_policy_on_every_route(tmp_path):
+    """Which layers K-BFGS adapts goes through the same ``qn_args`` as its hyperparameters (the fields of
+    ``LayerPolicy``): from the command line, through a factory's kwargs, checked at argument time; the old
+    ``--qn_exclude`` / ``--qn_max_dim`` warn and land there; the optimizer itself names the policy to pass."""
+    import dataclasses
+
+    from hf_qn.optim.config import KBFGSConfig, MLBFGSConfig
+
+    policy = {f.name for f in dataclasses.fields(hf_qn.LayerPolicy)}
+    assert not policy & ({f.name for f in dataclasses.fields(KBFGSConfig)}
+                         | {f.name for f in dataclasses.fields(MLBFGSConfig)})  # split_kwargs is unambiguous
+    parser = HfArgumentParser(QNTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--qn_optimizer", "kbfgs", "--use_cpu", "true",
+         "--qn_args", "one_sided_heads=False,exclude=('down_proj',),damping=0.2"])
+    opt = build_optimizer("kbfgs", tiny_llama(), args)
+    sided = {a.name: a.one_sided for a in opt.adapters}
+    assert sided["lm_head"] is False and opt.config.damping == 0.2  # the head's output factor is back
+    assert "model.layers.0.mlp.down_proj" not in sided and "model.layers.0.mlp.up_proj" in sided
+    assert build_optimizer("kbfgs", tiny_llama(), QNTrainingArguments(
+        output_dir=str(tmp_path), qn_optimizer="kbfgs", use_cpu=True)).policy.one_sided_heads is True
+    with pytest.raises(ValueError, match="Invalid qn_args for kbfgs: Invalid wide: 'diagonal'"):
+        QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="kbfgs", use_cpu=True, qn_args="wide=diagonal")
+    with pytest.raises(ValueError, match="Invalid qn_args for mlbfgs: Unknown MLBFGS.*'max_dim'"):
+        QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer="mlbfgs", use_cpu=True, qn_args="max_dim=64")
+    # no optimizer chosen yet (a recipe): the policy's fields go to K-BFGS only
+    both = QNTrainingArguments(output_dir=str(tmp_path), use_cpu=True, qn_args="max_dim=64,normalize=unit")
+    assert (qn_args_for("kbfgs", both.qn_args), qn_args_for("mlbfgs", both.qn_args)) == (
+        {"max_dim": 64}, {"normalize": "unit"})
+    with pytest.warns(FutureWarning, match="--qn_exclude is deprecated"):
+        (old,) = parser.parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--qn_optimizer", "kbfgs", "--use_cpu", "true",
+             "--qn_exclude", "down_proj", "--qn_max_dim", "64"])
+    assert old.qn_args == {"exclude": ("down_proj",), "max_dim": 64}
+    assert build_optimizer("kbfgs", tiny_llama(), old).policy.exclude == ("down_proj",)
+    # a factory's kwargs, flat or as policy=, but not both; the optimizer refuses the fields as hyperparameters
+    factory = hf_qn.KBFGSFactory()(tiny_llama(), lr=1e-3, one_sided_heads=False)
+    assert {a.name: a.one_sided for a in factory.adapters}["lm_head"] is False
+    with pytest.raises(TypeError, match=r"\['max_dim'\] given beside policy="):
+        hf_qn.KBFGSFactory()(tiny_llama(), max_dim=64, policy=hf_qn.LayerPolicy())
+    with pytest.raises(TypeError, match=r"fields of LayerPolicy.*policy=hf_qn.LayerPolicy\(max_dim=64\)"):
+        hf_qn.KBFGS(tiny_llama(), max_dim=64)
+
+
 def test_qn_args_is_the_one_path_for_every_hyperparameter(tmp_path):
     """``--qn_args`` reaches every config field (as 'name=value,...', JSON or a dict), no field re-declared;
     a bad name or value fails at argument time, naming it; the old flags warn and land in the same place."""
@@ -139,7 +183,7 @@ def test_qn_args_is_the_one_path_for_every_hyperparameter(tmp_path):
     # a name both configurations have is checked for each; a preset goes to the optimizers that have it
     with pytest.raises(ValueError, match="Invalid qn_args for mlbfgs: Invalid history_size: None"):
         QNTrainingArguments(output_dir=str(tmp_path), use_cpu=True, qn_args="history_size=None")
-    with pytest.raises(ValueError, match="'dampin', 'preset' is a hyperparameter of neither"):
+    with pytest.raises(ValueError, match="'dampin', 'preset' names a field of none of"):
         QNTrainingArguments(output_dir=str(tmp_path), use_cpu=True, qn_args="dampin=0.2,preset=fast")
     paper = QNTrainingArguments(output_dir=str(tmp_path), use_cpu=True, qn_args="preset=paper,lr=0.1,normalize=unit")
     assert qn_args_for("kbfgs", paper.qn_args) == {"preset": "paper", "lr": 0.1}
