@@ -294,13 +294,20 @@ def _tied_heads(model: nn.Module, policy: LayerPolicy, owners: dict[int, list[st
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
-    """The model's LM head, as a transformers model names it (``get_output_embeddings()``), or None."""
+    """The model's LM head, as a transformers model names it (``get_output_embeddings()``), or None. Where that is a
+    wrapper of the layer (peft's ``ModulesToSaveWrapper`` for ``modules_to_save=["lm_head"]``, whose ``weight`` is
+    its trainable copy's), the head is the one adaptable layer inside it that holds that weight."""
     get = getattr(model, "get_output_embeddings", None)
     try:
         head = get() if callable(get) else None
     except (AttributeError, NotImplementedError):  # a model class that declares the method but has no head
         return None
-    return head if isinstance(head, nn.Module) else None
+    if not isinstance(head, nn.Module) or adapter_class_for(head) is not None:
+        return head if isinstance(head, nn.Module) else None
+    weight = getattr(head, "weight", None)
+    inner = [m for m in head.modules() if m is not head and adapter_class_for(m) is not None
+             and weight is not None and getattr(m, "weight", None) is weight]
+    return inner[0] if len(inner) == 1 else None
 
 
 def _refusal(

@@ -11,7 +11,7 @@ from torch import nn
 
 import hf_qn
 from hf_qn.integrations.trainer import QNTrainer, QNTrainingArguments, unwrap_optimizer
-from tests._helpers.models import tiny_bert
+from tests._helpers.models import tiny_bert, tiny_llama
 from tests._helpers.training import loop, mse_loss, regression_batches
 
 peft = pytest.importorskip("peft")
@@ -126,3 +126,25 @@ def test_the_coverage_line_and_the_fallback_share_count_what_trains():
     assert line.startswith("KBFGS preconditions 9 layers, 100.0% of the trainable parameters")
     assert f"{100 * frozen / sum(p.numel() for p in model.parameters()):.1f}% of all parameters are frozen" in line
     assert opt.statistics(factor_norms=False)["qn/fallback_share"] == 0.0
+
+
+def test_a_head_in_modules_to_save_is_one_sided_as_the_head_it_copies():
+    """``modules_to_save=["lm_head"]`` wraps the head (``get_output_embeddings()`` returns peft's wrapper): the
+    trainable copy inside is the LM head, preconditioned one-sided as the plain model's head is, and it trains."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                              modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    opt = hf_qn.KBFGS(model, lr=3e-3, update_interval=1)
+    sided = {a.name: a.one_sided for a in opt.adapters if any(p.requires_grad for p in a.parameters())}
+    assert sided.pop("base_model.model.lm_head.modules_to_save.default") is True
+    assert len(sided) == 4 and not any(sided.values())  # (q, v) x (lora_A, lora_B) keep both factors
+    head = model.base_model.model.lm_head.modules_to_save["default"].weight
+    before = head.detach().clone()
+    ids = torch.randint(0, 97, (4, 12))
+    for _ in range(2):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    assert not torch.equal(head, before)
+    assert opt.state_dict()["state"] and opt.layers[[a.name for a in opt.adapters].index(
+        "base_model.model.lm_head.modules_to_save.default")].state["output"] == {}
