@@ -526,7 +526,7 @@ class MLBFGSConfig(_Config):
         history_dtype: storage dtype of the histories, float32 or bfloat16 (halves the dominant memory).
             (default: float32)
         blocks: ``"layer"``, ``"param"``, ``"model"``, a chunk size, or ``{name: [param names]}``; see
-            :func:`~hf_qn.optim.mlbfgs.build_blocks`. (default: ``"layer"``)
+            :func:`~hf_qn.optim.mlbfgs_blocks.build_blocks`. (default: ``"layer"``)
         min_block_size: merge consecutive blocks smaller than this. (default: 0)
         shard_state: split the per-element state (averages, histories, momentum) over the ranks, each keeping
             a ``1/N`` slice of every parameter, with the L-BFGS products summed over ranks (the same
