@@ -302,11 +302,15 @@ def _output_head(model: nn.Module) -> nn.Module | None:
         head = get() if callable(get) else None
     except (AttributeError, NotImplementedError):  # a model class that declares the method but has no head
         return None
-    if not isinstance(head, nn.Module) or adapter_class_for(head) is not None:
-        return head if isinstance(head, nn.Module) else None
+    if not isinstance(head, nn.Module):
+        return None
+    if adapter_class_for(head) is not None:
+        return head
     weight = getattr(head, "weight", None)
-    inner = [m for m in head.modules() if m is not head and adapter_class_for(m) is not None
-             and weight is not None and getattr(m, "weight", None) is weight]
+    if weight is None:
+        return None
+    inner = [m for m in head.modules()
+             if m is not head and adapter_class_for(m) is not None and getattr(m, "weight", None) is weight]
     return inner[0] if len(inner) == 1 else None
 
 
