@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_autoencoder import kbfgs_step
-from recipe_utils import lr_beyond, optimizer_state_bytes, resolved_output_side, sync_cuda
+from recipe_utils import llama_config, lr_beyond, optimizer_state_bytes, resolved_output_side, sync_cuda
 
 logger = logging.getLogger("benchmark_lm")
 
@@ -268,16 +268,10 @@ def gpt2(size: str, vocab_size: int, block_size: int, seed: int) -> nn.Module:
 
 
 def llama(size: str, vocab_size: int, block_size: int, seed: int) -> nn.Module:
-    """A Llama-architecture model of the same width, depth and heads as ``gpt2``'s size: RMSNorm, rotary positions,
-    a SwiGLU MLP of width ``8/3 · n_embd`` (rounded up to a multiple of 32; about the parameters of GPT-2's 4x MLP),
-    separate q/k/v projections and no biases, and LlamaConfig's untied LM head."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A Llama-architecture model of the same width, depth and heads as ``gpt2``'s size (:func:`llama_config`)."""
+    from transformers import LlamaForCausalLM
 
-    n_embd, n_layer, n_head = SIZES[size]
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=-(-8 * n_embd // 96) * 32,
-                         num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head,
-                         max_position_embeddings=block_size, tie_word_embeddings=False, attention_dropout=0.0,
-                         bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    config = llama_config(vocab_size, *SIZES[size], n_positions=block_size)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train a small GPT-2 (transformers' Conv1D layers, tied embeddings) with hf_qn optimizers against AdamW.
+"""Train a small GPT-2 (transformers' Conv1D layers, tied embeddings) or, with ``--model_type llama``, a Llama of
+the same width, depth and heads (SwiGLU, rotary positions, an untied head) with hf_qn optimizers against AdamW.
 
 Default data: gensim's Lee news corpus (300 real articles), a byte-level BPE tokenizer trained in-process
 on the training articles, blocks of ``--block_size`` tokens, the last 10 % of articles held out; reports
@@ -7,6 +8,7 @@ perplexity. ``--model_name_or_path`` / ``--dataset_name`` / ``--train_file`` for
 own text. Runs offline and unchanged under ``torchrun`` / ``accelerate launch``.
 
     python scripts/causal_lm.py --output_dir model_cards/causal-lm-gpt2-lee
+    python scripts/causal_lm.py --model_type llama --output_dir /tmp/causal-lm-llama-lee
     python scripts/causal_lm.py --vocab_size 50257 --n_embd 768 --n_layer 12 --n_head 12 --bf16 ...  # GPT-2 small
 """
 
@@ -18,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from recipe_utils import RecipeArguments, lora_model_init, perplexity, run_comparison
+from recipe_utils import RecipeArguments, llama_config, lora_model_init, perplexity, run_comparison
 
 from hf_qn.integrations.trainer import QNTrainingArguments
 
@@ -28,6 +30,9 @@ logger = logging.getLogger("causal_lm")
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Start from a checkpoint instead."})
+    model_type: str = field(default="gpt2", metadata={
+        "help": "Model built from a config: gpt2 (Conv1D layers, tied embeddings) or llama (RMSNorm, rotary "
+                "positions, SwiGLU, separate q/k/v, an untied head) of the same width, depth and heads."})
     vocab_size: int = field(default=2000, metadata={
         "help": "The model's vocabulary size; the BPE tokenizer is trained up to it. A small corpus yields fewer "
                 "tokens: the embedding keeps this many rows anyway (50257 gives GPT-2 small's 124M parameters)."})
@@ -89,11 +94,20 @@ def blocks(texts: list[str], tokenizer, block_size: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, HfArgumentParser
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GPT2Config,
+        GPT2LMHeadModel,
+        HfArgumentParser,
+        LlamaForCausalLM,
+    )
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, QNTrainingArguments))
     model_args, data_args, recipe, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.model_type not in ("gpt2", "llama"):
+        raise ValueError(f"Invalid --model_type {model_args.model_type!r}: gpt2 or llama")
     docs = load_documents(data_args)
     if recipe.smoke:
         docs = docs[:40]
@@ -110,18 +124,22 @@ def main(argv: list[str] | None = None) -> dict:
                 data_args.block_size, len(tokenizer))
     vocab = len(tokenizer) if recipe.smoke or model_args.model_name_or_path else max(len(tokenizer),
                                                                                       model_args.vocab_size)
-    config = GPT2Config(vocab_size=vocab, n_positions=model_args.n_positions or max(128, data_args.block_size),
-                        n_embd=32 if recipe.smoke else model_args.n_embd,
-                        n_layer=1 if recipe.smoke else model_args.n_layer,
-                        n_head=2 if recipe.smoke else model_args.n_head,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        tie_word_embeddings=True)
+    shape = (32, 1, 2) if recipe.smoke else (model_args.n_embd, model_args.n_layer, model_args.n_head)
+    positions = model_args.n_positions or max(128, data_args.block_size)
+    if model_args.model_type == "llama":
+        config = llama_config(vocab, *shape, n_positions=positions, token_id=tokenizer.eos_token_id)
+    else:
+        n_embd, n_layer, n_head = shape
+        config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            tie_word_embeddings=True)
 
     def model_init():
         if model_args.model_name_or_path:
             return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
-        model = GPT2LMHeadModel(config)
-        logger.info("GPT-2 from config: %.1fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+        model = (LlamaForCausalLM if model_args.model_type == "llama" else GPT2LMHeadModel)(config)
+        logger.info("%s from config: %.1fM parameters", type(model).__name__,
+                    sum(p.numel() for p in model.parameters()) / 1e6)
         return model
 
     return run_comparison(

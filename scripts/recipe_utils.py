@@ -86,6 +86,18 @@ def lora_model_init(model_init: Callable[[], torch.nn.Module], recipe: RecipeArg
     return init
 
 
+def llama_config(vocab_size: int, n_embd: int, n_layer: int, n_head: int, n_positions: int, token_id: int = 0) -> Any:
+    """A ``LlamaConfig`` of GPT-2's width, depth and heads: RMSNorm, rotary positions, a SwiGLU MLP of width
+    ``8/3 · n_embd`` rounded up to a multiple of 32 (about the parameters of GPT-2's 4x MLP), separate q/k/v
+    projections, no biases, an untied LM head."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=-(-8 * n_embd // 96) * 32,
+                       num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head,
+                       max_position_embeddings=n_positions, tie_word_embeddings=False, attention_dropout=0.0,
+                       bos_token_id=token_id, eos_token_id=token_id, pad_token_id=None)
+
+
 def check_push_possible(recipe: RecipeArguments, training_args: QNTrainingArguments) -> None:
     """Fail before any training when the requested upload cannot happen (no repository named, offline, or
     not logged in), instead of after all of it."""

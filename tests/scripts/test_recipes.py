@@ -40,6 +40,7 @@ COMMON = ["--smoke", "true", "--max_steps", "4", "--per_device_train_batch_size"
     [
         ("text_classification", [], "accuracy"),
         ("causal_lm", ["--block_size", "16"], "perplexity"),
+        ("causal_lm", ["--block_size", "16", "--model_type", "llama"], "perplexity"),
         ("image_classification", ["--model_type", "vit"], "accuracy"),
         ("image_classification", ["--model_type", "resnet"], "accuracy"),
     ],
@@ -51,6 +52,10 @@ def test_recipe_smoke(tmp_path, script, extra, metric):
     assert [r["optimizer"] for r in res["runs"]] == ["adamw", "kbfgs", "mlbfgs"]
     assert all(r["global_step"] == 4 for r in res["runs"])
     _check_card_and_json(out, metric)
+    if "llama" in extra:  # the model saved beside the card is the Llama the runs trained
+        assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+        with pytest.raises(ValueError, match="--model_type 'bert': gpt2 or llama"):
+            mod.main([*COMMON, "--model_type", "bert", "--output_dir", str(tmp_path / "bert")])
 
 
 def test_a_lora_recipe_trains_peft_adapters_and_saves_an_adapter_repository(tmp_path):
