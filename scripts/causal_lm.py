@@ -8,7 +8,7 @@ perplexity. ``--model_name_or_path`` / ``--dataset_name`` / ``--train_file`` for
 own text. Runs offline and unchanged under ``torchrun`` / ``accelerate launch``.
 
     python scripts/causal_lm.py --output_dir model_cards/causal-lm-gpt2-lee
-    python scripts/causal_lm.py --model_type llama --output_dir /tmp/causal-lm-llama-lee
+    python scripts/causal_lm.py --model_type llama --output_dir model_cards/causal-lm-llama-lee
     python scripts/causal_lm.py --vocab_size 50257 --n_embd 768 --n_layer 12 --n_head 12 --bf16 ...  # GPT-2 small
 """
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         return model
 
     return run_comparison(
-        task_name="causal-lm",
+        task_name=f"causal-lm-{model_args.model_type}",
         recipe=recipe,
         training_args=training_args,
         model_init=lora_model_init(model_init, recipe, task_type="CAUSAL_LM"),

@@ -423,7 +423,8 @@ def run_comparison(
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     meta = {"task": task_name, "command": command, "metric": key, "greater_is_better": greater_is_better,
             "torch": torch.__version__, "machine": hardware_description(), "date": time.strftime("%Y-%m-%d"),
-            "model_saved_from": best_model["run"]["optimizer"] if best_model else None}
+            "model_saved_from": best_model["run"]["optimizer"] if best_model else None,
+            "model": describe_model(best_model["model"], base_model) if best_model else None}
     with open(os.path.join(out_root, "results.json"), "w") as f:
         json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1, default=str)
     plot_runs(runs, key, os.path.join(out_root, "comparison.png"), task_name)
@@ -451,6 +452,7 @@ def run_comparison(
                                      f"dropout={recipe.lora_dropout:g}, on "
                                      f"{recipe.lora_target_modules or 'peft defaults'}"
                                      if recipe.lora_r else "the whole model"),
+                         "model": meta["model"],
                          "model in this folder": meta["model_saved_from"]},
         table=table,
         plot="comparison.png",
@@ -465,6 +467,15 @@ def run_comparison(
     print(table)
     print(summary["verdict"])
     return {"meta": meta, "summary": summary, "runs": runs}
+
+
+def describe_model(model: torch.nn.Module, base_model: str | None) -> str:
+    """What was trained, for the card: the model's class (under a peft wrapper, the base model's), its size and
+    where its weights came from."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = sum(p.numel() for p in inner.parameters())
+    return f"{type(inner).__name__}, {n / 1e6:.2f}M parameters, " + (
+        f"from {base_model}" if base_model else "built from its config")
 
 
 def _resume_point(training_args: QNTrainingArguments, run_dir: str, n_optimizers: int) -> str | None:

@@ -52,8 +52,11 @@ def test_recipe_smoke(tmp_path, script, extra, metric):
     assert [r["optimizer"] for r in res["runs"]] == ["adamw", "kbfgs", "mlbfgs"]
     assert all(r["global_step"] == 4 for r in res["runs"])
     _check_card_and_json(out, metric)
+    model = json.loads((out / "results.json").read_text())["meta"]["model"]
+    assert model.split(",")[0] in (out / "README.md").read_text()  # the card names what was trained
     if "llama" in extra:  # the model saved beside the card is the Llama the runs trained
         assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+        assert model.startswith("LlamaForCausalLM, 0.") and model.endswith("built from its config")
         with pytest.raises(ValueError, match="--model_type 'bert': gpt2 or llama"):
             mod.main([*COMMON, "--model_type", "bert", "--output_dir", str(tmp_path / "bert")])
 
