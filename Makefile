@@ -79,6 +79,7 @@ OPTIMIZERS = --optimizers adamw kbfgs kbfgs:output_side=bfgs mlbfgs
 cards: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/text_classification.py --output_dir model_cards/text-classification-minilm --num_train_epochs 3 --per_device_train_batch_size 8 $(RECIPE_COMMON) $(OPTIMIZERS) $(SWEEP_TEXT) $(SEEDS_TEXT)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/causal_lm.py --output_dir model_cards/causal-lm-gpt2-lee --num_train_epochs 2 --per_device_train_batch_size 8 $(RECIPE_COMMON) $(OPTIMIZERS) $(SWEEP_SCRATCH)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/causal_lm.py --model_type llama --output_dir model_cards/causal-lm-llama-lee --num_train_epochs 2 --per_device_train_batch_size 8 $(RECIPE_COMMON) --optimizers adamw kbfgs mlbfgs --lr_sweep adamw=3e-4,1e-3,3e-3,1e-2 kbfgs=1e-3,3e-3,1e-2,3e-2 mlbfgs=1e-4,3e-4,1e-3,3e-3
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/image_classification.py --model_type vit --output_dir model_cards/image-classification-vit --num_train_epochs 5 --per_device_train_batch_size 32 $(RECIPE_COMMON) $(OPTIMIZERS) $(SWEEP_SCRATCH) $(SEEDS_VIT)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/image_classification.py --model_type resnet --output_dir model_cards/image-classification-resnet --num_train_epochs 5 --per_device_train_batch_size 32 $(RECIPE_COMMON) $(OPTIMIZERS) $(SWEEP_SCRATCH) $(SEEDS_RESNET)
 	rm -rf model_cards/*/runs
