@@ -32,7 +32,8 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Start from a checkpoint instead."})
     model_type: str = field(default="gpt2", metadata={
         "help": "Model built from a config: gpt2 (Conv1D layers, tied embeddings) or llama (RMSNorm, rotary "
-                "positions, SwiGLU, separate q/k/v, an untied head) of the same width, depth and heads."})
+                "positions, SwiGLU, separate q/k/v, an untied head) of the same width, depth and heads; "
+                "--model_name_or_path loads its own."})
     vocab_size: int = field(default=2000, metadata={
         "help": "The model's vocabulary size; the BPE tokenizer is trained up to it. A small corpus yields fewer "
                 "tokens: the embedding keeps this many rows anyway (50257 gives GPT-2 small's 124M parameters)."})
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         return model
 
     return run_comparison(
-        task_name=f"causal-lm-{model_args.model_type}",
+        task_name="causal-lm" if model_args.model_name_or_path else f"causal-lm-{model_args.model_type}",
         recipe=recipe,
         training_args=training_args,
         model_init=lora_model_init(model_init, recipe, task_type="CAUSAL_LM"),
