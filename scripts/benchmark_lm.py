@@ -424,8 +424,7 @@ def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> 
     if name == "mlbfgs":
         return hf_qn.MLBFGS(model, lr=lr, **kwargs)
     if name in KBFGS_VARIANTS:
-        policy, kwargs = hf_qn.LayerPolicy.split_kwargs(kwargs)
-        return hf_qn.KBFGS(model, policy=hf_qn.LayerPolicy(**policy), **{"lr": lr, "l2": 0.0, **kwargs})
+        return hf_qn.KBFGSFactory()(model, **{"lr": lr, "l2": 0.0, **kwargs})  # policy fields split off as for a user
     raise ValueError(f"Unknown optimizer {name!r} (choose from {ALL_OPTIMIZERS})")
 
 
