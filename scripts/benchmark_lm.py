@@ -57,7 +57,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -66,6 +65,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_autoencoder import kbfgs_step
+from muon_with_adamw import MuonWithAdamW, hidden_matrices, newton_schulz_float32  # noqa: F401 (re-exported)
 from recipe_utils import llama_config, lr_beyond, optimizer_state_bytes, resolved_output_side, sync_cuda
 
 logger = logging.getLogger("benchmark_lm")
@@ -286,12 +286,6 @@ class Family(NamedTuple):
 ARCHS = {"gpt2": Family("GPT-2", gpt2), "llama": Family("Llama", llama)}
 
 
-def hidden_matrices(model: nn.Module) -> list[str]:
-    """The names of the 2-D weights inside the transformer blocks (GPT-2's ``transformer.h.N``, Llama's
-    ``model.layers.N``): Muon's share; the embeddings, the LM head, norms and biases go to AdamW."""
-    return [n for n, p in model.named_parameters() if p.dim() == 2 and (".h." in n or ".layers." in n)]
-
-
 def lm_loss(model: nn.Module, x: Tensor, autocast_dtype: torch.dtype | None = None) -> Tensor:
     """Mean next-token cross-entropy in nats per token; the forward pass under autocast to ``autocast_dtype``
     (None: none)."""
@@ -319,54 +313,6 @@ def resolve_device(args: LMBenchmarkArguments) -> tuple[torch.device, torch.dtyp
 
 
 # ------------------------------------------------------------------------------------------------ optimizers
-def newton_schulz_float32(grad: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
-                          eps: float) -> Tensor:
-    """Muon's quintic Newton-Schulz orthogonalization in float32 (torch's runs it in bfloat16, which is slow on a
-    CPU without native bf16): ``X ← aX + (b XXᵀ + c (XXᵀ)²) X`` from ``X = G/‖G‖``, on the wide orientation."""
-    a, b, c = ns_coefficients
-    X = grad.to(torch.float32)
-    tall = X.size(0) > X.size(1)
-    if tall:
-        X = X.T
-    X = X / (X.norm() + eps)
-    for _ in range(ns_steps):
-        gram = X @ X.T
-        X = a * X + (b * gram + c * gram @ gram) @ X
-    return X.T if tall else X
-
-
-@contextmanager
-def muon_float32() -> Iterator[None]:
-    """torch.optim.Muon with :func:`newton_schulz_float32` while the block runs."""
-    import torch.optim._muon as muon_module
-
-    original = muon_module._zeropower_via_newtonschulz
-    muon_module._zeropower_via_newtonschulz = newton_schulz_float32
-    try:
-        yield
-    finally:
-        muon_module._zeropower_via_newtonschulz = original
-
-
-class Optimizers:
-    """Several optimizers stepped together (Muon's hidden matrices and AdamW for the rest)."""
-
-    def __init__(self, *opts: torch.optim.Optimizer) -> None:
-        self.opts = opts
-        self.param_groups = [g for o in opts for g in o.param_groups]
-
-    def zero_grad(self) -> None:
-        for o in self.opts:
-            o.zero_grad()
-
-    def step(self) -> None:
-        for o in self.opts:
-            o.step()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"state": [o.state_dict()["state"] for o in self.opts]}
-
-
 def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     """``"kbfgs:graft=adam,update_interval=10"`` -> ``("kbfgs", {...})``; a named row -> its base and keywords.
     Every optimizer takes ``:lr=VALUE`` (``muon:lr=0.002``): a row at that lr, not swept; the peers take nothing
@@ -414,8 +360,7 @@ def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> 
         names = set(hidden_matrices(model))
         hidden = [p for n, p in model.named_parameters() if n in names]
         rest = [p for n, p in model.named_parameters() if n not in names]
-        return Optimizers(torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"),
-                          torch.optim.AdamW(rest, lr=adamw_lr, weight_decay=0.0, fused=True))
+        return MuonWithAdamW(hidden, rest, lr, adamw_lr=adamw_lr, float32_newton_schulz=name == "muon_fp32")
     if name == "soap":
         import heavyball
 
@@ -456,9 +401,8 @@ def state_bytes(opt: Any, name: str) -> float:
         return float("nan")
 
 
-def make_step(name: str, model: nn.Module, opt: Any,
-              autocast_dtype: torch.dtype | None = None) -> Callable[[Tensor], float]:
-    """One training step of ``name`` on a batch; returns the batch loss before the step."""
+def make_step(model: nn.Module, opt: Any, autocast_dtype: torch.dtype | None = None) -> Callable[[Tensor], float]:
+    """One training step of ``opt`` on a batch; returns the batch loss before the step."""
     import hf_qn
 
     def objective(x: Tensor) -> Tensor:
@@ -466,17 +410,12 @@ def make_step(name: str, model: nn.Module, opt: Any,
 
     if isinstance(opt, hf_qn.KBFGS):
         return lambda x: kbfgs_step(opt, objective, x)
-    base = split_variant(name)[0]
 
     def step(x: Tensor) -> float:
         opt.zero_grad()
         loss = objective(x)
         loss.backward()
-        if base == "muon_fp32":
-            with muon_float32():
-                opt.step()
-        else:
-            opt.step()
+        opt.step()
         return float(loss.detach())
 
     return step
@@ -505,7 +444,7 @@ class Run:
         self._groups = [(g, g["lr"]) for g in self.opt.param_groups]
         self._warmup = warmup
         self._schedule = LR_SCHEDULES[args.lr_schedule]
-        self._step_fn = make_step(name, self.model, self.opt, self._autocast)
+        self._step_fn = make_step(self.model, self.opt, self._autocast)
         self._batches = batch_stream(data["train"], args.batch_size, seed)
         self._val, self._eval_every, self._eval_batch = data["val"], args.eval_every, args.batch_size
         self.clock, self.steps, self.error = 0.0, 0, None

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+from muon_with_adamw import MuonFactory, MuonWithAdamW
 from transformers import TrainerCallback
 
 from hf_qn.distributed import shutdown
@@ -38,7 +39,7 @@ from hf_qn.integrations.trainer import (
 
 logger = logging.getLogger("hf_qn.recipes")
 
-OPTIMIZER_CHOICES = ("kbfgs", "kbfgs_l", "mlbfgs", "adamw", "sgd")
+OPTIMIZER_CHOICES = ("kbfgs", "kbfgs_l", "mlbfgs", "adamw", "muon", "sgd")
 QN_OPTIMIZERS = ("kbfgs", "kbfgs_l", "mlbfgs")
 DEFAULT_OPTIMIZERS = ["adamw", "kbfgs", "mlbfgs"]
 
@@ -313,13 +314,20 @@ def optimizer_args(base: QNTrainingArguments, name: str, lr: float, output_dir: 
     if optimizer in QN_OPTIMIZERS:
         changes.update(qn_optimizer=optimizer,
                        qn_args={**qn_args_for(optimizer, parse_qn_args(base.qn_args)), **own})
-    else:
-        changes.update(qn_optimizer=None, optim=ADAMW_OPTIM if optimizer == "adamw" else "sgd", qn_args={})
+    else:  # a Muon row's optimizer comes from muon_route (the optim named here is not used)
+        changes.update(qn_optimizer=None, optim="sgd" if optimizer == "sgd" else ADAMW_OPTIM, qn_args={})
     # Re-run the constructor (and its validation) from the init fields rather than mutating in place; the
     # deprecated per-hyperparameter flags are already in qn_args.
     values = {f.name: getattr(base, f.name) for f in fields(base) if f.init and f.name not in _LEGACY_FLAGS}
     values.update(changes)
     return type(base)(**values)
+
+
+def muon_route(args: QNTrainingArguments) -> tuple[type[MuonFactory], dict[str, Any]]:
+    """The Trainer's ``optimizer_cls_and_kwargs`` of a Muon row: Muon on the blocks' matrices and AdamW on the rest
+    (:mod:`muon_with_adamw`), at the run's learning rate, weight decay and Adam betas."""
+    return MuonFactory, {"lr": args.learning_rate, "weight_decay": args.weight_decay,
+                         "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
 
 
 def run_comparison(
@@ -442,6 +450,10 @@ def run_comparison(
                          "batch_size": training_args.per_device_train_batch_size,
                          "weight_decay": training_args.weight_decay, "seed": training_args.seed,
                          "AdamW rows (Trainer optim)": ADAMW_OPTIM,
+                         **({"Muon rows": "torch.optim.Muon (adjust_lr_fn match_rms_adamw, momentum 0.95, "
+                                          f"Newton-Schulz in {muon[0]['newton_schulz']}) on the blocks' 2-D matrices, "
+                                          "fused AdamW on the rest, at one lr"}
+                            if (muon := [r for r in runs if r.get("newton_schulz")]) else {}),
                          "K-BFGS rows' output factor": {r["optimizer"]: r["output_side"] for r in runs
                                                         if r.get("output_side")} or "no K-BFGS row",
                          "lr_sweep (best final eval metric kept)": sweeps or "none",
@@ -500,7 +512,8 @@ def _train(args: QNTrainingArguments, name: str, lr: float, model_init: Callable
     timer = TrainTimeCallback()
     trainer = QNTrainer(model_init=model_init, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                         compute_metrics=compute_metrics, data_collator=data_collator, callbacks=[timer],
-                        processing_class=tokenizer)
+                        processing_class=tokenizer,
+                        optimizer_cls_and_kwargs=muon_route(args) if split_optimizer(name)[0] == "muon" else None)
     logger.info("training with %s (lr %g, seed %d)", name, lr, args.seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -527,6 +540,8 @@ def _train(args: QNTrainingArguments, name: str, lr: float, model_init: Callable
         "log_history": [h for h in trainer.state.log_history if "eval_loss" not in h],  # evals are above
         "optimizer_statistics": inner.statistics() if hasattr(inner, "statistics") else {},
         "output_side": resolved_output_side(inner),
+        "newton_schulz": (("float32" if inner.float32_newton_schulz else "bfloat16")  # Muon's, as the factory chose
+                          if isinstance(inner, MuonWithAdamW) else None),
         "optimizer_state_bytes": optimizer_state_bytes(inner),
         "peak_gpu_memory_bytes": peak,  # torch.cuda.max_memory_allocated over training; None on CPU
     }
@@ -594,7 +609,7 @@ def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, 
         if adam_avg is not None:
             row["mean_ratio_to_adamw_final"] = seed_averaged_ratio(avg, adam_avg, greater)
     qn = [row for row in rows if split_optimizer(row["optimizer"])[0] in QN_OPTIMIZERS]  # variants too
-    verdict = "No AdamW run in this comparison."
+    verdict = "No quasi-Newton run in this comparison." if adam is not None else "No AdamW run in this comparison."
     if adam is not None and qn:
         adam_row = next(row for row in rows if row["optimizer"] == "adamw")
         reached = [row for row in qn if row["seconds_to_adamw_final"] is not None]

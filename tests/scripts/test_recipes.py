@@ -437,3 +437,23 @@ def test_repeats_train_from_their_own_seed(tmp_path):
     assert first != second
     (again,) = curves(str(tmp_path / "b"), 1)
     assert again == first
+
+
+def test_a_muon_row_trains_through_the_trainer_and_the_card_says_how(tmp_path):
+    """--optimizers adamw muon: Muon on the blocks' matrices and AdamW on the rest, one optimizer through the
+    Trainer's factory route at the row's lr (decayed by the Trainer's schedule); the card says which Newton-Schulz
+    ran. A model without block matrices (ResNet) is refused, naming muon."""
+    mod = load_script("causal_lm")
+    out = tmp_path / "muon"
+    args = [a for a in COMMON if a not in ("kbfgs", "mlbfgs")]
+    res = mod.main([*args, "muon", "--block_size", "16", "--model_type", "llama", "--output_dir", str(out)])
+    assert [r["optimizer"] for r in res["runs"]] == ["adamw", "muon"]
+    muon = res["runs"][1]
+    assert muon["global_step"] == 4 and muon["learning_rate"] == 1e-3 and muon["optimizer_state_bytes"] > 0
+    assert muon["newton_schulz"] in ("float32", "bfloat16") and res["runs"][0]["newton_schulz"] is None
+    assert res["summary"]["verdict"] == "No quasi-Newton run in this comparison."
+    _check_card_and_json(out, "perplexity")
+    assert f"Newton-Schulz in {muon['newton_schulz']}) on the blocks' 2-D matrices" in (out / "README.md").read_text()
+    with pytest.raises(ValueError, match="Invalid optimizer 'muon' for ResNetForImageClassification"):
+        load_script("image_classification").main([*args, "muon", "--model_type", "resnet",
+                                                  "--output_dir", str(tmp_path / "resnet")])
