@@ -65,7 +65,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_autoencoder import kbfgs_step
-from muon_with_adamw import MuonWithAdamW, hidden_matrices, newton_schulz_float32  # noqa: F401 (re-exported)
+from muon_with_adamw import MuonFactory
 from recipe_utils import llama_config, lr_beyond, optimizer_state_bytes, resolved_output_side, sync_cuda
 
 logger = logging.getLogger("benchmark_lm")
@@ -357,10 +357,7 @@ def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> 
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     if name in ("muon", "muon_fp32"):
-        names = set(hidden_matrices(model))
-        hidden = [p for n, p in model.named_parameters() if n in names]
-        rest = [p for n, p in model.named_parameters() if n not in names]
-        return MuonWithAdamW(hidden, rest, lr, adamw_lr=adamw_lr, float32_newton_schulz=name == "muon_fp32")
+        return MuonFactory()(model, lr=lr, adamw_lr=adamw_lr, float32_newton_schulz=name == "muon_fp32")
     if name == "soap":
         import heavyball
 

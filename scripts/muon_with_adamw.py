@@ -129,10 +129,11 @@ class MuonFactory:
     """For ``Trainer(optimizer_cls_and_kwargs=(MuonFactory, kwargs))`` (transformers calls
     ``MuonFactory()(model, **kwargs)``): :class:`MuonWithAdamW` with Muon on :func:`hidden_matrices` and AdamW on
     the other trainable parameters, weight decay on the matrices only (the Trainer's rule: none on biases and
-    norms). ``float32_newton_schulz=None`` picks float32 where the parameters' device has no fast bf16."""
+    norms). ``float32_newton_schulz=None`` picks float32 where the parameters' device has no fast bf16;
+    ``adamw_lr``: the AdamW part's lr (default ``lr``)."""
 
-    def __call__(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0, momentum: float = 0.95,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+    def __call__(self, model: nn.Module, *, lr: float, adamw_lr: float | None = None, weight_decay: float = 0.0,
+                 momentum: float = 0.95, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  float32_newton_schulz: bool | None = None) -> MuonWithAdamW:
         names = set(hidden_matrices(model))
         if not names:
@@ -145,5 +146,5 @@ class MuonFactory:
         if float32_newton_schulz is None:
             float32_newton_schulz = not fast_bf16(trainable[0][1].device)
         return MuonWithAdamW([p for n, p in trainable if n in names], [g for g in groups if g["params"]], lr,
-                             weight_decay=weight_decay, momentum=momentum, betas=betas, eps=eps,
+                             adamw_lr=adamw_lr, weight_decay=weight_decay, momentum=momentum, betas=betas, eps=eps,
                              float32_newton_schulz=float32_newton_schulz)

@@ -80,7 +80,7 @@ def test_a_row_named_with_its_lr_trains_at_that_lr_unswept(bench):
         bench.parse_fixed_lrs(["muon:lr=0.002=0.003"], names)
     model = bench.gpt2("tiny", 64, 8, 0)
     muon = bench.build_optimizer("muon_fp32:lr=0.002", model, 0.05, 1e-3)
-    assert [g["lr"] for g in muon.param_groups] == [0.002, 1e-3]  # Muon's matrices at 0.002, AdamW's rest
+    assert [g["lr"] for g in muon.param_groups] == [0.002, 1e-3, 1e-3]  # Muon's matrices at 0.002, AdamW's rest
     assert bench.build_optimizer("adamw:lr=5e-3", model, 1e-3, 1e-3).param_groups[0]["lr"] == 5e-3
     assert bench.build_optimizer("kbfgs:lr=4e-3", model, 1e-3, 1e-3).param_groups[0]["lr"] == 4e-3
     assert muon.float32_newton_schulz  # the named row keeps its float32 Newton-Schulz
@@ -281,17 +281,19 @@ def test_the_default_hub_repository_names_the_corpus_and_the_size(bench):
 def test_muons_share_is_every_block_matrix_of_either_family(bench):
     """Muon takes the 2-D weights inside the blocks (GPT-2's fused Conv1D, Llama's seven projections); the
     embeddings and Llama's untied head go to AdamW with the norms and biases."""
+    from muon_with_adamw import hidden_matrices  # scripts/ is on sys.path once the benchmark is loaded
+
     gpt, llama = bench.gpt2("tiny", 64, 8, 0), bench.llama("tiny", 64, 8, 0)
-    assert bench.hidden_matrices(gpt) == [f"transformer.h.0.{m}.weight"
-                                          for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-    assert bench.hidden_matrices(llama) == [f"model.layers.0.{m}.weight" for m in (
+    assert hidden_matrices(gpt) == [f"transformer.h.0.{m}.weight"
+                                    for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert hidden_matrices(llama) == [f"model.layers.0.{m}.weight" for m in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
         "mlp.up_proj", "mlp.down_proj")]
     both = bench.build_optimizer("muon", llama, 1e-2, 1e-3)
     muon, adamw = both.muon, both.adamw
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     named = dict(llama.named_parameters())
-    assert in_muon == {id(named[n]) for n in bench.hidden_matrices(llama)}
+    assert in_muon == {id(named[n]) for n in hidden_matrices(llama)}
     assert named["lm_head.weight"] is not named["model.embed_tokens.weight"]  # untied
     assert {id(p) for g in adamw.param_groups for p in g["params"]} == {id(p) for p in llama.parameters()} - in_muon
     # the SwiGLU width is 8/3 of the model's, rounded up to a multiple of 32: GPT-2's MLP parameters, about
