@@ -628,7 +628,24 @@ def summarize(runs: list[dict[str, Any]], key: str, greater: bool) -> dict[str, 
                        f"{best['optimizer']}, ended at {best['final']:.4g} ({gap:+.4g}).")
         if adam_row["seeds"] > 1:
             verdict += " " + _seed_verdict(qn, adam_row, key, greater)
+    muon = next((row for row in rows if row["optimizer"] == "muon"), None)
+    if muon is not None and qn:
+        verdict += " " + _muon_verdict(qn, muon, key, greater)
     return {"rows": rows, "verdict": verdict}
+
+
+def _muon_verdict(qn: list[dict[str, Any]], muon: dict[str, Any], key: str, greater: bool) -> str:
+    """Muon's mean final against the best quasi-Newton row's: who ends ahead, by how much, and whether the seeds'
+    ranges separate them."""
+    best = (max if greater else min)(qn, key=lambda row: row["final_mean"])
+    ahead = _better(muon["final_mean"], best["final_mean"], greater)
+    lead, trail = (muon, best) if ahead else (best, muon)
+    apart = (lead["final_min"] > trail["final_max"]) if greater else (lead["final_max"] < trail["final_min"])
+    seeds = f"mean of {muon['seeds']} seeds" if muon["seeds"] > 1 else "one seed each"
+    return (f"Muon's final {key} is {muon['final_mean']:.4g} against {best['optimizer']}'s {best['final_mean']:.4g} "
+            f"({seeds}): {lead['optimizer']} ahead by {abs(muon['final_mean'] - best['final_mean']):.4g}"
+            + (", outside both seeds' ranges." if apart and muon["seeds"] > 1 else
+               ", within the seeds' ranges." if muon["seeds"] > 1 else "."))
 
 
 def seed_average(run: dict[str, Any], key: str) -> dict[str, Any]:

@@ -422,6 +422,30 @@ def test_summary_counts_a_variant_as_a_quasi_newton_optimizer():
     assert "2 seeds, kbfgs:output_side=kfac reached AdamW's mean final eval_accuracy (0.9) in 0.60x" in verdict
 
 
+@pytest.mark.parametrize(("muon_finals", "ending"), [
+    ([125.0, 126.9, 125.3], "muon ahead by 11.37, outside both seeds' ranges."),
+    ([135.0, 139.0, 137.0], "muon ahead by 0.1, within the seeds' ranges."),
+    ([150.0, 151.0, 152.0], "kbfgs ahead by 13.9, outside both seeds' ranges."),
+])
+def test_the_verdict_says_who_ends_ahead_muon_or_the_best_quasi_newton_row(muon_finals, ending):
+    """With a Muon row, the verdict compares its mean final with the best quasi-Newton row's (lower perplexity is
+    better), naming the leader and whether the seeds' ranges separate them."""
+    utils = load_script("recipe_utils")
+
+    def run(name, final):
+        return {"optimizer": name, "learning_rate": 1e-3, "final": {"eval_perplexity": final},
+                "evals": [{"eval_perplexity": final, "seconds": 5.0}], "train_seconds": 5.0, "median_step_seconds": 0.1}
+
+    def seeds(name, finals):
+        return {**run(name, finals[0]), "repeats": [run(name, f) for f in finals[1:]]}
+
+    runs = [seeds("adamw", [320.0, 321.0, 322.0]), seeds("muon", muon_finals),
+            seeds("kbfgs", [135.2, 138.7, 137.4]), seeds("mlbfgs", [237.0, 238.0, 239.0])]
+    verdict = utils.summarize(runs, "eval_perplexity", greater=False)["verdict"]
+    mean = sum(muon_finals) / 3
+    assert f"Muon's final eval_perplexity is {mean:.4g} against kbfgs's 137.1 (mean of 3 seeds): {ending}" in verdict
+
+
 def test_repeats_train_from_their_own_seed(tmp_path):
     """--repeats N trains seeds seed, seed+1, ...: each repeat starts from its own initial weights and data order
     (the Trainer seeds model_init with the run's seed), so the repeats' curves differ; one seed twice is equal."""
