@@ -641,11 +641,13 @@ def _muon_verdict(qn: list[dict[str, Any]], muon: dict[str, Any], key: str, grea
     ahead = _better(muon["final_mean"], best["final_mean"], greater)
     lead, trail = (muon, best) if ahead else (best, muon)
     apart = (lead["final_min"] > trail["final_max"]) if greater else (lead["final_max"] < trail["final_min"])
-    seeds = f"mean of {muon['seeds']} seeds" if muon["seeds"] > 1 else "one seed each"
+    if muon["seeds"] > 1:
+        seeds, spread = f"mean of {muon['seeds']} seeds", (", outside both seeds' ranges" if apart
+                                                         else ", within the seeds' ranges")
+    else:
+        seeds, spread = "one seed each", ""
     return (f"Muon's final {key} is {muon['final_mean']:.4g} against {best['optimizer']}'s {best['final_mean']:.4g} "
-            f"({seeds}): {lead['optimizer']} ahead by {abs(muon['final_mean'] - best['final_mean']):.4g}"
-            + (", outside both seeds' ranges." if apart and muon["seeds"] > 1 else
-               ", within the seeds' ranges." if muon["seeds"] > 1 else "."))
+            f"({seeds}): {lead['optimizer']} ahead by {abs(muon['final_mean'] - best['final_mean']):.4g}{spread}.")
 
 
 def seed_average(run: dict[str, Any], key: str) -> dict[str, Any]:
