@@ -125,7 +125,9 @@ def comparison_plan(recipe: RecipeArguments, training_args: QNTrainingArguments,
     bases = {name: split_optimizer(name)[0] for name in names}  # raises on a bad name
     if len(bases) != len(names):
         raise ValueError(f"Invalid --optimizers {names}: each optimizer (or variant) once")
-    # a variant starts from its base optimizer's default lr
+    # Muon's default lr is AdamW's (its match_rms_adamw scaling puts it on AdamW's scale); a variant starts from its
+    # base optimizer's default lr
+    default_lrs = {"muon": default_lrs["adamw"], **default_lrs}
     base = {**{name: default_lrs[b] for name, b in bases.items()}, **default_lrs}
     if getattr(training_args, "learning_rate_given", False):
         base.update(dict.fromkeys(names, training_args.learning_rate))
