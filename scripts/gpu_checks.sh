@@ -16,15 +16,16 @@
 #     WIKI_TEXT=wiki.txt bash scripts/gpu_checks.sh
 #
 # (articles have no blank lines inside, so --text_files reads back the same documents and the same split).
-# SIZE, VOCAB, BLOCK, BUDGET and SWEEP override the benchmark's size, vocabulary, block length, seconds of each
-# final run and of each sweep candidate (SIZE=tiny VOCAB=512 BLOCK=64 BUDGET=2 SWEEP=0 is a CPU dry run).
+# SIZE, VOCAB, BLOCK, BUDGET, SWEEP and EVAL override the benchmark's size, vocabulary, block length, seconds of
+# each final run, of each sweep candidate and between evaluations (SIZE=tiny VOCAB=512 BLOCK=64 BUDGET=2 SWEEP=0
+# is a CPU dry run); PYTHON names the interpreter (default python; python3 on an image without a python command).
 set -euo pipefail
 OUT_DIR=${OUT_DIR:-model_cards/lm-gpt2-wikipedia-gpu}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 TEXT=()
 if [ -n "${WIKI_TEXT:-}" ]; then TEXT=(--text_files "$WIKI_TEXT"); fi
 
-python -m pytest -q -m cuda tests/test_cuda.py
-python scripts/benchmark_lm.py "${TEXT[@]}" --size "${SIZE:-gpt2}" --vocab_size "${VOCAB:-50257}" \
+"${PYTHON:-python}" -m pytest -q -m cuda tests/test_cuda.py
+"${PYTHON:-python}" scripts/benchmark_lm.py "${TEXT[@]}" --size "${SIZE:-gpt2}" --vocab_size "${VOCAB:-50257}" \
     --block_size "${BLOCK:-512}" --batch_size 16 --optimizers adamw muon kbfgs --budget "${BUDGET:-60}" \
-    --sweep_seconds "${SWEEP:-15}" --eval_every 5 --output_dir "$OUT_DIR"
+    --sweep_seconds "${SWEEP:-15}" --eval_every "${EVAL:-5}" --output_dir "$OUT_DIR"
