@@ -11,7 +11,7 @@ from .bfgs import (
     dot64,
     finite_flag,
 )
-from .cast import cast
+from .cast import cast, matmul_float32
 from .damping import DampedPair, double_damping, lm_damping, mlbfgs_damping, mlbfgs_mix, powell_damping_inverse
 from .kron import damped_cholesky_inverse, kron_precondition
 from .lbfgs import LBFGSHistory
@@ -32,6 +32,7 @@ __all__ = [
     "finite_flag",
     "kron_precondition",
     "lm_damping",
+    "matmul_float32",
     "mlbfgs_damping",
     "mlbfgs_mix",
     "powell_damping_inverse",

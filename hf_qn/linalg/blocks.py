@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .cast import matmul_float32
+
 __all__ = ["BlockSplit", "block_diagonal", "block_left", "block_right", "matvec_rows"]
 
 
@@ -55,11 +57,12 @@ class BlockSplit:
 
     def gram(self, r: Tensor) -> Tensor:
         """The factor ``rᵀ r`` over these coordinates for rows ``r`` (``(R, dim)``), shaped as :attr:`factor_shape`:
-        the whole matrix in one block, else its diagonal blocks ``(blocks, size, size)``."""
+        the whole matrix in one block, else its diagonal blocks ``(blocks, size, size)``; float32
+        (:func:`.cast.matmul_float32`)."""
         if not self.blocked:
-            return r.T @ r
+            return matmul_float32(r.T, r)
         x = self.rows(r).transpose(0, 1)  # (blocks, R, size)
-        return x.transpose(1, 2) @ x
+        return matmul_float32(x.transpose(1, 2), x)
 
     @property
     def factor_shape(self) -> tuple[int, ...]:

@@ -7,6 +7,8 @@ block-diagonal (its ``(n, b, b)`` diagonal blocks, :mod:`.blocks`).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -53,8 +55,11 @@ def damped_cholesky_inverse(A: Tensor, damping: float, compute_dtype: torch.dtyp
     :data:`FLOAT32_INVERSE_MAX_CONDITION` (for a PSD ``A``, ``κ ≤ 1 + tr(A) / damping``; one host read of the
     largest trace decides), float64 otherwise. The result has ``A``'s dtype.
 
-    Raises ``torch.linalg.LinAlgError`` if the damped matrix is not positive definite (a caller
-    holding a non-finite factor must not get here).
+    A PSD ``A`` can come out slightly indefinite from rounding (a Gram of half-precision products: on an H200, a
+    GPT-2 small K-FAC output factor failed Cholesky in float32 at its 2300th leading minor). A matrix whose
+    factorisation fails is inverted instead through the eigendecomposition of its positive semi-definite part,
+    ``V diag(1 / (max(w, 0) + damping)) Vᵀ`` in float64, with a warning; the others keep their Cholesky inverse.
+    Checking costs one host read. A caller holding a non-finite factor must not get here.
     """
     if compute_dtype is None:
         trace = float(A.diagonal(dim1=-2, dim2=-1).sum(-1).max()) if A.numel() else 0.0
@@ -64,5 +69,29 @@ def damped_cholesky_inverse(A: Tensor, damping: float, compute_dtype: torch.dtyp
     # once, and on all-MiniLM-L6-v2 its fresh pages fell from 89k to 42k (the same bits as A + damping·I).
     M = A.to(compute_dtype, copy=True)
     M.diagonal(dim1=-2, dim2=-1).add_(damping)
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(M))
-    return torch.add(inv, inv.mT, out=M).mul_(0.5).to(A.dtype)  # symmetric by construction; M is free again
+    L, info = torch.linalg.cholesky_ex(M)
+    inv = torch.cholesky_inverse(L)
+    out = torch.add(inv, inv.mT, out=M).mul_(0.5)  # symmetric by construction; M is free again
+    failed = info.reshape(-1) != 0
+    if bool(failed.any()):  # the one host read
+        out = _invert_psd_parts(A, damping, out, failed)
+    return out.to(A.dtype)
+
+
+def _invert_psd_parts(A: Tensor, damping: float, out: Tensor, failed: Tensor) -> Tensor:
+    """``out`` with the matrices of ``A`` flagged in ``failed`` (one flag per matrix) replaced by the damped
+    inverse of their positive semi-definite part, computed in float64 by ``eigh``."""
+    warnings.warn(
+        f"damped_cholesky_inverse: {int(failed.sum())} of {failed.numel()} damped factors of shape "
+        f"{tuple(A.shape[-2:])} were not positive definite in {out.dtype} (rounding made the factor indefinite); "
+        "inverted through the eigendecomposition of their positive semi-definite part",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    flat_A, flat_out = A.reshape(-1, *A.shape[-2:]), out.reshape(-1, *out.shape[-2:])
+    idx = failed.nonzero().flatten()
+    B = flat_A[idx].to(torch.float64)
+    w, V = torch.linalg.eigh(0.5 * (B + B.mT))
+    inv = (V / (w.clamp_min(0.0) + damping).unsqueeze(-2)) @ V.mT
+    flat_out[idx] = (0.5 * (inv + inv.mT)).to(out.dtype)
+    return flat_out.reshape(out.shape)

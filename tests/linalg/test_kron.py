@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
-from hf_qn.linalg import cast, damped_cholesky_inverse, kron_precondition
+from hf_qn.linalg import cast, damped_cholesky_inverse, kron_precondition, matmul_float32
 from tests._helpers.dense import random_spd
 
 
@@ -82,3 +83,36 @@ def test_damped_cholesky_inverse_takes_float32_only_where_the_condition_bound_al
     assert float((wrong - ref).norm() / ref.norm()) > 1e-3  # what float32 would have given there
     torch.testing.assert_close(damped_cholesky_inverse(well, 0.5),
                                torch.linalg.inv(well + 0.5 * torch.eye(n, dtype=torch.float64)), rtol=1e-10, atol=1e-12)
+
+
+def test_an_indefinite_factor_is_inverted_through_its_psd_part_and_the_others_keep_their_cholesky_inverse():
+    """A PSD factor made slightly indefinite by rounding (a half-precision Gram) fails Cholesky; that matrix alone
+    gets ``V diag(1/(max(w, 0) + λ)) Vᵀ`` (float64), with a warning, and the batch's other matrices are bitwise
+    what they would be alone."""
+    torch.manual_seed(0)
+    d, lam = 40, 0.5
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    w = torch.linspace(-3.0, 20.0, d, dtype=torch.float64)  # eigenvalues below -λ: not PD after damping
+    bad, good = (Q * w) @ Q.T, (Q * w.abs()) @ Q.T
+    A = torch.stack([good, bad, good]).float()
+    with pytest.warns(RuntimeWarning, match="1 of 3 damped factors"):
+        H = damped_cholesky_inverse(A, lam)
+    assert H.dtype == torch.float32 and torch.isfinite(H).all()
+    torch.testing.assert_close(H[1].double(), (Q / (w.clamp_min(0.0) + lam)) @ Q.T, rtol=1e-6, atol=1e-6)
+    alone = damped_cholesky_inverse(A[0], lam)
+    assert torch.equal(H[0], alone) and torch.equal(H[2], alone)
+    with pytest.warns(RuntimeWarning, match="1 of 1"):  # an unbatched matrix too
+        torch.testing.assert_close(damped_cholesky_inverse(bad, lam), H[1].double(), rtol=1e-6, atol=1e-6)
+
+
+def test_matmul_float32_keeps_full_precision_operands_and_gives_half_precision_ones_a_float32_result():
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 16, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
+    assert torch.equal(matmul_float32(a, b), a @ b)
+    assert torch.equal(matmul_float32(a.float(), b.float()), a.float() @ b.float())
+    h, k = a.bfloat16(), b.bfloat16()
+    out = matmul_float32(h, k)  # on the CPU: torch has no out_dtype kernel, so the bf16 product, up-cast
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, (h.double() @ k.double()).float(), rtol=1e-2, atol=1e-2)
+    batched = matmul_float32(h.reshape(4, 16, 16), k.reshape(1, 16, 8).expand(4, 16, 8))
+    assert batched.shape == (4, 16, 8) and batched.dtype == torch.float32
