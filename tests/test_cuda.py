@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hf_qn
-from hf_qn.linalg import matmul_float32
+from hf_qn.linalg import damped_cholesky_inverse, matmul_float32
 from tests._helpers.models import mlp, tiny_gpt2, token_batch
 from tests._helpers.training import OPTIMIZERS as STATE_OPTIMIZERS
 from tests._helpers.training import flat_state, loop, mse_loss, regression_batches, roundtrip
@@ -219,3 +219,15 @@ def test_half_precision_grams_on_cuda_have_a_float32_result():
         ref = r.double().mT @ r.double()
         assert G.dtype == torch.float32
         assert float((G.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_damped_inverses_on_cuda_equal_the_cpu_ones():
+    """The GPU inverts through ``L⁻¹`` (a triangular solve and one batched product), the CPU through
+    ``torch.cholesky_inverse``: the same matrices to float32 rounding, for a batch of K-FAC-like factors."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 1024, 256, dtype=torch.float64)
+    A = (x.mT @ x / 1024).float()
+    cpu = damped_cholesky_inverse(A, 0.55, torch.float32)
+    gpu = damped_cholesky_inverse(A.cuda(), 0.55, torch.float32)
+    assert gpu.is_cuda and gpu.dtype == torch.float32
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)

@@ -70,12 +70,29 @@ def damped_cholesky_inverse(A: Tensor, damping: float, compute_dtype: torch.dtyp
     M = A.to(compute_dtype, copy=True)
     M.diagonal(dim1=-2, dim2=-1).add_(damping)
     L, info = torch.linalg.cholesky_ex(M)
-    inv = torch.cholesky_inverse(L)
+    inv = _inverse_from_cholesky(L)
     out = torch.add(inv, inv.mT, out=M).mul_(0.5)  # symmetric by construction; M is free again
     failed = info.reshape(-1) != 0
     if bool(failed.any()):  # the one host read
         out = _invert_psd_parts(A, damping, out, failed)
     return out.to(A.dtype)
+
+
+#: on CUDA, invert through ``L⁻¹`` and one batched product instead of ``torch.cholesky_inverse`` (switchable for
+#: benchmarks): see :func:`_inverse_from_cholesky`
+CUDA_TRIANGULAR_INVERSE = True
+
+
+def _inverse_from_cholesky(L: Tensor) -> Tensor:
+    """``(L Lᵀ)⁻¹`` from the lower Cholesky factor ``L`` (batched over leading dimensions). On CUDA ``L⁻¹`` by a
+    triangular solve, then ``L⁻ᵀ L⁻¹`` in one batched matrix product: ``torch.cholesky_inverse``'s batched kernels
+    took 118 ms of GPU time for GPT-2 small's K-FAC output factors on an H200 (12 each of 768, 768, 2304 and
+    3072 wide), most of a curvature step. Elsewhere ``torch.cholesky_inverse`` (LAPACK's ``potri``)."""
+    if L.is_cuda and CUDA_TRIANGULAR_INVERSE:
+        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+        L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+        return L_inv.mT @ L_inv
+    return torch.cholesky_inverse(L)
 
 
 def _invert_psd_parts(A: Tensor, damping: float, out: Tensor, failed: Tensor) -> Tensor:
