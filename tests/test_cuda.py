@@ -209,8 +209,9 @@ def test_the_lm_benchmark_trains_on_the_gpu_and_reports_each_optimizers_peak_mem
 
 def test_half_precision_grams_on_cuda_have_a_float32_result():
     """K-BFGS's bf16 Gram products (``matmul_float32``) keep a float32 result on CUDA: against the float64 Gram of
-    the same bf16 rows, float32-level error, where a bf16 result is off by ~2⁻⁹ of its largest element and, with
-    a spectrum as spread as this one, is no longer positive semi-definite."""
+    the same bf16 rows, float32 accumulation's error (measured on an H200: 1.6e-5 and 3.6e-5 of the largest
+    element), where the bf16 product's result is off by ~2⁻⁹ of it (2.7e-3 and 2.6e-3) and, with a spectrum as
+    spread as this one, is no longer positive semi-definite."""
     torch.manual_seed(0)
     rows = 100.0 * torch.randn(8192, 1, device="cuda") * torch.randn(1, 512, device="cuda")
     rows = (rows + torch.randn(8192, 512, device="cuda")).bfloat16()  # one direction ~1e4 times the others
@@ -218,7 +219,8 @@ def test_half_precision_grams_on_cuda_have_a_float32_result():
         G = matmul_float32(r.mT, r)
         ref = r.double().mT @ r.double()
         assert G.dtype == torch.float32
-        assert float((G.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+        assert float((G.double() - ref).abs().max() / ref.abs().max()) < 1e-4
+        assert float(((r.mT @ r).double() - ref).abs().max() / ref.abs().max()) > 1e-3  # what it replaces
 
 
 def test_damped_inverses_on_cuda_equal_the_cpu_ones():

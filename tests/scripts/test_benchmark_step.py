@@ -61,3 +61,18 @@ def test_step_benchmark_rounds_on_the_recipe_vit(tmp_path):
     assert row.split("|")[5].strip() == f"{ratios[1]:.2f} ({ratios[0]:.2f}-{ratios[2]:.2f})"
     with pytest.raises(ValueError, match="Invalid rounds=0"):
         bench.main(["--output_dir", str(tmp_path), "--model", "vit", "--rounds", "0"])
+
+
+def test_step_kinds_profile_splits_curvature_from_plain_steps(tmp_path):
+    """K-BFGS's defaults after the 20 warm-up curvature steps: every 5th step captures statistics; the script
+    times the two kinds apart and profiles one of each (a curvature step runs more tensor operators)."""
+    kinds = load_script("profile_step_kinds")
+    out = kinds.main(["--output_dir", str(tmp_path), "--optimizers", "adamw", "kbfgs", "--n_embd", "32",
+                      "--n_layer", "2", "--n_head", "2", "--vocab_size", "128", "--batch", "2", "--seq", "16",
+                      "--steps", "10"])
+    adamw, kbfgs = out["runs"]
+    assert len(adamw["ms"]["plain"]) == 10 and adamw["ms"]["curvature"] == [] and "curvature" not in adamw
+    assert len(kbfgs["ms"]["curvature"]) == 2 and len(kbfgs["ms"]["plain"]) == 8  # steps 25-34: 25 and 30
+    assert kbfgs["curvature"]["aten_ops"] > kbfgs["plain"]["aten_ops"] > adamw["plain"]["aten_ops"] > 0
+    assert "curvature step" in (tmp_path / "profile-kbfgs.txt").read_text()
+    assert (tmp_path / "summary.json").exists()
