@@ -39,7 +39,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .adapters.base import LayerAdapter
 from .linalg.blocks import BlockSplit
-from .linalg.cast import matmul_float32
+from .linalg.cast import cast, matmul_float32
 
 __all__ = ["Capture", "LayerStats"]
 
@@ -245,7 +245,7 @@ class Capture:
                 r = self._capped(rows.detach())
                 g = r.to(self.gram_dtype)
                 gram = split.gram(g) if split is not None else matmul_float32(g.T, g)
-                st.A_sum = LayerStats._add(st.A_sum, gram)
+                st.A_sum = LayerStats._add(st.A_sum, cast(gram, torch.float32))
                 st.a_sum = LayerStats._add(st.a_sum, r.sum(0, dtype=torch.float32))
                 st.a_rows += int(r.shape[0])
         if adapter.one_sided:  # no output factor, no pairs: its output statistics stay zero, uncomputed
@@ -283,7 +283,7 @@ class Capture:
                     r = self._capped(rows.detach())
                     # float16's range holds neither a loss-scaled gradient's square nor an unscaled one's
                     r = r.to(torch.float32 if self.gram_dtype == torch.float16 else self.gram_dtype)
-                    G = gram.gram(r)
+                    G = cast(gram.gram(r), torch.float32)
                     st.G_sum = LayerStats._add(st.G_sum, G if scale == 1.0 else G / scale**2)
                     st.G_rows += int(r.shape[0])
                 st.grad_calls += 1

@@ -65,8 +65,9 @@ def damped_cholesky_inverse(A: Tensor, damping: float, compute_dtype: torch.dtyp
         trace = float(A.diagonal(dim1=-2, dim2=-1).sum(-1).max()) if A.numel() else 0.0
         well_conditioned = 1.0 + max(trace, 0.0) / damping <= FLOAT32_INVERSE_MAX_CONDITION
         compute_dtype = torch.float32 if well_conditioned and A.dtype != torch.float64 else torch.float64
-    # Three n x n temporaries (the damped copy, L, the inverse), not six: the first step inverts every factor at
-    # once, and on all-MiniLM-L6-v2 its fresh pages fell from 89k to 42k (the same bits as A + damping·I).
+    # Three n x n temporaries (the damped copy, L, the inverse; on CUDA L⁻¹ too), not six: the first step inverts
+    # every factor at once, and on all-MiniLM-L6-v2 its fresh pages fell from 89k to 42k (the same bits as
+    # A + damping·I).
     M = A.to(compute_dtype, copy=True)
     M.diagonal(dim1=-2, dim2=-1).add_(damping)
     L, info = torch.linalg.cholesky_ex(M)
