@@ -19,6 +19,7 @@ Outputs in ``--output_dir``: ``summary.json`` and ``profile-NAME.txt`` per optim
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import statistics
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_step import StepBenchArguments, build_model
 from recipe_utils import sync_cuda
 
 import hf_qn
@@ -67,23 +69,21 @@ class ProfileArguments:
 
 
 def _profile_one(name: str, args: ProfileArguments, device: torch.device) -> tuple[dict[str, Any], str]:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     kron.CUDA_TRIANGULAR_INVERSE = name != "kbfgs_potri"
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=args.vocab_size, n_positions=max(args.seq, 128), n_embd=args.n_embd,
-                     n_layer=args.n_layer, n_head=args.n_head)
-    model = GPT2LMHeadModel(cfg).to(device).train()
+    # the step benchmark's GPT-2 and random-token batches (seed 0)
+    model, make_batch = build_model(StepBenchArguments(
+        output_dir=args.output_dir, vocab_size=args.vocab_size, n_embd=args.n_embd, n_layer=args.n_layer,
+        n_head=args.n_head, seq=args.seq, batch=args.batch))
+    model = model.to(device).train()
     opt = VARIANTS[name](model)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, args.vocab_size, (args.batch, args.seq), generator=g).to(device) for _ in range(4)]
+    batches = [{k: v.to(device) for k, v in make_batch(g).items()} for _ in range(4)]
     autocast = device.type == "cuda"
 
     def step(i: int) -> None:
-        ids = batches[i % len(batches)]
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(**batches[i % len(batches)]).loss
         loss.backward()
         opt.step()
 
@@ -91,10 +91,20 @@ def _profile_one(name: str, args: ProfileArguments, device: torch.device) -> tup
         capture = getattr(opt, "capture", None)
         return "curvature" if capture is not None and capture.enabled else "plain"
 
+    counter = itertools.count(args.warmup + args.steps)
+
+    def next_of(wanted: str) -> int:
+        """Steps on until the next step is of kind ``wanted``; that step's index (not yet taken)."""
+        i = next(counter)
+        while kind() != wanted:
+            step(i)
+            i = next(counter)
+        sync_cuda()
+        return i
+
     for i in range(args.warmup):
         step(i)
     times: dict[str, list[float]] = {"curvature": [], "plain": []}
-    i = args.warmup
     for i in range(args.warmup, args.warmup + args.steps):
         k = kind()
         sync_cuda()
@@ -114,11 +124,7 @@ def _profile_one(name: str, args: ProfileArguments, device: torch.device) -> tup
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     text = [f"== {name}: median ms {out['median_ms']}, mean {out['mean_ms']:.1f} ms", str(getattr(opt, "config", ""))]
     for wanted in ("curvature", "plain") if isinstance(opt, hf_qn.KBFGS) else ("plain",):
-        i += 1
-        while kind() != wanted:
-            step(i)
-            i += 1
-        sync_cuda()
+        i = next_of(wanted)
         with profile(activities=acts) as prof:
             step(i)
             sync_cuda()
@@ -135,11 +141,7 @@ def _profile_one(name: str, args: ProfileArguments, device: torch.device) -> tup
                           row_limit=25),
                  ev.table(sort_by="cpu_time_total", row_limit=25)]
         if device.type == "cuda":
-            i += 1
-            while kind() != wanted:
-                step(i)
-                i += 1
-            sync_cuda()
+            i = next_of(wanted)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
