@@ -62,15 +62,18 @@ class LayerAdapter(ABC):
         """Raise :class:`UnsupportedLayer` (with the reason) if this module cannot be adapted."""
         return None
 
+    # The module's parameters are read from its ``_parameters`` (where FSDP2 also swaps its sharded and unsharded
+    # ones): ``module.weight`` goes through ``nn.Module.__getattr__``, and the optimizers ask for every layer's
+    # parameters several times a step.
     @property
     def weight(self) -> nn.Parameter:
-        w = self.module.weight
+        w = self.module._parameters.get("weight")
         assert isinstance(w, nn.Parameter)
         return w
 
     @property
     def bias(self) -> nn.Parameter | None:
-        b = getattr(self.module, "bias", None)
+        b = self.module._parameters.get("bias")
         return b if isinstance(b, nn.Parameter) else None
 
     def gradient_pending(self) -> bool:

@@ -10,6 +10,7 @@ from .bfgs import (
     curvature_verdict,
     dot64,
     finite_flag,
+    finite_flags,
 )
 from .cast import cast, matmul_float32
 from .damping import DampedPair, double_damping, lm_damping, mlbfgs_damping, mlbfgs_mix, powell_damping_inverse
@@ -30,6 +31,7 @@ __all__ = [
     "dot64",
     "double_damping",
     "finite_flag",
+    "finite_flags",
     "kron_precondition",
     "lm_damping",
     "matmul_float32",

@@ -22,6 +22,7 @@ __all__ = [
     "dot64",
     "dots64",
     "finite_flag",
+    "finite_flags",
 ]
 
 
@@ -34,6 +35,13 @@ def finite_flag(*tensors: Tensor) -> Tensor:
         return torch.isfinite(tensors[0].sum())
     dev = tensors[0].device
     return torch.isfinite(torch.stack([t.sum().to(dev) for t in tensors]).sum())
+
+
+def finite_flags(tensors: list[Tensor]) -> Tensor:
+    """:func:`finite_flag` of each tensor, as one 1-D bool tensor on the first tensor's device: a sum each, then one
+    check for all of them."""
+    dev = tensors[0].device
+    return torch.isfinite(torch.stack([t.sum() if t.device == dev else t.sum().to(dev) for t in tensors]))
 
 
 def all_finite(*tensors: Tensor) -> bool:

@@ -197,12 +197,19 @@ class QNOptimizerBase(torch.optim.Optimizer):
     _CURVATURE_KEYS: frozenset[str] = frozenset()
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
-        """The param group holding ``p`` (cached; rebuilt after ``add_param_group`` or a load)."""
-        cache: dict[int, dict[str, Any]] | None = getattr(self, "_group_cache", None)
-        if cache is None or len(cache) != sum(len(g["params"]) for g in self.param_groups):
+        """The param group holding ``p`` (cached; rebuilt after ``add_param_group``, a load, or for a parameter it
+        does not know, e.g. one appended to a group's ``"params"`` by hand)."""
+        cache: dict[int, dict[str, Any]] | None = self.__dict__.get("_group_cache")
+        group = cache.get(id(p)) if cache is not None else None
+        if group is None:
             cache = {id(q): g for g in self.param_groups for q in g["params"]}
             self._group_cache: dict[int, dict[str, Any]] | None = cache
-        return cache[id(p)]
+            group = cache[id(p)]
+        return group
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._group_cache = None
 
     def _fallback_step(self, group: dict[str, Any]) -> None:
         """Update a fallback group (parameters no adapter/block takes) with AdamW or SGD."""

@@ -37,7 +37,7 @@ from ..adapters.registry import FallbackParam
 from ..capture import Capture
 from ..distributed import is_dtensor
 from ..distributed.shards import local_piece
-from ..linalg import finite_flag
+from ..linalg import finite_flags
 from ._base import ROLE, ROLE_FALLBACK, ROLE_QN, QNOptimizerBase, adamw_state_
 from .config import MATMUL_DTYPES, KBFGSConfig
 from .guards import CurvatureSchedule, GrowthGuard, KLClip, LossGuard, StepBackoff
@@ -47,6 +47,7 @@ from .kbfgs_layer import (
     grads_with_l2,
     graft_to_adam,
     layer_statistics,
+    update_input_factors,
     update_input_inverses,
     update_momenta,
     update_output_sides,
@@ -416,22 +417,24 @@ class KBFGS(QNOptimizerBase):
         return out
 
     def _update_input_factors(self, now: list[LayerMeans], active: list[bool]) -> list[Tensor | None]:
-        """Each seen layer's ``A`` takes the batch's; returns the ``ā`` whose ``H_a`` update follows the step.
-        Each batch's row count and finiteness are read with one host sync for all layers."""
+        """Each seen layer's ``A`` takes the batch's (:func:`update_input_factors`); returns per layer the ``ā`` whose
+        ``H_a`` update follows the step (None: none). Every batch's row count and finiteness are read with one host
+        sync for all layers."""
         dev = now[0].h.device
-        checks = torch.stack([
-            torch.stack([m.a_rows.double().reshape(()), finite_flag(m.A_sum).double()]).to(dev)  # type: ignore
-            for m in now
-        ]).tolist()
-        cfg, out = self.config, list[Tensor | None]()
-        for la, m, (rows, finite), on in zip(self.layers, now, checks, active):
-            if not on or rows <= 0:
-                out.append(None)
-                continue
-            assert m.A_sum is not None and m.a is not None
-            la.ensure_state()
-            out.append(la.update_input_factor(m.A_sum, rows, m.a, finite > 0, cfg.factor_decay,
-                                              cfg.input_warm_start, self._sqrt_lam()))
+        rows = torch.stack([m.a_rows if m.a_rows.device == dev else m.a_rows.to(dev) for m in now])  # type: ignore
+        finite = finite_flags([m.A_sum for m in now])  # type: ignore[misc]
+        checks = torch.stack([rows, finite.to(device=dev, dtype=rows.dtype)], 1).tolist()
+        seen = [i for i, (on, (n, _)) in enumerate(zip(active, checks)) if on and n > 0]
+        for i in seen:
+            self.layers[i].ensure_state()
+        cfg = self.config
+        a_means = update_input_factors(
+            [self.layers[i] for i in seen], [now[i].A_sum for i in seen], [now[i].a for i in seen],  # type: ignore[misc]
+            [checks[i][0] for i in seen], [checks[i][1] > 0 for i in seen], cfg.factor_decay, cfg.input_warm_start,
+            self._sqrt_lam())
+        out: list[Tensor | None] = [None] * len(now)
+        for i, a in zip(seen, a_means):
+            out[i] = a
         return out
 
     def _update_kfac_outputs(self, now: list[LayerMeans], active: list[bool]) -> None:
@@ -444,8 +447,10 @@ class KBFGS(QNOptimizerBase):
             la.ensure_state()
         taken = refresh_kfac_factors([la.output for la, _ in todo], [G for _, G in todo],  # type: ignore[misc]
                                      self.config.factor_decay, self._sqrt_lam())
-        for (la, _), ok in zip(todo, taken):
-            la.count("pairs_accepted" if ok else "pairs_skipped")
+        counters = [la.state["counters"]["pairs_accepted" if ok else "pairs_skipped"]
+                    for (la, _), ok in zip(todo, taken)]
+        if counters:
+            torch._foreach_add_(counters, 1)
 
     def _directions(self, active: list[bool]) -> tuple[list[Tensor | None], list[float]] | None:
         """Per active layer ``ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄)`` and ``D = H_g ĝ H_a`` (None for a paused layer), with
@@ -637,22 +642,26 @@ class KBFGS(QNOptimizerBase):
 
     def _consecutive_pairs(self, now: list[LayerMeans], active: list[bool]) -> None:
         """s = h̄_k − h̄_{k−1}, y = ḡ_k − ḡ_{k−1} for the active layers that have a previous curvature batch; a
-        paused layer starts over from its next batch."""
-        for la, on in zip(self.layers, active):
-            if not on and "pair" in la.state:
-                la.state["pair"]["has_prev"].fill_(False)
-        have = [i for i, la in enumerate(self.layers) if active[i] and bool(la.state["pair"]["has_prev"])]
-        prev = [self.layers[i].state["pair"] for i in have]
-        update_output_sides([self.layers[i] for i in have], [now[i].h - p["h_prev"] for i, p in zip(have, prev)],
-                            [now[i].g - p["g_prev"] for i, p in zip(have, prev)], [now[i].g for i in have],
-                            self._pair_hyper())
-        for la, m, on in zip(self.layers, now, active):
-            if not on:
-                continue
-            pair = la.state["pair"]
-            pair["h_prev"].copy_(m.h)
-            pair["g_prev"].copy_(m.g)
-            pair["has_prev"].fill_(True)
+        paused layer starts over from its next batch. The flags are read, and the statistics kept for the next
+        pair, with one multi-tensor operation each."""
+        seen = [la.state["pair"] for la in self.layers if "pair" in la.state]
+        has_prev = dict(zip(map(id, seen), torch.stack([p["has_prev"] for p in seen]).tolist())) if seen else {}
+        paused = [la.state["pair"]["has_prev"] for la, on in zip(self.layers, active) if not on and "pair" in la.state]
+        if paused:
+            torch._foreach_copy_(paused, [torch.tensor(False)] * len(paused))
+        on = [i for i, a in enumerate(active) if a]
+        have = [i for i in on if has_prev.get(id(self.layers[i].state["pair"]), False)]
+        if have:
+            prev = [self.layers[i].state["pair"] for i in have]
+            update_output_sides([self.layers[i] for i in have],
+                                list(torch._foreach_sub([now[i].h for i in have], [p["h_prev"] for p in prev])),
+                                list(torch._foreach_sub([now[i].g for i in have], [p["g_prev"] for p in prev])),
+                                [now[i].g for i in have], self._pair_hyper())
+        pairs = [self.layers[i].state["pair"] for i in on]
+        if pairs:
+            torch._foreach_copy_([p["h_prev"] for p in pairs] + [p["g_prev"] for p in pairs],
+                                 [now[i].h for i in on] + [now[i].g for i in on])
+            torch._foreach_copy_([p["has_prev"] for p in pairs], [torch.tensor(True)] * len(pairs))
 
     # ------------------------------------------------------------------ capture and state
     def _schedule_capture(self) -> None:

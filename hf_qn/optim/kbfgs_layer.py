@@ -24,16 +24,17 @@ from torch import Tensor
 
 from ..adapters import LayerAdapter
 from ..capture import input_factor_shape
+from ..distributed.shards import whole
 from ..linalg import cast, damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimates
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
-from ..linalg.blocks import BlockSplit, matvec_rows
+from ..linalg.blocks import BlockSplit, matvec_each
 from ._base import adam_denominators_, count_steps_, group_indices, weight_by_gradient_signal_
 from .output_side import OutputSide, PairLearner, keep_blocks, rank2_updates
 from .state import KBFGS_LAYER_COUNTERS
 
 __all__ = [
     "KroneckerLayer", "PairHyper", "grads_with_l2", "graft_to_adam", "layer_statistics", "read_flags",
-    "update_input_inverses", "update_momenta", "update_output_sides",
+    "update_input_factors", "update_input_inverses", "update_momenta", "update_output_sides",
 ]
 
 
@@ -110,26 +111,13 @@ class KroneckerLayer:
             self.state["counters"][key] += times
 
     # ------------------------------------------------------------------ input side
-    def update_input_factor(
-        self, A_sum: Tensor, rows: float, a_mean: Tensor, finite: bool, decay: float, warm_start: int,
-        sqrt_lam: float,
-    ) -> Tensor | None:
-        """``A ← β_A A + (1−β_A) A_batch`` with the batch's ``A_batch = A_sum / rows`` (the division folded into
-        the weight); the first ``max(1, warm_start)`` batches are averaged plainly and ``H_a = (A + √λ I)⁻¹`` is
-        re-inverted exactly after each. Returns ``ā`` for the Hessian-action update of ``H_a`` after the step, or
-        None when ``H_a`` is already exact (or the batch not finite)."""
+    def warm_input_update(self, A_sum: Tensor, rows: float, n: int, sqrt_lam: float) -> None:
+        """One of the first batches of ``A``'s plain average (``n`` batches in it so far, ``A_batch = A_sum / rows``,
+        the division folded into the weight); ``H_a = (A + √λ I)⁻¹`` is re-inverted exactly after it."""
         inp = self.state["input"]
-        if not finite:
-            self.count("input_updates_skipped")
-            return None
-        n = int(inp["batches"])
-        if n < max(1, warm_start):
-            inp["A"].mul_(n / (n + 1)).add_(A_sum, alpha=1.0 / ((n + 1) * rows))
-            inp["batches"].add_(1)
-            self.invert_input(sqrt_lam)
-            return None
-        inp["A"].mul_(decay).add_(A_sum, alpha=(1.0 - decay) / rows)
-        return a_mean
+        inp["A"].mul_(n / (n + 1)).add_(A_sum, alpha=1.0 / ((n + 1) * rows))
+        inp["batches"].add_(1)
+        self.invert_input(sqrt_lam)
 
     def invert_input(self, sqrt_lam: float) -> None:
         """``H_a = (A + √λ I)⁻¹`` (diagonal for an Embedding; block by block for a block-diagonal ``A``)."""
@@ -189,30 +177,58 @@ def grads_with_l2(layers: list[KroneckerLayer], l2s: list[list[float]]) -> list[
     any) bias, which may differ (the Trainer's no-decay split). The L2 terms of all layers are added with two
     multi-tensor kernels (``τ W`` then ``∇W + τ W``, elementwise as the unbatched sum), before each layer's parts
     are joined into its matrix."""
-    weights: list[Tensor] = []  # per layer, its gradient parts in float32
-    biases: list[Tensor | None] = []
-    for la in layers:
-        gw, gb = la.adapter.grad_parts()
-        weights.append(cast(gw, torch.float32))
-        biases.append(None if gb is None else cast(gb, torch.float32))
-    grads, params, taus, where = [], [], [], []  # what takes an L2 term, and where its sum goes
-    for i, (la, l2) in enumerate(zip(layers, l2s)):
-        if all(tau == 0 for tau in l2):
-            continue
-        w, b = la.adapter.param_parts()
-        for part, (g, p, tau) in enumerate(zip((weights[i], biases[i]), (w, b), l2)):
-            if g is not None and p is not None:
+    parts: list[Tensor | None] = []  # layer k's weight and bias gradients at 2k and 2k + 1 (None: no bias)
+    grads, params, taus, where = [], [], [], []  # what takes an L2 term, and where its sum goes in ``parts``
+    for la, l2 in zip(layers, l2s):
+        ad = la.adapter
+        for g, p, tau in zip(ad.grad_parts(), (ad.weight, ad.bias), l2):
+            g = None if g is None else cast(g, torch.float32)
+            if g is not None and p is not None and tau != 0:  # the step runs without autograd: no detach
                 grads.append(g)
-                params.append(cast(p, torch.float32))
+                params.append(cast(whole(p), torch.float32))
                 taus.append(tau)
-                where.append((part, i))
+                where.append(len(parts))
+            parts.append(g)
+        parts += [None] * (len(parts) % 2)  # a layer without a bias
     if grads:
-        for (part, i), g in zip(where, torch._foreach_add(grads, torch._foreach_mul(params, taus))):
-            if part == 0:
-                weights[i] = g
-            else:
-                biases[i] = g
-    return [la.adapter.to_matrix(w, b) for la, w, b in zip(layers, weights, biases)]
+        for i, g in zip(where, torch._foreach_add(grads, torch._foreach_mul(params, taus))):
+            parts[i] = g
+    return [la.adapter.to_matrix(parts[2 * k], parts[2 * k + 1]) for k, la in enumerate(layers)]  # type: ignore[arg-type]
+
+
+def update_input_factors(
+    layers: list[KroneckerLayer], A_sums: list[Tensor], a_means: list[Tensor], rows: list[float], finite: list[bool],
+    decay: float, warm_start: int, sqrt_lam: float,
+) -> list[Tensor | None]:
+    """Each layer's ``A ← β_A A + (1−β_A) A_batch`` with its batch's ``A_batch = A_sum / rows`` (the division folded
+    into the weight); the first ``max(1, warm_start)`` batches are averaged plainly, with ``H_a = (A + √λ I)⁻¹``
+    re-inverted exactly after each (:meth:`KroneckerLayer.warm_input_update`); a non-finite batch is skipped and
+    counted. The running averages are updated with multi-tensor kernels (one scaling for all, one addition per row
+    count), each entry as ``A.mul_(β_A).add_(A_sum, alpha=...)`` computes it. Returns per layer ``ā`` for the
+    Hessian-action update of ``H_a`` after the step, or None when ``H_a`` is already exact (or the batch not
+    finite)."""
+    counts = torch.stack([la.state["input"]["batches"] for la in layers]).tolist() if layers else []  # CPU counters
+    out: list[Tensor | None] = []
+    averaged: list[Tensor] = []
+    by_weight: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+    for la, A_sum, a_mean, n_rows, ok, n in zip(layers, A_sums, a_means, rows, finite, counts):
+        if not ok:
+            la.count("input_updates_skipped")
+            out.append(None)
+        elif n < max(1, warm_start):
+            la.warm_input_update(A_sum, n_rows, n, sqrt_lam)
+            out.append(None)
+        else:
+            averaged.append(la.state["input"]["A"])
+            targets, sums = by_weight.setdefault((1.0 - decay) / n_rows, ([], []))
+            targets.append(averaged[-1])
+            sums.append(A_sum)
+            out.append(a_mean)
+    if averaged:
+        torch._foreach_mul_(averaged, decay)
+        for alpha, (targets, sums) in by_weight.items():
+            torch._foreach_add_(targets, sums, alpha=alpha)
+    return out
 
 
 def update_momenta(layers: list[KroneckerLayer], grads: list[Tensor], rho: float) -> None:
@@ -260,8 +276,9 @@ def graft_to_adam(
         adam_norms = torch.stack(torch._foreach_norm(torch._foreach_div(momenta, denom))) / (1.0 - rho**t)
         d_norms = torch.stack(torch._foreach_norm(D))
         ratios = adam_norms / d_norms.clamp_min(tiny)
-        for i, d, r, n in zip(idx, D, ratios.unbind(), (ratios * d_norms).unbind()):
-            out[i] = d.mul_(r)
+        torch._foreach_mul_(D, ratios.unbind())
+        for i, d, n in zip(idx, D, (ratios * d_norms).unbind()):
+            out[i] = d
             norms[i] = n
     return out, [norms[i] for i in range(len(layers))]
 
@@ -358,9 +375,10 @@ def update_input_inverses(
         n, size = split.blocks, split.size
         inputs = [la.state["input"] for la in group]
         a = split.rows(torch.stack([todo[r][1] for r in rows]))  # (layers, n, size)
-        s_a = torch.stack([matvec_rows(inp["H_a"], a_k) for inp, a_k in zip(inputs, a)])
-        y_a = torch.stack([matvec_rows(inp["A"], s_k) for inp, s_k in zip(inputs, s_a)]) + sqrt_lam * s_a
-        Hy = torch.stack([matvec_rows(inp["H_a"], y_k) for inp, y_k in zip(inputs, y_a)]).reshape(-1, size)
+        H_a, A = [inp["H_a"] for inp in inputs], [inp["A"] for inp in inputs]
+        s_a = matvec_each(H_a, a)
+        y_a = matvec_each(A, s_a) + sqrt_lam * s_a
+        Hy = matvec_each(H_a, y_a).reshape(-1, size)
         s_a, y_a = s_a.reshape(-1, size), y_a.reshape(-1, size)
         ok, sy = curvature_ok_rows(s_a, y_a, curvature_eps, a.reshape(-1, size).norm(dim=-1))
         new, finite = rank2_updates([inp["H_a"] for inp in inputs], s_a, y_a, Hy, sy)

@@ -93,14 +93,25 @@ def reduce_statistics(
                for k, i in enumerate(grams)}
     out = []
     per = 4 if with_inputs else 2
+    h_means = divide_each(tensors[1::per][: len(adapters)], h_div)
+    a_means = divide_each(tensors[4::per][: len(adapters)], a_div) if with_inputs else []
     for i, ad in enumerate(adapters):
-        h_sum, g_sum = tensors[1 + per * i : 3 + per * i]
+        g_sum = tensors[2 + per * i]
         to = ad.weight.device
-        h, g, h_rows = h_sum / h_div[i].to(to), (g_sum if ws == 1.0 else g_sum / ws), h_rows_all[i].to(to)
+        h, g, h_rows = h_means[i], (g_sum if ws == 1.0 else g_sum / ws), h_rows_all[i].to(to)
         if not with_inputs:
             out.append(LayerMeans(h, g, h_rows))
             continue
-        A_sum, a_sum = tensors[3 + per * i : 5 + per * i]
-        div = a_div[i].to(to)
-        out.append(LayerMeans(h, g, h_rows, A_sum, a_sum / div, a_rows[i].to(to), G_means.get(i)))
+        out.append(LayerMeans(h, g, h_rows, tensors[3 + per * i], a_means[i], a_rows[i].to(to), G_means.get(i)))
     return out
+
+
+def divide_each(sums: list[Tensor], divisors: tuple[Tensor, ...]) -> list[Tensor]:
+    """``sums[i] / divisors[i]`` (0-dim) for every ``i``: vectors of one device and dtype are divided together, as
+    one vector (the same division of every entry, three tensor operations instead of one per layer)."""
+    if len({(x.device, x.dtype) for x in sums}) != 1 or any(x.dim() != 1 for x in sums):
+        return [x / d.to(x.device) for x, d in zip(sums, divisors)]
+    sizes = [x.numel() for x in sums]
+    per_entry = torch.stack(divisors).to(sums[0].device).repeat_interleave(
+        torch.tensor(sizes, device=sums[0].device), output_size=sum(sizes))
+    return list(torch.cat(sums).div_(per_entry).split(sizes))

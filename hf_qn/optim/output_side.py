@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..linalg import LBFGSHistory, damped_cholesky_inverse, finite_flag
+from ..linalg import LBFGSHistory, damped_cholesky_inverse, finite_flags
 from ..linalg.batched import bfgs_rank2_rows
 from ..linalg.blocks import BlockSplit, block_left, matvec_rows
 from ._base import group_indices
@@ -200,14 +200,23 @@ class KFACOutput(HeldMatrix):
         return {"G": torch.zeros(self.split.factor_shape, dtype=torch.float32, device=device),
                 "H_g": self.split.identity(torch.float32, device), "batches": torch.tensor(0, dtype=torch.int64)}
 
-    def accumulate(self, G_batch: Tensor, decay: float) -> None:
-        """``G ← G_batch`` on the first batch, then ``G ← β G + (1 − β) G_batch``."""
-        G, batches = self.state["G"], self.state["batches"]
-        if int(batches) == 0:
-            G.copy_(G_batch)
-        else:
-            G.mul_(decay).add_(G_batch, alpha=1.0 - decay)
-        batches.add_(1)
+
+def accumulate_(sides: list[KFACOutput], G_batches: list[Tensor], take: list[bool], decay: float) -> None:
+    """Each side whose ``take`` is set: ``G ← G_batch`` on its first batch, then ``G ← β G + (1 − β) G_batch``;
+    with multi-tensor kernels, each entry computed as ``G.mul_(β).add_(G_batch, alpha=1 − β)`` computes it."""
+    taken = [(side, G_b) for side, G_b, ok in zip(sides, G_batches, take) if ok]
+    if not taken:
+        return
+    counters = [side.state["batches"] for side, _ in taken]
+    seen = torch.stack(counters).tolist()  # CPU counters: no sync
+    first = [(side.state["G"], G_b) for (side, G_b), n in zip(taken, seen) if n == 0]
+    later = [(side.state["G"], G_b) for (side, G_b), n in zip(taken, seen) if n > 0]
+    if first:
+        torch._foreach_copy_([G for G, _ in first], [G_b for _, G_b in first])
+    if later:
+        torch._foreach_mul_([G for G, _ in later], decay)
+        torch._foreach_add_([G for G, _ in later], [G_b for _, G_b in later], alpha=1.0 - decay)
+    torch._foreach_add_(counters, 1)
 
 
 def refresh_kfac_factors(sides: list[KFACOutput], G_batches: list[Tensor], decay: float, sqrt_lam: float) -> list[bool]:
@@ -216,17 +225,17 @@ def refresh_kfac_factors(sides: list[KFACOutput], G_batches: list[Tensor], decay
     batched Cholesky call (per device). Returns, per side, whether its batch was taken."""
     if not sides:
         return []
-    finite = torch.stack([finite_flag(G) for G in G_batches]).tolist()  # a sum each: no d x d mask
-    for side, G, ok in zip(sides, G_batches, finite):
-        if ok:
-            side.accumulate(G, decay)
-    ready = [side for side in sides if int(side.state["batches"]) > 0]
+    finite = finite_flags(G_batches).tolist()  # a sum each: no d x d mask
+    accumulate_(sides, G_batches, finite, decay)
+    counts = torch.stack([side.state["batches"] for side in sides]).tolist()  # CPU counters: no sync
+    ready = [side for side, n in zip(sides, counts) if n > 0]
     # by shape and device (a model split over devices)
     for idx in group_indices(ready, key=lambda side: (*side.state["G"].shape, side.state["G"].device)):
         group = [ready[i] for i in idx]
         G = torch.stack([side.state["G"] for side in group])  # (layers, d, d) or (layers, blocks, size, size)
-        dims = torch.tensor([side.d_out for side in group], dtype=G.dtype, device=G.device)
-        mean_eig = G.diagonal(dim1=-2, dim2=-1).flatten(1).sum(1) / dims
+        dims = {side.d_out for side in group}  # one width (no copy to the device), or blocked factors of several
+        divisor = dims.pop() if len(dims) == 1 else G.new_tensor([side.d_out for side in group])
+        mean_eig = G.diagonal(dim1=-2, dim2=-1).flatten(1).sum(1) / divisor
         tiny = torch.finfo(G.dtype).tiny
         G = G / mean_eig.clamp_min(tiny).reshape(-1, *([1] * (G.dim() - 1)))
         # float32: Ĝ + √λ I has eigenvalues in [√λ, d_out + √λ], so its condition number is at most ~d_out / √λ
@@ -269,6 +278,9 @@ def rank2_updates(Hs: list[Tensor], s: Tensor, y: Tensor, Hy: Tensor, sy: Tensor
     at most one extra copy of the group's factors, after the backward has freed the activations (GPT-2 small's
     peak memory did not change)."""
     U, V = bfgs_rank2_rows(s, y, Hy, sy, Hs[0].dtype)
+    if all(H.dim() == 2 for H in Hs):  # a row each: one view per row, one sum per factor
+        new = [torch.addmm(H, u, v) for H, u, v in zip(Hs, U.unbind(), V.unbind())]
+        return new, torch.isfinite(torch.stack([H.sum() for H in new]))
     new, sums, row = [], [], 0
     for H in Hs:
         if H.dim() == 2:
