@@ -315,7 +315,8 @@ def resolve_device(args: LMBenchmarkArguments) -> tuple[torch.device, torch.dtyp
 # ------------------------------------------------------------------------------------------------ optimizers
 def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     """``"kbfgs:graft=adam,update_interval=10"`` -> ``("kbfgs", {...})``; a named row -> its base and keywords.
-    Every optimizer takes ``:lr=VALUE`` (``muon:lr=0.002``): a row at that lr, not swept; the peers take nothing
+    Every optimizer takes ``:lr=VALUE`` (``muon:lr=0.002``): a row at that lr, not swept; Muon's rows also take
+    ``adamw_lr=VALUE``, the lr of their AdamW part (default: AdamW's tuned lr); the other peers take nothing
     else."""
     from hf_qn.integrations.trainer import parse_qn_args
 
@@ -324,9 +325,10 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"Invalid optimizer {name!r}: one of {ALL_OPTIMIZERS}, or kbfgs:k=v,... / mlbfgs:k=v,... "
                          "(any of them with :lr=VALUE)")
     kwargs = parse_qn_args(extra) if sep else {}
-    if base not in (*KBFGS_VARIANTS, "mlbfgs") and set(kwargs) - {"lr"}:
-        raise ValueError(f"Invalid optimizer {name!r}: {base} takes only lr=VALUE after the colon (keywords are for "
-                         "kbfgs:k=v,... / mlbfgs:k=v,...)")
+    allowed = {"lr", "adamw_lr"} if base in ("muon", "muon_fp32") else {"lr"}
+    if base not in (*KBFGS_VARIANTS, "mlbfgs") and set(kwargs) - allowed:
+        raise ValueError(f"Invalid optimizer {name!r}: {base} takes only {' and '.join(sorted(allowed))}=VALUE after "
+                         "the colon (keywords are for kbfgs:k=v,... / mlbfgs:k=v,...)")
     return base, {**KBFGS_VARIANTS.get(base, {}), **kwargs}
 
 
@@ -349,7 +351,8 @@ def sweep_grid(name: str) -> list[float]:
 
 def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> Any:
     """``name``'s optimizer over ``model`` at ``lr``; ``adamw_lr`` is AdamW's tuned lr, used by Muon for the
-    parameters it does not take (embeddings, biases, norms), as Muon's authors do."""
+    parameters it does not take (embeddings, biases, norms), as Muon's authors do, unless the row names its own
+    (``muon_fp32:adamw_lr=0.003``)."""
     import hf_qn
 
     name, kwargs = split_variant(name)
@@ -357,7 +360,8 @@ def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> 
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     if name in ("muon", "muon_fp32"):
-        return MuonFactory()(model, lr=lr, adamw_lr=adamw_lr, float32_newton_schulz=name == "muon_fp32")
+        return MuonFactory()(model, lr=lr, adamw_lr=float(kwargs.get("adamw_lr", adamw_lr)),
+                             float32_newton_schulz=name == "muon_fp32")
     if name == "soap":
         import heavyball
 

@@ -41,9 +41,17 @@ def test_variants_and_bad_names(bench):
     assert bench.sweep_grid("kbfgs:graft=none") == bench.SWEEPS["kbfgs_paper"]
     with pytest.raises(ValueError, match="Invalid optimizer 'lion'"):
         bench.split_variant("lion")
-    with pytest.raises(ValueError, match="Invalid optimizer 'muon:momentum=0.9': muon takes only lr=VALUE"):
+    with pytest.raises(ValueError, match="Invalid optimizer 'muon:momentum=0.9': muon takes only adamw_lr and lr="):
         bench.split_variant("muon:momentum=0.9")
+    with pytest.raises(ValueError, match="Invalid optimizer 'soap:adamw_lr=0.1': soap takes only lr=VALUE"):
+        bench.split_variant("soap:adamw_lr=0.1")
     assert bench.split_variant("muon:lr=0.002") == ("muon", {"lr": 0.002})
+    from tests._helpers.models import tiny_gpt2
+
+    model = tiny_gpt2(n_layer=1)
+    muon = bench.build_optimizer("muon_fp32:adamw_lr=0.003", model, 0.01, 1e-3)  # its AdamW part at its own lr
+    assert {g["lr"] for g in muon.adamw.param_groups} == {0.003}
+    assert {g["lr"] for g in bench.build_optimizer("muon_fp32", model, 0.01, 1e-3).adamw.param_groups} == {1e-3}
     assert bench.parse_fixed_lrs(["kbfgs:damping=0.1=3e-3"]) == {"kbfgs:damping=0.1": 3e-3}
 
 
