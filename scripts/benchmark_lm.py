@@ -24,6 +24,9 @@ How the comparison is kept fair:
   each, long enough to leave the warm-up); when the best candidate is at an end of the grid, the grid is
   extended past it until the optimum is interior, each extension run beside a re-run of the end it extends, so that
   the two are compared under the same machine load;
+* Muon's rows train what Muon does not take (embeddings, the head, norms, biases) with AdamW at Muon's own lr,
+  so its sweep tunes both parts (the recipes' convention); at AdamW's tuned lr there, as before 2026-12-04, Muon
+  ended 0.1 nats higher on the small GPT-2 (``muon:adamw_lr=VALUE`` still sets it apart);
 * all use the same linear warm-up (``--warmup_steps``), then a constant learning rate (or, with
   ``--lr_schedule cosine`` or ``linear``, the Trainer's default, a decay to zero over each run's own budget of
   training seconds, as a decaying schedule would end at that budget), and no weight decay.
@@ -316,7 +319,7 @@ def resolve_device(args: LMBenchmarkArguments) -> tuple[torch.device, torch.dtyp
 def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     """``"kbfgs:graft=adam,update_interval=10"`` -> ``("kbfgs", {...})``; a named row -> its base and keywords.
     Every optimizer takes ``:lr=VALUE`` (``muon:lr=0.002``): a row at that lr, not swept; Muon's rows also take
-    ``adamw_lr=VALUE``, the lr of their AdamW part (default: AdamW's tuned lr); the other peers take nothing
+    ``adamw_lr=VALUE``, the lr of their AdamW part (default: the row's own lr); the other peers take nothing
     else."""
     from hf_qn.integrations.trainer import parse_qn_args
 
@@ -349,10 +352,11 @@ def sweep_grid(name: str) -> list[float]:
     return list(SWEEPS[base])
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> Any:
-    """``name``'s optimizer over ``model`` at ``lr``; ``adamw_lr`` is AdamW's tuned lr, used by Muon for the
-    parameters it does not take (embeddings, biases, norms), as Muon's authors do, unless the row names its own
-    (``muon_fp32:adamw_lr=0.003``)."""
+def build_optimizer(name: str, model: nn.Module, lr: float) -> Any:
+    """``name``'s optimizer over ``model`` at ``lr``. Muon's rows train the parameters Muon does not take
+    (embeddings, the head, biases, norms) with AdamW at the same ``lr`` (its updates scaled to AdamW's RMS, so one lr
+    serves both parts, as in the recipes), unless the row names another (``muon_fp32:adamw_lr=0.001``): with AdamW's
+    tuned lr there, as the cards before 2026-12-04 ran it, Muon ended 0.1 nats higher on the small GPT-2."""
     import hf_qn
 
     name, kwargs = split_variant(name)
@@ -360,7 +364,7 @@ def build_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> 
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     if name in ("muon", "muon_fp32"):
-        return MuonFactory()(model, lr=lr, adamw_lr=float(kwargs.get("adamw_lr", adamw_lr)),
+        return MuonFactory()(model, lr=lr, adamw_lr=float(kwargs.get("adamw_lr", lr)),
                              float32_newton_schulz=name == "muon_fp32")
     if name == "soap":
         import heavyball
@@ -385,7 +389,7 @@ def check_optimizers(names: list[str], arch: str = "gpt2") -> None:
         for name in names:
             split_variant(name)  # an unknown name: refused with the list of known ones
             try:
-                build_optimizer(name, ARCHS[arch].build("tiny", 64, 8, 0), 1e-3, 1e-3)
+                build_optimizer(name, ARCHS[arch].build("tiny", 64, 8, 0), 1e-3)
             except Exception as err:
                 raise ValueError(f"Invalid optimizer {name!r} in --optimizers: {type(err).__name__}: {err}") from err
     finally:
@@ -436,11 +440,11 @@ class Run:
     """One optimizer at one lr and seed: its model, optimizer, batches and its own training clock."""
 
     def __init__(self, name: str, lr: float, seed: int, budget: float, data: dict[str, Any],
-                 args: LMBenchmarkArguments, adamw_lr: float) -> None:
+                 args: LMBenchmarkArguments) -> None:
         self.name, self.lr, self.seed, self.budget = name, lr, seed, budget
         self.device, self._autocast = data["device"], data["autocast"]
         self.model = ARCHS[args.arch].build(args.size, data["vocab_size"], args.block_size, seed).to(self.device)
-        self.opt = build_optimizer(name, self.model, lr, adamw_lr)
+        self.opt = build_optimizer(name, self.model, lr)
         warmup = max(1, args.warmup_steps)
         self._groups = [(g, g["lr"]) for g in self.opt.param_groups]
         self._warmup = warmup
@@ -506,8 +510,7 @@ class Run:
                 "optimizer_statistics": stats() if callable(stats) else {}}
 
 
-def peak_memory_gib(name: str, lr: float, data: dict[str, Any], args: LMBenchmarkArguments,
-                    adamw_lr: float) -> float:
+def peak_memory_gib(name: str, lr: float, data: dict[str, Any], args: LMBenchmarkArguments) -> float:
     """GiB of CUDA memory at the peak of ``--memory_steps`` steps of ``name`` alone: its model, optimizer state and
     activations (the data, resident before, not counted); NaN where the optimizer fails."""
     device = data["device"]
@@ -517,7 +520,7 @@ def peak_memory_gib(name: str, lr: float, data: dict[str, Any], args: LMBenchmar
     base = torch.cuda.memory_allocated(device)
     run: Run | None = None
     try:
-        run = Run(name, lr, args.seeds[0], math.inf, data, args, adamw_lr)
+        run = Run(name, lr, args.seeds[0], math.inf, data, args)
         for _ in range(args.memory_steps):
             run.train_step()
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
@@ -548,22 +551,13 @@ def interleave(runs: list[Run], slice_seconds: float, label: str) -> None:
 # ------------------------------------------------------------------------------------------------ sweeps
 def sweep(names: list[str], data: dict[str, Any], args: LMBenchmarkArguments,
           fixed: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """lr sweeps of ``names`` (AdamW first: Muon uses its lr for the rest of the model), interleaved; a grid
-    whose best lr is at an end is extended by 3x past it (at most twice), so the optimum is interior
-    (:func:`_sweep_group`)."""
-    out: dict[str, dict[str, Any]] = {}
+    """lr sweeps of the ``names`` whose lr is not ``fixed``, all interleaved; a grid whose best lr is at an end is
+    extended by 3x past it (at most twice), so the optimum is interior (:func:`_sweep_group`)."""
     todo = [n for n in names if n not in fixed]
-    if "adamw" in todo:  # AdamW's lr is needed by Muon's runs
-        out["adamw"] = _sweep_group(["adamw"], data, args, 0.0)["adamw"]
-        todo.remove("adamw")
-    adamw_lr = fixed.get("adamw", out.get("adamw", {}).get("lr", 1e-3))
-    if todo:
-        out.update(_sweep_group(todo, data, args, adamw_lr))
-    return out
+    return _sweep_group(todo, data, args) if todo else {}
 
 
-def _sweep_group(names: list[str], data: dict[str, Any], args: LMBenchmarkArguments,
-                 adamw_lr: float) -> dict[str, dict[str, Any]]:
+def _sweep_group(names: list[str], data: dict[str, Any], args: LMBenchmarkArguments) -> dict[str, dict[str, Any]]:
     """The sweeps of ``names``, all candidates interleaved, in rounds: the grids, then, for each optimizer whose
     best lr is at an end of all it has tried, that lr again beside one 3x beyond it. The best lr of each round is
     chosen among runs of that round only (a later round may find the machine faster or slower, and the budget is
@@ -573,7 +567,7 @@ def _sweep_group(names: list[str], data: dict[str, Any], args: LMBenchmarkArgume
     best: dict[str, float] = {}
     pending = {n: sweep_grid(n) for n in names}
     for _round in range(3):
-        runs = [Run(n, lr, args.seeds[0], args.sweep_seconds, data, args, adamw_lr)
+        runs = [Run(n, lr, args.seeds[0], args.sweep_seconds, data, args)
                 for n, lrs in pending.items() for lr in lrs]
         if not runs:
             break
@@ -819,9 +813,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data.update(device=device, autocast=autocast_dtype, train=data["train"].to(device), val=data["val"].to(device))
     sweeps = sweep(names, data, args, fixed) if args.sweep_seconds > 0 else {}
     lrs = {n: fixed.get(n, sweeps.get(n, {}).get("lr", sweep_grid(n)[1])) for n in names}
-    peaks = ({n: peak_memory_gib(n, lrs[n], data, args, lrs["adamw"]) for n in names}
+    peaks = ({n: peak_memory_gib(n, lrs[n], data, args) for n in names}
              if device.type == "cuda" and args.memory_steps > 0 else {})
-    runs = [Run(n, lrs[n], seed, args.budget, data, args, lrs["adamw"]) for seed in args.seeds for n in names]
+    runs = [Run(n, lrs[n], seed, args.budget, data, args) for seed in args.seeds for n in names]
     n_params = sum(p.numel() for p in runs[0].model.parameters())
     logger.info("%s %s: %.2fM parameters on %s (autocast %s); final runs %s", ARCHS[args.arch].title, args.size,
                 n_params / 1e6, device, autocast_dtype, lrs)

@@ -4,7 +4,8 @@
 ``benchmark_step.py`` gives the median and mean step of each optimizer; this script splits K-BFGS's defaults
 (curvature every ``update_interval`` steps after 20 warm-up curvature steps) into its two kinds of step on GPT-2
 (random tokens, bf16 autocast where the device has it), and for one step of each kind writes torch.profiler's
-operator tables, the counts of tensor operators, kernel launches and host syncs, and, on CUDA, which lines of
+operator tables, the counts of tensor operators, kernel launches and host syncs, the time and the number of tensor
+operators of the optimizer's own ``step()`` (on 3 and 1 more steps of that kind) and, on CUDA, which lines of
 Python made the host wait for the GPU (torch's sync debug mode warns at each). With ``--inverses`` it also times
 the damped factor inverse both ways (``torch.cholesky_inverse`` against a triangular solve and one batched
 product) on the batched shapes of GPT-2 small's K-FAC output factors.
@@ -19,6 +20,7 @@ Outputs in ``--output_dir``: ``summary.json`` and ``profile-NAME.txt`` per optim
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import os
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_step import StepBenchArguments, build_model
@@ -80,12 +83,21 @@ def _profile_one(name: str, args: ProfileArguments, device: torch.device) -> tup
     batches = [{k: v.to(device) for k, v in make_batch(g).items()} for _ in range(4)]
     autocast = device.type == "cuda"
 
-    def step(i: int) -> None:
+    def step(i: int, alone: bool = False, mode: Any = None) -> float:
+        """One training step; with ``alone``, the seconds of ``opt.step()`` by itself (synchronised before and after),
+        run under ``mode`` if given."""
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(**batches[i % len(batches)]).loss
         loss.backward()
-        opt.step()
+        if alone:
+            sync_cuda()
+        t0 = time.perf_counter()
+        with mode if mode is not None else contextlib.nullcontext():
+            opt.step()
+        if alone:
+            sync_cuda()
+        return time.perf_counter() - t0
 
     def kind() -> str:  # the step K-BFGS is about to take captures statistics: a curvature step
         capture = getattr(opt, "capture", None)
@@ -153,9 +165,28 @@ def _profile_one(name: str, args: ProfileArguments, device: torch.device) -> tup
                                         if "synchroniz" in str(w.message))
             counts["syncs_by_line"] = dict(where.most_common())
             text.append("host syncs by line: " + json.dumps(counts["syncs_by_line"], indent=1))
+        alone = [step(next_of(wanted), alone=True) for _ in range(3)]
+        ops = CountOperators()
+        step(next_of(wanted), alone=True, mode=ops)
+        counts["optimizer_step_ms"] = 1e3 * statistics.median(alone)  # the step alone, median of 3
+        counts["optimizer_step_ops"] = ops.count  # the tensor operators its step issued, views included
+        text.append(f"optimizer.step alone: {counts['optimizer_step_ms']:.2f} ms, {ops.count} operators")
         out[wanted] = counts
     kron.CUDA_TRIANGULAR_INVERSE = True
     return out, "\n".join(text)
+
+
+class CountOperators(TorchDispatchMode):
+    """Counts the tensor operators dispatched while it is active: every operator the host issues, views included
+    (on a GPU each costs some microseconds of Python and dispatch; most are also a kernel launch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def time_inverses(device: torch.device) -> list[dict[str, Any]]:

@@ -49,9 +49,9 @@ def test_variants_and_bad_names(bench):
     from tests._helpers.models import tiny_gpt2
 
     model = tiny_gpt2(n_layer=1)
-    muon = bench.build_optimizer("muon_fp32:adamw_lr=0.003", model, 0.01, 1e-3)  # its AdamW part at its own lr
-    assert {g["lr"] for g in muon.adamw.param_groups} == {0.003}
-    assert {g["lr"] for g in bench.build_optimizer("muon_fp32", model, 0.01, 1e-3).adamw.param_groups} == {1e-3}
+    muon = bench.build_optimizer("muon_fp32:adamw_lr=0.001", model, 0.01)  # its AdamW part at the lr it names
+    assert {g["lr"] for g in muon.adamw.param_groups} == {0.001}
+    assert {g["lr"] for g in bench.build_optimizer("muon_fp32", model, 0.01).adamw.param_groups} == {0.01}  # the row's
     assert bench.parse_fixed_lrs(["kbfgs:damping=0.1=3e-3"]) == {"kbfgs:damping=0.1": 3e-3}
 
 
@@ -87,12 +87,12 @@ def test_a_row_named_with_its_lr_trains_at_that_lr_unswept(bench):
     with pytest.raises(ValueError, match=r"Invalid --lr for \['muon:lr=0.002'\]: the name already fixes the lr"):
         bench.parse_fixed_lrs(["muon:lr=0.002=0.003"], names)
     model = bench.gpt2("tiny", 64, 8, 0)
-    muon = bench.build_optimizer("muon_fp32:lr=0.002", model, 0.05, 1e-3)
-    assert [g["lr"] for g in muon.param_groups] == [0.002, 1e-3, 1e-3]  # Muon's matrices at 0.002, AdamW's rest
-    assert bench.build_optimizer("adamw:lr=5e-3", model, 1e-3, 1e-3).param_groups[0]["lr"] == 5e-3
-    assert bench.build_optimizer("kbfgs:lr=4e-3", model, 1e-3, 1e-3).param_groups[0]["lr"] == 4e-3
+    muon = bench.build_optimizer("muon_fp32:lr=0.002", model, 0.05)
+    assert [g["lr"] for g in muon.param_groups] == [0.002] * 3  # Muon's matrices and AdamW's rest at the row's lr
+    assert bench.build_optimizer("adamw:lr=5e-3", model, 1e-3).param_groups[0]["lr"] == 5e-3
+    assert bench.build_optimizer("kbfgs:lr=4e-3", model, 1e-3).param_groups[0]["lr"] == 4e-3
     assert muon.float32_newton_schulz  # the named row keeps its float32 Newton-Schulz
-    assert not bench.build_optimizer("muon:lr=0.002", model, 0.05, 1e-3).float32_newton_schulz
+    assert not bench.build_optimizer("muon:lr=0.002", model, 0.05).float32_newton_schulz
 
 
 def test_a_variant_takes_its_bases_fixed_lr_unless_given_its_own(bench):
@@ -132,7 +132,7 @@ def test_sweep_extends_a_grid_whose_best_lr_is_at_an_end(bench, monkeypatch):
     monkeypatch.setitem(bench.SWEEPS, "adamw", [0.001, 0.01])
 
     class FakeRun:
-        def __init__(self, name, lr, seed, budget, data, args, adamw_lr):
+        def __init__(self, name, lr, seed, budget, data, args):
             self.name, self.lr, self.clock, self.steps = name, lr, budget, 1
 
         def record(self):
@@ -142,7 +142,7 @@ def test_sweep_extends_a_grid_whose_best_lr_is_at_an_end(bench, monkeypatch):
     monkeypatch.setattr(bench, "Run", FakeRun)
     monkeypatch.setattr(bench, "interleave", lambda runs, slice_seconds, label: None)
     args = bench.LMBenchmarkArguments(seeds=[0])
-    out = bench._sweep_group(["adamw"], {}, args, 1e-3)["adamw"]
+    out = bench._sweep_group(["adamw"], {}, args)["adamw"]
     assert out["lr"] == pytest.approx(0.03) and out["interior"]
     assert sorted(float(k) for k in out["grid"]) == pytest.approx([0.001, 0.01, 0.03, 0.09])
     assert [sorted(r) for r in out["rounds"]] == [["0.001", "0.01"], ["0.01", "0.03"], ["0.03", "0.09"]]
@@ -156,7 +156,7 @@ def test_a_sweep_extension_is_decided_under_one_machine_load(bench, monkeypatch)
     load = [0.0]
 
     class SlowerEachRound:
-        def __init__(self, name, lr, seed, budget, data, args, adamw_lr):
+        def __init__(self, name, lr, seed, budget, data, args):
             self.name, self.lr, self.clock, self.steps = name, lr, budget, 1
 
         def record(self):
@@ -167,7 +167,7 @@ def test_a_sweep_extension_is_decided_under_one_machine_load(bench, monkeypatch)
 
     monkeypatch.setattr(bench, "Run", SlowerEachRound)
     monkeypatch.setattr(bench, "interleave", interleave)
-    out = bench._sweep_group(["adamw"], {}, bench.LMBenchmarkArguments(seeds=[0]), 1e-3)["adamw"]
+    out = bench._sweep_group(["adamw"], {}, bench.LMBenchmarkArguments(seeds=[0]))["adamw"]
     assert out["lr"] == pytest.approx(0.03) and out["interior"]
     assert out["rounds"][1] == {"0.01": pytest.approx(20.0 + math.log10(5)),
                                 "0.03": pytest.approx(20.0 + math.log10(0.05 / 0.03))}
@@ -297,7 +297,7 @@ def test_muons_share_is_every_block_matrix_of_either_family(bench):
     assert hidden_matrices(llama) == [f"model.layers.0.{m}.weight" for m in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
         "mlp.up_proj", "mlp.down_proj")]
-    both = bench.build_optimizer("muon", llama, 1e-2, 1e-3)
+    both = bench.build_optimizer("muon", llama, 1e-2)
     muon, adamw = both.muon, both.adamw
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     named = dict(llama.named_parameters())

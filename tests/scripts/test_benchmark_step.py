@@ -74,5 +74,9 @@ def test_step_kinds_profile_splits_curvature_from_plain_steps(tmp_path):
     assert len(adamw["ms"]["plain"]) == 10 and adamw["ms"]["curvature"] == [] and "curvature" not in adamw
     assert len(kbfgs["ms"]["curvature"]) == 2 and len(kbfgs["ms"]["plain"]) == 8  # steps 25-34: 25 and 30
     assert kbfgs["curvature"]["aten_ops"] > kbfgs["plain"]["aten_ops"] > adamw["plain"]["aten_ops"] > 0
+    # the optimizer's own step: at least K-BFGS's two direction products for each of the 2 blocks' 4 layers
+    assert kbfgs["curvature"]["optimizer_step_ops"] > kbfgs["plain"]["optimizer_step_ops"] > 2 * 4 * 2
+    assert adamw["plain"]["optimizer_step_ops"] > 0
+    assert all(run[k]["optimizer_step_ms"] > 0 for run, k in ((adamw, "plain"), (kbfgs, "plain"), (kbfgs, "curvature")))
     assert "curvature step" in (tmp_path / "profile-kbfgs.txt").read_text()
     assert (tmp_path / "summary.json").exists()
