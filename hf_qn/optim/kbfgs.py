@@ -644,13 +644,12 @@ class KBFGS(QNOptimizerBase):
         """s = h̄_k − h̄_{k−1}, y = ḡ_k − ḡ_{k−1} for the active layers that have a previous curvature batch; a
         paused layer starts over from its next batch. The flags are read, and the statistics kept for the next
         pair, with one multi-tensor operation each."""
-        seen = [la.state["pair"] for la in self.layers if "pair" in la.state]
-        has_prev = dict(zip(map(id, seen), torch.stack([p["has_prev"] for p in seen]).tolist())) if seen else {}
         paused = [la.state["pair"]["has_prev"] for la, on in zip(self.layers, active) if not on and "pair" in la.state]
         if paused:
             torch._foreach_copy_(paused, [torch.tensor(False)] * len(paused))
-        on = [i for i, a in enumerate(active) if a]
-        have = [i for i in on if has_prev.get(id(self.layers[i].state["pair"]), False)]
+        on = [i for i, a in enumerate(active) if a]  # each has its state (created by the step's directions)
+        flags = torch.stack([self.layers[i].state["pair"]["has_prev"] for i in on]).tolist() if on else []
+        have = [i for i, flag in zip(on, flags) if flag]
         if have:
             prev = [self.layers[i].state["pair"] for i in have]
             update_output_sides([self.layers[i] for i in have],

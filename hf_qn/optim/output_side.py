@@ -201,22 +201,23 @@ class KFACOutput(HeldMatrix):
                 "H_g": self.split.identity(torch.float32, device), "batches": torch.tensor(0, dtype=torch.int64)}
 
 
-def accumulate_(sides: list[KFACOutput], G_batches: list[Tensor], take: list[bool], decay: float) -> None:
-    """Each side whose ``take`` is set: ``G ← G_batch`` on its first batch, then ``G ← β G + (1 − β) G_batch``;
-    with multi-tensor kernels, each entry computed as ``G.mul_(β).add_(G_batch, alpha=1 − β)`` computes it."""
-    taken = [(side, G_b) for side, G_b, ok in zip(sides, G_batches, take) if ok]
+def accumulate_(
+    sides: list[KFACOutput], G_batches: list[Tensor], take: list[bool], seen: list[int], decay: float
+) -> None:
+    """Each side whose ``take`` is set: ``G ← G_batch`` on its first batch (``seen``: the batches each side has taken),
+    then ``G ← β G + (1 − β) G_batch``; with multi-tensor kernels, each entry computed as
+    ``G.mul_(β).add_(G_batch, alpha=1 − β)`` computes it."""
+    taken = [(side, G_b, n) for side, G_b, ok, n in zip(sides, G_batches, take, seen) if ok]
     if not taken:
         return
-    counters = [side.state["batches"] for side, _ in taken]
-    seen = torch.stack(counters).tolist()  # CPU counters: no sync
-    first = [(side.state["G"], G_b) for (side, G_b), n in zip(taken, seen) if n == 0]
-    later = [(side.state["G"], G_b) for (side, G_b), n in zip(taken, seen) if n > 0]
+    first = [(side.state["G"], G_b) for side, G_b, n in taken if n == 0]
+    later = [(side.state["G"], G_b) for side, G_b, n in taken if n > 0]
     if first:
         torch._foreach_copy_([G for G, _ in first], [G_b for _, G_b in first])
     if later:
         torch._foreach_mul_([G for G, _ in later], decay)
         torch._foreach_add_([G for G, _ in later], [G_b for _, G_b in later], alpha=1.0 - decay)
-    torch._foreach_add_(counters, 1)
+    torch._foreach_add_([side.state["batches"] for side, _, _ in taken], 1)
 
 
 def refresh_kfac_factors(sides: list[KFACOutput], G_batches: list[Tensor], decay: float, sqrt_lam: float) -> list[bool]:
@@ -226,9 +227,9 @@ def refresh_kfac_factors(sides: list[KFACOutput], G_batches: list[Tensor], decay
     if not sides:
         return []
     finite = finite_flags(G_batches).tolist()  # a sum each: no d x d mask
-    accumulate_(sides, G_batches, finite, decay)
-    counts = torch.stack([side.state["batches"] for side in sides]).tolist()  # CPU counters: no sync
-    ready = [side for side, n in zip(sides, counts) if n > 0]
+    seen = torch.stack([side.state["batches"] for side in sides]).tolist()  # CPU counters: no sync
+    accumulate_(sides, G_batches, finite, seen, decay)
+    ready = [side for side, n, ok in zip(sides, seen, finite) if n > 0 or ok]
     # by shape and device (a model split over devices)
     for idx in group_indices(ready, key=lambda side: (*side.state["G"].shape, side.state["G"].device)):
         group = [ready[i] for i in idx]

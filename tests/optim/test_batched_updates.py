@@ -105,7 +105,8 @@ def test_kfac_moments_take_the_batch_as_each_sides_own_update():
     G_batches = [torch.randn(side.state["G"].shape, generator=g) for side in sides]
     sides[2].state["batches"].zero_()  # as if this side had seen no batch yet
     before = [side.state["G"].clone() for side in sides]
-    accumulate_(sides, G_batches, [True, False, True], 0.95)  # type: ignore[arg-type]
+    seen = [int(side.state["batches"]) for side in sides]
+    accumulate_(sides, G_batches, [True, False, True], seen, 0.95)  # type: ignore[arg-type]
     assert torch.equal(sides[0].state["G"], before[0].mul_(0.95).add_(G_batches[0], alpha=1.0 - 0.95))
     assert torch.equal(sides[1].state["G"], before[1])
     assert torch.equal(sides[2].state["G"], G_batches[2])
