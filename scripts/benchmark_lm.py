@@ -123,7 +123,8 @@ class LMBenchmarkArguments:
                 "the same width, depth and heads as gpt2's --size)."})
     optimizers: list[str] = field(default_factory=lambda: list(DEFAULT_OPTIMIZERS), metadata={
         "help": f"Any of {ALL_OPTIMIZERS}; kbfgs:k=v,... and mlbfgs:k=v,... are variants (config fields); "
-                "NAME:lr=VALUE is a row at that lr, not swept (an lr screen: muon:lr=0.002 muon:lr=0.005)."})
+                "NAME:lr=VALUE is a row at that lr, not swept (an lr screen: muon:lr=0.002 muon:lr=0.005); AdamW's "
+                "and Muon's rows also take betas=(B1,B2) (Muon's for its AdamW part), Muon's adamw_lr=VALUE."})
     budget: float = field(default=120.0, metadata={"help": "Training seconds of every final run."})
     sweep_seconds: float = field(default=30.0, metadata={"help": "Training seconds of every lr candidate."})
     lr: list[str] = field(default_factory=list, metadata={
@@ -316,11 +317,16 @@ def resolve_device(args: LMBenchmarkArguments) -> tuple[torch.device, torch.dtyp
 
 
 # ------------------------------------------------------------------------------------------------ optimizers
+#: what a peer's row takes after its colon (``adamw:betas=(0.9,0.95)``); every other peer takes only ``lr``
+PEER_OPTIONS: dict[str, set[str]] = {"adamw": {"lr", "betas"}, "muon": {"lr", "adamw_lr", "betas"},
+                                     "muon_fp32": {"lr", "adamw_lr", "betas"}}
+
+
 def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     """``"kbfgs:graft=adam,update_interval=10"`` -> ``("kbfgs", {...})``; a named row -> its base and keywords.
-    Every optimizer takes ``:lr=VALUE`` (``muon:lr=0.002``): a row at that lr, not swept; Muon's rows also take
-    ``adamw_lr=VALUE``, the lr of their AdamW part (default: the row's own lr); the other peers take nothing
-    else."""
+    Every optimizer takes ``:lr=VALUE`` (``muon:lr=0.002``): a row at that lr, not swept; AdamW's and Muon's rows
+    also take ``betas=(B1,B2)`` (Muon's: of its AdamW part), Muon's ``adamw_lr=VALUE``, the lr of its AdamW part
+    (default: the row's own lr); the other peers take nothing else."""
     from hf_qn.integrations.trainer import parse_qn_args
 
     base, sep, extra = name.partition(":")
@@ -328,10 +334,12 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"Invalid optimizer {name!r}: one of {ALL_OPTIMIZERS}, or kbfgs:k=v,... / mlbfgs:k=v,... "
                          "(any of them with :lr=VALUE)")
     kwargs = parse_qn_args(extra) if sep else {}
-    allowed = {"lr", "adamw_lr"} if base in ("muon", "muon_fp32") else {"lr"}
+    allowed = PEER_OPTIONS.get(base, {"lr"})
     if base not in (*KBFGS_VARIANTS, "mlbfgs") and set(kwargs) - allowed:
-        raise ValueError(f"Invalid optimizer {name!r}: {base} takes only {' and '.join(sorted(allowed))}=VALUE after "
+        raise ValueError(f"Invalid optimizer {name!r}: {base} takes only {', '.join(sorted(allowed))}=VALUE after "
                          "the colon (keywords are for kbfgs:k=v,... / mlbfgs:k=v,...)")
+    if "betas" in kwargs and not (isinstance(kwargs["betas"], tuple) and len(kwargs["betas"]) == 2):
+        raise ValueError(f"Invalid optimizer {name!r}: betas must be two numbers in parentheses, betas=(0.9,0.95)")
     return base, {**KBFGS_VARIANTS.get(base, {}), **kwargs}
 
 
@@ -362,10 +370,11 @@ def build_optimizer(name: str, model: nn.Module, lr: float) -> Any:
     name, kwargs = split_variant(name)
     lr = float(kwargs.pop("lr", lr))
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True,
+                                 betas=kwargs.get("betas", (0.9, 0.999)))
     if name in ("muon", "muon_fp32"):
         return MuonFactory()(model, lr=lr, adamw_lr=float(kwargs.get("adamw_lr", lr)),
-                             float32_newton_schulz=name == "muon_fp32")
+                             betas=kwargs.get("betas", (0.9, 0.999)), float32_newton_schulz=name == "muon_fp32")
     if name == "soap":
         import heavyball
 

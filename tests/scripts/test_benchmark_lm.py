@@ -41,7 +41,7 @@ def test_variants_and_bad_names(bench):
     assert bench.sweep_grid("kbfgs:graft=none") == bench.SWEEPS["kbfgs_paper"]
     with pytest.raises(ValueError, match="Invalid optimizer 'lion'"):
         bench.split_variant("lion")
-    with pytest.raises(ValueError, match="Invalid optimizer 'muon:momentum=0.9': muon takes only adamw_lr and lr="):
+    with pytest.raises(ValueError, match="Invalid optimizer 'muon:momentum=0.9': muon takes only adamw_lr, betas, lr="):
         bench.split_variant("muon:momentum=0.9")
     with pytest.raises(ValueError, match="Invalid optimizer 'soap:adamw_lr=0.1': soap takes only lr=VALUE"):
         bench.split_variant("soap:adamw_lr=0.1")
@@ -53,6 +53,15 @@ def test_variants_and_bad_names(bench):
     assert {g["lr"] for g in muon.adamw.param_groups} == {0.001}
     assert {g["lr"] for g in bench.build_optimizer("muon_fp32", model, 0.01).adamw.param_groups} == {0.01}  # the row's
     assert bench.parse_fixed_lrs(["kbfgs:damping=0.1=3e-3"]) == {"kbfgs:damping=0.1": 3e-3}
+    # Adam's betas for AdamW's row and Muon's AdamW part, so that a β₂ tried on K-BFGS is given to its peers too
+    assert bench.build_optimizer("adamw:betas=(0.9,0.95)", model, 1e-3).param_groups[0]["betas"] == (0.9, 0.95)
+    assert bench.build_optimizer("adamw", model, 1e-3).param_groups[0]["betas"] == (0.9, 0.999)
+    muon = bench.build_optimizer("muon_fp32:betas=(0.8,0.95)", model, 0.01)
+    assert {g["betas"] for g in muon.adamw.param_groups} == {(0.8, 0.95)}
+    with pytest.raises(ValueError, match=r"betas must be two numbers in parentheses"):
+        bench.split_variant("adamw:betas=0.95")
+    with pytest.raises(ValueError, match="soap takes only lr=VALUE"):
+        bench.split_variant("soap:betas=(0.9,0.95)")
 
 
 def test_a_bad_variant_is_refused_before_the_text_is_read(bench, monkeypatch, tmp_path):
