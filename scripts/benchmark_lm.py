@@ -369,12 +369,12 @@ def build_optimizer(name: str, model: nn.Module, lr: float) -> Any:
 
     name, kwargs = split_variant(name)
     lr = float(kwargs.pop("lr", lr))
+    adam = {"betas": kwargs["betas"]} if "betas" in kwargs else {}  # else the optimizer's own default
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True,
-                                 betas=kwargs.get("betas", (0.9, 0.999)))
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True, **adam)
     if name in ("muon", "muon_fp32"):
         return MuonFactory()(model, lr=lr, adamw_lr=float(kwargs.get("adamw_lr", lr)),
-                             betas=kwargs.get("betas", (0.9, 0.999)), float32_newton_schulz=name == "muon_fp32")
+                             float32_newton_schulz=name == "muon_fp32", **adam)
     if name == "soap":
         import heavyball
 
