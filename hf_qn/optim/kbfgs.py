@@ -441,14 +441,15 @@ class KBFGS(QNOptimizerBase):
         """K-FAC output factors (``output_side="kfac"``) take their batch's ``E[g gᵀ]`` and are re-inverted; a
         non-finite batch is skipped and counted in ``pairs_skipped`` (the output side's rejected updates), a
         taken one in ``pairs_accepted``."""
-        todo = [(la, m.G) for la, m, on in zip(self.layers, now, active)  # an active layer's hooks saw rows
+        todo = [(i, la, m.G) for i, (la, m, on) in enumerate(zip(self.layers, now, active))  # hooks saw rows
                 if on and isinstance(la.output, KFACOutput) and m.G is not None]
-        for la, _ in todo:
+        for _, la, _ in todo:
             la.ensure_state()
-        taken = refresh_kfac_factors([la.output for la, _ in todo], [G for _, G in todo],  # type: ignore[misc]
-                                     self.config.factor_decay, self._sqrt_lam())
+        taken = refresh_kfac_factors([la.output for _, la, _ in todo], [G for _, _, G in todo],  # type: ignore[misc]
+                                     self.config.factor_decay, self._sqrt_lam(), self.config.output_inverse_interval,
+                                     phases=[i for i, _, _ in todo])
         counters = [la.state["counters"]["pairs_accepted" if ok else "pairs_skipped"]
-                    for (la, _), ok in zip(todo, taken)]
+                    for (_, la, _), ok in zip(todo, taken)]
         if counters:
             torch._foreach_add_(counters, 1)
 

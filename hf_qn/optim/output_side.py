@@ -189,7 +189,8 @@ class LimitedBFGS(PairLearner):
 class KFACOutput(HeldMatrix):
     """K-FAC's output factor (state ``{"G", "H_g", "batches"}``): ``G`` is the plain average of the first batch's
     ``E[g gᵀ]`` and then its running average with ``factor_decay`` (as ``A`` is), and ``H_g = (Ĝ + √λ I)⁻¹``,
-    ``Ĝ = G / (tr G / d_out)``, is re-inverted exactly at every curvature step (:func:`refresh_kfac_factors`).
+    ``Ĝ = G / (tr G / d_out)``, is re-inverted exactly at every curvature step, or every ``output_inverse_interval``-th
+    (:func:`refresh_kfac_factors`).
     Held and applied as dense BFGS holds its ``H_g`` (block-diagonal above ``max_block_dim``: the diagonal
     blocks of ``G``, each inverted alone); it forms no pairs."""
 
@@ -220,16 +221,24 @@ def accumulate_(
     torch._foreach_add_([side.state["batches"] for side, _, _ in taken], 1)
 
 
-def refresh_kfac_factors(sides: list[KFACOutput], G_batches: list[Tensor], decay: float, sqrt_lam: float) -> list[bool]:
-    """Each side's ``G`` takes its batch's ``G_batch`` where that is finite (one host sync for all), and every
-    side that has seen a batch gets ``H_g = (Ĝ + √λ I)⁻¹`` anew; the factors of one shape are inverted in one
-    batched Cholesky call (per device). Returns, per side, whether its batch was taken."""
+def refresh_kfac_factors(
+    sides: list[KFACOutput], G_batches: list[Tensor], decay: float, sqrt_lam: float, interval: int = 1,
+    phases: list[int] | None = None,
+) -> list[bool]:
+    """Each side's ``G`` takes its batch's ``G_batch`` where that is finite (one host sync for all), and a side
+    that has seen a batch gets ``H_g = (Ĝ + √λ I)⁻¹`` anew when it is due: after each of its first ``interval``
+    batches, then after every ``interval``-th, staggered by its ``phase`` (its layer's index) so that each
+    curvature step re-inverts about ``1 / interval`` of the layers. The factors of one shape are inverted in
+    one batched Cholesky call (per device). Returns, per side, whether its batch was taken."""
     if not sides:
         return []
     finite = finite_flags(G_batches).tolist()  # a sum each: no d x d mask
     seen = torch.stack([side.state["batches"] for side in sides]).tolist()  # CPU counters: no sync
     accumulate_(sides, G_batches, finite, seen, decay)
-    ready = [side for side, n, ok in zip(sides, seen, finite) if n > 0 or ok]
+    counts = [n + int(ok) for n, ok in zip(seen, finite)]  # batches taken, this one included
+    phases = phases if phases is not None else [0] * len(sides)
+    ready = [side for side, n, phase in zip(sides, counts, phases)
+             if n > 0 and (n <= interval or (n + phase) % interval == 0)]
     # by shape and device (a model split over devices)
     for idx in group_indices(ready, key=lambda side: (*side.state["G"].shape, side.state["G"].device)):
         group = [ready[i] for i in idx]
