@@ -47,6 +47,9 @@ VARIANTS: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
     "kbfgs": lambda m: hf_qn.KBFGS(m, lr=3e-3),  # the defaults
     "kbfgs_fp32": lambda m: hf_qn.KBFGS(m, lr=3e-3, matmul_dtype="float32"),
     "kbfgs_int10": lambda m: hf_qn.KBFGS(m, lr=3e-3, update_interval=10),
+    # a cheaper curvature step: the Grams on 512 strided rows; with it, each K-FAC output inverse every other one
+    "kbfgs_rows512": lambda m: hf_qn.KBFGS(m, lr=3e-3, max_input_rows=512),
+    "kbfgs_cheap": lambda m: hf_qn.KBFGS(m, lr=3e-3, max_input_rows=512, output_inverse_interval=2),
     # the defaults with torch.cholesky_inverse for the damped inverses on CUDA (as before the triangular path)
     "kbfgs_potri": lambda m: hf_qn.KBFGS(m, lr=3e-3),
 }
