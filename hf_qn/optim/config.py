@@ -182,7 +182,8 @@ class KBFGSConfig(_Config):
             ``input_inverse="cholesky"``. (default: 20, the official code's KFAC setting)
         output_inverse_interval: with ``output_side="kfac"``: each layer's ``H_g = (Ĝ + √λ I)⁻¹`` is re-inverted
             after every one of its first this many batches, then after every this-many-th, staggered over the
-            layers so that each curvature step re-inverts about ``1 / output_inverse_interval`` of them; ``G``
+            layers of each width so that each curvature step re-inverts about ``1 / output_inverse_interval`` of
+            them; ``G``
             takes every curvature step's batch (kfac-pytorch's separate factor and inverse intervals). The
             Cholesky and inverse are most of the optimizer's own time in a curvature step on a CPU. (default: 1,
             every curvature step; measured on a 5.8M GPT-2 with ``max_input_rows=512``, CPU: 2 cut a curvature

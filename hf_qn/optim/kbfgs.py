@@ -54,7 +54,7 @@ from .kbfgs_layer import (
 )
 from .kbfgs_pass import add_to_layers, run_closure, second_pass
 from .kbfgs_stats import LayerMeans, reduce_statistics
-from .output_side import KFACOutput, output_side_for, refresh_kfac_factors
+from .output_side import KFACOutput, inverse_phases, output_side_for, refresh_kfac_factors
 from .state import FORMAT, KBFGS_LAYER_COUNTERS, KBFGS_LAYER_KEYS, convert_kbfgs_v1, is_v1, iter_tensors
 
 logger = logging.getLogger(__name__)
@@ -445,9 +445,10 @@ class KBFGS(QNOptimizerBase):
                 if on and isinstance(la.output, KFACOutput) and m.G is not None]
         for _, la, _ in todo:
             la.ensure_state()
+        phases = inverse_phases([la.output for la in self.layers])
         taken = refresh_kfac_factors([la.output for _, la, _ in todo], [G for _, _, G in todo],  # type: ignore[misc]
                                      self.config.factor_decay, self._sqrt_lam(), self.config.output_inverse_interval,
-                                     phases=[i for i, _, _ in todo])
+                                     phases=[phases[i] for i, _, _ in todo])
         counters = [la.state["counters"]["pairs_accepted" if ok else "pairs_skipped"]
                     for (_, la, _), ok in zip(todo, taken)]
         if counters:

@@ -37,7 +37,7 @@ from ..linalg.blocks import BlockSplit, block_left, matvec_rows
 from ._base import group_indices
 
 __all__ = ["DenseBFGS", "HeldMatrix", "KFACOutput", "LimitedBFGS", "OneSided", "OutputSide", "PairLearner",
-           "output_side_for", "refresh_kfac_factors"]
+           "inverse_phases", "output_side_for", "refresh_kfac_factors"]
 
 
 class OutputSide(ABC):
@@ -221,15 +221,32 @@ def accumulate_(
     torch._foreach_add_([side.state["batches"] for side, _, _ in taken], 1)
 
 
+def inverse_phases(sides: list[OutputSide]) -> list[int]:
+    """Each side's position among the K-FAC sides of its factor shape, in order (0 for any other side): the phase
+    that staggers its re-inversions under ``output_inverse_interval``. Staggered within each shape, every curvature
+    step inverts about the same share of each batched Cholesky (a transformer's layers repeat in blocks of an even
+    number of kinds, so staggering by layer index would put every wide factor on the same steps)."""
+    counts: dict[tuple[int, ...], int] = {}
+    phases = []
+    for side in sides:
+        if isinstance(side, KFACOutput):
+            shape = tuple(side.split.factor_shape)
+            phases.append(counts.get(shape, 0))
+            counts[shape] = phases[-1] + 1
+        else:
+            phases.append(0)
+    return phases
+
+
 def refresh_kfac_factors(
     sides: list[KFACOutput], G_batches: list[Tensor], decay: float, sqrt_lam: float, interval: int = 1,
     phases: list[int] | None = None,
 ) -> list[bool]:
     """Each side's ``G`` takes its batch's ``G_batch`` where that is finite (one host sync for all), and a side
     that has seen a batch gets ``H_g = (Ĝ + √λ I)⁻¹`` anew when it is due: after each of its first ``interval``
-    batches, then after every ``interval``-th, staggered by its ``phase`` (its layer's index) so that each
-    curvature step re-inverts about ``1 / interval`` of the layers. The factors of one shape are inverted in
-    one batched Cholesky call (per device). Returns, per side, whether its batch was taken."""
+    batches, then after every ``interval``-th, staggered by its ``phase`` (:func:`inverse_phases`) so that each
+    curvature step re-inverts about ``1 / interval`` of the factors of each shape. The factors of one shape are
+    inverted in one batched Cholesky call (per device). Returns, per side, whether its batch was taken."""
     if not sides:
         return []
     finite = finite_flags(G_batches).tolist()  # a sum each: no d x d mask

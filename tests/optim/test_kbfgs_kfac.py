@@ -63,11 +63,12 @@ def test_the_output_factor_is_the_damped_inverse_of_the_running_output_gradient_
 
 
 def test_a_longer_inverse_interval_reinverts_each_layer_on_its_own_staggered_batches():
-    """``output_inverse_interval=3``: ``G`` takes every batch; layer ``i``'s ``H_g`` is the reference inverse of
-    ``G`` as it stood after each of its first 3 batches and then after every batch ``n`` with ``(n + i) % 3 == 0``,
-    held unchanged in between, so the layers are re-inverted on different steps."""
+    """``output_inverse_interval=3``: ``G`` takes every batch; a layer's ``H_g`` is the reference inverse of ``G``
+    as it stood after each of its first 3 batches and then after every batch ``n`` with ``(n + phase) % 3 == 0``,
+    held unchanged in between. The phase is the layer's place among the layers of its width (three of width 5:
+    0, 1, 2; the one of width 3: 0), so the layers of one width are re-inverted on different steps."""
     torch.manual_seed(0)
-    model = mlp()
+    model = mlp(sizes=(6, 5, 5, 5, 3))
     grads = _record_output_grads(model)
     decay, damping, interval = 0.8, 0.3, 3
     opt = hf_qn.KBFGS(model, output_side="kfac", update_interval=1, factor_decay=decay, damping=damping,
@@ -78,11 +79,11 @@ def test_a_longer_inverse_interval_reinverts_each_layer_on_its_own_staggered_bat
     for k, batch in enumerate(regression_batches(8)):
         loop(model, opt, [batch], mse_loss)
         n = k + 1
-        for i, la in enumerate(opt.layers):
+        for la, phase in zip(opt.layers, (0, 1, 2, 0)):
             g = grads[la.name][-1]
             G_batch = g.T @ g / g.shape[0]
             G_ref[la.name] = G_batch if k == 0 else decay * G_ref[la.name] + (1 - decay) * G_batch
-            if n <= interval or (n + i) % interval == 0:
+            if n <= interval or (n + phase) % interval == 0:
                 H_ref[la.name] = _reference_H_g(G_ref[la.name], math.sqrt(damping))
                 refreshed[la.name].append(n)
             out = la.state["output"]
@@ -90,7 +91,7 @@ def test_a_longer_inverse_interval_reinverts_each_layer_on_its_own_staggered_bat
             torch.testing.assert_close(out["G"].double(), G_ref[la.name], rtol=1e-5, atol=1e-9)
             torch.testing.assert_close(out["H_g"].double(), H_ref[la.name], rtol=2e-5, atol=1e-6)
     names = [la.name for la in opt.layers]
-    assert refreshed[names[0]] == [1, 2, 3, 6] and refreshed[names[1]] == [1, 2, 3, 5, 8]
+    assert [refreshed[name] for name in names] == [[1, 2, 3, 6], [1, 2, 3, 5, 8], [1, 2, 3, 4, 7], [1, 2, 3, 6]]
     with pytest.raises(ValueError, match="output_inverse_interval"):
         hf_qn.KBFGS(mlp(), output_side="kfac", output_inverse_interval=0)
 
