@@ -183,11 +183,11 @@ class KBFGSConfig(_Config):
         output_inverse_interval: with ``output_side="kfac"``: each layer's ``H_g = (Ĝ + √λ I)⁻¹`` is re-inverted
             after every one of its first this many batches, then after every this-many-th, staggered over the
             layers of each width so that each curvature step re-inverts about ``1 / output_inverse_interval`` of
-            them; ``G``
-            takes every curvature step's batch (kfac-pytorch's separate factor and inverse intervals). The
-            Cholesky and inverse are most of the optimizer's own time in a curvature step on a CPU. (default: 1,
-            every curvature step; measured on a 5.8M GPT-2 with ``max_input_rows=512``, CPU: 2 cut a curvature
-            step from 1.65x AdamW's step to 1.51x, the final loss within the seeds' spread, docs/benchmarks.md)
+            them; ``G`` takes every curvature step's batch (kfac-pytorch's separate factor and inverse
+            intervals). The Cholesky and inverse are most of the optimizer's own time in a curvature step on a
+            CPU. (default: 1, every curvature step; measured on a 5.8M GPT-2 with ``max_input_rows=512``, CPU: 2
+            cut a curvature step from 1.60x AdamW's step to 1.46x, the final loss within the run-to-run spread,
+            docs/benchmarks.md)
         input_warm_start: ``A`` is the plain average of the first this many curvature steps' input Grams
             (each weighted 1/k, ``H_a`` re-inverted exactly after each) before its running average with
             decay ``factor_decay`` starts. The official code averages ``A`` over one extra pass over the
@@ -195,9 +195,10 @@ class KBFGSConfig(_Config):
             without the extra pass (steps per epoch = that pass). 0 or 1: ``A`` starts from the first batch.
             (default: 0; measured on the autoencoder, 5 seeds: no per-epoch difference beyond the
             seed-to-seed spread, docs/design.md)
-        max_input_rows: the input factor's batch statistics (``A_batch = Σ ā āᵀ / R``, ``ā``) use at most this
-            many rows of each forward call (tokens, samples or positions), evenly strided; the Gram over all
-            rows is the largest cost of a curvature step on a transformer. None uses every row. (default: None)
+        max_input_rows: the input factor's batch statistics (``A_batch = Σ ā āᵀ / R``, ``ā``) and the K-FAC output
+            factor's Gram use at most this many rows of each forward call (tokens, samples or positions), evenly
+            strided; the Grams over all rows are the largest cost of a curvature step on a transformer. None uses
+            every row. (default: None)
         history_size: ``None`` for a dense BFGS ``H_g`` (K-BFGS); an integer ``p`` for an L-BFGS
             ``H_g`` with ``p`` pairs (K-BFGS(L); the paper uses 100). (default: None)
         output_side: how ``H_g`` is learned: ``"bfgs"`` (the paper's: damped BFGS from the pre-activation pairs),
