@@ -226,15 +226,11 @@ def inverse_phases(sides: list[OutputSide]) -> list[int]:
     that staggers its re-inversions under ``output_inverse_interval``. Staggered within each shape, every curvature
     step inverts about the same share of each batched Cholesky (a transformer's layers repeat in blocks of an even
     number of kinds, so staggering by layer index would put every wide factor on the same steps)."""
-    counts: dict[tuple[int, ...], int] = {}
-    phases = []
-    for side in sides:
-        if isinstance(side, KFACOutput):
-            shape = tuple(side.split.factor_shape)
-            phases.append(counts.get(shape, 0))
-            counts[shape] = phases[-1] + 1
-        else:
-            phases.append(0)
+    phases = [0] * len(sides)
+    kfac = [i for i, side in enumerate(sides) if isinstance(side, KFACOutput)]
+    for idx in group_indices(kfac, key=lambda i: tuple(sides[i].split.factor_shape)):
+        for phase, j in enumerate(idx):
+            phases[kfac[j]] = phase
     return phases
 
 
