@@ -144,6 +144,8 @@ class KBFGS(QNOptimizerBase):
         self.assignment: LayerAssignment = assignment
         self.adapters: list[LayerAdapter] = assignment.adapters
         self.layers = [_new_layer(ad, cfg) for ad in self.adapters]
+        # the phases that stagger the K-FAC output factors' re-inversions (output_inverse_interval)
+        self._inverse_phases = inverse_phases([la.output for la in self.layers])
         self.schedule = CurvatureSchedule(cfg.update_interval, cfg.warmup_steps)
         self.kl_clip = KLClip(cfg.kl_clip)
         self.backoff = StepBackoff()
@@ -445,10 +447,9 @@ class KBFGS(QNOptimizerBase):
                 if on and isinstance(la.output, KFACOutput) and m.G is not None]
         for _, la, _ in todo:
             la.ensure_state()
-        phases = inverse_phases([la.output for la in self.layers])
         taken = refresh_kfac_factors([la.output for _, la, _ in todo], [G for _, _, G in todo],  # type: ignore[misc]
                                      self.config.factor_decay, self._sqrt_lam(), self.config.output_inverse_interval,
-                                     phases=[phases[i] for i, _, _ in todo])
+                                     phases=[self._inverse_phases[i] for i, _, _ in todo])
         counters = [la.state["counters"]["pairs_accepted" if ok else "pairs_skipped"]
                     for (_, la, _), ok in zip(todo, taken)]
         if counters:

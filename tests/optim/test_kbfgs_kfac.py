@@ -38,60 +38,46 @@ def _reference_H_g(G: torch.Tensor, sqrt_lam: float) -> torch.Tensor:
     return torch.linalg.inv(G / (G.trace() / d) + sqrt_lam * torch.eye(d, dtype=torch.float64))
 
 
-def test_the_output_factor_is_the_damped_inverse_of_the_running_output_gradient_moment():
-    """Four curvature steps: after each, every layer's ``H_g`` is ``(Ĝ + √λ I)⁻¹`` with ``G`` the plain first
-    batch's ``E[g gᵀ]`` and then its running average with ``factor_decay``, ``Ĝ`` scaled to unit mean eigenvalue."""
+@pytest.mark.parametrize(("interval", "sizes", "batches", "refreshes"), [
+    # every batch: each layer re-inverted after each of 4 batches
+    (1, (6, 8, 5, 3), 4, [[1, 2, 3, 4]] * 3),
+    # every 3rd batch after the first 3, staggered within each width: three layers of width 5 (phases 0, 1, 2)
+    # and one of width 3 (phase 0)
+    (3, (6, 5, 5, 5, 3), 8, [[1, 2, 3, 6], [1, 2, 3, 5, 8], [1, 2, 3, 4, 7], [1, 2, 3, 6]]),
+])
+def test_the_output_factor_is_the_damped_inverse_of_the_running_output_gradient_moment(
+    interval, sizes, batches, refreshes
+):
+    """After every curvature step each layer's ``G`` is the plain first batch's ``E[g gᵀ]`` and then its running
+    average with ``factor_decay``; its ``H_g`` is ``(Ĝ + √λ I)⁻¹`` (``Ĝ`` scaled to unit mean eigenvalue) of ``G``
+    as it stood at the layer's last re-inversion, held unchanged in between. With ``output_inverse_interval=k`` a
+    layer is re-inverted after each of its first ``k`` batches and then after every batch ``n`` with
+    ``(n + phase) % k == 0``, its phase being its place among the layers of its width."""
     torch.manual_seed(0)
-    model = mlp()
+    model = mlp(sizes=sizes)
     grads = _record_output_grads(model)
     decay, damping = 0.8, 0.3
     opt = hf_qn.KBFGS(model, output_side="kfac", update_interval=1, factor_decay=decay, damping=damping,
-                      matmul_dtype="float32")
-    G_ref: dict[str, torch.Tensor] = {}
-    for k, batch in enumerate(regression_batches(4)):
-        loop(model, opt, [batch], mse_loss)
-        for la in opt.layers:
-            g = grads[la.name][-1]  # rows x d_out of this step's backward
-            G_batch = g.T @ g / g.shape[0]
-            G_ref[la.name] = G_batch if k == 0 else decay * G_ref[la.name] + (1 - decay) * G_batch
-            out = la.state["output"]
-            assert isinstance(la.output, KFACOutput) and int(out["batches"]) == k + 1
-            torch.testing.assert_close(out["G"].double(), G_ref[la.name], rtol=1e-5, atol=1e-9)
-            torch.testing.assert_close(out["H_g"].double(), _reference_H_g(G_ref[la.name], math.sqrt(damping)),
-                                       rtol=2e-5, atol=1e-6)
-    assert all(int(la.state["counters"]["pairs_accepted"]) == 4 for la in opt.layers)
-
-
-def test_a_longer_inverse_interval_reinverts_each_layer_on_its_own_staggered_batches():
-    """``output_inverse_interval=3``: ``G`` takes every batch; a layer's ``H_g`` is the reference inverse of ``G``
-    as it stood after each of its first 3 batches and then after every batch ``n`` with ``(n + phase) % 3 == 0``,
-    held unchanged in between. The phase is the layer's place among the layers of its width (three of width 5:
-    0, 1, 2; the one of width 3: 0), so the layers of one width are re-inverted on different steps."""
-    torch.manual_seed(0)
-    model = mlp(sizes=(6, 5, 5, 5, 3))
-    grads = _record_output_grads(model)
-    decay, damping, interval = 0.8, 0.3, 3
-    opt = hf_qn.KBFGS(model, output_side="kfac", update_interval=1, factor_decay=decay, damping=damping,
                       output_inverse_interval=interval, matmul_dtype="float32")
+    assert len(opt.layers) == len(refreshes)
     G_ref: dict[str, torch.Tensor] = {}
     H_ref: dict[str, torch.Tensor] = {}
-    refreshed: dict[str, list[int]] = {la.name: [] for la in opt.layers}
-    for k, batch in enumerate(regression_batches(8)):
+    for n, batch in enumerate(regression_batches(batches), start=1):
         loop(model, opt, [batch], mse_loss)
-        n = k + 1
-        for la, phase in zip(opt.layers, (0, 1, 2, 0)):
-            g = grads[la.name][-1]
+        for la, expected in zip(opt.layers, refreshes):
+            g = grads[la.name][-1]  # rows x d_out of this step's backward
             G_batch = g.T @ g / g.shape[0]
-            G_ref[la.name] = G_batch if k == 0 else decay * G_ref[la.name] + (1 - decay) * G_batch
-            if n <= interval or (n + phase) % interval == 0:
+            G_ref[la.name] = G_batch if n == 1 else decay * G_ref[la.name] + (1 - decay) * G_batch
+            if n in expected:  # re-inverted now; else H_g must still be the last inverse
                 H_ref[la.name] = _reference_H_g(G_ref[la.name], math.sqrt(damping))
-                refreshed[la.name].append(n)
             out = la.state["output"]
-            assert int(out["batches"]) == n
+            assert isinstance(la.output, KFACOutput) and int(out["batches"]) == n
             torch.testing.assert_close(out["G"].double(), G_ref[la.name], rtol=1e-5, atol=1e-9)
             torch.testing.assert_close(out["H_g"].double(), H_ref[la.name], rtol=2e-5, atol=1e-6)
-    names = [la.name for la in opt.layers]
-    assert [refreshed[name] for name in names] == [[1, 2, 3, 6], [1, 2, 3, 5, 8], [1, 2, 3, 4, 7], [1, 2, 3, 6]]
+    assert all(int(la.state["counters"]["pairs_accepted"]) == batches for la in opt.layers)
+
+
+def test_an_inverse_interval_below_one_is_refused():
     with pytest.raises(ValueError, match="output_inverse_interval"):
         hf_qn.KBFGS(mlp(), output_side="kfac", output_inverse_interval=0)
 
