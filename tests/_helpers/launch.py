@@ -18,23 +18,30 @@ def run_script(script: str, args: list[str], nproc: int = 1, launcher: str = "to
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT))
     path = str(ROOT / "scripts" / script) if "/" not in script else str(ROOT / script)
-    if nproc == 1:
-        cmd = [sys.executable, path, *args]
-    elif launcher == "torchrun":
-        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-        cmd = [torchrun, "--standalone", "--nproc_per_node", str(nproc), path, *args]
-    else:
-        accel = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-        cmd = [accel, "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), path, *args]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+    def launch() -> tuple[list[str], subprocess.CompletedProcess]:
+        cmd = _command(path, args, nproc, launcher)  # a fresh port for each attempt
+        return cmd, subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+    cmd, proc = launch()
     if proc.returncode != 0 and nproc > 1 and _killed_by_signal(proc.stderr):
         # A rank killed by a signal (once in many CI runs: SIGABRT inside gloo's TCP transport, the other rank then
         # reading "Connection reset by peer") is retried once; the first failure stays visible as a warning.
         warnings.warn(f"{' '.join(cmd)}: a rank was killed by a signal; retrying once.\n{_report(proc)}", stacklevel=2)
-        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        cmd, proc = launch()
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{_report(proc)}")
+
+
+def _command(path: str, args: list[str], nproc: int, launcher: str) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, path, *args]
+    if launcher == "torchrun":
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+        return [torchrun, "--standalone", "--nproc_per_node", str(nproc), path, *args]
+    accel = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    return [accel, "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), path, *args]
 
 
 def _killed_by_signal(stderr: str) -> bool:
