@@ -177,7 +177,11 @@ class KBFGSConfig(_Config):
             with 20 in an earlier run)
         input_inverse: how ``H_a`` follows ``A``: ``"bfgs"`` (the paper's Hessian-action BFGS update, no
             inversion after the first) or ``"cholesky"`` (re-inverted every ``inverse_interval``
-            curvature steps). (default: ``"bfgs"``)
+            curvature steps). (default: ``"bfgs"``; measured under the Trainer's linear decay with
+            ``max_input_rows=512, output_inverse_interval=2, fallback_betas=(0.9, 0.95)``, CPU: ``"cholesky"`` with
+            ``inverse_interval=2`` ended a 5.8M GPT-2's 240 s at 5.507 against 5.674, ahead of Muon's 5.573, 2 seeds,
+            and a 1.3M one's 120 s at 5.418 against 5.458, level with Muon, 4 seeds, for 2 % of the mean step;
+            docs/benchmarks.md. Not yet the default: fine-tunes unmeasured with it)
         inverse_interval: curvature steps between Cholesky re-inversions when
             ``input_inverse="cholesky"``. (default: 20, the official code's KFAC setting)
         output_inverse_interval: with ``output_side="kfac"``: each layer's ``H_g = (Ĝ + √λ I)⁻¹`` is re-inverted
