@@ -47,9 +47,12 @@ VARIANTS: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
     "kbfgs": lambda m: hf_qn.KBFGS(m, lr=3e-3),  # the defaults
     "kbfgs_fp32": lambda m: hf_qn.KBFGS(m, lr=3e-3, matmul_dtype="float32"),
     "kbfgs_int10": lambda m: hf_qn.KBFGS(m, lr=3e-3, update_interval=10),
-    # a cheaper curvature step: the Grams on 512 strided rows; with it, each K-FAC output inverse every other one
-    "kbfgs_rows512": lambda m: hf_qn.KBFGS(m, lr=3e-3, max_input_rows=512),
-    "kbfgs_cheap": lambda m: hf_qn.KBFGS(m, lr=3e-3, max_input_rows=512, output_inverse_interval=2),
+    # the curvature step of earlier versions: the Grams on every row, each K-FAC output inverse at every curvature
+    # step, the paper's BFGS update of H_a (the defaults on a model built from a config: 512 strided rows, each
+    # output inverse every other curvature step, H_a re-inverted by Cholesky every other curvature step)
+    "kbfgs_all_rows": lambda m: hf_qn.KBFGS(m, lr=3e-3, max_input_rows=None, output_inverse_interval=1,
+                                            input_inverse="bfgs"),
+    "kbfgs_rows512": lambda m: hf_qn.KBFGS(m, lr=3e-3, output_inverse_interval=1, input_inverse="bfgs"),
     # the defaults with torch.cholesky_inverse for the damped inverses on CUDA (as before the triangular path)
     "kbfgs_potri": lambda m: hf_qn.KBFGS(m, lr=3e-3),
 }

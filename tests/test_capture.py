@@ -66,10 +66,9 @@ def test_accumulation_2x4_equals_1x8_sums():
     model.zero_grad(set_to_none=True)
     for chunk in x.split(4):
         (model(chunk).pow(2).mean() / 2).backward()
-    for (A, h, g, r), s in zip(full, cap.stats["primary"]):
-        torch.testing.assert_close(s.A_sum, A)
-        torch.testing.assert_close(s.h_sum, h)
-        torch.testing.assert_close(s.g_sum, g)
+    for (A, h, g, r), s in zip(full, cap.stats["primary"]):  # float32 products summed in another order: 5e-6
+        for ours, full_batch in ((s.A_sum, A), (s.h_sum, h), (s.g_sum, g)):
+            torch.testing.assert_close(ours, full_batch, rtol=2e-5, atol=1e-6)
         assert s.a_rows == r == 8
 
 

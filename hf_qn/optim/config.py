@@ -110,8 +110,8 @@ class _Config:
         for derived, decider in cls.DERIVED.items():
             if derived in kwargs or derived in chosen:
                 continue
-            if decider in kwargs and kwargs[decider] != getattr(start, decider):
-                kwargs[derived] = None
+            if decider in kwargs and kwargs[decider] != getattr(start, decider):  # unset: derived afresh
+                kwargs[derived] = {f.name: f.default for f in dataclasses.fields(start)}[derived]
         return dataclasses.replace(start, **kwargs)
 
 
@@ -137,8 +137,10 @@ class KBFGSConfig(_Config):
     Attributes:
         lr: step size. With ``graft="adam"`` (the default) every layer's step has Adam's length times ``lr``, so
             ``lr`` is tuned like AdamW's; with ``graft="none"`` it is the paper's α of ``α D``. (default: 3e-3,
-            measured on the GPT-2 language-modelling benchmark; ``preset="paper"``: 0.3, the paper's MNIST
-            autoencoder setting)
+            measured on the GPT-2 language-modelling benchmark; with the from-scratch defaults of ``input_inverse``,
+            ``max_input_rows`` and ``fallback_betas``, 6e-3 was better on the language models (GPT-2 1.3M on
+            Wikipedia, 4 seeds: 5.342 against 5.396; the Lee GPT-2: 121.0 against 131.3 perplexity) and level on
+            the ViT; docs/benchmarks.md. ``preset="paper"``: 0.3, the paper's MNIST autoencoder setting)
         damping: total damping λ; each Kronecker factor gets √λ (input side: ``A + √λ I``; output side:
             LM damping ``μ₂ = √λ``). (default: 0.3, the paper's MNIST setting; the official README says
             to tune only ``lr`` and ``damping``)
@@ -176,22 +178,23 @@ class KBFGSConfig(_Config):
             0.671 with 1, AdamW's final in 0.57x its time, against 0.673 and 0.55x with 5 and 0.665 and 0.65x
             with 20 in an earlier run)
         input_inverse: how ``H_a`` follows ``A``: ``"bfgs"`` (the paper's Hessian-action BFGS update, no
-            inversion after the first) or ``"cholesky"`` (re-inverted every ``inverse_interval``
-            curvature steps). (default: ``"bfgs"``; measured under the Trainer's linear decay with
-            ``max_input_rows=512, output_inverse_interval=2, fallback_betas=(0.9, 0.95)``, CPU: ``"cholesky"`` with
-            ``inverse_interval=2`` ended a 5.8M GPT-2's 240 s at 5.507 against 5.674, ahead of Muon's 5.573, 2 seeds,
-            and a 1.3M one's 120 s at 5.418 against 5.458, level with Muon, 4 seeds, for 2 % of the mean step;
-            docs/benchmarks.md. Not yet the default: fine-tunes unmeasured with it)
-        inverse_interval: curvature steps between Cholesky re-inversions when
-            ``input_inverse="cholesky"``. (default: 20, the official code's KFAC setting)
+            inversion after the first: it moves ``H_a`` by one pair along ``H_a ā`` per curvature step) or
+            ``"cholesky"`` (``(A + √λ I)⁻¹`` re-inverted exactly every ``inverse_interval`` curvature steps).
+            (default: ``"auto"``: ``"cholesky"`` with K-FAC's output factor (``output_side="kfac"``, training from
+            scratch), ``"bfgs"`` otherwise. Measured under the Trainer's linear decay with the other
+            from-scratch defaults, CPU: a 5.8M GPT-2's 240 s ended at 5.507 against 5.674 (2 seeds), a 1.3M one's
+            120 s at 5.418 against 5.458 (4 seeds), for 2 % of the mean step; docs/benchmarks.md)
+        inverse_interval: curvature steps between Cholesky re-inversions when ``input_inverse="cholesky"``.
+            (default: 2, every 10 steps with ``update_interval=5``; measured on the GPT-2s, docs/benchmarks.md.
+            The official code's K-FAC re-inverts every 20)
         output_inverse_interval: with ``output_side="kfac"``: each layer's ``H_g = (Ĝ + √λ I)⁻¹`` is re-inverted
             after every one of its first this many batches, then after every this-many-th, staggered over the
             layers of each width so that each curvature step re-inverts about ``1 / output_inverse_interval`` of
             them; ``G`` takes every curvature step's batch (kfac-pytorch's separate factor and inverse
             intervals). The Cholesky and inverse are most of the optimizer's own time in a curvature step on a
-            CPU. (default: 1, every curvature step; measured on a 5.8M GPT-2 with ``max_input_rows=512``, CPU: 2
-            cut a curvature step from 1.60x AdamW's step to 1.46x, the final loss within the run-to-run spread,
-            docs/benchmarks.md)
+            CPU. (default: 2; measured on a 5.8M GPT-2 with ``max_input_rows=512``, CPU: against 1 (every curvature
+            step) it cut a curvature step from 1.60x AdamW's step to 1.46x, the final loss within the run-to-run
+            spread, docs/benchmarks.md)
         input_warm_start: ``A`` is the plain average of the first this many curvature steps' input Grams
             (each weighted 1/k, ``H_a`` re-inverted exactly after each) before its running average with
             decay ``factor_decay`` starts. The official code averages ``A`` over one extra pass over the
@@ -202,7 +205,10 @@ class KBFGSConfig(_Config):
         max_input_rows: the input factor's batch statistics (``A_batch = Σ ā āᵀ / R``, ``ā``) and the K-FAC output
             factor's Gram use at most this many rows of each forward call (tokens, samples or positions), evenly
             strided; the Grams over all rows are the largest cost of a curvature step on a transformer. None uses
-            every row. (default: None)
+            every row. (default: ``"auto"``: 512 with ``output_side="kfac"`` (training from scratch; measured on
+            a 5.8M GPT-2, batch 16 x 128 tokens, CPU: a curvature step 1.60x AdamW's step instead of 1.95x, the
+            final loss within the run-to-run spread, docs/benchmarks.md), None otherwise: fine-tunes and the
+            autoencoder were measured with every row)
         history_size: ``None`` for a dense BFGS ``H_g`` (K-BFGS); an integer ``p`` for an L-BFGS
             ``H_g`` with ``p`` pairs (K-BFGS(L); the paper uses 100). (default: None)
         output_side: how ``H_g`` is learned: ``"bfgs"`` (the paper's: damped BFGS from the pre-activation pairs),
@@ -282,7 +288,10 @@ class KBFGSConfig(_Config):
         fallback: first-order rule for parameters no adapter takes: ``"adamw"`` or ``"sgd"``.
             (default: ``"adamw"``)
         fallback_lr: learning rate of the fallback. (default: None: ``lr`` with ``graft="adam"``, else 1e-3)
-        fallback_betas, fallback_eps: AdamW's. (default: (0.9, 0.999), 1e-8)
+        fallback_betas, fallback_eps: AdamW's, also the grafting's and ``direction_rms``'s β₂ and ε. (default:
+            ``"auto"``: (0.9, 0.95) with ``output_side="kfac"``, the β₂ of language-model pretraining (measured on
+            the GPT-2s under the Trainer's linear decay: 0.04 nats at 1.3M, docs/benchmarks.md), (0.9, 0.999)
+            otherwise; 1e-8)
         fallback_momentum: SGD's momentum when ``fallback="sgd"``. (default: 0.9)
         fallback_weight_decay: decoupled (AdamW) or coupled (SGD) weight decay of the fallback.
             (default: 0.0)
@@ -304,11 +313,11 @@ class KBFGSConfig(_Config):
     lm_damping: str = "interpolate"
     update_interval: int = 5
     warmup_curvature_steps: int | None = None
-    input_inverse: str = "bfgs"
-    inverse_interval: int = 20
-    output_inverse_interval: int = 1
+    input_inverse: str = "auto"
+    inverse_interval: int = 2
+    output_inverse_interval: int = 2
     input_warm_start: int = 0
-    max_input_rows: int | None = None
+    max_input_rows: int | str | None = "auto"
     history_size: int | None = None
     output_side: str = "auto"
     max_block_dim: int | None = None
@@ -322,7 +331,7 @@ class KBFGSConfig(_Config):
     matmul_dtype: str | torch.dtype = "auto"
     fallback: str = "adamw"
     fallback_lr: float | None = None
-    fallback_betas: tuple[float, float] = (0.9, 0.999)
+    fallback_betas: tuple[float, float] | str = "auto"
     fallback_eps: float = 1e-8
     fallback_momentum: float = 0.9
     fallback_weight_decay: float = 0.0
@@ -330,7 +339,18 @@ class KBFGSConfig(_Config):
 
     def __post_init__(self) -> None:
         self._check_scalars()
+        self._follow_output_side()
         self._check_structure()
+
+    def _follow_output_side(self) -> None:
+        """Each field of :attr:`FOLLOW_OUTPUT_SIDE` still at its unset value takes the value of the output side,
+        once ``output_side`` is not ``"auto"`` (``KBFGS(model, ...)`` resolves it for the model)."""
+        check_choice("output_side", self.output_side, ("auto", "bfgs", "kfac", "none"))
+        if self.output_side == "auto":
+            return
+        for name, (unset, by_side, otherwise) in self.FOLLOW_OUTPUT_SIDE.items():
+            if getattr(self, name) == unset:
+                object.__setattr__(self, name, by_side.get(self.output_side, otherwise))
 
     def _check_scalars(self) -> None:
         check_range("lr", self.lr, 0.0, math.inf)
@@ -346,11 +366,13 @@ class KBFGSConfig(_Config):
         check_range("fallback_eps", self.fallback_eps, 0.0, math.inf, lo_open=True)
         check_range("fallback_momentum", self.fallback_momentum, 0.0, 1.0)
         check_range("fallback_weight_decay", self.fallback_weight_decay, 0.0, math.inf)
-        if not isinstance(self.fallback_betas, (tuple, list)) or len(self.fallback_betas) != 2:
-            raise ValueError(f"Invalid fallback_betas: {self.fallback_betas!r} (must be a pair (beta1, beta2))")
-        for i, b in enumerate(self.fallback_betas):
-            check_range(f"fallback_betas[{i}]", b, 0.0, 1.0)
-        object.__setattr__(self, "fallback_betas", tuple(self.fallback_betas))
+        if self.fallback_betas != "auto":
+            if not isinstance(self.fallback_betas, (tuple, list)) or len(self.fallback_betas) != 2:
+                raise ValueError(f"Invalid fallback_betas: {self.fallback_betas!r} (must be a pair (beta1, beta2) "
+                                 "or 'auto')")
+            for i, b in enumerate(self.fallback_betas):
+                check_range(f"fallback_betas[{i}]", b, 0.0, 1.0)
+            object.__setattr__(self, "fallback_betas", tuple(self.fallback_betas))
         if self.max_update_growth is not None:
             check_range("max_update_growth", self.max_update_growth, 1.0, math.inf, lo_open=True)
         if self.max_loss_increase is not None:
@@ -365,15 +387,14 @@ class KBFGSConfig(_Config):
                 f"Invalid damping: {self.damping} gives mu2 = sqrt(damping) = {math.sqrt(self.damping):.3g} >= 1, "
                 "which the interpolating LM damping cannot use; pass damping < 1 or lm_damping='additive'"
             )
-        if self.warmup_curvature_steps is None and self.output_side != "auto":  # "auto": once it is resolved
-            object.__setattr__(self, "warmup_curvature_steps", 1 if self.output_side == "none" else 20)
         optional = "None or an integer"
         set_integers(self, (("update_interval", 1, ""), ("inverse_interval", 1, ""),
                             ("output_inverse_interval", 1, ""), ("input_warm_start", 0, ""),
-                            ("warmup_curvature_steps", 0, optional), ("max_input_rows", 1, optional),
-                            ("max_block_dim", 1, optional), ("history_size", 1, "None for dense BFGS, or an integer")))
-        check_choice("input_inverse", self.input_inverse, ("bfgs", "cholesky"))
-        check_choice("output_side", self.output_side, ("auto", "bfgs", "kfac", "none"))
+                            ("warmup_curvature_steps", 0, optional), ("max_block_dim", 1, optional),
+                            ("history_size", 1, "None for dense BFGS, or an integer")))
+        if self.max_input_rows != "auto":
+            set_integers(self, (("max_input_rows", 1, "'auto', None or an integer"),))
+        check_choice("input_inverse", self.input_inverse, ("auto", "bfgs", "cholesky"))
         if self.output_side in ("kfac", "none") and self.history_size is not None:
             raise ValueError(
                 f"Invalid history_size: {self.history_size} with output_side={self.output_side!r} (an L-BFGS "
@@ -404,7 +425,17 @@ class KBFGSConfig(_Config):
     }
     #: names of earlier versions: accepted with a FutureWarning (the table in docs/design.md).
     RENAMED: ClassVar[dict[str, str]] = {"momentum": "grad_decay", "weight_decay": "l2", "stat_decay": "factor_decay"}
-    DERIVED: ClassVar[dict[str, str]] = {"direction_rms": "graft", "warmup_curvature_steps": "output_side"}
+    #: fields whose default follows the resolved ``output_side``: ``{field: (unset value, {side: value}, value for
+    #: the other sides)}``. The ``"kfac"`` values (a transformers model trained from scratch) are the pretraining
+    #: measurements of docs/benchmarks.md; the others are the values of earlier versions, which the fine-tunes,
+    #: the autoencoder and ``preset="paper"`` were measured with.
+    FOLLOW_OUTPUT_SIDE: ClassVar[dict[str, tuple[Any, dict[str, Any], Any]]] = {
+        "warmup_curvature_steps": (None, {"none": 1}, 20),
+        "input_inverse": ("auto", {"kfac": "cholesky"}, "bfgs"),
+        "max_input_rows": ("auto", {"kfac": 512}, None),
+        "fallback_betas": ("auto", {"kfac": (0.9, 0.95)}, (0.9, 0.999)),
+    }
+    DERIVED: ClassVar[dict[str, str]] = {"direction_rms": "graft", **{f: "output_side" for f in FOLLOW_OUTPUT_SIDE}}
 
     def matmul_torch_dtype(
         self, device: torch.device, param_dtype: torch.dtype = torch.float32, flops: int | None = None
@@ -413,16 +444,33 @@ class KBFGSConfig(_Config):
         given) the multiply-adds of the product."""
         return resolve_matmul_dtype(str(self.matmul_dtype), device, param_dtype, flops)
 
+    def _resolved(self, name: str) -> Any:
+        """The field ``name`` of :attr:`FOLLOW_OUTPUT_SIDE`, refused while it is still unset (``output_side="auto"``
+        is resolved for the model by ``KBFGS(model, ...)``)."""
+        value = getattr(self, name)
+        if value == self.FOLLOW_OUTPUT_SIDE[name][0]:
+            raise ValueError(
+                f"{name}={value!r} follows output_side, which is still 'auto': construct KBFGS(model, ...) to resolve "
+                f"it for the model, or pass output_side or {name}"
+            )
+        return value
+
     @property
     def warmup_steps(self) -> int:
-        """``warmup_curvature_steps``, which the default leaves None only while ``output_side`` is ``"auto"``
-        (resolved for the model by ``KBFGS(model, ...)``)."""
-        if self.warmup_curvature_steps is None:
-            raise ValueError(
-                "warmup_curvature_steps=None follows output_side, which is still 'auto': construct KBFGS(model, ...) "
-                "to resolve it for the model, or pass output_side or warmup_curvature_steps"
-            )
-        return self.warmup_curvature_steps
+        """``warmup_curvature_steps``, resolved (the default follows ``output_side``)."""
+        return int(self._resolved("warmup_curvature_steps"))
+
+    @property
+    def input_rows(self) -> int | None:
+        """``max_input_rows``, resolved (the default follows ``output_side``)."""
+        rows: int | None = self._resolved("max_input_rows")
+        return rows
+
+    @property
+    def adam_betas(self) -> tuple[float, float]:
+        """``fallback_betas``, resolved (the default follows ``output_side``)."""
+        betas: tuple[float, float] = self._resolved("fallback_betas")
+        return betas
 
     @property
     def fallback_lr_value(self) -> float:

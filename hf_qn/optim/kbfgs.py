@@ -468,7 +468,7 @@ class KBFGS(QNOptimizerBase):
         update_momenta(on, grads, cfg.grad_decay)
         D = [la.direction(self._matmul_dtype_for(la)) for la in on]
         if cfg.graft == "adam":  # [D ← D / (√v̂_D + ε)], then D ← D · ‖m̂ / (√v̂ + ε)‖ / ‖D‖
-            D, norms = graft_to_adam(on, D, grads, cfg.grad_decay, cfg.fallback_betas[1], cfg.fallback_eps,
+            D, norms = graft_to_adam(on, D, grads, cfg.grad_decay, cfg.adam_betas[1], cfg.fallback_eps,
                                      bool(cfg.direction_rms))
         else:
             norms = list(torch._foreach_norm(D)) if D else []
@@ -674,7 +674,7 @@ class KBFGS(QNOptimizerBase):
         if self.adapters and self.capture.mode == "primary":
             self.capture.enabled = self._training and self.curvature_step_next()
             self.capture.gram_dtype = self._matmul_dtype
-            self.capture.max_input_rows = self.config.max_input_rows
+            self.capture.max_input_rows = self.config.input_rows
 
     def _current_scale(self) -> float:
         return float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
@@ -759,7 +759,7 @@ class KBFGS(QNOptimizerBase):
 
     def _complete_state(self) -> None:
         for la in self.layers:
-            la.ensure_state()
+            la.ensure_state(cholesky=self.config.input_inverse == "cholesky")
             if self.config.graft == "adam":
                 la.ensure_graft_state(bool(self.config.direction_rms))
         for g in self.param_groups:
@@ -878,7 +878,7 @@ def _new_layer(adapter: LayerAdapter, cfg: KBFGSConfig) -> KroneckerLayer:
 
 def _fallback_values(cfg: KBFGSConfig) -> dict[str, Any]:
     """A fallback param group's hyperparameters."""
-    return {"fallback": cfg.fallback, "lr": cfg.fallback_lr_value, "betas": cfg.fallback_betas, "eps": cfg.fallback_eps,
+    return {"fallback": cfg.fallback, "lr": cfg.fallback_lr_value, "betas": cfg.adam_betas, "eps": cfg.fallback_eps,
             "momentum": cfg.fallback_momentum, "weight_decay": cfg.fallback_weight_decay, "fused": cfg.fallback_fused}
 
 

@@ -76,9 +76,14 @@ class KroneckerLayer:
         self.state = state
         self.output.bind(state.get("output", {}))
 
-    def ensure_state(self) -> None:
-        """Create the state on first use: ``A = 0``, ``H_a = I``, ``H_g = I``, ``ĝ = 0``, zero pairs."""
+    def ensure_state(self, cholesky: bool = False) -> None:
+        """Create the state on first use: ``A = 0``, ``H_a = I``, ``H_g = I``, ``ĝ = 0``, zero pairs; with
+        ``cholesky`` (``input_inverse="cholesky"``) also the re-inversion countdown at 0 (due at the first update),
+        so that a fresh optimizer's state holds every key a checkpoint of a run has (what
+        ``torch.distributed.checkpoint`` loads into)."""
         if "input" in self.state:
+            if cholesky and not self.adapter.input_diagonal:
+                self.state["input"].setdefault("inverse_countdown", torch.tensor(0))
             return
         ad, dev = self.adapter, self.adapter.weight.device
         self.state["input"] = {
@@ -88,6 +93,8 @@ class KroneckerLayer:
             else self.input_split.identity(torch.float32, dev),
             "batches": torch.tensor(0, dtype=torch.int64),  # batches in A's plain average
         }
+        if cholesky and not ad.input_diagonal:
+            self.state["input"]["inverse_countdown"] = torch.tensor(0)
         self.state["output"] = self.output.init_state(dev)
         self.state["momentum_buffer"] = torch.zeros(ad.d_out, ad.d_in, dtype=torch.float32, device=dev)
         self.state["pair"] = {k: torch.zeros(ad.d_out, dtype=torch.float32, device=dev)

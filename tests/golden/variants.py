@@ -144,12 +144,16 @@ def run(variant: str, prob: str) -> dict[str, Any]:
 
 
 def environment() -> dict[str, Any]:
-    """What decides the bits: the torch build, the CPU kernels torch picked, and whether K-BFGS's
-    ``matmul_dtype="auto"`` takes bf16 products on this CPU."""
-    from hf_qn.optim.config import fast_bf16
+    """What decides the bits: the torch build, the CPU kernels torch picked, whether K-BFGS's
+    ``matmul_dtype="auto"`` takes bf16 products on this CPU, and (named only where present) whether oneDNN has
+    AMX tiles for them, whose bf16 products round differently from AVX-512 BF16's."""
+    from hf_qn.optim.config import _cpu_flags, fast_bf16
 
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": fast_bf16(torch.device("cpu"))}
+    env: dict[str, Any] = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                           "native_bf16": fast_bf16(torch.device("cpu"))}
+    if "amx_bf16" in _cpu_flags():
+        env["amx"] = True
+    return env
 
 
 def golden_file(env: dict[str, Any]) -> str:
@@ -157,7 +161,8 @@ def golden_file(env: dict[str, Any]) -> str:
     per other environment."""
     if env["cpu_capability"] == "AVX2" and not env["native_bf16"]:
         return "trajectories.json"
-    return f"trajectories_{env['cpu_capability'].lower()}{'_bf16' if env['native_bf16'] else ''}.json"
+    return (f"trajectories_{env['cpu_capability'].lower()}{'_bf16' if env['native_bf16'] else ''}"
+            f"{'_amx' if env.get('amx') else ''}.json")
 
 
 def resume_from_committed_checkpoint(variant: str) -> dict[str, Any]:

@@ -154,7 +154,9 @@ def test_kfac_trains_and_refuses_what_it_cannot_do():
     model = mlp()
     opt = hf_qn.KBFGS(model, output_side="kfac", lr=3e-2)
     losses = loop(model, opt, regression_batches(30), mse_loss)
-    assert losses[-1] < 0.3 * losses[0]  # 0.75 -> 0.16 (AdamW at the same lr: 0.27)
+    # 0.75 -> 0.25 with K-FAC's from-scratch defaults; 0.16 with the earlier values (input_inverse='bfgs',
+    # output_inverse_interval=1); AdamW at the same lr: 0.27
+    assert losses[-1] < 0.4 * losses[0]
     with pytest.raises(ValueError, match="Invalid output_side: 'shampoo'"):
         hf_qn.KBFGS(model, output_side="shampoo")
     with pytest.raises(ValueError, match="Invalid history_size: 5 with output_side='kfac'"):
@@ -169,6 +171,25 @@ def test_kfac_trains_and_refuses_what_it_cannot_do():
     opt.param_groups[0]["output_side"] = "bfgs"
     with pytest.raises(ValueError, match="output_side changed from kfac to bfgs"):
         loop(model, opt, regression_batches(1), mse_loss)
+
+
+def lm_steps(model: nn.Module, opt: torch.optim.Optimizer, batch: dict, steps: int) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        opt.step()
+
+
+def assert_lockstep(runs: list, batch: dict, steps: int) -> None:
+    """Each ``(model, optimizer)`` of ``runs`` takes ``steps`` steps on ``batch`` in turn; the models' weights
+    end bit for bit equal."""
+    for _ in range(steps):
+        for model, opt in runs:
+            lm_steps(model, opt, batch, 1)
+    first = list(runs[0][0].parameters())
+    for model, _ in runs[1:]:
+        for p, q in zip(first, model.parameters()):
+            assert torch.equal(p, q)
 
 
 def test_auto_output_side_is_kfac_for_a_transformers_model_built_from_a_config(tmp_path, caplog):
@@ -217,16 +238,67 @@ def test_auto_output_side_is_kfac_for_a_transformers_model_built_from_a_config(t
     b.load_state_dict(a.state_dict())
     batch = token_batch()
     opts = hf_qn.KBFGS(a, update_interval=1), hf_qn.KBFGS(b, output_side="kfac", update_interval=1)
-    for _ in range(3):
-        for model, o in zip((a, b), opts):
-            o.zero_grad()
-            model(**batch, labels=batch["input_ids"]).loss.backward()
-            o.step()
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+    assert_lockstep(list(zip((a, b), opts)), batch, steps=3)
     assert opts[0].state_dict()["hf_qn"]["output_side"] == "kfac"
     with pytest.raises(ValueError, match="output_side='auto', the default, takes 'kfac' for a transformers model"):
         hf_qn.KBFGS(loaded).load_state_dict(roundtrip(opts[0].state_dict()))
+
+
+def test_the_from_scratch_defaults_follow_the_output_side(tmp_path):
+    """``input_inverse``, ``max_input_rows`` and ``fallback_betas`` left at ``"auto"`` take the pretraining values
+    with K-FAC's output factor (a transformers model built from a config) and the values of earlier versions with
+    any other output side (a fine-tune, a plain module, the paper's preset), so that those runs keep their steps;
+    an explicit value is kept, and a keyword that changes the output side derives them afresh. The optimizer's
+    config, its param groups, the capture and the fallback's groups take the resolved values."""
+    from hf_qn.optim.config import KBFGSConfig
+    from tests._helpers.models import tiny_gpt2, token_batch
+
+    scratch_values = {"input_inverse": "cholesky", "max_input_rows": 512, "fallback_betas": (0.9, 0.95)}
+    earlier_values = {"input_inverse": "bfgs", "max_input_rows": None, "fallback_betas": (0.9, 0.999)}
+
+    def values(cfg: KBFGSConfig) -> dict:
+        return {name: getattr(cfg, name) for name in scratch_values}
+
+    assert values(KBFGSConfig()) == dict.fromkeys(scratch_values, "auto")  # resolved with the model
+    assert values(KBFGSConfig(output_side="kfac")) == scratch_values
+    assert values(KBFGSConfig(output_side="none")) == values(KBFGSConfig(output_side="bfgs")) == earlier_values
+    assert values(KBFGSConfig.from_kwargs(preset="paper")) == earlier_values
+    assert values(KBFGSConfig.from_kwargs(KBFGSConfig(output_side="kfac"), output_side="none")) == earlier_values
+    kept = KBFGSConfig(output_side="kfac", input_inverse="bfgs", max_input_rows=None, fallback_betas=(0.8, 0.99))
+    assert values(kept) == {"input_inverse": "bfgs", "max_input_rows": None, "fallback_betas": (0.8, 0.99)}
+    with pytest.raises(ValueError, match="Invalid max_input_rows: 'all'"):
+        KBFGSConfig(max_input_rows="all")
+
+    torch.manual_seed(0)
+    scratch = tiny_gpt2()
+    scratch.save_pretrained(tmp_path)
+    loaded = type(scratch).from_pretrained(tmp_path)
+    for model, expected in ((scratch, scratch_values), (loaded, earlier_values), (mlp(), earlier_values)):
+        opt = hf_qn.KBFGS(model)
+        assert values(opt.config) == expected
+        groups = [g for g in opt.param_groups if "input_inverse" in g]
+        assert groups and all({k: g[k] for k in scratch_values} == expected for g in groups)
+        assert {tuple(g["betas"]) for g in opt.param_groups if "betas" in g} <= {expected["fallback_betas"]}
+        opt._schedule_capture()
+        assert opt.capture.max_input_rows == expected["max_input_rows"]
+
+    # the default on a model built from a config takes exactly the steps of the explicit from-scratch values
+    a, b = tiny_gpt2(), tiny_gpt2()
+    b.load_state_dict(a.state_dict())
+    batch = token_batch()
+    opts = (hf_qn.KBFGS(a, update_interval=1),
+            hf_qn.KBFGS(b, output_side="kfac", update_interval=1, inverse_interval=2, **scratch_values))
+    assert_lockstep(list(zip((a, b), opts)), batch, steps=3)
+
+    # a checkpoint saved with the earlier values continues exactly in an optimizer built with the new defaults: the
+    # values live in its param groups, and the configuration follows them
+    earlier = hf_qn.KBFGS(a, update_interval=1, output_inverse_interval=1, **earlier_values)
+    lm_steps(a, earlier, batch, steps=2)
+    b.load_state_dict(a.state_dict())
+    resumed = hf_qn.KBFGS(b, update_interval=1)
+    resumed.load_state_dict(roundtrip(earlier.state_dict()))
+    assert values(resumed.config) == earlier_values and resumed.config.output_inverse_interval == 1
+    assert_lockstep([(a, earlier), (b, resumed)], batch, steps=2)
 
 
 def test_the_default_curvature_warm_up_follows_the_output_side(tmp_path):

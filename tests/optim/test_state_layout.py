@@ -55,7 +55,8 @@ CASES = {
     "kbfgs_kfac": (
         lambda m: hf_qn.KBFGS(m, output_side="kfac", matmul_dtype="float32"), {"optimizer": "KBFGS", "output_side": "kfac"},
         {k: v for k, v in KBFGS_GLOBAL.items() if k != "loss_guard/loss_avg"},
-        {i: {**KFAC_LAYER, "graft/exp_avg_sq": F32, "graft/steps": I64, "graft/direction_sq": F32} for i in (0, 2, 4)},
+        {i: {**KFAC_LAYER, "input/inverse_countdown": I64, "graft/exp_avg_sq": F32, "graft/steps": I64,
+             "graft/direction_sq": F32} for i in (0, 2, 4)},  # with K-FAC's factor H_a is re-inverted by default
     ),
     "kbfgsl": (
         lambda m: hf_qn.KBFGSL(m, preset="paper", history_size=3), {"optimizer": "KBFGS", "output_side": "lbfgs"}, KBFGS_GLOBAL,
