@@ -182,8 +182,10 @@ class KBFGSConfig(_Config):
             ``"cholesky"`` (``(A + √λ I)⁻¹`` re-inverted exactly every ``inverse_interval`` curvature steps).
             (default: ``"auto"``: ``"cholesky"`` with K-FAC's output factor (``output_side="kfac"``, training from
             scratch), ``"bfgs"`` otherwise. Measured under the Trainer's linear decay with the other
-            from-scratch defaults, CPU: a 5.8M GPT-2's 240 s ended at 5.507 against 5.674 (2 seeds), a 1.3M one's
-            120 s at 5.418 against 5.458 (4 seeds), for 2 % of the mean step; docs/benchmarks.md)
+            from-scratch defaults, two CPUs: a 5.8M GPT-2's 240 s ended lower on every one of 4 seeds (by 0.116 on
+            the mean; ahead of Muon on all 4), a 1.3M one's 120 s at 5.418 against 5.458 (4 seeds), for 2 % of the
+            mean step; the Lee GPT-2 and Llama better outside the seed ranges, the ViT and ResNet level;
+            docs/benchmarks.md)
         inverse_interval: curvature steps between Cholesky re-inversions when ``input_inverse="cholesky"``.
             (default: 2, every 10 steps with ``update_interval=5``; measured on the GPT-2s, docs/benchmarks.md.
             The official code's K-FAC re-inverts every 20)
