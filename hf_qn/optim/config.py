@@ -107,11 +107,12 @@ class _Config:
             chosen = set(cls.PRESETS[preset])
         start: Any = base or cls()
         kwargs = _renamed(cls, cls.OWNER, kwargs)
+        unset = {f.name: f.default for f in dataclasses.fields(start)}
         for derived, decider in cls.DERIVED.items():
             if derived in kwargs or derived in chosen:
                 continue
-            if decider in kwargs and kwargs[decider] != getattr(start, decider):  # unset: derived afresh
-                kwargs[derived] = {f.name: f.default for f in dataclasses.fields(start)}[derived]
+            if decider in kwargs and kwargs[decider] != getattr(start, decider):  # derived afresh
+                kwargs[derived] = unset[derived]
         return dataclasses.replace(start, **kwargs)
 
 

@@ -427,8 +427,9 @@ class KBFGS(QNOptimizerBase):
         finite = finite_flags([m.A_sum for m in now])  # type: ignore[misc]
         checks = torch.stack([rows, finite.to(device=dev, dtype=rows.dtype)], 1).tolist()
         seen = [i for i, (on, (n, _)) in enumerate(zip(active, checks)) if on and n > 0]
+        cholesky = self._cholesky_interval() is not None
         for i in seen:
-            self.layers[i].ensure_state()
+            self.layers[i].ensure_state(cholesky)
         cfg = self.config
         a_means = update_input_factors(
             [self.layers[i] for i in seen], [now[i].A_sum for i in seen], [now[i].a for i in seen],  # type: ignore[misc]
@@ -758,8 +759,9 @@ class KBFGS(QNOptimizerBase):
         return super().state_dict()
 
     def _complete_state(self) -> None:
+        cholesky = self._cholesky_interval() is not None
         for la in self.layers:
-            la.ensure_state(cholesky=self.config.input_inverse == "cholesky")
+            la.ensure_state(cholesky)
             if self.config.graft == "adam":
                 la.ensure_graft_state(bool(self.config.direction_rms))
         for g in self.param_groups:

@@ -79,29 +79,26 @@ class KroneckerLayer:
     def ensure_state(self, cholesky: bool = False) -> None:
         """Create the state on first use: ``A = 0``, ``H_a = I``, ``H_g = I``, ``ĝ = 0``, zero pairs; with
         ``cholesky`` (``input_inverse="cholesky"``) also the re-inversion countdown at 0 (due at the first update),
-        so that a fresh optimizer's state holds every key a checkpoint of a run has (what
-        ``torch.distributed.checkpoint`` loads into)."""
-        if "input" in self.state:
-            if cholesky and not self.adapter.input_diagonal:
-                self.state["input"].setdefault("inverse_countdown", torch.tensor(0))
-            return
+        also in a state that lacks it (loaded, or written before the option was set), so that every state of such a
+        run holds the keys a checkpoint of it has (what ``torch.distributed.checkpoint`` loads into)."""
         ad, dev = self.adapter, self.adapter.weight.device
-        self.state["input"] = {
-            "A": torch.zeros(self.input_shape, dtype=torch.float32, device=dev),
-            "H_a": torch.ones(ad.d_in, dtype=torch.float32, device=dev)
-            if ad.input_diagonal
-            else self.input_split.identity(torch.float32, dev),
-            "batches": torch.tensor(0, dtype=torch.int64),  # batches in A's plain average
-        }
+        if "input" not in self.state:
+            self.state["input"] = {
+                "A": torch.zeros(self.input_shape, dtype=torch.float32, device=dev),
+                "H_a": torch.ones(ad.d_in, dtype=torch.float32, device=dev)
+                if ad.input_diagonal
+                else self.input_split.identity(torch.float32, dev),
+                "batches": torch.tensor(0, dtype=torch.int64),  # batches in A's plain average
+            }
+            self.state["output"] = self.output.init_state(dev)
+            self.state["momentum_buffer"] = torch.zeros(ad.d_out, ad.d_in, dtype=torch.float32, device=dev)
+            self.state["pair"] = {k: torch.zeros(ad.d_out, dtype=torch.float32, device=dev)
+                                  for k in ("s_avg", "y_avg", "h_prev", "g_prev")}
+            self.state["pair"]["has_prev"] = torch.tensor(False)
+            self.state["counters"] = {k: torch.tensor(0, dtype=torch.int64) for k in KBFGS_LAYER_COUNTERS}
+            self.output.bind(self.state["output"])
         if cholesky and not ad.input_diagonal:
-            self.state["input"]["inverse_countdown"] = torch.tensor(0)
-        self.state["output"] = self.output.init_state(dev)
-        self.state["momentum_buffer"] = torch.zeros(ad.d_out, ad.d_in, dtype=torch.float32, device=dev)
-        self.state["pair"] = {k: torch.zeros(ad.d_out, dtype=torch.float32, device=dev)
-                              for k in ("s_avg", "y_avg", "h_prev", "g_prev")}
-        self.state["pair"]["has_prev"] = torch.tensor(False)
-        self.state["counters"] = {k: torch.tensor(0, dtype=torch.int64) for k in KBFGS_LAYER_COUNTERS}
-        self.output.bind(self.state["output"])
+            self.state["input"].setdefault("inverse_countdown", torch.tensor(0))
 
     def state_paths(self, graft: str = "none", direction_rms: bool = False) -> list[str]:
         """The paths (``"input/A"``, ``"output/H_g"``, ...) every state of this layer has (``ensure_state``'s,
@@ -367,11 +364,10 @@ def update_input_inverses(
         if la.adapter.input_diagonal:
             la.invert_input(sqrt_lam)
             continue
-        if cholesky_interval is not None:
-            inp = la.state["input"]
-            inp["inverse_countdown"] = inp.get("inverse_countdown", torch.tensor(0)) - 1
-            if int(inp["inverse_countdown"]) <= 0:
-                inp["inverse_countdown"].fill_(cholesky_interval)
+        if cholesky_interval is not None:  # the countdown: made by ensure_state(cholesky=True)
+            countdown = la.state["input"]["inverse_countdown"]
+            if int(countdown.sub_(1)) <= 0:
+                countdown.fill_(cholesky_interval)
                 la.invert_input(sqrt_lam)
             continue
         todo.append((la, a_mean))

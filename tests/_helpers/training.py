@@ -53,6 +53,11 @@ def mse_loss(model, batch):
     return ((model(x) - y) ** 2).mean()
 
 
+def lm_loss(model, batch):
+    """A causal LM's loss on a token batch (``token_batch``), its inputs as labels."""
+    return model(**batch, labels=batch["input_ids"]).loss
+
+
 def dead_unit_loss(model, batch):
     """``mse_loss`` on all but the model's last output unit, whose weights and bias then have an identically zero
     gradient (``batch``'s targets have one column fewer than the model's outputs)."""

@@ -23,7 +23,7 @@ from torch import nn
 
 import hf_qn
 from tests._helpers.models import mlp, tiny_gpt2, token_batch
-from tests._helpers.training import loop, mse_loss, regression_batches
+from tests._helpers.training import lm_loss, loop, mse_loss, regression_batches
 
 STEPS = 30
 RESUME_AT = 15
@@ -103,17 +103,13 @@ CHECKPOINTED = (
 )
 
 
-def _lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**batch, labels=batch["input_ids"]).loss
-
-
 def problem(name: str) -> tuple[nn.Module, list[Any], Callable[..., torch.Tensor]]:
     """A freshly initialised model, its STEPS batches and its loss."""
     torch.manual_seed(0)
     if name == "mlp":
         return mlp(), regression_batches(STEPS), mse_loss
     if name == "gpt2":
-        return tiny_gpt2(), [token_batch(seed=i) for i in range(STEPS)], _lm_loss
+        return tiny_gpt2(), [token_batch(seed=i) for i in range(STEPS)], lm_loss
     raise ValueError(name)
 
 

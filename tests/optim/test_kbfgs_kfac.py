@@ -15,7 +15,7 @@ from torch import nn
 import hf_qn
 from hf_qn.optim.output_side import KFACOutput
 from tests._helpers.models import mlp
-from tests._helpers.training import loop, mse_loss, regression_batches, roundtrip
+from tests._helpers.training import lm_loss, loop, mse_loss, regression_batches, roundtrip
 
 
 def _record_output_grads(model: nn.Module) -> dict[str, list[torch.Tensor]]:
@@ -173,19 +173,12 @@ def test_kfac_trains_and_refuses_what_it_cannot_do():
         loop(model, opt, regression_batches(1), mse_loss)
 
 
-def lm_steps(model: nn.Module, opt: torch.optim.Optimizer, batch: dict, steps: int) -> None:
-    for _ in range(steps):
-        opt.zero_grad()
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-        opt.step()
-
-
 def assert_lockstep(runs: list, batch: dict, steps: int) -> None:
     """Each ``(model, optimizer)`` of ``runs`` takes ``steps`` steps on ``batch`` in turn; the models' weights
     end bit for bit equal."""
     for _ in range(steps):
         for model, opt in runs:
-            lm_steps(model, opt, batch, 1)
+            loop(model, opt, [batch], lm_loss, closure=False)
     first = list(runs[0][0].parameters())
     for model, _ in runs[1:]:
         for p, q in zip(first, model.parameters()):
@@ -293,7 +286,7 @@ def test_the_from_scratch_defaults_follow_the_output_side(tmp_path):
     # a checkpoint saved with the earlier values continues exactly in an optimizer built with the new defaults: the
     # values live in its param groups, and the configuration follows them
     earlier = hf_qn.KBFGS(a, update_interval=1, output_inverse_interval=1, **earlier_values)
-    lm_steps(a, earlier, batch, steps=2)
+    loop(a, earlier, [batch] * 2, lm_loss, closure=False)
     b.load_state_dict(a.state_dict())
     resumed = hf_qn.KBFGS(b, update_interval=1)
     resumed.load_state_dict(roundtrip(earlier.state_dict()))
