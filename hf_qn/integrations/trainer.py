@@ -111,8 +111,8 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
     )
     learning_rate: float | None = field(  # type: ignore[assignment]  # None: the optimizer's own
         default=None,
-        metadata={"help": "Step size; unset: the hf_qn optimizer's own default (K-BFGS 3e-3, mL-BFGS 1e-3), "
-                  "else the Trainer's 5e-5."},
+        metadata={"help": "Step size; unset: the hf_qn optimizer's own default (K-BFGS 6e-3 for a language model "
+                  "trained from scratch, else 3e-3; mL-BFGS 1e-3), else the Trainer's 5e-5."},
     )
     weight_decay: float | None = field(  # type: ignore[assignment]  # None: the optimizer's own
         default=None,
@@ -143,14 +143,18 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
 
     def _fill_optimizer_defaults(self) -> None:
         """An unset ``learning_rate`` / ``weight_decay`` is the chosen optimizer's own default (K-BFGS's 3e-3 is
-        not the Trainer's 5e-5; a ``preset`` in ``qn_args`` gives its own), said in the log."""
+        not the Trainer's 5e-5; a ``preset`` in ``qn_args`` gives its own), said in the log. K-BFGS's default
+        ``lr`` follows the model, so ``learning_rate`` stays None until the optimizer resolves it (the optimizer's
+        ``param_groups`` and the model card carry the value)."""
         preset = parse_qn_args(self.qn_args).get("preset") if self.qn_optimizer is not None else None
         lr, wd = _optimizer_defaults(self.qn_optimizer, preset)
         #: whether the caller set ``learning_rate`` (recipes apply it to every optimizer they compare).
         self.learning_rate_given = self.learning_rate is not None
         if self.learning_rate is None:
             self.learning_rate = lr
-            if self.qn_optimizer is not None:
+            if lr is None:
+                logger.info("learning_rate not set: %s chooses its default lr for the model", self.qn_optimizer)
+            elif self.qn_optimizer is not None:
                 logger.info("learning_rate not set: using %s's default %g", self.qn_optimizer, lr)
         if self.weight_decay is None:
             self.weight_decay = wd
@@ -192,9 +196,9 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
                 optimizer_config(name, part)
 
 
-def _optimizer_defaults(name: str | None, preset: str | None = None) -> tuple[float, float]:
-    """(lr, weight decay) the optimizer ``name`` uses when nobody sets them (those of ``preset`` if given); the
-    Trainer's for None."""
+def _optimizer_defaults(name: str | None, preset: str | None = None) -> tuple[float | None, float]:
+    """(lr, weight decay) the optimizer ``name`` uses when nobody sets them (those of ``preset`` if given; lr None:
+    K-BFGS's, which follows the model); the Trainer's for None."""
     if name in ("kbfgs", "kbfgs_l"):
         cfg = KBFGSConfig.from_kwargs(preset=preset)
         return cfg.lr, cfg.l2
@@ -273,7 +277,8 @@ def build_optimizer(
     no_decay = no_decay or set()
     hyper = parse_qn_args(args.qn_args)
     if name in ("kbfgs", "kbfgs_l"):
-        cfg, policy = optimizer_config(name, {"lr": args.learning_rate, "l2": args.weight_decay, **hyper})
+        given = {} if args.learning_rate is None else {"lr": args.learning_rate}  # None: K-BFGS's, for the model
+        cfg, policy = optimizer_config(name, {**given, "l2": args.weight_decay, **hyper})
         cls = KBFGSL if name == "kbfgs_l" else KBFGS
         return cls(model, no_decay=sorted(no_decay), policy=policy, config=cfg)  # type: ignore[arg-type]
     if name == "mlbfgs":

@@ -109,8 +109,8 @@ class _Config:
         kwargs = _renamed(cls, cls.OWNER, kwargs)
         unset = {f.name: f.default for f in dataclasses.fields(start)}
         for derived, decider in cls.DERIVED.items():
-            if derived in kwargs or derived in chosen:
-                continue
+            if derived in kwargs or derived in chosen or getattr(start, decider) == "auto":
+                continue  # given, set by the preset, or (the decider still unresolved) nothing derived yet
             if decider in kwargs and kwargs[decider] != getattr(start, decider):  # derived afresh
                 kwargs[derived] = unset[derived]
         return dataclasses.replace(start, **kwargs)
@@ -137,11 +137,14 @@ class KBFGSConfig(_Config):
 
     Attributes:
         lr: step size. With ``graft="adam"`` (the default) every layer's step has Adam's length times ``lr``, so
-            ``lr`` is tuned like AdamW's; with ``graft="none"`` it is the paper's α of ``α D``. (default: 3e-3,
-            measured on the GPT-2 language-modelling benchmark; with the from-scratch defaults of ``input_inverse``,
-            ``max_input_rows`` and ``fallback_betas``, 6e-3 was better on the language models (GPT-2 1.3M on
-            Wikipedia, 4 seeds: 5.342 against 5.396; the Lee GPT-2: 121.0 against 131.3 perplexity) and level on
-            the ViT; docs/benchmarks.md. ``preset="paper"``: 0.3, the paper's MNIST autoencoder setting)
+            ``lr`` is tuned like AdamW's; with ``graft="none"`` it is the paper's α of ``α D``. (default: None,
+            resolved by ``KBFGS(model, ...)`` for the model: 6e-3 for a transformers language model built from a
+            config (a model with an output embedding and ``output_side="kfac"``: pretraining), 3e-3 for any other.
+            Measured with the from-scratch defaults: 6e-3 against 3e-3 on the GPT-2 1.3M Wikipedia benchmark, 4
+            seeds, 5.342 against 5.396; the Lee GPT-2 121.0 against 131.3 perplexity, the Lee Llama 113.4 against
+            116.4; the ViT on digits level (0.947 against 0.952) but slower to AdamW's final accuracy (0.92x against
+            0.74x of AdamW's time), so it keeps 3e-3; docs/benchmarks.md. ``preset="paper"``: 0.3, the paper's MNIST
+            autoencoder setting)
         damping: total damping λ; each Kronecker factor gets √λ (input side: ``A + √λ I``; output side:
             LM damping ``μ₂ = √λ``). (default: 0.3, the paper's MNIST setting; the official README says
             to tune only ``lr`` and ``damping``)
@@ -306,7 +309,7 @@ class KBFGSConfig(_Config):
             tensors (FSDP2's sharded parameters take the multi-tensor passes). (default: None)
     """
 
-    lr: float = 3e-3
+    lr: float | None = None
     damping: float = 0.3
     grad_decay: float = 0.9
     l2: float = 1e-5
@@ -356,7 +359,8 @@ class KBFGSConfig(_Config):
                 object.__setattr__(self, name, by_side.get(self.output_side, otherwise))
 
     def _check_scalars(self) -> None:
-        check_range("lr", self.lr, 0.0, math.inf)
+        if self.lr is not None:
+            check_range("lr", self.lr, 0.0, math.inf)
         check_range("damping", self.damping, 0.0, math.inf, lo_open=True)
         check_range("grad_decay", self.grad_decay, 0.0, 1.0)
         check_range("l2", self.l2, 0.0, math.inf)
@@ -476,11 +480,18 @@ class KBFGSConfig(_Config):
         return betas
 
     @property
+    def lr_value(self) -> float:
+        """``lr``, resolved (the default follows the model: ``KBFGS(model, ...)`` resolves it)."""
+        if self.lr is None:
+            raise ValueError("lr=None follows the model: construct KBFGS(model, ...) to resolve it, or pass lr")
+        return self.lr
+
+    @property
     def fallback_lr_value(self) -> float:
         """The fallback's learning rate: ``fallback_lr``, or by default ``lr`` when grafted to Adam, else 1e-3."""
         if self.fallback_lr is not None:
             return self.fallback_lr
-        return self.lr if self.graft == "adam" else 1e-3
+        return self.lr_value if self.graft == "adam" else 1e-3
 
 
 #: ``matmul_dtype="auto"`` keeps a layer's direction ``H_g ĝ H_a`` with fewer multiply-adds than this in float32:

@@ -118,7 +118,7 @@ class KBFGS(QNOptimizerBase):
             given = ", ".join(f"{k}={v!r}" for k, v in misplaced.items())
             raise TypeError(f"Invalid hyperparameters {sorted(misplaced)}: fields of LayerPolicy (which layers are "
                             f"adapted, and how); pass policy=hf_qn.LayerPolicy({given})")
-        cfg = resolve_output_side(KBFGSConfig.from_kwargs(config, **hyperparameters), model)
+        cfg = resolve_for_model(KBFGSConfig.from_kwargs(config, **hyperparameters), model)
         sparse = [n for n, m in model.named_modules() if getattr(m, "sparse", False) is True]
         if sparse:
             raise ValueError(
@@ -816,42 +816,70 @@ def _param_groups(assignment: LayerAssignment, cfg: KBFGSConfig, no_decay: set[s
     return groups
 
 
+def _transformers_models(model: nn.Module) -> list[nn.Module]:
+    """The ``PreTrainedModel`` modules inside ``model`` (recognised by their ``config`` and string ``name_or_path``,
+    without importing transformers; under a DDP, FSDP2 or ``torch.compile`` wrapper too)."""
+    return [m for m in model.modules() if hasattr(m, "config") and isinstance(getattr(m, "name_or_path", None), str)]
+
+
 def transformers_origin(model: nn.Module) -> str | None:
     """``"config"`` for a transformers model built from a config, ``"checkpoint"`` for one loaded from a checkpoint,
-    None for any other module. A transformers model is one holding a ``PreTrainedModel`` (recognised by its
-    ``config`` and string ``name_or_path``, without importing transformers; under a DDP, FSDP2 or ``torch.compile``
-    wrapper too); ``from_pretrained`` records the path or Hub id in ``name_or_path``, a model built from a config
-    has ``""``. A model built from a config that was itself read from a checkpoint
+    None for any other module. ``from_pretrained`` records the path or Hub id in ``name_or_path``, a model built
+    from a config has ``""``. A model built from a config that was itself read from a checkpoint
     (``from_config(AutoConfig.from_pretrained(...))``) inherits its ``name_or_path`` and counts as
     ``"checkpoint"``: the error on the safe side (K-FAC's factor fails fine-tunes; a from-scratch run without it
     trains, only slower)."""
-    found = [m for m in model.modules() if hasattr(m, "config") and isinstance(getattr(m, "name_or_path", None), str)]
+    found = _transformers_models(model)
     if not found:
         return None
     return "checkpoint" if any(m.name_or_path for m in found) else "config"
 
 
-def resolve_output_side(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
-    """``cfg`` with ``output_side="auto"`` resolved for ``model``: K-FAC's output factor for a transformers model
-    built from a config (training from scratch, where it measured as well as BFGS's or better), none (``H_g = I``)
-    for one loaded from a checkpoint (a fine-tune, where K-FAC's factor fails on small batches and BFGS's added
-    nothing at more cost), BFGS's for any other module and an L-BFGS output side. Logged at INFO, since it decides
-    the state's layout."""
-    if cfg.output_side != "auto":
-        return cfg
-    origin = transformers_origin(model)
-    if cfg.history_size is not None:
-        side, why = "bfgs", "an L-BFGS output side"
-    elif origin == "config":
-        side, why = "kfac", "a transformers model built from a config: training from scratch"
-    elif origin == "checkpoint":
-        side, why = "none", ("a transformers model whose name_or_path names a checkpoint: fine-tuning; a model built "
-                             "from a checkpoint's config and trained from scratch takes output_side='kfac'")
-    else:
-        side, why = "bfgs", "not a transformers model"
-    logger.info("KBFGS: output_side='auto' is %r (%s); pass output_side='bfgs', 'kfac' or 'none' to choose", side,
-                why)
-    return dataclasses.replace(cfg, output_side=side)
+def is_language_model(model: nn.Module) -> bool:
+    """Whether ``model`` holds a transformers model with an output embedding (``get_output_embeddings()``: the LM
+    head of a causal or masked language model; a classifier has none)."""
+    for m in _transformers_models(model):
+        heads = getattr(m, "get_output_embeddings", None)
+        if callable(heads) and heads() is not None:
+            return True
+    return False
+
+
+#: the default ``lr`` of a language model trained from scratch (``output_side="kfac"``), and of everything else
+#: (``KBFGSConfig.lr``'s docstring gives the measurements).
+PRETRAINING_LR, DEFAULT_LR = 6e-3, 3e-3
+
+
+def resolve_for_model(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
+    """``cfg`` with its model-dependent defaults resolved for ``model``, each logged at INFO.
+
+    ``output_side="auto"``: K-FAC's output factor for a transformers model built from a config (training from
+    scratch, where it measured as well as BFGS's or better), none (``H_g = I``) for one loaded from a checkpoint (a
+    fine-tune, where K-FAC's factor fails on small batches and BFGS's added nothing at more cost), BFGS's for any
+    other module and an L-BFGS output side (it decides the state's layout).
+
+    ``lr=None``: 6e-3 for a language model with K-FAC's output factor (pretraining), 3e-3 otherwise."""
+    if cfg.output_side == "auto":
+        origin = transformers_origin(model)
+        if cfg.history_size is not None:
+            side, why = "bfgs", "an L-BFGS output side"
+        elif origin == "config":
+            side, why = "kfac", "a transformers model built from a config: training from scratch"
+        elif origin == "checkpoint":
+            side, why = "none", ("a transformers model whose name_or_path names a checkpoint: fine-tuning; a model "
+                                 "built from a checkpoint's config and trained from scratch takes output_side='kfac'")
+        else:
+            side, why = "bfgs", "not a transformers model"
+        logger.info("KBFGS: output_side='auto' is %r (%s); pass output_side='bfgs', 'kfac' or 'none' to choose", side,
+                    why)
+        cfg = dataclasses.replace(cfg, output_side=side)
+    if cfg.lr is None:
+        pretraining = cfg.output_side == "kfac" and is_language_model(model)
+        lr = PRETRAINING_LR if pretraining else DEFAULT_LR
+        logger.info("KBFGS: lr not set: %g (%s); pass lr to choose", lr,
+                    "a language model trained from scratch" if pretraining else "the default outside LM pretraining")
+        cfg = dataclasses.replace(cfg, lr=lr)
+    return cfg
 
 
 def _sidedness_refusal(name: str, saved_two_sided: bool, keys: list[str]) -> str:

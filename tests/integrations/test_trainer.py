@@ -525,22 +525,35 @@ def test_accelerate_accumulate_route_with_closure():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("name", "lr", "wd"), [("kbfgs", 3e-3, 1e-5), ("mlbfgs", 1e-3, 0.0), (None, 5e-5, 0.0)])
+@pytest.mark.parametrize(("name", "lr", "wd"), [("kbfgs", None, 1e-5), ("mlbfgs", 1e-3, 0.0), (None, 5e-5, 0.0)])
 def test_unset_learning_rate_and_weight_decay_are_the_optimizers_own(tmp_path, name, lr, wd, caplog):
-    """K-BFGS's step size is 3e-3, not the Trainer's 5e-5: an unset learning_rate is the chosen optimizer's
-    default (said in the log); a set one is kept."""
+    """K-BFGS's step size is not the Trainer's 5e-5: an unset learning_rate is the chosen optimizer's default
+    (said in the log); K-BFGS's follows the model, so it stays None until the optimizer resolves it (3e-3 here, a
+    plain module; 6e-3 for a language model trained from scratch, which the card and the schedule then carry); a
+    set one is kept."""
     import logging
 
     with caplog.at_level(logging.INFO, logger="hf_qn.integrations.trainer"):
         args = QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer=name, use_cpu=True)
     assert (args.learning_rate, args.weight_decay) == (lr, wd)
-    assert (f"using {name}'s default" in caplog.text) == (name is not None)
+    said = "chooses its default lr for the model" if lr is None else f"using {name}'s default"
+    assert (said in caplog.text) == (name is not None)
     set_args = QNTrainingArguments(output_dir=str(tmp_path), qn_optimizer=name, use_cpu=True, learning_rate=0.01,
                                    weight_decay=0.1)
     assert (set_args.learning_rate, set_args.weight_decay) == (0.01, 0.1)
     if name is not None:
-        opt = build_optimizer(name, RegressionModel(), args)
-        assert opt.config.lr == lr
+        assert build_optimizer(name, RegressionModel(), args).config.lr == (lr or 3e-3)
+        assert build_optimizer(name, RegressionModel(), set_args).config.lr == 0.01
+    if name == "kbfgs":
+        torch.manual_seed(0)
+        data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 97, (16, 8))]
+        trainer = QNTrainer(model=tiny_gpt2(), train_dataset=data,
+                            args=_args(tmp_path, qn_optimizer="kbfgs", max_steps=4, lr_scheduler_type="constant"))
+        trainer.train()
+        assert trainer.args.learning_rate is None
+        assert {g["lr"] for g in trainer.optimizer.param_groups} == {6e-3}
+        trainer.create_model_card()
+        assert "lr=0.006," in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_logs_count_per_interval_and_say_what_is_preconditioned(tmp_path, caplog):

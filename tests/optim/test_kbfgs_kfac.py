@@ -259,6 +259,9 @@ def test_the_from_scratch_defaults_follow_the_output_side(tmp_path):
     assert values(KBFGSConfig.from_kwargs(KBFGSConfig(output_side="kfac"), output_side="none")) == earlier_values
     kept = KBFGSConfig(output_side="kfac", input_inverse="bfgs", max_input_rows=None, fallback_betas=(0.8, 0.99))
     assert values(kept) == {"input_inverse": "bfgs", "max_input_rows": None, "fallback_betas": (0.8, 0.99)}
+    # a value given in a config whose output side is not resolved yet was given, not derived: a keyword that sets
+    # the output side keeps it
+    assert KBFGSConfig.from_kwargs(KBFGSConfig(max_input_rows=256), output_side="kfac").max_input_rows == 256
     with pytest.raises(ValueError, match="Invalid max_input_rows: 'all'"):
         KBFGSConfig(max_input_rows="all")
 
@@ -292,6 +295,38 @@ def test_the_from_scratch_defaults_follow_the_output_side(tmp_path):
     resumed.load_state_dict(roundtrip(earlier.state_dict()))
     assert values(resumed.config) == earlier_values and resumed.config.output_inverse_interval == 1
     assert_lockstep([(a, earlier), (b, resumed)], batch, steps=2)
+
+
+def test_the_default_lr_follows_the_model(tmp_path):
+    """``lr=None`` (the default) is resolved by ``KBFGS(model, ...)``: 6e-3 for a language model trained from
+    scratch (an output embedding and K-FAC's output factor), 3e-3 for anything else (a fine-tune, a classifier
+    built from a config, a plain module, another output side, K-BFGS(L)); a given lr and the paper's preset keep
+    theirs. The param groups, the fallback's and the config carry the resolved value."""
+    from hf_qn.optim.config import KBFGSConfig
+    from tests._helpers.models import tiny_gpt2, tiny_vit, token_batch
+
+    assert KBFGSConfig().lr is None and KBFGSConfig(output_side="kfac").lr is None
+    with pytest.raises(ValueError, match="lr=None follows the model"):
+        _ = KBFGSConfig().fallback_lr_value
+    assert KBFGSConfig(lr=0.01).fallback_lr_value == 0.01
+    torch.manual_seed(0)
+    scratch = tiny_gpt2()
+    scratch.save_pretrained(tmp_path)
+    loaded = type(scratch).from_pretrained(tmp_path)
+    cases = [(scratch, {}, 6e-3), (loaded, {}, 3e-3), (tiny_vit(), {}, 3e-3), (mlp(), {}, 3e-3),
+             (scratch, {"output_side": "bfgs"}, 3e-3), (scratch, {"lr": 0.02}, 0.02),
+             (scratch, {"preset": "paper"}, 0.3)]
+    for model, kwargs, lr in cases:
+        opt = hf_qn.KBFGS(model, **kwargs)
+        assert opt.config.lr == lr, kwargs
+        fallback_lr = lr if opt.config.graft == "adam" else 1e-3  # the paper's preset: no grafting
+        assert {g["lr"] for g in opt.param_groups} == {lr, fallback_lr}
+    assert hf_qn.KBFGSL(scratch).config.lr == 3e-3  # an L-BFGS output side: not the K-FAC pretraining setting
+    # the default takes exactly the steps of the explicit value
+    a, b = tiny_gpt2(), tiny_gpt2()
+    b.load_state_dict(a.state_dict())
+    assert_lockstep([(a, hf_qn.KBFGS(a, update_interval=1)), (b, hf_qn.KBFGS(b, update_interval=1, lr=6e-3))],
+                    token_batch(), steps=2)
 
 
 def test_the_default_curvature_warm_up_follows_the_output_side(tmp_path):
