@@ -73,6 +73,9 @@ SEEDS_RESNET = --sweep_seeds 3 --repeats 10
 # sits one to two points above AdamW's.
 SWEEP_TEXT  = --lr_sweep adamw=2e-5,5e-5,1e-4,2e-4 kbfgs=1e-4,2e-4,4e-4,8e-4 kbfgs:output_side=bfgs=1e-4,2e-4,4e-4,8e-4 mlbfgs=3e-6,1e-5,3e-5,1e-4
 SWEEP_SCRATCH = --lr_sweep adamw=3e-4,1e-3,3e-3,1e-2 kbfgs=1e-3,3e-3,1e-2,3e-2 kbfgs:output_side=bfgs=1e-3,3e-3,1e-2,3e-2 mlbfgs=1e-4,3e-4,1e-3,3e-3
+# K-BFGS's default lr on a language model trained from scratch is 6e-3: the causal LMs' grid is centred on it.
+KBFGS_LM_GRID = 6e-4,2e-3,6e-3,2e-2
+SWEEP_LM = --lr_sweep adamw=3e-4,1e-3,3e-3,1e-2 kbfgs=$(KBFGS_LM_GRID) kbfgs:output_side=bfgs=1e-3,3e-3,1e-2,3e-2 mlbfgs=1e-4,3e-4,1e-3,3e-3
 # The defaults (output_side="auto") give the models trained from scratch (built from a config) K-FAC's output factor
 # and the fine-tune (a checkpoint loaded with from_pretrained) none; the paper's BFGS factor is a row of its own.
 OPTIMIZERS = --optimizers adamw kbfgs kbfgs:output_side=bfgs mlbfgs
@@ -80,12 +83,12 @@ OPTIMIZERS = --optimizers adamw kbfgs kbfgs:output_side=bfgs mlbfgs
 # one lr on AdamW's scale): it needs block matrices (not the ResNet's convolutions); its grid is AdamW's.
 WITH_MUON = --optimizers adamw muon kbfgs kbfgs:output_side=bfgs mlbfgs
 MUON_SWEEP = muon=3e-4,1e-3,3e-3,1e-2
-# The Llama's untied input embedding goes to K-BFGS's AdamW fallback: its card has a row with the fallback at 0.01
-# (3x K-BFGS's default lr), where the embedding trains best (docs/benchmarks.md).
+# The Llama's untied input embedding goes to K-BFGS's AdamW fallback: its card has a row with the fallback at 0.01,
+# where the embedding trained best (docs/benchmarks.md).
 cards: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/text_classification.py --output_dir model_cards/text-classification-minilm --num_train_epochs 3 --per_device_train_batch_size 8 $(RECIPE_COMMON) $(OPTIMIZERS) $(SWEEP_TEXT) $(SEEDS_TEXT)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/causal_lm.py --output_dir model_cards/causal-lm-gpt2-lee --num_train_epochs 2 --per_device_train_batch_size 8 $(RECIPE_COMMON) $(WITH_MUON) $(SWEEP_SCRATCH) $(MUON_SWEEP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/causal_lm.py --model_type llama --output_dir model_cards/causal-lm-llama-lee --num_train_epochs 2 --per_device_train_batch_size 8 $(RECIPE_COMMON) --optimizers adamw muon kbfgs kbfgs:fallback_lr=0.01 mlbfgs --lr_sweep adamw=3e-4,1e-3,3e-3,1e-2 $(MUON_SWEEP) kbfgs=1e-3,3e-3,1e-2,3e-2 kbfgs:fallback_lr=0.01=1e-3,3e-3,1e-2,3e-2 mlbfgs=1e-4,3e-4,1e-3,3e-3
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/causal_lm.py --output_dir model_cards/causal-lm-gpt2-lee --num_train_epochs 2 --per_device_train_batch_size 8 $(RECIPE_COMMON) $(WITH_MUON) $(SWEEP_LM) $(MUON_SWEEP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/causal_lm.py --model_type llama --output_dir model_cards/causal-lm-llama-lee --num_train_epochs 2 --per_device_train_batch_size 8 $(RECIPE_COMMON) --optimizers adamw muon kbfgs kbfgs:fallback_lr=0.01 mlbfgs --lr_sweep adamw=3e-4,1e-3,3e-3,1e-2 $(MUON_SWEEP) kbfgs=$(KBFGS_LM_GRID) kbfgs:fallback_lr=0.01=$(KBFGS_LM_GRID) mlbfgs=1e-4,3e-4,1e-3,3e-3
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/image_classification.py --model_type vit --output_dir model_cards/image-classification-vit --num_train_epochs 5 --per_device_train_batch_size 32 $(RECIPE_COMMON) $(WITH_MUON) $(SWEEP_SCRATCH) $(MUON_SWEEP) $(SEEDS_VIT)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/image_classification.py --model_type resnet --output_dir model_cards/image-classification-resnet --num_train_epochs 5 --per_device_train_batch_size 32 $(RECIPE_COMMON) $(OPTIMIZERS) $(SWEEP_SCRATCH) $(SEEDS_RESNET)
 	rm -rf model_cards/*/runs

@@ -142,8 +142,8 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
     )
 
     def _fill_optimizer_defaults(self) -> None:
-        """An unset ``learning_rate`` / ``weight_decay`` is the chosen optimizer's own default (K-BFGS's 3e-3 is
-        not the Trainer's 5e-5; a ``preset`` in ``qn_args`` gives its own), said in the log. K-BFGS's default
+        """An unset ``learning_rate`` / ``weight_decay`` is the chosen optimizer's own default (not the Trainer's
+        5e-5; a ``preset`` in ``qn_args`` gives its own), said in the log. K-BFGS's default
         ``lr`` follows the model, so ``learning_rate`` stays None until the optimizer resolves it (the optimizer's
         ``param_groups`` and the model card carry the value)."""
         preset = parse_qn_args(self.qn_args).get("preset") if self.qn_optimizer is not None else None
@@ -277,8 +277,8 @@ def build_optimizer(
     no_decay = no_decay or set()
     hyper = parse_qn_args(args.qn_args)
     if name in ("kbfgs", "kbfgs_l"):
-        given = {} if args.learning_rate is None else {"lr": args.learning_rate}  # None: K-BFGS's, for the model
-        cfg, policy = optimizer_config(name, {**given, "l2": args.weight_decay, **hyper})
+        # learning_rate None: K-BFGS's default lr, which KBFGS resolves for the model
+        cfg, policy = optimizer_config(name, {"lr": args.learning_rate, "l2": args.weight_decay, **hyper})
         cls = KBFGSL if name == "kbfgs_l" else KBFGS
         return cls(model, no_decay=sorted(no_decay), policy=policy, config=cfg)  # type: ignore[arg-type]
     if name == "mlbfgs":
