@@ -158,6 +158,9 @@ class FallbackParam:
     name: str
     param: nn.Parameter
     reason: str
+    #: the model's input (token) embedding, as transformers' ``get_input_embeddings()`` names it (K-BFGS's
+    #: ``fallback_embedding_lr`` applies to it; not to position embeddings, which train worse at its lr)
+    embedding: bool = False
 
 
 @dataclass
@@ -243,6 +246,7 @@ def assign_layers(model: nn.Module, policy: LayerPolicy | None = None) -> LayerA
 
     heads = _tied_heads(model, policy, owners)
     head = _output_head(model) if policy.one_sided_heads else None
+    inputs = _input_embedding_ids(model)
     taken: set[int] = set()
     for mname, module in model.named_modules():
         cls = adapter_class_for(module)
@@ -258,7 +262,7 @@ def assign_layers(model: nn.Module, policy: LayerPolicy | None = None) -> LayerA
             for _, p in own:
                 if id(p) not in taken:
                     taken.add(id(p))
-                    result.fallback.append(FallbackParam(names[id(p)], p, reason))
+                    result.fallback.append(FallbackParam(names[id(p)], p, reason, embedding=id(p) in inputs))
             continue
         adapter = cls(module, mname)
         if id(adapter.weight) in heads:
@@ -272,7 +276,7 @@ def assign_layers(model: nn.Module, policy: LayerPolicy | None = None) -> LayerA
             result.frozen.append(name)
         if id(p) not in taken:
             taken.add(id(p))
-            result.fallback.append(FallbackParam(name, p, "no adapter for its module"))
+            result.fallback.append(FallbackParam(name, p, "no adapter for its module", embedding=id(p) in inputs))
     return result
 
 
@@ -291,6 +295,18 @@ def _tied_heads(model: nn.Module, policy: LayerPolicy, owners: dict[int, list[st
         if tied_once and _refusal(m, name, LinearAdapter, policy, owners, {wid: embeddings[wid]}) is None:
             out[wid] = embeddings[wid]
     return out
+
+
+def _input_embedding_ids(model: nn.Module) -> set[int]:
+    """``id`` of the weight of the model's input embedding, as a transformers model names it
+    (``get_input_embeddings()``); empty for any other module."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):  # a model class that declares the method but has no embedding
+        return set()
+    weight = getattr(embedding, "weight", None)
+    return {id(weight)} if isinstance(weight, nn.Parameter) else set()
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:

@@ -778,6 +778,15 @@ class KBFGS(QNOptimizerBase):
         """torch.optim's ``load_state_dict``, refused (with this optimizer left as it was) when a layer's saved state
         does not fit its unit here (a missing key, an output factor for a one-sided layer)."""
         self._follow_swapped_parameters()
+        saved_groups = len(state_dict.get("param_groups", ()))
+        if saved_groups != len(self.param_groups):
+            raise ValueError(
+                f"KBFGS.load_state_dict: the state holds {saved_groups} param groups and this optimizer "
+                f"{len(self.param_groups)}: it was saved with the parameters split otherwise (no_decay, or "
+                "fallback_embedding_lr, whose default gives the fallback's embeddings groups of their own on a "
+                "language model trained from scratch); construct the optimizer as the run was saved (e.g. "
+                "fallback_embedding_lr=None for a run saved before that default)"
+            )
         before, global_before = {"state": self.state, "param_groups": self.param_groups}, self._global_state()
         super().load_state_dict(state_dict)
         try:
@@ -805,14 +814,20 @@ def _param_groups(assignment: LayerAssignment, cfg: KBFGSConfig, no_decay: set[s
                 [p for p in params if names.get(id(p)) in no_decay])
 
     qn_dec, qn_nod = split(assignment.adapted_parameters())
-    fb_dec, fb_nod = split(assignment.fallback_parameters())
     groups: list[dict[str, Any]] = []
     for ps, wd in ((qn_dec, cfg.l2), (qn_nod, 0.0)):
         if ps:
             groups.append({"params": ps, ROLE: ROLE_QN, "lr": cfg.lr, "l2": wd})
-    for ps, wd in ((fb_dec, cfg.fallback_weight_decay), (fb_nod, 0.0)):
-        if ps:
-            groups.append({"params": ps, ROLE: ROLE_FALLBACK, **_fallback_values(cfg), "weight_decay": wd})
+    # the fallback's embeddings get groups of their own only with fallback_embedding_lr (else the earlier groups)
+    own_lr = cfg.fallback_embedding_lr is not None
+    rest = [f.param for f in assignment.fallback if not (own_lr and f.embedding)]
+    embeddings = [f.param for f in assignment.fallback if own_lr and f.embedding]
+    for params, lr in ((rest, cfg.fallback_lr_value), (embeddings, cfg.fallback_embedding_lr)):
+        dec, nod = split(params)
+        for ps, wd in ((dec, cfg.fallback_weight_decay), (nod, 0.0)):
+            if ps:
+                groups.append({"params": ps, ROLE: ROLE_FALLBACK, **_fallback_values(cfg), "lr": lr,
+                               "weight_decay": wd})
     return groups
 
 
@@ -848,6 +863,8 @@ def is_language_model(model: nn.Module) -> bool:
 #: the default ``lr`` of a language model trained from scratch (``output_side="kfac"``), and of everything else
 #: (``KBFGSConfig.lr``'s docstring gives the measurements).
 PRETRAINING_LR, DEFAULT_LR = 6e-3, 3e-3
+#: ``fallback_embedding_lr="auto"`` on a language model trained from scratch: ``lr`` divided by this (0.02 at 6e-3)
+EMBEDDING_LR_DIVISOR = 0.3
 
 
 def resolve_for_model(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
@@ -858,7 +875,8 @@ def resolve_for_model(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
     fine-tune, where K-FAC's factor fails on small batches and BFGS's added nothing at more cost), BFGS's for any
     other module and an L-BFGS output side (it decides the state's layout).
 
-    ``lr=None``: 6e-3 for a language model with K-FAC's output factor (pretraining), 3e-3 otherwise."""
+    ``lr=None``: 6e-3 for a language model with K-FAC's output factor (pretraining), 3e-3 otherwise.
+    ``fallback_embedding_lr="auto"``: ``lr / 0.3`` when pretraining a language model, else None (the fallback's lr)."""
     if cfg.output_side == "auto":
         origin = transformers_origin(model)
         if cfg.history_size is not None:
@@ -873,12 +891,18 @@ def resolve_for_model(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
         logger.info("KBFGS: output_side='auto' is %r (%s); pass output_side='bfgs', 'kfac' or 'none' to choose", side,
                     why)
         cfg = dataclasses.replace(cfg, output_side=side)
+    pretraining = cfg.output_side == "kfac" and is_language_model(model)
+    why = "a language model trained from scratch" if pretraining else "the default outside LM pretraining"
     if cfg.lr is None:
-        pretraining = cfg.output_side == "kfac" and is_language_model(model)
         lr = PRETRAINING_LR if pretraining else DEFAULT_LR
-        logger.info("KBFGS: lr not set: %g (%s); pass lr to choose", lr,
-                    "a language model trained from scratch" if pretraining else "the default outside LM pretraining")
+        logger.info("KBFGS: lr not set: %g (%s); pass lr to choose", lr, why)
         cfg = dataclasses.replace(cfg, lr=lr)
+    if cfg.fallback_embedding_lr == "auto":
+        embedding_lr = cfg.lr_value / EMBEDDING_LR_DIVISOR if pretraining else None
+        if pretraining:
+            logger.info("KBFGS: fallback_embedding_lr='auto' is %g (lr / %g, %s); pass it to choose, or None for the "
+                        "fallback's lr", embedding_lr, EMBEDDING_LR_DIVISOR, why)
+        cfg = dataclasses.replace(cfg, fallback_embedding_lr=embedding_lr)
     return cfg
 
 

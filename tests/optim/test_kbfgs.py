@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 import hf_qn
+from hf_qn.optim._base import ROLE, ROLE_FALLBACK
 from hf_qn.optim.state import iter_tensors
 from tests._helpers.models import SmallCNN, digits_tensors, mlp, tiny_bert, tiny_gpt2, token_batch
-from tests._helpers.training import dead_unit_drift, flat_state, loop, mse_loss, regression_batches, roundtrip
+from tests._helpers.training import dead_unit_drift, flat_state, lm_loss, loop, mse_loss, regression_batches, roundtrip
 
 
 def test_closure_required_on_curvature_steps_with_clear_error():
@@ -258,6 +259,51 @@ def test_param_groups_cover_every_parameter_once_and_scheduler_scales_both_parts
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
     assert sorted(g["lr"] for g in opt.param_groups) == [5e-4, 0.1]
     assert sched.get_last_lr()
+
+
+def test_fallback_embedding_lr_moves_the_input_embedding_alone(tmp_path):
+    """``fallback_embedding_lr`` gives the model's input embedding, where it goes to the fallback (a Llama's
+    untied one), groups of its own at that lr, split by ``no_decay`` like the rest; the other fallback parameters
+    (norms, position embeddings) keep ``fallback_lr``. Its default ("auto") is ``lr / 0.3`` on a language model
+    trained from scratch and None elsewhere (the earlier groups); at the fallback's own lr the steps are those
+    of None, and a higher one moves the embedding alone further. A checkpoint with other groups is refused."""
+    from tests._helpers.models import tiny_llama
+
+    torch.manual_seed(0)
+    models = [tiny_llama() for _ in range(3)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    embedding = "model.embed_tokens.weight"
+    plain = hf_qn.KBFGS(models[0], update_interval=1, fallback_embedding_lr=None)
+    same = hf_qn.KBFGS(models[1], update_interval=1, fallback_embedding_lr=6e-3)  # the fallback's lr: 6e-3
+    default = hf_qn.KBFGS(models[2], update_interval=1, no_decay=[embedding])
+    assert default.config.fallback_embedding_lr == pytest.approx(0.02)
+    assert len(same.param_groups) == len(plain.param_groups) + 1
+    weight = dict(models[2].named_parameters())[embedding]
+    group = next(g for g in default.param_groups if any(p is weight for p in g["params"]))
+    assert (group["lr"], group["weight_decay"], len(group["params"])) == (pytest.approx(0.02), 0.0, 1)
+    norms = [g for g in default.param_groups if g[ROLE] == ROLE_FALLBACK and g is not group]
+    assert norms and all(g["lr"] == 6e-3 for g in norms)
+    # elsewhere the default keeps the earlier groups: a tied GPT-2 (its position embedding stays at fallback_lr), a
+    # fine-tune, a plain module
+    gpt2 = tiny_gpt2()
+    gpt2.save_pretrained(tmp_path)
+    for model in (gpt2, type(gpt2).from_pretrained(tmp_path), mlp()):
+        auto, none = hf_qn.KBFGS(model), hf_qn.KBFGS(model, fallback_embedding_lr=None)
+        assert [g["lr"] for g in auto.param_groups] == [g["lr"] for g in none.param_groups]
+    for bad in (-1.0, "high"):
+        with pytest.raises(ValueError, match="Invalid fallback_embedding_lr"):
+            hf_qn.KBFGS(tiny_llama(), fallback_embedding_lr=bad)
+    starts = [dict(m.named_parameters())[embedding].detach().clone() for m in models]
+    batch = token_batch()
+    for model, opt in zip(models, (plain, same, default)):
+        loop(model, opt, [batch] * 3, lm_loss, closure=False)
+    weights = [dict(m.named_parameters()) for m in models]
+    assert all(torch.equal(p, weights[1][n]) for n, p in weights[0].items())
+    moved = [(w[embedding] - s).norm() for w, s in zip(weights, starts)]
+    assert moved[2] > 2 * moved[0]
+    with pytest.raises(ValueError, match="fallback_embedding_lr=None for a run saved before"):
+        hf_qn.KBFGS(tiny_llama()).load_state_dict(roundtrip(plain.state_dict()))
 
 
 def test_nonfinite_gradient_skips_step_and_keeps_curvature():
