@@ -783,7 +783,7 @@ class KBFGS(QNOptimizerBase):
             raise ValueError(
                 f"KBFGS.load_state_dict: the state holds {saved_groups} param groups and this optimizer "
                 f"{len(self.param_groups)}: it was saved with the parameters split otherwise (no_decay, or "
-                "fallback_embedding_lr, whose default gives the fallback's embeddings groups of their own on a "
+                "fallback_embedding_lr, whose default gives an untied input embedding groups of its own on a "
                 "language model trained from scratch); construct the optimizer as the run was saved (e.g. "
                 "fallback_embedding_lr=None for a run saved before that default)"
             )
@@ -818,7 +818,7 @@ def _param_groups(assignment: LayerAssignment, cfg: KBFGSConfig, no_decay: set[s
     for ps, wd in ((qn_dec, cfg.l2), (qn_nod, 0.0)):
         if ps:
             groups.append({"params": ps, ROLE: ROLE_QN, "lr": cfg.lr, "l2": wd})
-    # the fallback's embeddings get groups of their own only with fallback_embedding_lr (else the earlier groups)
+    # the input embedding, where the fallback holds it, gets groups of its own only with fallback_embedding_lr
     own_lr = cfg.fallback_embedding_lr is not None
     rest = [f.param for f in assignment.fallback if not (own_lr and f.embedding)]
     embeddings = [f.param for f in assignment.fallback if own_lr and f.embedding]
@@ -855,8 +855,11 @@ def is_language_model(model: nn.Module) -> bool:
     head of a causal or masked language model; a classifier has none)."""
     for m in _transformers_models(model):
         heads = getattr(m, "get_output_embeddings", None)
-        if callable(heads) and heads() is not None:
-            return True
+        try:
+            if callable(heads) and heads() is not None:
+                return True
+        except (AttributeError, NotImplementedError):  # a model class that declares the method but has no head
+            continue
     return False
 
 
