@@ -297,15 +297,21 @@ def _tied_heads(model: nn.Module, policy: LayerPolicy, owners: dict[int, list[st
     return out
 
 
+def transformers_embedding(model: nn.Module, getter: str) -> nn.Module | None:
+    """``model.get_input_embeddings()`` or ``model.get_output_embeddings()`` (``getter``) of a transformers model,
+    or None: for any other module, and for a model class that declares the method but has no such embedding."""
+    get = getattr(model, getter, None)
+    try:
+        found = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
 def _input_embedding_ids(model: nn.Module) -> set[int]:
     """``id`` of the weight of the model's input embedding, as a transformers model names it
     (``get_input_embeddings()``); empty for any other module."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        embedding = get() if callable(get) else None
-    except (AttributeError, NotImplementedError):  # a model class that declares the method but has no embedding
-        return set()
-    weight = getattr(embedding, "weight", None)
+    weight = getattr(transformers_embedding(model, "get_input_embeddings"), "weight", None)
     return {id(weight)} if isinstance(weight, nn.Parameter) else set()
 
 
@@ -313,12 +319,8 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     """The model's LM head, as a transformers model names it (``get_output_embeddings()``), or None. Where that is a
     wrapper of the layer (peft's ``ModulesToSaveWrapper`` for ``modules_to_save=["lm_head"]``, whose ``weight`` is
     its trainable copy's), the head is the one adaptable layer inside it that holds that weight."""
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        head = get() if callable(get) else None
-    except (AttributeError, NotImplementedError):  # a model class that declares the method but has no head
-        return None
-    if not isinstance(head, nn.Module):
+    head = transformers_embedding(model, "get_output_embeddings")
+    if head is None:
         return None
     if adapter_class_for(head) is not None:
         return head

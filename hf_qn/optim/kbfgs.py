@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import LayerAdapter, LayerAssignment, LayerPolicy, assign_layers
-from ..adapters.registry import FallbackParam
+from ..adapters.registry import FallbackParam, transformers_embedding
 from ..capture import Capture
 from ..distributed import is_dtensor
 from ..distributed.shards import local_piece
@@ -853,14 +853,7 @@ def transformers_origin(model: nn.Module) -> str | None:
 def is_language_model(model: nn.Module) -> bool:
     """Whether ``model`` holds a transformers model with an output embedding (``get_output_embeddings()``: the LM
     head of a causal or masked language model; a classifier has none)."""
-    for m in _transformers_models(model):
-        heads = getattr(m, "get_output_embeddings", None)
-        try:
-            if callable(heads) and heads() is not None:
-                return True
-        except (AttributeError, NotImplementedError):  # a model class that declares the method but has no head
-            continue
-    return False
+    return any(transformers_embedding(m, "get_output_embeddings") is not None for m in _transformers_models(model))
 
 
 #: the default ``lr`` of a language model trained from scratch (``output_side="kfac"``), and of everything else
@@ -895,16 +888,16 @@ def resolve_for_model(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
                     why)
         cfg = dataclasses.replace(cfg, output_side=side)
     pretraining = cfg.output_side == "kfac" and is_language_model(model)
-    why = "a language model trained from scratch" if pretraining else "the default outside LM pretraining"
+    regime = "a language model trained from scratch" if pretraining else "the default outside LM pretraining"
     if cfg.lr is None:
         lr = PRETRAINING_LR if pretraining else DEFAULT_LR
-        logger.info("KBFGS: lr not set: %g (%s); pass lr to choose", lr, why)
+        logger.info("KBFGS: lr not set: %g (%s); pass lr to choose", lr, regime)
         cfg = dataclasses.replace(cfg, lr=lr)
     if cfg.fallback_embedding_lr == "auto":
         embedding_lr = cfg.lr_value / EMBEDDING_LR_DIVISOR if pretraining else None
         if pretraining:
             logger.info("KBFGS: fallback_embedding_lr='auto' is %g (lr / %g, %s); pass it to choose, or None for the "
-                        "fallback's lr", embedding_lr, EMBEDDING_LR_DIVISOR, why)
+                        "fallback's lr", embedding_lr, EMBEDDING_LR_DIVISOR, regime)
         cfg = dataclasses.replace(cfg, fallback_embedding_lr=embedding_lr)
     return cfg
 
