@@ -98,7 +98,9 @@ SWEEPS: dict[str, list[float]] = {
     "soap": [1e-3, 3e-3, 1e-2],
     "mlbfgs": [1e-4, 3e-4, 1e-3],
     "mlbfgs_unit": [0.03, 0.1, 0.3],  # mlbfgs:normalize=unit,...: lr is the step length (official runs: 0.1)
-    "kbfgs": [1e-3, 3e-3, 1e-2],  # grafted to Adam's step length: AdamW's scale
+    # grafted to Adam's step length: AdamW's scale; centred on K-BFGS's default for a language model trained from
+    # scratch (6e-3, hf_qn.optim.kbfgs.PRETRAINING_LR), which every model here is
+    "kbfgs": [2e-3, 6e-3, 2e-2],
     "kbfgs_paper": [0.03, 0.1, 0.3],
     "kbfgs_paper_int10": [0.03, 0.1, 0.3],
 }

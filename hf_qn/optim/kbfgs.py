@@ -896,8 +896,9 @@ def resolve_for_model(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
     if cfg.fallback_embedding_lr == "auto":
         embedding_lr = cfg.lr_value / EMBEDDING_LR_DIVISOR if pretraining else None
         if pretraining:
-            logger.info("KBFGS: fallback_embedding_lr='auto' is %g (lr / %g, %s); pass it to choose, or None for the "
-                        "fallback's lr", embedding_lr, EMBEDDING_LR_DIVISOR, regime)
+            logger.info("KBFGS: fallback_embedding_lr='auto' is %g (lr / %g, %s), for an untied input embedding (a "
+                        "tied one is preconditioned with the LM head); pass it to choose, or None for the fallback's "
+                        "lr", embedding_lr, EMBEDDING_LR_DIVISOR, regime)
         cfg = dataclasses.replace(cfg, fallback_embedding_lr=embedding_lr)
     return cfg
 
