@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from hf_qn.optim.kbfgs import PRETRAINING_LR
 from tests._helpers.scripts import load_script
 
 
@@ -200,7 +201,8 @@ def test_tiny_end_to_end_run_writes_table_plot_and_card(bench, tmp_path):
     for f in ("results.md", "loss_curves.png", "README.md"):
         assert (tmp_path / f).stat().st_size > 0
     table = (tmp_path / "results.md").read_text()
-    assert "| kbfgs | 0.006 |" in table  # without a sweep, the middle of the grid: K-BFGS's pretraining default
+    # without a sweep a row runs at its grid's middle, which for K-BFGS is the library's pretraining default
+    assert f"| kbfgs | {PRETRAINING_LR:g} |" in table
     # the row records K-BFGS's output factor as "auto" resolved it: a GPT-2 built from a config takes K-FAC's
     assert [r["output_side"] for r in saved["records"][:3]] == [None, "kfac", None]
     assert "output factor: kfac |" in table.split("| kbfgs |")[1].splitlines()[0]
