@@ -99,7 +99,8 @@ SWEEPS: dict[str, list[float]] = {
     "mlbfgs": [1e-4, 3e-4, 1e-3],
     "mlbfgs_unit": [0.03, 0.1, 0.3],  # mlbfgs:normalize=unit,...: lr is the step length (official runs: 0.1)
     # grafted to Adam's step length: AdamW's scale; centred on K-BFGS's default for a language model trained from
-    # scratch (6e-3, hf_qn.optim.kbfgs.PRETRAINING_LR), which every model here is
+    # scratch (hf_qn.optim.kbfgs.pretraining_lr), which every model here is: 6e-3 at the small size, scaled to
+    # the width of the others by sweep_grid
     "kbfgs": [2e-3, 6e-3, 2e-2],
     "kbfgs_paper": [0.03, 0.1, 0.3],
     "kbfgs_paper_int10": [0.03, 0.1, 0.3],
@@ -351,7 +352,9 @@ def variant_lr(name: str) -> float | None:
     return None if lr is None else float(lr)
 
 
-def sweep_grid(name: str) -> list[float]:
+def sweep_grid(name: str, size: str = "small") -> list[float]:
+    """The lrs a sweep of ``name`` starts from, at the model size ``size``: K-BFGS's grafted grid follows the
+    library's default lr for the width (halved at the large size's 256)."""
     base, kwargs = split_variant(name)
     if base in KBFGS_VARIANTS and kwargs.get("preset") == "paper" and kwargs.get("graft") == "adam":
         return list(SWEEPS["kbfgs"])
@@ -359,6 +362,11 @@ def sweep_grid(name: str) -> list[float]:
         return list(SWEEPS["kbfgs_paper"])
     if base == "mlbfgs" and kwargs.get("normalize") == "unit":  # lr is the step's length, as the official code's
         return list(SWEEPS["mlbfgs_unit"])
+    if base == "kbfgs":
+        from hf_qn.optim.kbfgs import PRETRAINING_LR, pretraining_lr
+
+        scale = pretraining_lr(SIZES[size][0]) / PRETRAINING_LR
+        return [lr * scale for lr in SWEEPS["kbfgs"]]
     return list(SWEEPS[base])
 
 
@@ -576,7 +584,7 @@ def _sweep_group(names: list[str], data: dict[str, Any], args: LMBenchmarkArgume
     results: dict[str, dict[float, float]] = {n: {} for n in names}  # each lr's latest result
     rounds: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     best: dict[str, float] = {}
-    pending = {n: sweep_grid(n) for n in names}
+    pending = {n: sweep_grid(n, args.size) for n in names}
     for _round in range(3):
         runs = [Run(n, lr, args.seeds[0], args.sweep_seconds, data, args)
                 for n, lrs in pending.items() for lr in lrs]
@@ -823,7 +831,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = prepare_data(args)
     data.update(device=device, autocast=autocast_dtype, train=data["train"].to(device), val=data["val"].to(device))
     sweeps = sweep(names, data, args, fixed) if args.sweep_seconds > 0 else {}
-    lrs = {n: fixed.get(n, sweeps.get(n, {}).get("lr", sweep_grid(n)[1])) for n in names}
+    lrs = {n: fixed.get(n, sweeps.get(n, {}).get("lr", sweep_grid(n, args.size)[1])) for n in names}
     peaks = ({n: peak_memory_gib(n, lrs[n], data, args) for n in names}
              if device.type == "cuda" and args.memory_steps > 0 else {})
     runs = [Run(n, lrs[n], seed, args.budget, data, args) for seed in args.seeds for n in names]

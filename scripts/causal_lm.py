@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from recipe_utils import RecipeArguments, llama_config, lora_model_init, perplexity, run_comparison
 
 from hf_qn.integrations.trainer import QNTrainingArguments
-from hf_qn.optim.kbfgs import DEFAULT_LR, PRETRAINING_LR
+from hf_qn.optim.kbfgs import DEFAULT_LR, pretraining_lr
 
 logger = logging.getLogger("causal_lm")
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         greater_is_better=False,
         # K-BFGS's: the library's own default for the model (pretraining or fine-tuning)
         default_lrs={"adamw": 1e-3, "sgd": 0.1, "kbfgs_l": DEFAULT_LR, "mlbfgs": 3e-4,
-                     "kbfgs": DEFAULT_LR if model_args.model_name_or_path else PRETRAINING_LR},
+                     "kbfgs": DEFAULT_LR if model_args.model_name_or_path else pretraining_lr(shape[0])},
         dataset_id=(data_args.dataset_name or "lee_background (gensim test data)", "lee_background"),
         task_id=("text-generation", "Causal language modelling"),
         base_model=model_args.model_name_or_path,

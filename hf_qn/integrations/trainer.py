@@ -112,7 +112,8 @@ class QNTrainingArguments(TrainingArguments, _LegacyQNFlags):
     learning_rate: float | None = field(  # type: ignore[assignment]  # None: the optimizer's own
         default=None,
         metadata={"help": "Step size; unset: the hf_qn optimizer's own default (K-BFGS 6e-3 for a language model "
-                  "trained from scratch, else 3e-3; mL-BFGS 1e-3), else the Trainer's 5e-5."},
+                  "trained from scratch up to width 128, 6e-3 * 128 / width beyond, else 3e-3; mL-BFGS 1e-3), else "
+                  "the Trainer's 5e-5."},
     )
     weight_decay: float | None = field(  # type: ignore[assignment]  # None: the optimizer's own
         default=None,

@@ -138,13 +138,16 @@ class KBFGSConfig(_Config):
     Attributes:
         lr: step size. With ``graft="adam"`` (the default) every layer's step has Adam's length times ``lr``, so
             ``lr`` is tuned like AdamW's; with ``graft="none"`` it is the paper's α of ``α D``. (default: None,
-            resolved by ``KBFGS(model, ...)`` for the model: 6e-3 for a transformers language model built from a
-            config (a model with an output embedding and ``output_side="kfac"``: pretraining), 3e-3 for any other.
-            Measured with the from-scratch defaults: 6e-3 against 3e-3 on the GPT-2 1.3M Wikipedia benchmark, 4
-            seeds, 5.342 against 5.396; the Lee GPT-2 121.0 against 131.3 perplexity, the Lee Llama 113.4 against
-            116.4; the ViT on digits level (0.947 against 0.952) but slower to AdamW's final accuracy (0.92x against
-            0.74x of AdamW's time), so it keeps 3e-3; docs/benchmarks.md. ``preset="paper"``: 0.3, the paper's MNIST
-            autoencoder setting)
+            resolved by ``KBFGS(model, ...)`` for the model: for a transformers language model built from a config
+            (a model with an output embedding and ``output_side="kfac"``: pretraining) 6e-3 up to a hidden size of
+            128 and ``6e-3 * 128 / hidden_size`` beyond (3e-3 at 256, 1e-3 at 768: μP's 1/width for Adam-like
+            steps), 3e-3 for any other. Measured with the from-scratch defaults: at width 128 6e-3 against 3e-3 on
+            the GPT-2 1.3M Wikipedia benchmark, 4 seeds, 5.342 against 5.396; the Lee GPT-2 121.0 against 131.3
+            perplexity, the Lee Llama 113.4 against 116.4; at width 256 3e-3 against 6e-3 on the 5.8M GPT-2, 2
+            seeds x 240 s, 5.463 against 5.584 (ahead on both), and level on the 6.9M Llama (5.339 against 5.342 at
+            180 s, 5.587 against 5.616 at 90 s); the ViT on digits level (0.947 against 0.952) but slower to AdamW's
+            final accuracy at 6e-3 (0.92x against 0.74x of AdamW's time), so it keeps 3e-3; docs/benchmarks.md.
+            ``preset="paper"``: 0.3, the paper's MNIST autoencoder setting)
         damping: total damping λ; each Kronecker factor gets √λ (input side: ``A + √λ I``; output side:
             LM damping ``μ₂ = √λ``). (default: 0.3, the paper's MNIST setting; the official README says
             to tune only ``lr`` and ``damping``)

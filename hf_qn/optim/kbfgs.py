@@ -856,11 +856,32 @@ def is_language_model(model: nn.Module) -> bool:
     return any(transformers_embedding(m, "get_output_embeddings") is not None for m in _transformers_models(model))
 
 
-#: the default ``lr`` of a language model trained from scratch (``output_side="kfac"``), and of everything else
-#: (``KBFGSConfig.lr``'s docstring gives the measurements).
+#: the default ``lr`` of a language model trained from scratch (``output_side="kfac"``) up to a hidden size of
+#: ``PRETRAINING_WIDTH``, and of everything else (``KBFGSConfig.lr``'s docstring gives the measurements).
 PRETRAINING_LR, DEFAULT_LR = 6e-3, 3e-3
+#: a wider language model trained from scratch takes ``PRETRAINING_LR * PRETRAINING_WIDTH / hidden_size``
+PRETRAINING_WIDTH = 128
 #: ``fallback_embedding_lr="auto"`` on a language model trained from scratch: ``lr`` divided by this (0.02 at 6e-3)
 EMBEDDING_LR_DIVISOR = 0.3
+
+
+def pretraining_lr(hidden_size: int | None) -> float:
+    """K-BFGS's default ``lr`` for a language model of width ``hidden_size`` trained from scratch: 6e-3 up to a width
+    of 128, inversely proportional to the width beyond (3e-3 at 256, 1e-3 at 768), as μP scales an Adam-like step's
+    lr; 6e-3 where the width is unknown (None)."""
+    if hidden_size is None or hidden_size <= PRETRAINING_WIDTH:
+        return PRETRAINING_LR
+    return PRETRAINING_LR * (PRETRAINING_WIDTH / hidden_size)
+
+
+def model_width(model: nn.Module) -> int | None:
+    """The ``hidden_size`` of the (first) transformers model inside ``model``, or None: not a transformers model, or
+    a config without one."""
+    for m in _transformers_models(model):
+        width = getattr(m.config, "hidden_size", None)
+        if isinstance(width, int) and width > 0:
+            return width
+    return None
 
 
 def resolve_for_model(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
@@ -871,7 +892,8 @@ def resolve_for_model(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
     fine-tune, where K-FAC's factor fails on small batches and BFGS's added nothing at more cost), BFGS's for any
     other module and an L-BFGS output side (it decides the state's layout).
 
-    ``lr=None``: 6e-3 for a language model with K-FAC's output factor (pretraining), 3e-3 otherwise.
+    ``lr=None``: for a language model with K-FAC's output factor (pretraining) :func:`pretraining_lr` of its width
+    (6e-3 up to a hidden size of 128, ``6e-3 * 128 / hidden_size`` beyond), 3e-3 otherwise.
     ``fallback_embedding_lr="auto"``: ``lr / 0.3`` when pretraining a language model, else None (the fallback's lr)."""
     if cfg.output_side == "auto":
         origin = transformers_origin(model)
@@ -890,8 +912,10 @@ def resolve_for_model(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
     pretraining = cfg.output_side == "kfac" and is_language_model(model)
     regime = "a language model trained from scratch" if pretraining else "the default outside LM pretraining"
     if cfg.lr is None:
-        lr = PRETRAINING_LR if pretraining else DEFAULT_LR
-        logger.info("KBFGS: lr not set: %g (%s); pass lr to choose", lr, regime)
+        width = model_width(model) if pretraining else None
+        lr = pretraining_lr(width) if pretraining else DEFAULT_LR
+        why = regime if width is None else f"{regime}, hidden size {width}"
+        logger.info("KBFGS: lr not set: %g (%s); pass lr to choose", lr, why)
         cfg = dataclasses.replace(cfg, lr=lr)
     if cfg.fallback_embedding_lr == "auto":
         embedding_lr = cfg.lr_value / EMBEDDING_LR_DIVISOR if pretraining else None

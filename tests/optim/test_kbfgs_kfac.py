@@ -299,11 +299,13 @@ def test_the_from_scratch_defaults_follow_the_output_side(tmp_path):
 
 def test_the_default_lr_follows_the_model(tmp_path):
     """``lr=None`` (the default) is resolved by ``KBFGS(model, ...)``: 6e-3 for a language model trained from
-    scratch (an output embedding and K-FAC's output factor), 3e-3 for anything else (a fine-tune, a classifier
-    built from a config, a plain module, another output side, K-BFGS(L)); a given lr and the paper's preset keep
-    theirs. The param groups, the fallback's and the config carry the resolved value."""
+    scratch (an output embedding and K-FAC's output factor) up to a hidden size of 128, ``6e-3 * 128 / width``
+    for a wider one, 3e-3 for anything else (a fine-tune, a classifier built from a config, a plain module, another
+    output side, K-BFGS(L)); a given lr and the paper's preset keep theirs. The param groups, the fallback's and
+    the config carry the resolved value."""
     from hf_qn.optim.config import KBFGSConfig
-    from tests._helpers.models import tiny_gpt2, tiny_vit, token_batch
+    from hf_qn.optim.kbfgs import model_width, pretraining_lr
+    from tests._helpers.models import tiny_gpt2, tiny_llama, tiny_vit, token_batch
 
     assert KBFGSConfig().lr is None and KBFGSConfig(output_side="kfac").lr is None
     with pytest.raises(ValueError, match="lr=None follows the model"):
@@ -313,14 +315,20 @@ def test_the_default_lr_follows_the_model(tmp_path):
     scratch = tiny_gpt2()
     scratch.save_pretrained(tmp_path)
     loaded = type(scratch).from_pretrained(tmp_path)
-    cases = [(scratch, {}, 6e-3), (loaded, {}, 3e-3), (tiny_vit(), {}, 3e-3), (mlp(), {}, 3e-3),
+    assert [pretraining_lr(w) for w in (None, 32, 128, 256, 768)] == [6e-3, 6e-3, 6e-3, 3e-3, 1e-3]
+    wide = tiny_gpt2(n_embd=256, n_layer=1)  # the width of a GPT-2 (n_embd) and of a Llama (hidden_size)
+    assert model_width(wide) == 256 and model_width(tiny_llama(hidden=192)) == 192 and model_width(mlp()) is None
+    llama = tiny_llama(hidden=256)  # untied: its input embedding's fallback groups run at lr / 0.3
+    cases = [(scratch, {}, 6e-3), (wide, {}, 3e-3), (llama, {}, 3e-3),
+             (wide, {"output_side": "none"}, 3e-3), (loaded, {}, 3e-3), (tiny_vit(), {}, 3e-3), (mlp(), {}, 3e-3),
              (scratch, {"output_side": "bfgs"}, 3e-3), (scratch, {"lr": 0.02}, 0.02),
              (scratch, {"preset": "paper"}, 0.3)]
     for model, kwargs, lr in cases:
         opt = hf_qn.KBFGS(model, **kwargs)
         assert opt.config.lr == lr, kwargs
         fallback_lr = lr if opt.config.graft == "adam" else 1e-3  # the paper's preset: no grafting
-        assert {g["lr"] for g in opt.param_groups} == {lr, fallback_lr}
+        embedding_lr = {lr / 0.3} if model is llama else set()
+        assert {g["lr"] for g in opt.param_groups} == {lr, fallback_lr, *embedding_lr}
     assert hf_qn.KBFGSL(scratch).config.lr == 3e-3  # an L-BFGS output side: not the K-FAC pretraining setting
     # the default takes exactly the steps of the explicit value
     a, b = tiny_gpt2(), tiny_gpt2()

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hf_qn.optim.kbfgs import PRETRAINING_LR
+from hf_qn.optim.kbfgs import PRETRAINING_LR, pretraining_lr
 from tests._helpers.scripts import load_script
 
 
@@ -40,6 +40,10 @@ def test_variants_and_bad_names(bench):
     assert bench.split_variant("kbfgs_paper_int10") == ("kbfgs_paper_int10", {"preset": "paper",
                                                                                 "update_interval": 10})
     assert bench.sweep_grid("kbfgs:graft=none") == bench.SWEEPS["kbfgs_paper"]
+    assert bench.sweep_grid("kbfgs_paper", "large") == bench.SWEEPS["kbfgs_paper"]  # the paper's lr: not grafted
+    # K-BFGS's grafted grid is centred on the library's default for each size's width: 6e-3 up to 128, 3e-3 at 256
+    assert bench.sweep_grid("kbfgs:damping=0.1")[1] == PRETRAINING_LR == pretraining_lr(bench.SIZES["small"][0])
+    assert bench.sweep_grid("kbfgs", "large") == [1e-3, 3e-3, 1e-2] and pretraining_lr(bench.SIZES["large"][0]) == 3e-3
     with pytest.raises(ValueError, match="Invalid optimizer 'lion'"):
         bench.split_variant("lion")
     with pytest.raises(ValueError, match="Invalid optimizer 'muon:momentum=0.9': muon takes only adamw_lr, betas, lr="):
