@@ -73,7 +73,8 @@ SEEDS_RESNET = --sweep_seeds 3 --repeats 10
 # sits one to two points above AdamW's.
 SWEEP_TEXT  = --lr_sweep adamw=2e-5,5e-5,1e-4,2e-4 kbfgs=1e-4,2e-4,4e-4,8e-4 kbfgs:output_side=bfgs=1e-4,2e-4,4e-4,8e-4 mlbfgs=3e-6,1e-5,3e-5,1e-4
 SWEEP_SCRATCH = --lr_sweep adamw=3e-4,1e-3,3e-3,1e-2 kbfgs=1e-3,3e-3,1e-2,3e-2 kbfgs:output_side=bfgs=1e-3,3e-3,1e-2,3e-2 mlbfgs=1e-4,3e-4,1e-3,3e-3
-# K-BFGS's default lr on a language model trained from scratch is 6e-3: the causal LMs' grid is centred on it.
+# K-BFGS's default lr on a language model trained from scratch is 6e-3 at the recipes' width (128): the causal LMs'
+# grid is centred on it.
 KBFGS_LM_GRID = 6e-4,2e-3,6e-3,2e-2
 SWEEP_LM = --lr_sweep adamw=3e-4,1e-3,3e-3,1e-2 kbfgs=$(KBFGS_LM_GRID) kbfgs:output_side=bfgs=1e-3,3e-3,1e-2,3e-2 mlbfgs=1e-4,3e-4,1e-3,3e-3
 # The defaults (output_side="auto") give the models trained from scratch (built from a config) K-FAC's output factor
