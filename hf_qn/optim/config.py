@@ -301,11 +301,12 @@ class KBFGSConfig(_Config):
             (transformers' ``get_input_embeddings()`` when untied from the head, such as a Llama's; a tied one is the
             one-sided head, at ``lr``), in param groups of its own; the fallback's other parameters (position
             embeddings, norms, biases) keep ``fallback_lr``; None: ``fallback_lr``'s, in the fallback's groups.
-            (default: ``"auto"``, resolved by ``KBFGS(model, ...)``: ``lr / 0.3`` (0.02 at the default 6e-3) for a
-            language model trained from scratch, None otherwise. Measured at 0.02 with lr 6e-3: the Lee Llama 104.8
-            against 113.4 perplexity (Muon 110.3), the 1.9M Llama on Wikipedia 5.213 against 5.252 (Muon 5.225),
-            reaching AdamW's final in 0.29x its time against 0.46x. A position embedding at that lr trained far
-            worse (the Lee GPT-2 at 0.03: 184.4 against 121.0), so it keeps ``fallback_lr``; docs/benchmarks.md)
+            (default: ``"auto"``, resolved by ``KBFGS(model, ...)``: ``lr / 0.1`` (0.06 at 6e-3, 0.03 at 3e-3) for a
+            language model trained from scratch, None otherwise. Against ``lr / 0.3`` on every Llama measured: the Lee
+            Llama 101.6 against 104.8 perplexity, the 1.9M Llama on Wikipedia 5.168 against 5.293 and on Vim's
+            documentation 3.707 against 3.775, the 6.9M Llama 5.294 against 5.377; the optimum is flat up to
+            ``lr / 0.05``. A position embedding at such an lr trained far worse (the Lee GPT-2 at 0.03: 184.4 against
+            121.0), so it keeps ``fallback_lr``; docs/benchmarks.md)
         fallback_betas, fallback_eps: AdamW's, also the grafting's and ``direction_rms``'s β₂ and ε. (default:
             ``"auto"``: (0.9, 0.95) with ``output_side="kfac"``, the β₂ of language-model pretraining (measured on
             the GPT-2s under the Trainer's linear decay: 0.04 nats at 1.3M, docs/benchmarks.md), (0.9, 0.999)

@@ -861,8 +861,8 @@ def is_language_model(model: nn.Module) -> bool:
 PRETRAINING_LR, DEFAULT_LR = 6e-3, 3e-3
 #: a wider language model trained from scratch takes ``PRETRAINING_LR * PRETRAINING_WIDTH / hidden_size``
 PRETRAINING_WIDTH = 128
-#: ``fallback_embedding_lr="auto"`` on a language model trained from scratch: ``lr`` divided by this (0.02 at 6e-3)
-EMBEDDING_LR_DIVISOR = 0.3
+#: ``fallback_embedding_lr="auto"`` on a language model trained from scratch: ``lr`` divided by this (0.06 at 6e-3)
+EMBEDDING_LR_DIVISOR = 0.1
 
 
 def pretraining_lr(hidden_size: int | None) -> float:
@@ -894,7 +894,7 @@ def resolve_for_model(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
 
     ``lr=None``: for a language model with K-FAC's output factor (pretraining) :func:`pretraining_lr` of its width
     (6e-3 up to a hidden size of 128, ``6e-3 * 128 / hidden_size`` beyond), 3e-3 otherwise.
-    ``fallback_embedding_lr="auto"``: ``lr / 0.3`` when pretraining a language model, else None (the fallback's lr)."""
+    ``fallback_embedding_lr="auto"``: ``lr / 0.1`` when pretraining a language model, else None (the fallback's lr)."""
     if cfg.output_side == "auto":
         origin = transformers_origin(model)
         if cfg.history_size is not None:

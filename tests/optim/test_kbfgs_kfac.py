@@ -318,7 +318,7 @@ def test_the_default_lr_follows_the_model(tmp_path):
     assert [pretraining_lr(w) for w in (None, 32, 128, 256, 768)] == [6e-3, 6e-3, 6e-3, 3e-3, 1e-3]
     wide = tiny_gpt2(n_embd=256, n_layer=1)  # the width of a GPT-2 (n_embd) and of a Llama (hidden_size)
     assert model_width(wide) == 256 and model_width(tiny_llama(hidden=192)) == 192 and model_width(mlp()) is None
-    llama = tiny_llama(hidden=256)  # untied: its input embedding's fallback groups run at lr / 0.3
+    llama = tiny_llama(hidden=256)  # untied: its input embedding's fallback groups run at lr / 0.1
     cases = [(scratch, {}, 6e-3), (wide, {}, 3e-3), (llama, {}, 3e-3),
              (wide, {"output_side": "none"}, 3e-3), (loaded, {}, 3e-3), (tiny_vit(), {}, 3e-3), (mlp(), {}, 3e-3),
              (scratch, {"output_side": "bfgs"}, 3e-3), (scratch, {"lr": 0.02}, 0.02),
@@ -327,7 +327,7 @@ def test_the_default_lr_follows_the_model(tmp_path):
         opt = hf_qn.KBFGS(model, **kwargs)
         assert opt.config.lr == lr, kwargs
         fallback_lr = lr if opt.config.graft == "adam" else 1e-3  # the paper's preset: no grafting
-        embedding_lr = {lr / 0.3} if model is llama else set()
+        embedding_lr = {lr / 0.1} if model is llama else set()
         assert {g["lr"] for g in opt.param_groups} == {lr, fallback_lr, *embedding_lr}
     assert hf_qn.KBFGSL(scratch).config.lr == 3e-3  # an L-BFGS output side: not the K-FAC pretraining setting
     # the default takes exactly the steps of the explicit value
