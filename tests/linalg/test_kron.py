@@ -105,6 +105,34 @@ def test_an_indefinite_factor_is_inverted_through_its_psd_part_and_the_others_ke
         torch.testing.assert_close(damped_cholesky_inverse(bad, lam), H[1].double(), rtol=1e-6, atol=1e-6)
 
 
+def test_a_cpu_factor_whose_width_aliases_the_caches_is_inverted_inside_a_padded_matrix():
+    """On a CPU a factor whose width is a multiple of 128 (at least CPU_PAD_MIN) is factorised CPU_PAD rows and
+    columns larger, the damped identity there; its inverse is the damped inverse all the same, in float32 and
+    float64, batched, symmetric and contiguous, and an indefinite one still goes through the eigendecomposition."""
+    from hf_qn.linalg.kron import CPU_PAD, CPU_PAD_MIN, lapack_size
+
+    cpu = torch.device("cpu")
+    assert lapack_size(CPU_PAD_MIN, cpu) == CPU_PAD_MIN + CPU_PAD and lapack_size(1024, cpu) == 1024 + CPU_PAD
+    assert lapack_size(CPU_PAD_MIN + 8, cpu) == CPU_PAD_MIN + 8 and lapack_size(384, cpu) == 384
+    assert lapack_size(1024, torch.device("cuda")) == 1024  # CUDA has its own inverse path
+    torch.manual_seed(0)
+    n, lam = CPU_PAD_MIN, 0.5
+    X = torch.randn(2, n, n + 8, dtype=torch.float64)
+    A = X @ X.mT / n
+    # one matrix at a time: torch 2.13's batched CPU inverse (LU) fails in MKL at this size
+    ref = torch.stack([torch.linalg.inv(a + lam * torch.eye(n, dtype=torch.float64)) for a in A])
+    out = damped_cholesky_inverse(A.float(), lam)  # 1 + tr(A)/λ is about 1e3: float32
+    assert out.shape == (2, n, n) and out.dtype == torch.float32 and out.is_contiguous() and torch.equal(out, out.mT)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
+    torch.testing.assert_close(damped_cholesky_inverse(A, lam), ref, rtol=1e-10, atol=1e-12)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    w = torch.linspace(-3.0, 20.0, n, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="1 of 2 damped factors"):
+        H = damped_cholesky_inverse(torch.stack([A[0], (Q * w) @ Q.T]), lam)
+    torch.testing.assert_close(H[0], ref[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(H[1], (Q / (w.clamp_min(0.0) + lam)) @ Q.T, rtol=1e-10, atol=1e-12)
+
+
 def test_matmul_float32_keeps_full_precision_operands_and_gives_half_precision_ones_a_float32_result():
     torch.manual_seed(0)
     a, b = torch.randn(64, 16, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
