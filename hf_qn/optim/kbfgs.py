@@ -856,6 +856,16 @@ def is_language_model(model: nn.Module) -> bool:
     return any(transformers_embedding(m, "get_output_embeddings") is not None for m in _transformers_models(model))
 
 
+def has_untied_input_embedding(model: nn.Module) -> bool:
+    """Whether a transformers model inside ``model`` has an input embedding whose weight is not its LM head's
+    (a Llama's; a GPT-2 ties the two)."""
+    found = _transformers_models(model)  # a GPT2LMHeadModel and the GPT2Model inside it, which has no head
+    weights = [[getattr(transformers_embedding(m, getter), "weight", None) for m in found]
+               for getter in ("get_input_embeddings", "get_output_embeddings")]
+    heads = {id(w) for w in weights[1] if isinstance(w, nn.Parameter)}
+    return any(isinstance(w, nn.Parameter) and id(w) not in heads for w in weights[0])
+
+
 #: the default ``lr`` of a language model trained from scratch (``output_side="kfac"``) up to a hidden size of
 #: ``PRETRAINING_WIDTH``, and of everything else (``KBFGSConfig.lr``'s docstring gives the measurements).
 PRETRAINING_LR, DEFAULT_LR = 6e-3, 3e-3
@@ -919,10 +929,9 @@ def resolve_for_model(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
         cfg = dataclasses.replace(cfg, lr=lr)
     if cfg.fallback_embedding_lr == "auto":
         embedding_lr = cfg.lr_value / EMBEDDING_LR_DIVISOR if pretraining else None
-        if pretraining:
-            logger.info("KBFGS: fallback_embedding_lr='auto' is %g (lr / %g, %s), for an untied input embedding (a "
-                        "tied one is preconditioned with the LM head); pass it to choose, or None for the fallback's "
-                        "lr", embedding_lr, EMBEDDING_LR_DIVISOR, regime)
+        if pretraining and has_untied_input_embedding(model):  # a tied one is preconditioned with the LM head
+            logger.info("KBFGS: fallback_embedding_lr='auto' is %g (lr / %g, %s) for the untied input embedding; "
+                        "pass it to choose, or None for the fallback's lr", embedding_lr, EMBEDDING_LR_DIVISOR, regime)
         cfg = dataclasses.replace(cfg, fallback_embedding_lr=embedding_lr)
     return cfg
 

@@ -28,7 +28,7 @@ from ..distributed.shards import whole
 from ..linalg import cast, damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimates
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
 from ..linalg.blocks import BlockSplit, matvec_each
-from ._base import adam_denominators_, count_steps_, group_indices, weight_by_gradient_signal_
+from ._base import count_steps_, group_indices, weight_by_gradient_signal_
 from .output_side import OutputSide, PairLearner, keep_blocks, rank2_updates
 from .state import KBFGS_LAYER_COUNTERS
 
@@ -253,11 +253,18 @@ def graft_to_adam(
     weighted by how far its gradient's RMS stands above ε, ``D ← D (1 − ε / (√v̂ + ε)) / (√v̂_D + ε)`` with
     ``v_D ← β₂ v_D + (1 − β₂) D²`` (Adam's second moment, of the preconditioned direction instead of the gradient;
     the weight: :func:`weight_by_gradient_signal_`, for the entries ``H_g`` and ``H_a`` mix into a coordinate
-    without gradient). The layers that share a step count (and a device) are done together with
+    without gradient).
+
+    Adam's bias correction ``v̂ = v / c²`` (``c = √(1 − β₂ᵗ)``) is folded into ε: ``√v̂ + ε = (√v + cε) / c``, so the
+    denominators are ``√v + cε`` (a pass fewer each than ``√v / c + ε``), the gradient's weight is
+    ``1 − cε / (√v + cε)``, and the factor ``c`` of ``D``'s denominator cancels in the rescaling; Adam's norm is
+    ``c / (1 − ρᵗ) · ‖ĝ / (√v + cε)‖``. The layers that share a step count (and a device) are done together with
     multi-tensor kernels (both second moments in one update, one ratio of norms per layer in one vector); no host
     sync: the ratios stay tensors. ``directions`` are fresh tensors (this step's products) and are rescaled in
-    place: no new ``d_out x d_in`` matrix per layer. Returns the grafted directions and their norms (0-dim tensors,
-    ``r ‖D‖`` for the ratio ``r``: Adam's norm, or 0 for a zero direction; non-finite if the direction is)."""
+    place, and the quotient whose norm is Adam's is written into the direction's spent denominator: no new
+    ``d_out x d_in`` matrix per layer but the denominators. Returns the grafted directions and their norms (0-dim
+    tensors, ``r ‖D‖`` for the ratio ``r``: Adam's norm, or 0 for a zero direction; non-finite if the direction
+    is)."""
     out, norms = list(directions), dict[int, Tensor]()
     grafts = [la.ensure_graft_state(direction_rms) for la in layers]
     if not grafts:
@@ -265,25 +272,30 @@ def graft_to_adam(
     counts: list[int] = count_steps_([graft["steps"] for graft in grafts])
     tiny = torch.finfo(torch.float32).tiny
     for idx in group_indices(list(range(len(layers))), key=lambda i: (counts[i], directions[i].device)):
-        t = counts[idx[0]]
-        vs, G = [grafts[i]["exp_avg_sq"] for i in idx], [grads[i] for i in idx]
-        if direction_rms:
-            D = [cast(directions[i], torch.float32) for i in idx]
-            both = adam_denominators_(vs + [grafts[i]["direction_sq"] for i in idx], G + D, beta2, t, eps)
-            denom = both[: len(idx)]
-            torch._foreach_div_(D, both[len(idx) :])
-            weight_by_gradient_signal_(D, denom, eps)
-        else:
-            denom = adam_denominators_(vs, G, beta2, t, eps)
-            D = [directions[i] for i in idx]
+        t, n = counts[idx[0]], len(idx)
+        c = math.sqrt(1.0 - beta2**t)
+        D = [cast(directions[i], torch.float32) if direction_rms else directions[i] for i in idx]
+        moments = [grafts[i]["exp_avg_sq"] for i in idx] + ([grafts[i]["direction_sq"] for i in idx]
+                                                            if direction_rms else [])
+        samples = [grads[i] for i in idx] + (D if direction_rms else [])
+        torch._foreach_mul_(moments, beta2)
+        torch._foreach_addcmul_(moments, samples, samples, value=1.0 - beta2)
+        denoms = list(torch._foreach_sqrt(moments))
+        torch._foreach_add_(denoms, c * eps)  # √v + cε
         momenta = [layers[i].state["momentum_buffer"] for i in idx]
-        adam_norms = torch.stack(torch._foreach_norm(torch._foreach_div(momenta, denom))) / (1.0 - rho**t)
+        if direction_rms:
+            torch._foreach_div_(D, denoms[n:])
+            weight_by_gradient_signal_(D, denoms[:n], c * eps)
+            quotients = [torch.div(m, d, out=spent) for m, d, spent in zip(momenta, denoms[:n], denoms[n:])]
+        else:
+            quotients = list(torch._foreach_div(momenta, denoms))
+        adam_norms = torch.stack(torch._foreach_norm(quotients)) * (c / (1.0 - rho**t))
         d_norms = torch.stack(torch._foreach_norm(D))
         ratios = adam_norms / d_norms.clamp_min(tiny)
         torch._foreach_mul_(D, ratios.unbind())
-        for i, d, n in zip(idx, D, (ratios * d_norms).unbind()):
+        for i, d, r in zip(idx, D, (ratios * d_norms).unbind()):
             out[i] = d
-            norms[i] = n
+            norms[i] = r
     return out, [norms[i] for i in range(len(layers))]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 
 import pytest
@@ -261,12 +262,13 @@ def test_param_groups_cover_every_parameter_once_and_scheduler_scales_both_parts
     assert sched.get_last_lr()
 
 
-def test_fallback_embedding_lr_moves_the_input_embedding_alone(tmp_path):
+def test_fallback_embedding_lr_moves_the_input_embedding_alone(tmp_path, caplog):
     """``fallback_embedding_lr`` gives the model's input embedding, where it goes to the fallback (a Llama's
     untied one), groups of its own at that lr, split by ``no_decay`` like the rest; the other fallback parameters
     (norms, position embeddings) keep ``fallback_lr``. Its default ("auto") is ``lr / 0.1`` on a language model
-    trained from scratch and None elsewhere (the earlier groups); at the fallback's own lr the steps are those
-    of None, and a higher one moves the embedding alone further. A checkpoint with other groups is refused."""
+    trained from scratch and None elsewhere (the earlier groups), logged only where an untied embedding takes it;
+    at the fallback's own lr the steps are those of None, and a higher one moves the embedding alone further. A
+    checkpoint with other groups is refused."""
     from tests._helpers.models import tiny_llama
 
     torch.manual_seed(0)
@@ -276,8 +278,10 @@ def test_fallback_embedding_lr_moves_the_input_embedding_alone(tmp_path):
     embedding = "model.embed_tokens.weight"
     plain = hf_qn.KBFGS(models[0], update_interval=1, fallback_embedding_lr=None)
     same = hf_qn.KBFGS(models[1], update_interval=1, fallback_embedding_lr=6e-3)  # the fallback's lr: 6e-3
-    default = hf_qn.KBFGS(models[2], update_interval=1, no_decay=[embedding])
+    with caplog.at_level(logging.INFO, logger="hf_qn.optim.kbfgs"):
+        default = hf_qn.KBFGS(models[2], update_interval=1, no_decay=[embedding])
     assert default.config.fallback_embedding_lr == pytest.approx(0.06)
+    assert "fallback_embedding_lr='auto' is 0.06 (lr / 0.1, a language model trained from scratch)" in caplog.text
     assert len(same.param_groups) == len(plain.param_groups) + 1
     weight = dict(models[2].named_parameters())[embedding]
     group = next(g for g in default.param_groups if any(p is weight for p in g["params"]))
@@ -289,8 +293,12 @@ def test_fallback_embedding_lr_moves_the_input_embedding_alone(tmp_path):
     gpt2 = tiny_gpt2()
     gpt2.save_pretrained(tmp_path)
     for model in (gpt2, type(gpt2).from_pretrained(tmp_path), mlp()):
-        auto, none = hf_qn.KBFGS(model), hf_qn.KBFGS(model, fallback_embedding_lr=None)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hf_qn.optim.kbfgs"):
+            auto = hf_qn.KBFGS(model)
+        none = hf_qn.KBFGS(model, fallback_embedding_lr=None)
         assert [g["lr"] for g in auto.param_groups] == [g["lr"] for g in none.param_groups]
+        assert "fallback_embedding_lr" not in caplog.text  # nothing to say: no untied embedding in the fallback
     for bad in (-1.0, "high"):
         with pytest.raises(ValueError, match="Invalid fallback_embedding_lr"):
             hf_qn.KBFGS(tiny_llama(), fallback_embedding_lr=bad)
@@ -786,12 +794,14 @@ def test_adam_grafting_counts_each_layers_own_steps_when_a_layer_was_paused():
     assert [int(opt.state[la.weight]["graft"]["steps"]) for la in layers] == [5, 3]
 
 
-def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting():
+@pytest.mark.parametrize("loss_scale", [1.0, 1e-7])
+def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting(loss_scale):
     """direction_rms: D ← D (1 − ε / (√v̂ + ε)) / (√v̂_D + ε), v_D ← β₂ v_D + (1−β₂) D² (v̂: the gradient's Adam
     second moment), then Adam's layer length. A float64 reference
     from the plain direction D: a twin optimizer without grafting at lr 1 (whose step is −D) sees the same
     parameters and batches (consecutive-batch pairs, so both learn the same factors) and is reset onto the RMS
-    run's parameters after every step."""
+    run's parameters after every step. A loss scaled by 1e-7 puts the gradients and directions at the scale of ε,
+    where each of the three ε terms (and their bias corrections, which the code folds into ε) moves the step."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3)).double()
     twin = copy.deepcopy(model)
@@ -802,11 +812,12 @@ def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting():
     layers, twin_layers = [model[0], model[3]], [twin[0], twin[3]]
     adam = _AdamLengths(layers, rho, beta2, eps)
     v_D = [torch.zeros_like(x) for x in adam.m]
+    weights = []
     for t, batch in enumerate(regression_batches(6, dtype=torch.float64), start=1):
         before = [_layer_matrix(la) for la in layers]
         for o, net in ((opt, model), (ref, twin)):
             o.zero_grad()
-            mse_loss(net, batch).backward()
+            (loss_scale * mse_loss(net, batch)).backward()
         adam.observe()
         opt.step()
         ref.step()
@@ -817,9 +828,12 @@ def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting():
             D_rms = D * weight / ((v_D[i] / (1 - beta2**t)).sqrt() + eps)
             expected = -adam.length(i, 1e-2) * D_rms / D_rms.norm()
             torch.testing.assert_close(_layer_matrix(la) - before[i], expected, rtol=2e-4, atol=1e-9)
+            weights.append(float(weight.median()))
         with torch.no_grad():  # the twin continues from the RMS run's point
             for p, q in zip(twin.parameters(), model.parameters()):
                 p.copy_(q)
+    # at the scale of ε the gradient's weight is far from 1 (and the other ε terms as large): the case bites
+    assert max(weights) < 0.9 if loss_scale < 1 else min(weights) > 1 - 1e-4
     assert opt.state[model[0].weight]["graft"]["direction_sq"].shape == (8, 7)
     with pytest.raises(ValueError, match="direction_rms=True with graft='none'.*graft='adam'"):
         hf_qn.KBFGS(mlp(), graft="none", direction_rms=True)
