@@ -105,16 +105,22 @@ def group_indices(items: list[Any], key: Callable[[Any], Any]) -> list[list[int]
 
 
 def adam_denominators_(
-    exp_avg_sqs: list[Tensor], grads: list[Tensor], beta2: float, step: float, eps: float
+    exp_avg_sqs: list[Tensor], grads: list[Tensor], beta2: float, step: float, eps: float, folded: bool = False
 ) -> list[Tensor]:
     """``v ← β₂ v + (1−β₂) g²`` in place for each tensor; returns Adam's denominators
-    ``√v / √(1−β₂^step) + eps``, computed as ``torch.optim.AdamW(foreach=False)`` does, with multi-tensor
-    (``torch._foreach_*``) kernels: a handful of launches in all instead of five per tensor."""
+    ``√v / c + eps`` (``c = √(1−β₂^step)``), computed as ``torch.optim.AdamW(foreach=False)`` does, with multi-tensor
+    (``torch._foreach_*``) kernels: a handful of launches in all instead of five per tensor. ``folded``: the bias
+    correction folded into ε instead, ``√v + c·eps = c (√v / c + eps)``, a pass fewer, for a caller in which the
+    factor ``c`` cancels or is divided out once."""
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
-    torch._foreach_add_(denom, eps)
+    c = math.sqrt(1 - beta2**step)
+    if folded:
+        torch._foreach_add_(denom, c * eps)
+    else:
+        torch._foreach_div_(denom, c)
+        torch._foreach_add_(denom, eps)
     return list(denom)
 
 

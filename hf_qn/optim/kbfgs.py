@@ -118,7 +118,8 @@ class KBFGS(QNOptimizerBase):
             given = ", ".join(f"{k}={v!r}" for k, v in misplaced.items())
             raise TypeError(f"Invalid hyperparameters {sorted(misplaced)}: fields of LayerPolicy (which layers are "
                             f"adapted, and how); pass policy=hf_qn.LayerPolicy({given})")
-        cfg = resolve_for_model(KBFGSConfig.from_kwargs(config, **hyperparameters), model)
+        requested = KBFGSConfig.from_kwargs(config, **hyperparameters)
+        cfg = resolve_for_model(requested, model)
         sparse = [n for n, m in model.named_modules() if getattr(m, "sparse", False) is True]
         if sparse:
             raise ValueError(
@@ -127,6 +128,12 @@ class KBFGS(QNOptimizerBase):
         # layers too wide for an output factor and a tied head are adapted one-sided when steps are grafted
         policy = (policy or LayerPolicy()).resolved(grafted=cfg.graft == "adam")
         assignment = assign_layers(model, policy)
+        if requested.fallback_embedding_lr == "auto" and cfg.fallback_embedding_lr is not None and any(
+            f.embedding for f in assignment.fallback
+        ):  # said only where it applies: not to a tied embedding (the head's) or an adapted one
+            logger.info("KBFGS: fallback_embedding_lr='auto' is %g (lr / %g, a language model trained from scratch) "
+                        "for the untied input embedding; pass it to choose, or None for the fallback's lr",
+                        cfg.fallback_embedding_lr, EMBEDDING_LR_DIVISOR)
         unknown = sorted(set(no_decay) - set(assignment.param_names.values()))
         if unknown:
             raise ValueError(
@@ -856,16 +863,6 @@ def is_language_model(model: nn.Module) -> bool:
     return any(transformers_embedding(m, "get_output_embeddings") is not None for m in _transformers_models(model))
 
 
-def has_untied_input_embedding(model: nn.Module) -> bool:
-    """Whether a transformers model inside ``model`` has an input embedding whose weight is not its LM head's
-    (a Llama's; a GPT-2 ties the two)."""
-    found = _transformers_models(model)  # a GPT2LMHeadModel and the GPT2Model inside it, which has no head
-    weights = [[getattr(transformers_embedding(m, getter), "weight", None) for m in found]
-               for getter in ("get_input_embeddings", "get_output_embeddings")]
-    heads = {id(w) for w in weights[1] if isinstance(w, nn.Parameter)}
-    return any(isinstance(w, nn.Parameter) and id(w) not in heads for w in weights[0])
-
-
 #: the default ``lr`` of a language model trained from scratch (``output_side="kfac"``) up to a hidden size of
 #: ``PRETRAINING_WIDTH``, and of everything else (``KBFGSConfig.lr``'s docstring gives the measurements).
 PRETRAINING_LR, DEFAULT_LR = 6e-3, 3e-3
@@ -895,7 +892,8 @@ def model_width(model: nn.Module) -> int | None:
 
 
 def resolve_for_model(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
-    """``cfg`` with its model-dependent defaults resolved for ``model``, each logged at INFO.
+    """``cfg`` with its model-dependent defaults resolved for ``model``, each logged at INFO (the input embedding's
+    lr by :class:`KBFGS` once the layers are assigned, and only where that embedding goes to the fallback).
 
     ``output_side="auto"``: K-FAC's output factor for a transformers model built from a config (training from
     scratch, where it measured as well as BFGS's or better), none (``H_g = I``) for one loaded from a checkpoint (a
@@ -928,10 +926,7 @@ def resolve_for_model(cfg: KBFGSConfig, model: nn.Module) -> KBFGSConfig:
         logger.info("KBFGS: lr not set: %g (%s); pass lr to choose", lr, why)
         cfg = dataclasses.replace(cfg, lr=lr)
     if cfg.fallback_embedding_lr == "auto":
-        embedding_lr = cfg.lr_value / EMBEDDING_LR_DIVISOR if pretraining else None
-        if pretraining and has_untied_input_embedding(model):  # a tied one is preconditioned with the LM head
-            logger.info("KBFGS: fallback_embedding_lr='auto' is %g (lr / %g, %s) for the untied input embedding; "
-                        "pass it to choose, or None for the fallback's lr", embedding_lr, EMBEDDING_LR_DIVISOR, regime)
+        embedding_lr = cfg.lr_value / EMBEDDING_LR_DIVISOR if pretraining else None  # logged where it applies
         cfg = dataclasses.replace(cfg, fallback_embedding_lr=embedding_lr)
     return cfg
 

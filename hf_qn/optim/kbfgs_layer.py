@@ -28,7 +28,7 @@ from ..distributed.shards import whole
 from ..linalg import cast, damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimates
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
 from ..linalg.blocks import BlockSplit, matvec_each
-from ._base import count_steps_, group_indices, weight_by_gradient_signal_
+from ._base import adam_denominators_, count_steps_, group_indices, weight_by_gradient_signal_
 from .output_side import OutputSide, PairLearner, keep_blocks, rank2_updates
 from .state import KBFGS_LAYER_COUNTERS
 
@@ -278,10 +278,7 @@ def graft_to_adam(
         moments = [grafts[i]["exp_avg_sq"] for i in idx] + ([grafts[i]["direction_sq"] for i in idx]
                                                             if direction_rms else [])
         samples = [grads[i] for i in idx] + (D if direction_rms else [])
-        torch._foreach_mul_(moments, beta2)
-        torch._foreach_addcmul_(moments, samples, samples, value=1.0 - beta2)
-        denoms = list(torch._foreach_sqrt(moments))
-        torch._foreach_add_(denoms, c * eps)  # √v + cε
+        denoms = adam_denominators_(moments, samples, beta2, t, eps, folded=True)  # √v + cε
         momenta = [layers[i].state["momentum_buffer"] for i in idx]
         if direction_rms:
             torch._foreach_div_(D, denoms[n:])

@@ -299,6 +299,11 @@ def test_fallback_embedding_lr_moves_the_input_embedding_alone(tmp_path, caplog)
         none = hf_qn.KBFGS(model, fallback_embedding_lr=None)
         assert [g["lr"] for g in auto.param_groups] == [g["lr"] for g in none.param_groups]
         assert "fallback_embedding_lr" not in caplog.text  # nothing to say: no untied embedding in the fallback
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_qn.optim.kbfgs"):  # a Llama whose embedding is adapted
+        adapted = hf_qn.KBFGS(tiny_llama(), policy=hf_qn.LayerPolicy(adapt_embeddings=True))
+    assert not any(f.embedding for f in adapted.assignment.fallback)
+    assert "fallback_embedding_lr" not in caplog.text
     for bad in (-1.0, "high"):
         with pytest.raises(ValueError, match="Invalid fallback_embedding_lr"):
             hf_qn.KBFGS(tiny_llama(), fallback_embedding_lr=bad)
