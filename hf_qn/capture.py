@@ -5,8 +5,8 @@ over rows (samples, tokens or spatial positions) of
 
 * ``A_sum = Σ ā āᵀ`` and ``a_sum = Σ ā`` over homogeneous input rows (for an Embedding, the token
   counts, i.e. the diagonal of ``Σ e eᵀ``);
-* ``h_sum = Σ h`` over pre-activation rows;
-* ``g_sum = Σ ∂L/∂h`` over the same rows, divided by the loss scale when one is in use;
+* ``h_sum = Σ h`` over pre-activation rows and ``g_sum = Σ ∂L/∂h`` over the same rows, divided by the loss scale
+  when one is in use, for a layer that forms pairs (asked for per layer, as ``output_means``);
 * ``G_sum = Σ (∂L/∂h)(∂L/∂h)ᵀ`` over the same rows, for a layer whose output factor is K-FAC's (asked for per
   layer, as ``output_grams``), divided by the loss scale squared.
 
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .adapters.base import LayerAdapter
+from .adapters.base import LayerAdapter, evenly_strided
 from .linalg.blocks import BlockSplit
 from .linalg.cast import cast, matmul_float32
 
@@ -115,6 +115,9 @@ class Capture:
             where it is not wanted. Taken on primary passes only, in ``gram_dtype`` (float32 for float16), over the
             rows ``max_input_rows`` leaves (it caps both Grams).
             (default: None for every adapter)
+        output_means: per adapter, whether the output means' sums ``h_sum`` and ``g_sum`` are taken; False for a
+            layer that forms no pairs (K-FAC's output factor), whose sums then stay zero, uncomputed, as a
+            one-sided layer's (the row counts are kept). (default: True for every adapter)
 
     ``enabled`` switches all capture on or off (the optimizer turns it on only for steps that
     update curvature, so the others pay nothing). :meth:`second_pass` switches the hooks to a
@@ -131,12 +134,14 @@ class Capture:
         max_input_rows: int | None = None,
         input_splits: Sequence[BlockSplit | None] | None = None,
         output_grams: Sequence[BlockSplit | None] | None = None,
+        output_means: Sequence[bool] | None = None,
     ) -> None:
         self.adapters = list(adapters)
         self.input_splits: list[BlockSplit | None] = (
             list(input_splits) if input_splits is not None else [None] * len(self.adapters))
         self.output_grams: list[BlockSplit | None] = (
             list(output_grams) if output_grams is not None else [None] * len(self.adapters))
+        self.output_means: list[bool] = list(output_means) if output_means is not None else [True] * len(self.adapters)
         self.gram_dtype = gram_dtype
         self.max_input_rows = max_input_rows
         self.input_stats = input_stats
@@ -163,12 +168,14 @@ class Capture:
         self._handles.clear()
 
     def add(
-        self, adapter: LayerAdapter, input_split: BlockSplit | None = None, output_gram: BlockSplit | None = None
+        self, adapter: LayerAdapter, input_split: BlockSplit | None = None, output_gram: BlockSplit | None = None,
+        output_means: bool = True,
     ) -> None:
         """Capture one more layer (hooked at once if the others are)."""
         self.adapters.append(adapter)
         self.input_splits.append(input_split)
         self.output_grams.append(output_gram)
+        self.output_means.append(output_means)
         for mode in (PRIMARY, SECOND):
             self.stats[mode].append(LayerStats(input_factor_shape(adapter, input_split),
                                                None if output_gram is None else output_gram.factor_shape))
@@ -221,20 +228,21 @@ class Capture:
         st = self.stats[mode][index]
         if mode == PRIMARY and st.pending and not adapter.gradient_pending():
             st.reset()  # a new accumulation window: the previous one was never committed
+        means = self.output_means[index] and not adapter.one_sided
         self._capture_forward(adapter, st, inputs, output, with_inputs=self.input_stats and mode == PRIMARY,
-                              split=self.input_splits[index])
+                              split=self.input_splits[index], means=means)
         if output.requires_grad and not adapter.one_sided:
             gram = self.output_grams[index] if mode == PRIMARY else None
-            output.register_hook(self._make_grad_hook(adapter, st, gram))
+            output.register_hook(self._make_grad_hook(adapter, st, gram, means))
 
     @torch.no_grad()
     def _capture_forward(
         self, adapter: LayerAdapter, st: LayerStats, inputs: tuple[Any, ...], output: Tensor, with_inputs: bool,
-        split: BlockSplit | None = None,
+        split: BlockSplit | None = None, means: bool = True,
     ) -> None:
         st.forward_calls += 1
         if with_inputs:
-            rows = adapter.input_rows(inputs)
+            rows = adapter.input_rows(inputs, self.max_input_rows)
             if adapter.input_diagonal:
                 mask = adapter.input_mask(rows)
                 ids = rows if mask is None else rows[mask]
@@ -242,16 +250,18 @@ class Capture:
                 st.A_sum = LayerStats._add(st.A_sum, counts)
                 st.a_rows += int(ids.numel())
             else:
-                r = self._capped(rows.detach())
+                r = rows.detach()
                 g = r.to(self.gram_dtype)
                 gram = split.gram(g) if split is not None else matmul_float32(g.T, g)
                 st.A_sum = LayerStats._add(st.A_sum, cast(gram, torch.float32))
                 st.a_sum = LayerStats._add(st.a_sum, r.sum(0, dtype=torch.float32))
                 st.a_rows += int(r.shape[0])
-        if adapter.one_sided:  # no output factor, no pairs: its output statistics stay zero, uncomputed
+        if not means:  # no pairs: the output means stay zero, uncomputed
             rows_out = output.numel() // adapter.d_out
-            st.h_sum = LayerStats._add(st.h_sum, output.new_zeros(adapter.d_out, dtype=torch.float64))
-            st.g_sum = LayerStats._add(st.g_sum, output.new_zeros(adapter.d_out, dtype=torch.float64))
+            if st.h_sum is None:
+                st.h_sum = output.new_zeros(adapter.d_out, dtype=torch.float64)
+            if adapter.one_sided and st.g_sum is None:  # (no backward hook; otherwise the hook sets it)
+                st.g_sum = output.new_zeros(adapter.d_out, dtype=torch.float64)
             st.h_rows += rows_out
             st.samples += rows_out // max(adapter.output_group_size(output), 1)
             return
@@ -261,26 +271,20 @@ class Capture:
         st.h_rows += int(h.shape[0])
         st.samples += int(h.shape[0]) // max(adapter.output_group_size(output), 1)
 
-    def _capped(self, rows: Tensor) -> Tensor:
-        """At most ``max_input_rows`` of ``rows``, evenly strided (every ``ceil(R / max_input_rows)``-th): the rows
-        behind both Grams."""
-        if self.max_input_rows is not None and rows.shape[0] > self.max_input_rows:
-            return rows[:: -(-rows.shape[0] // self.max_input_rows)]
-        return rows
-
     def _make_grad_hook(
-        self, adapter: LayerAdapter, st: LayerStats, gram: BlockSplit | None = None
+        self, adapter: LayerAdapter, st: LayerStats, gram: BlockSplit | None = None, means: bool = True
     ) -> Callable[[Tensor], None]:
         def grad_hook(grad: Tensor) -> None:
             with torch.no_grad():
                 rows = adapter.output_rows(grad)
-                g = row_sums(rows)
                 scale = 1.0 if self.grad_scale is None else float(self.grad_scale())
-                if scale != 1.0:
-                    g = g / scale
-                st.g_sum = LayerStats._add(st.g_sum, g)
+                if means:
+                    g = row_sums(rows)
+                    st.g_sum = LayerStats._add(st.g_sum, g if scale == 1.0 else g / scale)
+                elif st.g_sum is None:  # set all the same: it tells that the backward reached this layer
+                    st.g_sum = grad.new_zeros(adapter.d_out, dtype=torch.float64)
                 if gram is not None:  # K-FAC's output factor: Σ g gᵀ (its diagonal blocks when split)
-                    r = self._capped(rows.detach())
+                    r = evenly_strided(rows.detach(), self.max_input_rows)  # the rows of the input side's Gram
                     # float16's range holds neither a loss-scaled gradient's square nor an unscaled one's
                     r = r.to(torch.float32 if self.gram_dtype == torch.float16 else self.gram_dtype)
                     G = cast(gram.gram(r), torch.float32)

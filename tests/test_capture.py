@@ -153,6 +153,32 @@ def test_output_grams_are_the_sums_of_output_gradient_outer_products_on_primary_
     assert capped.stats["primary"][0].G_rows == 3 and capped.stats["primary"][0].h_rows == 8
 
 
+def test_a_layer_without_output_means_keeps_everything_else_and_zero_means():
+    """``output_means=False`` (a layer that forms no pairs, K-FAC's output factor): ``h_sum`` and ``g_sum`` are
+    zeros, every other sum and count is the one a full capture takes; ``g_sum`` is set by the backward hook, so a
+    layer the backward never reached still shows it (None)."""
+    from hf_qn.linalg.blocks import BlockSplit
+
+    torch.manual_seed(0)
+    model = mlp()
+    asg = assign_layers(model)
+    grams = [BlockSplit.of(8, None), None, BlockSplit.of(3, None)]
+    full = Capture(asg.adapters, output_grams=grams).attach()
+    lean = Capture(asg.adapters, output_grams=grams, output_means=[False, False, True]).attach()
+    out = model(torch.randn(4, 6))
+    assert all(st.h_sum is not None and st.g_sum is None for st in lean.stats["primary"])
+    out.pow(2).sum().backward()
+    for k, (a, b) in enumerate(zip(full.stats["primary"], lean.stats["primary"])):
+        for name in ("A_sum", "a_sum", "G_sum"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or torch.equal(x, y)
+        assert (a.a_rows, a.h_rows, a.G_rows, a.samples) == (b.a_rows, b.h_rows, b.G_rows, b.samples)
+        for name in ("h_sum", "g_sum"):
+            want = getattr(a, name) if k == 2 else torch.zeros_like(getattr(a, name))
+            assert getattr(b, name).dtype == torch.float64 and torch.equal(getattr(b, name), want)
+        assert k == 2 or a.g_sum.abs().sum() > 0  # what the lean capture leaves out is not zero
+
+
 def test_second_pass_uses_separate_sums_without_input_side():
     model = mlp()
     _, cap = _capture(model)

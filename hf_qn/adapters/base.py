@@ -22,7 +22,15 @@ from torch import Tensor, nn
 
 from ..distributed.shards import whole
 
-__all__ = ["LayerAdapter", "UnsupportedLayer"]
+__all__ = ["LayerAdapter", "UnsupportedLayer", "evenly_strided"]
+
+
+def evenly_strided(rows: Tensor, max_rows: int | None) -> Tensor:
+    """At most ``max_rows`` of ``rows``, evenly strided (every ``ceil(R / max_rows)``-th, a view); all of them for
+    None."""
+    if max_rows is not None and rows.shape[0] > max_rows:
+        return rows[:: -(-rows.shape[0] // max_rows)]
+    return rows
 
 
 class UnsupportedLayer(Exception):
@@ -124,8 +132,9 @@ class LayerAdapter(ABC):
 
     # ----------------------------------------------------------------- captured rows
     @abstractmethod
-    def input_rows(self, inputs: tuple[Any, ...]) -> Tensor:
-        """Homogeneous input rows ``ā`` ``(R, d_in)`` (for a diagonal layer: the ``(R,)`` indices)."""
+    def input_rows(self, inputs: tuple[Any, ...], max_rows: int | None = None) -> Tensor:
+        """Homogeneous input rows ``ā`` ``(R, d_in)`` (for a diagonal layer: the ``(R,)`` indices); with
+        ``max_rows``, at most that many of them, evenly strided (:func:`evenly_strided`)."""
 
     def input_mask(self, rows: Tensor) -> Tensor | None:
         """Which input rows count for the input-side factor (None: all); Embedding drops padding tokens."""
@@ -139,7 +148,11 @@ class LayerAdapter(ABC):
         """How many rows of :meth:`output_rows` belong to one sample (1, or the spatial size)."""
         return 1
 
-    def _append_ones(self, rows: Tensor) -> Tensor:
+    def _homogeneous(self, rows: Tensor, max_rows: int | None) -> Tensor:
+        """``rows`` (at most ``max_rows`` of them, evenly strided) with the homogeneous column appended if the layer
+        has a bias. The rows are chosen first, so the copy the column takes covers those rows alone (on a
+        transformer's full batch that copy had cost more than the Gram of the chosen rows)."""
+        rows = evenly_strided(rows, max_rows)
         if not self.has_bias:
             return rows
         return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)

@@ -55,15 +55,14 @@ class Conv2dAdapter(LayerAdapter):
             return M.reshape(shape), None
         return M[:, :-1].reshape(shape), M[:, -1]
 
-    def input_rows(self, inputs: tuple[Any, ...]) -> Tensor:
+    def input_rows(self, inputs: tuple[Any, ...], max_rows: int | None = None) -> Tensor:
         m = self.module
         assert isinstance(m, nn.Conv2d)
         x = inputs[0]
         if x.dim() == 3:  # unbatched (C, H, W)
             x = x.unsqueeze(0)
         cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=self._padding, stride=m.stride)
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B * L, C*kh*kw)
-        return self._append_ones(rows)
+        return self._homogeneous(cols.transpose(1, 2).reshape(-1, cols.shape[1]), max_rows)  # (B * L, C*kh*kw)
 
     def output_rows(self, output: Tensor) -> Tensor:
         if output.dim() == 3:

@@ -51,8 +51,9 @@ class EmbeddingAdapter(LayerAdapter):
     def from_matrix(self, M: Tensor) -> tuple[Tensor, Tensor | None]:
         return M.T, None
 
-    def input_rows(self, inputs: tuple[Any, ...]) -> Tensor:
-        """The token ids ``(R,)``; padding tokens are kept here and masked by :meth:`input_mask`."""
+    def input_rows(self, inputs: tuple[Any, ...], max_rows: int | None = None) -> Tensor:
+        """The token ids ``(R,)``, all of them (counting them costs next to nothing, so ``max_rows`` is not
+        applied); padding tokens are kept here and masked by :meth:`input_mask`."""
         return inputs[0].reshape(-1)
 
     def input_mask(self, rows: Tensor) -> Tensor | None:

@@ -30,9 +30,9 @@ class LinearAdapter(LayerAdapter):
             return M, None
         return M[:, :-1], M[:, -1]
 
-    def input_rows(self, inputs: tuple[Any, ...]) -> Tensor:
+    def input_rows(self, inputs: tuple[Any, ...], max_rows: int | None = None) -> Tensor:
         x = inputs[0]
-        return self._append_ones(x.reshape(-1, x.shape[-1]))
+        return self._homogeneous(x.reshape(-1, x.shape[-1]), max_rows)
 
     def output_rows(self, output: Tensor) -> Tensor:
         return output.reshape(-1, output.shape[-1])

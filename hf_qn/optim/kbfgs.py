@@ -164,7 +164,8 @@ class KBFGS(QNOptimizerBase):
         self.grad_scaler = grad_scaler
         self.capture = Capture(self.adapters, grad_scale=self._current_scale if grad_scaler is not None else None,
                                input_splits=[la.input_split for la in self.layers],
-                               output_grams=[la.output_gram for la in self.layers])
+                               output_grams=[la.output_gram for la in self.layers],
+                               output_means=[la.forms_pairs for la in self.layers])
         self.capture.attach()
         self._training = True
         #: called in place of a missing closure on curvature steps (set by QNTrainer).
@@ -208,7 +209,8 @@ class KBFGS(QNOptimizerBase):
         for ad in adapters:
             self.adapters.append(ad)
             self.layers.append(_new_layer(ad, self.config))
-            self.capture.add(ad, self.layers[-1].input_split, self.layers[-1].output_gram)
+            la = self.layers[-1]
+            self.capture.add(ad, la.input_split, la.output_gram, la.forms_pairs)
         names = dict(fresh.param_names)
         self.assignment.param_names.update(names)
         self.assignment.fallback += [FallbackParam(names.get(id(p), "?"), p, "added with add_param_group")  # type: ignore[arg-type]

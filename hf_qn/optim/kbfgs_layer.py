@@ -57,6 +57,12 @@ class KroneckerLayer:
         return self.output.split if self.output.needs_output_gram else None
 
     @property
+    def forms_pairs(self) -> bool:
+        """Whether this layer's output side learns from pairs (BFGS, L-BFGS): only then does the capture take the
+        output means ``h̄``, ``ḡ`` the pairs are made of."""
+        return isinstance(self.output, PairLearner)
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """The shape of ``A``: ``(d_in,)`` diagonal, ``(d_in, d_in)`` dense, ``(blocks, size, size)`` blocked."""
         return input_factor_shape(self.adapter, self.input_split)

@@ -197,3 +197,20 @@ def test_all_conv_geometries_match_unfold_sweep():
         ref = explicit_patches(x, k[0], k[1], conv.stride, conv.padding, conv.dilation)
         torch.testing.assert_close(rows, ref)
         assert rows.shape[0] == out.shape[-1] * out.shape[-2]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (LinearAdapter(nn.Linear(4, 3)), torch.randn(2, 5, 4)),
+    lambda: (LinearAdapter(nn.Linear(4, 3, bias=False)), torch.randn(10, 4)),
+    lambda: (Conv2dAdapter(nn.Conv2d(2, 3, 2)), torch.randn(1, 2, 3, 6)),  # 2 x 5 positions
+], ids=["linear", "linear-no-bias", "conv2d"])
+@pytest.mark.parametrize("max_rows", [1, 3, 4, 9, 10, 100])
+def test_capped_input_rows_are_the_evenly_strided_rows_of_all(make, max_rows):
+    """``input_rows(inputs, max_rows)`` chooses its rows before appending the homogeneous column: the same rows,
+    the same values, as every ``ceil(R / max_rows)``-th of all of them."""
+    ad, x = make()
+    every = ad.input_rows((x,))
+    capped = ad.input_rows((x,), max_rows)
+    stride = -(-every.shape[0] // max_rows)
+    assert every.shape[0] == 10 and capped.shape == (len(range(0, 10, stride)), ad.d_in)
+    assert torch.equal(capped, every[::stride])

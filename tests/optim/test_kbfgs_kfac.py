@@ -173,6 +173,25 @@ def test_kfac_trains_and_refuses_what_it_cannot_do():
         loop(model, opt, regression_batches(1), mse_loss)
 
 
+def test_kfac_layers_skip_the_output_means_and_train_bit_for_bit_as_with_them():
+    """K-FAC's output factor forms no pairs, so the capture leaves out the output means ``h̄``, ``ḡ`` of its layers
+    (two float64 row sums per layer and curvature step): the run is bit for bit the one that takes them. Layers
+    that learn from pairs keep them."""
+    runs = []
+    for means in (None, True):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = hf_qn.KBFGS(model, output_side="kfac", lr=3e-2, update_interval=2)
+        assert opt.capture.output_means == [False] * 3
+        if means:
+            opt.capture.output_means = [True] * 3
+        loop(model, opt, regression_batches(8), mse_loss)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert hf_qn.KBFGS(mlp()).capture.output_means == [True] * 3
+    assert hf_qn.KBFGSL(mlp(), history_size=3).capture.output_means == [True] * 3
+
+
 def assert_lockstep(runs: list, batch: dict, steps: int) -> None:
     """Each ``(model, optimizer)`` of ``runs`` takes ``steps`` steps on ``batch`` in turn; the models' weights
     end bit for bit equal."""
