@@ -9,6 +9,7 @@ parameters are listed and never touched. ``print(assignment.report())`` shows th
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,12 @@ def register_adapter(module_type: type | str, adapter: type[LayerAdapter]) -> No
     """Register ``adapter`` for modules of exactly ``module_type`` (a class or ``"pkg.mod.Class"``)."""
     if not (isinstance(adapter, type) and issubclass(adapter, LayerAdapter)):
         raise TypeError(f"adapter must be a LayerAdapter subclass, got {adapter!r}")
+    if "max_rows" not in inspect.signature(adapter.input_rows).parameters:
+        raise TypeError(
+            f"{adapter.__name__}.input_rows must take max_rows: def input_rows(self, inputs, max_rows=None) returning "
+            "at most max_rows rows, evenly strided (return self._homogeneous(rows, max_rows) for rows without the "
+            "bias column)"
+        )
     if isinstance(module_type, str):
         _BY_NAME[module_type] = adapter
     else:

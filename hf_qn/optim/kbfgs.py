@@ -347,14 +347,14 @@ class KBFGS(QNOptimizerBase):
         # [output_side="kfac": G ← β_A G + (1−β_A) G_batch, H_g = (Ĝ + √λ I)⁻¹]
         if now is not None:
             self._update_kfac_outputs(now, active)
-        # ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄);  D = H_g ĝ H_a                                       (eq. 3)
+        # ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄);  D = H_g ĝ H_a   [nesterov: D = H_g (ρ ĝ + (1−ρ)(∇W̄ + τ W̄)) H_a] (eq. 3)
         found = self._directions(active)
         if found is None:
             return self._skip("non-finite direction; step skipped", loss)
-        directions, norms = found
+        directions, norms, sources = found
         # ν: KL clip × loss-guard back-off, then no layer's step outgrows its last curvature step's
         lrs = self._layer_lrs()
-        scale = self._kl_scale(directions, lrs) * self.backoff.factor
+        scale = self._kl_scale(directions, sources, lrs) * self.backoff.factor
         sizes, scale = self._limit_growth(directions, norms, lrs, scale, curvature)
         # W̄ ← W̄ − α ν D; the fallback parameters by AdamW / SGD                             (Alg. 1, line 7)
         self._apply(directions, lrs, scale)
@@ -465,18 +465,22 @@ class KBFGS(QNOptimizerBase):
         if counters:
             torch._foreach_add_(counters, 1)
 
-    def _directions(self, active: list[bool]) -> tuple[list[Tensor | None], list[float]] | None:
-        """Per active layer ``ĝ ← ρ ĝ + (1−ρ)(∇W̄ + τ W̄)`` and ``D = H_g ĝ H_a`` (None for a paused layer), with
-        the norms ``‖D‖`` (0 for a paused layer); None if any is not finite. The elementwise stages run over all
-        active layers at once, and the norms, which also tell whether every direction is finite (a NaN or inf
-        entry makes its norm one), are read with one host sync."""
+    def _directions(self, active: list[bool]) -> tuple[list[Tensor | None], list[float], list[Tensor]] | None:
+        """Per active layer ``ĝ ← ρ ĝ + (1−ρ) G`` (``G = ∇W̄ + τ W̄``) and ``D = H_g ĝ H_a`` (None for a paused
+        layer; with ``nesterov``, ``D = H_g (ρ ĝ + (1−ρ) G) H_a``), with the norms ``‖D‖`` (0 for a paused layer)
+        and, per active layer, the matrix ``D`` preconditions (``ĝ``, or the look-ahead); None if any is not
+        finite. The elementwise stages run over all active layers at once, and the norms, which also tell whether
+        every direction is finite (a NaN or inf entry makes its norm one), are read with one host sync."""
         cfg = self.config
         on = [la for la, a in zip(self.layers, active) if a]
         for la in on:
             la.ensure_state()
         grads = grads_with_l2(on, [[self._group_of(p)["l2"] for p in la.adapter.parameters()] for la in on])
         update_momenta(on, grads, cfg.grad_decay)
-        D = [la.direction(self._matmul_dtype_for(la)) for la in on]
+        sources = [la.state["momentum_buffer"] for la in on]
+        if cfg.nesterov:  # Nesterov's look-ahead ρ ĝ + (1−ρ) G, a new matrix per layer (G feeds the grafting)
+            sources = list(torch._foreach_lerp(grads, sources, cfg.grad_decay))
+        D = [la.direction(src, self._matmul_dtype_for(la)) for la, src in zip(on, sources)]
         if cfg.graft == "adam":  # [D ← D / (√v̂_D + ε)], then D ← D · ‖m̂ / (√v̂ + ε)‖ / ‖D‖
             D, norms = graft_to_adam(on, D, grads, cfg.grad_decay, cfg.adam_betas[1], cfg.fallback_eps,
                                      bool(cfg.direction_rms))
@@ -488,15 +492,16 @@ class KBFGS(QNOptimizerBase):
             return None
         it = iter(zip(D, values))
         per_layer: list[tuple[Tensor | None, float]] = [next(it) if a else (None, 0.0) for a in active]
-        return [d for d, _ in per_layer], [n for _, n in per_layer]
+        return [d for d, _ in per_layer], [n for _, n in per_layer], sources
 
-    def _kl_scale(self, directions: list[Tensor | None], lrs: list[float]) -> float:
-        """The KL clip's ``ν`` over the active layers' directions, gradient averages and learning rates."""
+    def _kl_scale(self, directions: list[Tensor | None], sources: list[Tensor], lrs: list[float]) -> float:
+        """The KL clip's ``ν`` over the active layers' directions, what each preconditions (``sources``, one per
+        active layer) and learning rates."""
         if not self.kl_clip.enabled:
             return 1.0
         keep = [i for i, D in enumerate(directions) if D is not None]
-        return self.kl_clip.scale([directions[i] for i in keep],  # type: ignore[misc]
-                                  [self.layers[i].state["momentum_buffer"] for i in keep], [lrs[i] for i in keep])
+        return self.kl_clip.scale([directions[i] for i in keep], sources,  # type: ignore[misc]
+                                  [lrs[i] for i in keep])
 
     def _layer_lrs(self) -> list[float]:
         return [self._group_of(ad.weight)["lr"] for ad in self.adapters]

@@ -160,13 +160,13 @@ class KroneckerLayer:
         d_out, d_in = self.adapter.d_out, self.adapter.d_in
         return d_out * d_in * ((0 if self.adapter.one_sided else d_out) + d_in)
 
-    def direction(self, matmul_dtype: torch.dtype) -> Tensor:
-        """``D = H_g ĝ H_a`` (the two large products in ``matmul_dtype``)."""
-        buf, H_a = self.state["momentum_buffer"], self.converted("H_a", self.state["input"]["H_a"], matmul_dtype)
+    def direction(self, X: Tensor, matmul_dtype: torch.dtype) -> Tensor:
+        """``D = H_g X H_a`` (``X``: ``ĝ``, or Nesterov's look-ahead; the two large products in ``matmul_dtype``)."""
+        H_a = self.converted("H_a", self.state["input"]["H_a"], matmul_dtype)
         if self.output.dense_matrix is not None:
             H_g = self.converted("H_g", self.output.dense_matrix, matmul_dtype)
-            return kron_precondition(H_g, buf, H_a, matmul_dtype)
-        return self.output.apply(kron_precondition(None, buf, H_a, matmul_dtype))
+            return kron_precondition(H_g, X, H_a, matmul_dtype)
+        return self.output.apply(kron_precondition(None, X, H_a, matmul_dtype))
 
     def converted(self, key: str, factor: Tensor, dtype: torch.dtype) -> Tensor:
         """``factor`` in ``dtype``, converted again only when the factor has changed since (another tensor, or

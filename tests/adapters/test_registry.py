@@ -119,6 +119,13 @@ def test_functionally_used_linear_subclass_is_not_adapted_unless_registered():
     with pytest.raises(TypeError):
         register_adapter(nn.Linear, object)  # type: ignore[arg-type]
 
+    class OldStyle(LinearAdapter):  # the interface before input_rows took max_rows
+        def input_rows(self, inputs):  # type: ignore[override]
+            return super().input_rows(inputs)
+
+    with pytest.raises(TypeError, match=r"OldStyle.input_rows must take max_rows: def input_rows\(self, inputs, max"):
+        register_adapter(MyLinear, OldStyle)
+
 
 def test_policy_validation():
     with pytest.raises(ValueError, match="max_dim"):

@@ -82,15 +82,18 @@ def test_an_inverse_interval_below_one_is_refused():
         hf_qn.KBFGS(mlp(), output_side="kfac", output_inverse_interval=0)
 
 
-def test_the_first_direction_uses_the_factor_of_its_own_batch():
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_the_first_direction_uses_the_factor_of_its_own_batch(nesterov):
     """The factor is refreshed before the direction: the first step (no grafting, no guards) moves each layer by
-    ``−α H_g ĝ H_a`` with ``ĝ = (1 − ρ) ∇W̄``, ``H_g`` the reference inverse of this batch's ``Ĝ``."""
+    ``−α H_g ĝ H_a`` with ``ĝ = (1 − ρ) ∇W̄`` (Nesterov's look-ahead ``ρ ĝ + (1 − ρ) ∇W̄ = (1 + ρ)(1 − ρ) ∇W̄``),
+    ``H_g`` the reference inverse of this batch's ``Ĝ``."""
     torch.manual_seed(0)
     model = mlp()
     grads = _record_output_grads(model)
     lr, rho, damping = 0.1, 0.9, 0.3
     opt = hf_qn.KBFGS(model, output_side="kfac", graft="none", l2=0.0, lr=lr, grad_decay=rho, damping=damping,
-                      update_interval=1, max_update_growth=None, matmul_dtype="float32")
+                      update_interval=1, max_update_growth=None, matmul_dtype="float32", nesterov=nesterov)
+    weight = (1 - rho) * ((1 + rho) if nesterov else 1.0)
     before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
     opt.zero_grad()
     mse_loss(model, regression_batches(1)[0]).backward()
@@ -100,11 +103,46 @@ def test_the_first_direction_uses_the_factor_of_its_own_batch():
         g = grads[name][-1]
         H_g = _reference_H_g(g.T @ g / g.shape[0], math.sqrt(damping))
         G_bar = torch.cat([grad[f"{name}.weight"], grad[f"{name}.bias"][:, None]], 1)
-        D = H_g @ ((1 - rho) * G_bar) @ la.state["input"]["H_a"].double()
+        D = H_g @ (weight * G_bar) @ la.state["input"]["H_a"].double()
         torch.testing.assert_close(mod.weight.detach().double() - before[f"{name}.weight"], -lr * D[:, :-1],
                                    rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(mod.bias.detach().double() - before[f"{name}.bias"], -lr * D[:, -1],
                                    rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_nesterov_preconditions_the_look_ahead_of_the_gradient_average(nesterov, monkeypatch):
+    """At every step each layer's direction is ``H_g X H_a`` with ``X = ĝ`` (``ĝ ← ρ ĝ + (1 − ρ) G``), or with
+    ``nesterov`` the look-ahead ``X = ρ ĝ + (1 − ρ) G`` of the updated ``ĝ`` (float64 reference over four steps), and
+    the KL clip pairs each direction with that ``X``."""
+    from hf_qn.optim import kbfgs_layer
+
+    torch.manual_seed(0)
+    model = mlp()
+    rho = 0.8
+    opt = hf_qn.KBFGS(model, output_side="kfac", nesterov=nesterov, grad_decay=rho, l2=0.0, lr=0.05, kl_clip=1e-3)
+    seen: list[torch.Tensor] = []
+    clipped: list[list[torch.Tensor]] = []
+    direction, scale = kbfgs_layer.KroneckerLayer.direction, opt.kl_clip.scale
+    monkeypatch.setattr(kbfgs_layer.KroneckerLayer, "direction",
+                        lambda self, X, dtype: seen.append(X.double().clone()) or direction(self, X, dtype))
+    monkeypatch.setattr(opt.kl_clip, "scale",
+                        lambda D, X, lrs: clipped.append([x.double().clone() for x in X]) or scale(D, X, lrs))
+    avg = [torch.zeros(la.adapter.d_out, la.adapter.d_in, dtype=torch.float64) for la in opt.layers]
+    for batch in regression_batches(4):
+        seen.clear()
+        clipped.clear()
+        opt.zero_grad()
+        mse_loss(model, batch).backward()
+        G = [la.adapter.grad_matrix().double() for la in opt.layers]
+        opt.step()
+        avg = [rho * a + (1 - rho) * g for a, g in zip(avg, G)]
+        want = [rho * a + (1 - rho) * g for a, g in zip(avg, G)] if nesterov else avg
+        assert len(seen) == len(want) == 3 and len(clipped) == 1
+        for x, k, w in zip(seen, clipped[0], want):
+            torch.testing.assert_close(x, w, rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(k, w, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(seen[0], avg[0], rtol=1e-3) or not nesterov  # the two differ
 
 
 def test_blocked_factors_invert_each_diagonal_block_of_the_moment():
@@ -257,7 +295,7 @@ def test_auto_output_side_is_kfac_for_a_transformers_model_built_from_a_config(t
 
 
 def test_the_from_scratch_defaults_follow_the_output_side(tmp_path):
-    """``input_inverse``, ``max_input_rows`` and ``fallback_betas`` left at ``"auto"`` take the pretraining values
+    """``input_inverse``, ``max_input_rows``, ``fallback_betas`` and ``nesterov`` left unset take the pretraining values
     with K-FAC's output factor (a transformers model built from a config) and the values of earlier versions with
     any other output side (a fine-tune, a plain module, the paper's preset), so that those runs keep their steps;
     an explicit value is kept, and a keyword that changes the output side derives them afresh. The optimizer's
@@ -265,24 +303,30 @@ def test_the_from_scratch_defaults_follow_the_output_side(tmp_path):
     from hf_qn.optim.config import KBFGSConfig
     from tests._helpers.models import tiny_gpt2, token_batch
 
-    scratch_values = {"input_inverse": "cholesky", "max_input_rows": 512, "fallback_betas": (0.9, 0.95)}
-    earlier_values = {"input_inverse": "bfgs", "max_input_rows": None, "fallback_betas": (0.9, 0.999)}
+    scratch_values = {"input_inverse": "cholesky", "max_input_rows": 512, "fallback_betas": (0.9, 0.95),
+                      "nesterov": True}
+    earlier_values = {"input_inverse": "bfgs", "max_input_rows": None, "fallback_betas": (0.9, 0.999),
+                      "nesterov": False}
 
     def values(cfg: KBFGSConfig) -> dict:
         return {name: getattr(cfg, name) for name in scratch_values}
 
-    assert values(KBFGSConfig()) == dict.fromkeys(scratch_values, "auto")  # resolved with the model
+    assert values(KBFGSConfig()) == {**dict.fromkeys(scratch_values, "auto"), "nesterov": None}  # resolved with the model
     assert values(KBFGSConfig(output_side="kfac")) == scratch_values
     assert values(KBFGSConfig(output_side="none")) == values(KBFGSConfig(output_side="bfgs")) == earlier_values
     assert values(KBFGSConfig.from_kwargs(preset="paper")) == earlier_values
     assert values(KBFGSConfig.from_kwargs(KBFGSConfig(output_side="kfac"), output_side="none")) == earlier_values
-    kept = KBFGSConfig(output_side="kfac", input_inverse="bfgs", max_input_rows=None, fallback_betas=(0.8, 0.99))
-    assert values(kept) == {"input_inverse": "bfgs", "max_input_rows": None, "fallback_betas": (0.8, 0.99)}
+    kept = KBFGSConfig(output_side="kfac", input_inverse="bfgs", max_input_rows=None, fallback_betas=(0.8, 0.99),
+                       nesterov=False)
+    assert values(kept) == {"input_inverse": "bfgs", "max_input_rows": None, "fallback_betas": (0.8, 0.99),
+                            "nesterov": False}
     # a value given in a config whose output side is not resolved yet was given, not derived: a keyword that sets
     # the output side keeps it
     assert KBFGSConfig.from_kwargs(KBFGSConfig(max_input_rows=256), output_side="kfac").max_input_rows == 256
     with pytest.raises(ValueError, match="Invalid max_input_rows: 'all'"):
         KBFGSConfig(max_input_rows="all")
+    with pytest.raises(ValueError, match="Invalid nesterov: 'yes' \\(must be None, True or False\\)"):
+        KBFGSConfig(nesterov="yes")
 
     torch.manual_seed(0)
     scratch = tiny_gpt2()
