@@ -288,7 +288,8 @@ class KBFGSConfig(_Config):
             (0.702-0.861), AdamW 0.881; GPT-2 1.3M on Wikipedia, 2 seeds, 5.573 against 5.64 nats at 120 s;
             docs/benchmarks.md)
         kl_clip: if set, scales the step down so that ``α² Σ⟨D, ĝ⟩ ≤ kl_clip`` (kfac-pytorch's
-            KL clipping); None follows the paper. (default: None)
+            KL clipping; with ``nesterov``, ``ĝ``'s look-ahead, the matrix ``D`` preconditions, in place of ``ĝ``);
+            None follows the paper. (default: None)
         matmul_dtype: dtype of the two large products of every step, the input Gram ``Σ ā āᵀ`` of the
             capture and the direction ``H_g ĝ H_a``; factors, their updates, sums and ĝ stay
             float32. ``torch.bfloat16`` makes those products about 3x faster on a CPU with AVX512-BF16
