@@ -465,10 +465,12 @@ class KBFGS(QNOptimizerBase):
         if counters:
             torch._foreach_add_(counters, 1)
 
-    def _directions(self, active: list[bool]) -> tuple[list[Tensor | None], list[float], list[Tensor]] | None:
+    def _directions(
+        self, active: list[bool]
+    ) -> tuple[list[Tensor | None], list[float], list[Tensor | None]] | None:
         """Per active layer ``ĝ ← ρ ĝ + (1−ρ) G`` (``G = ∇W̄ + τ W̄``) and ``D = H_g ĝ H_a`` (None for a paused
         layer; with ``nesterov``, ``D = H_g (ρ ĝ + (1−ρ) G) H_a``), with the norms ``‖D‖`` (0 for a paused layer)
-        and, per active layer, the matrix ``D`` preconditions (``ĝ``, or the look-ahead); None if any is not
+        and the matrices ``D`` preconditions (``ĝ``, or the look-ahead; None for a paused layer); None if any is not
         finite. The elementwise stages run over all active layers at once, and the norms, which also tell whether
         every direction is finite (a NaN or inf entry makes its norm one), are read with one host sync."""
         cfg = self.config
@@ -490,17 +492,17 @@ class KBFGS(QNOptimizerBase):
         values = torch.stack([n if n.device == dev else n.to(dev) for n in norms]).tolist() if D else []
         if not all(math.isfinite(v) for v in values):
             return None
-        it = iter(zip(D, values))
-        per_layer: list[tuple[Tensor | None, float]] = [next(it) if a else (None, 0.0) for a in active]
-        return [d for d, _ in per_layer], [n for _, n in per_layer], sources
+        it = iter(zip(D, values, sources))
+        per_layer: list[tuple[Tensor | None, float, Tensor | None]] = [
+            next(it) if a else (None, 0.0, None) for a in active]
+        return [d for d, _, _ in per_layer], [n for _, n, _ in per_layer], [x for _, _, x in per_layer]
 
-    def _kl_scale(self, directions: list[Tensor | None], sources: list[Tensor], lrs: list[float]) -> float:
-        """The KL clip's ``ν`` over the active layers' directions, what each preconditions (``sources``, one per
-        active layer) and learning rates."""
+    def _kl_scale(self, directions: list[Tensor | None], sources: list[Tensor | None], lrs: list[float]) -> float:
+        """The KL clip's ``ν`` over the active layers' directions, what each preconditions and learning rates."""
         if not self.kl_clip.enabled:
             return 1.0
         keep = [i for i, D in enumerate(directions) if D is not None]
-        return self.kl_clip.scale([directions[i] for i in keep], sources,  # type: ignore[misc]
+        return self.kl_clip.scale([directions[i] for i in keep], [sources[i] for i in keep],  # type: ignore[misc]
                                   [lrs[i] for i in keep])
 
     def _layer_lrs(self) -> list[float]:
