@@ -75,6 +75,13 @@ def set_integers(config: Any, specs: tuple[tuple[str, int, str], ...]) -> None:
         object.__setattr__(config, name, int(value))
 
 
+def check_optional_bool(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming the argument unless ``value`` is None (the default follows another field), True
+    or False."""
+    if value not in (None, True, False):
+        raise ValueError(f"Invalid {name}: {value!r} (must be None, True or False)")
+
+
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, allowed))})")
@@ -439,10 +446,8 @@ class KBFGSConfig(_Config):
             )
         check_choice("pairs", self.pairs, ("same_batch", "consecutive"))
         check_choice("fallback", self.fallback, FALLBACKS)
-        if self.nesterov not in (None, True, False):
-            raise ValueError(f"Invalid nesterov: {self.nesterov!r} (must be None, True or False)")
-        if self.fallback_fused not in (None, True, False):
-            raise ValueError(f"Invalid fallback_fused: {self.fallback_fused!r} (must be None, True or False)")
+        check_optional_bool("nesterov", self.nesterov)
+        check_optional_bool("fallback_fused", self.fallback_fused)
         check_choice("graft", self.graft, ("none", "adam"))
         _resolve_direction_rms(self, "graft", "direction_rms=False for the paper's α D")
         name = str(self.matmul_dtype).replace("torch.", "")
