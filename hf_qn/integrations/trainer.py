@@ -264,7 +264,7 @@ def optimizer_config(name: str, hyper: dict[str, Any]) -> tuple[KBFGSConfig | ML
             fields, hyper = LayerPolicy.split_kwargs(hyper)
             policy = LayerPolicy(**fields)
         if name == "kbfgs_l":
-            hyper = {"history_size": 100, **hyper}
+            hyper = {"history_size": KBFGSL.DEFAULT_HISTORY_SIZE, **hyper}
         return config.from_kwargs(**hyper), policy
     except (TypeError, ValueError) as e:
         raise ValueError(f"Invalid qn_args for {name}: {e}") from e

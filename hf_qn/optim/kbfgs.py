@@ -973,13 +973,16 @@ def _fallback_values(cfg: KBFGSConfig) -> dict[str, Any]:
 class KBFGSL(KBFGS):
     """K-BFGS(L): :class:`KBFGS` with an L-BFGS output-side factor of ``history_size`` pairs.
 
-    Same arguments as :class:`KBFGS`; ``history_size`` defaults to 100 (the paper's).
+    Same arguments as :class:`KBFGS`; ``history_size`` defaults to :attr:`DEFAULT_HISTORY_SIZE` (100, the paper's).
     """
+
+    #: the paper's number of L-BFGS pairs (the Trainer's ``qn_optimizer="kbfgs_l"`` uses it too)
+    DEFAULT_HISTORY_SIZE = 100
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
         config = kwargs.get("config")
         if "history_size" not in kwargs and (config is None or config.history_size is None):
-            kwargs["history_size"] = 100
+            kwargs["history_size"] = self.DEFAULT_HISTORY_SIZE
         if kwargs.get("history_size", 1) is None:
             raise ValueError("Invalid history_size: None (KBFGSL needs an integer >= 1; use KBFGS for dense BFGS)")
         super().__init__(model, **kwargs)
