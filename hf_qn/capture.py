@@ -277,7 +277,9 @@ class Capture:
         def grad_hook(grad: Tensor) -> None:
             with torch.no_grad():
                 rows = adapter.output_rows(grad)
-                scale = 1.0 if self.grad_scale is None else float(self.grad_scale())
+                # the loss scale is read only where a sum needs it (not by a K-FAC layer's second pass)
+                wanted = means or gram is not None
+                scale = 1.0 if self.grad_scale is None or not wanted else float(self.grad_scale())
                 if means:
                     g = row_sums(rows)
                     st.g_sum = LayerStats._add(st.g_sum, g if scale == 1.0 else g / scale)

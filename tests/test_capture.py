@@ -177,6 +177,13 @@ def test_a_layer_without_output_means_keeps_everything_else_and_zero_means():
             want = getattr(a, name) if k == 2 else torch.zeros_like(getattr(a, name))
             assert getattr(b, name).dtype == torch.float64 and torch.equal(getattr(b, name), want)
         assert k == 2 or a.g_sum.abs().sum() > 0  # what the lean capture leaves out is not zero
+    reads: list[int] = []  # the loss scale is read only by hooks with a sum to divide: not the second pass's
+    lean.grad_scale = lambda: reads.append(1) or 1.0  # of a layer without output means (no Gram there)
+    with lean.second_pass() as second:
+        model(torch.randn(4, 6)).pow(2).sum().backward()
+    assert len(reads) == 1 and all(st.grad_calls == 1 for st in second)  # the third layer's means only
+    model(torch.randn(4, 6)).pow(2).sum().backward()  # primary: the first and third layers' hooks (a Gram each),
+    assert len(reads) == 3  # not the second's (neither means nor a Gram)
 
 
 def test_second_pass_uses_separate_sums_without_input_side():
