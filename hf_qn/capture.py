@@ -274,12 +274,13 @@ class Capture:
     def _make_grad_hook(
         self, adapter: LayerAdapter, st: LayerStats, gram: BlockSplit | None = None, means: bool = True
     ) -> Callable[[Tensor], None]:
+        # the loss scale is read only by a hook with a sum to divide (not by a K-FAC layer's on a second pass)
+        divides = means or gram is not None
+
         def grad_hook(grad: Tensor) -> None:
             with torch.no_grad():
                 rows = adapter.output_rows(grad)
-                # the loss scale is read only where a sum needs it (not by a K-FAC layer's second pass)
-                wanted = means or gram is not None
-                scale = 1.0 if self.grad_scale is None or not wanted else float(self.grad_scale())
+                scale = 1.0 if self.grad_scale is None or not divides else float(self.grad_scale())
                 if means:
                     g = row_sums(rows)
                     st.g_sum = LayerStats._add(st.g_sum, g if scale == 1.0 else g / scale)
