@@ -12,7 +12,10 @@ so that no committed recording is left behind. ``checkpoints_v1.pt`` is not rewr
 (``ATEN_CPU_CAPABILITY``), whose oneDNN and MKL stop at AVX2 (``DNNL_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``)
 and whose K-BFGS sees no native bf16 (``matmul_dtype="auto"`` takes float32 products): on the AMD EPYC CPU with
 AVX-512 BF16 of the project's CI this reproduces every AVX2 golden bit for bit (checked with ``--check`` before a
-re-recording: do the same on another CPU before trusting it there).
+re-recording: do the same on another CPU before trusting it there; on an Intel Xeon with AVX-512 but no BF16 every
+run differs, so that CPU has a recording of its own, not an emulated one). A recording names the CPU model it was made
+on (``environment()``), and applies only to that model where it names one (``recorded_for``); re-recording one of the
+first three, which name none, narrows it to this machine's model.
 """
 
 from __future__ import annotations

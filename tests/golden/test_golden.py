@@ -15,13 +15,14 @@ from tests.golden.variants import (
     THREADS,
     VARIANTS,
     environment,
+    recorded_for,
     resume_from_committed_checkpoint,
     run,
 )
 
 HERE = Path(__file__).parent
 RECORDINGS = [json.loads(f.read_text()) for f in sorted(HERE.glob("trajectories*.json"))]
-GOLDEN = next((g for g in RECORDINGS if g["environment"] == environment()), {"runs": {}, "resumed": {}})
+GOLDEN = next((g for g in RECORDINGS if recorded_for(g["environment"], environment())), {"runs": {}, "resumed": {}})
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,10 @@ layout of that time wrote them) is never rewritten: it tests the state converter
 every variant and requires the same bits, and resumes each checkpoint and requires the same continuation.
 ``trajectories.json`` (AVX2 kernels) was recorded before the optimizers were restructured into per-layer and
 per-block objects, so it proves that the restructuring moved no number; ``trajectories_avx512_bf16.json``
-(AVX512 kernels, bf16 products) was recorded later from the code of its commit. Bitwise equality needs the
-same torch build, CPU kernels and product dtype: the test skips, saying why, where no recording matches.
+(AVX512 kernels, bf16 products) was recorded later from the code of its commit, as were
+``trajectories_avx512_bf16_amx.json`` and ``trajectories_avx512.json`` (AVX512 kernels, float32 products, one Intel
+Xeon model, which it names). Bitwise equality needs the same torch build, CPU kernels and product dtype, and for a
+recording that names its CPU model that model: the test skips, saying why, where no recording matches.
 """
 
 from __future__ import annotations
@@ -141,15 +143,35 @@ def run(variant: str, prob: str) -> dict[str, Any]:
 
 def environment() -> dict[str, Any]:
     """What decides the bits: the torch build, the CPU kernels torch picked, whether K-BFGS's
-    ``matmul_dtype="auto"`` takes bf16 products on this CPU, and (named only where present) whether oneDNN has
-    AMX tiles for them, whose bf16 products round differently from AVX-512 BF16's."""
-    from hf_qn.optim.config import _cpu_flags, fast_bf16
+    ``matmul_dtype="auto"`` takes bf16 products on this CPU, (named only where present) whether oneDNN has
+    AMX tiles for them, whose bf16 products round differently from AVX-512 BF16's, and the CPU model: the same
+    kernels need not give the same bits on another CPU (:func:`recorded_for`)."""
+    from hf_qn.optim.config import _cpu_flags, cpu_info, fast_bf16
 
     env: dict[str, Any] = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                            "native_bf16": fast_bf16(torch.device("cpu"))}
     if "amx_bf16" in _cpu_flags():
         env["amx"] = True
+    env["cpu_model"] = cpu_info().get("model name", "")
     return env
+
+
+#: the value a fact stands for where a recording leaves it out (``cpu_model``: left out, it pins no model)
+_UNNAMED = {"amx": False, "cpu_model": None}
+
+
+def recorded_for(recorded: dict[str, Any], here: dict[str, Any]) -> bool:
+    """Whether a recording made in environment ``recorded`` applies to a machine in ``here``: every fact either
+    names agrees. The first recordings (AVX2; AVX-512 BF16; AMX) name no CPU model and apply to every CPU of their
+    kernels; later ones name theirs, because the AVX2 recording, made on an AMD EPYC, is not reproduced by the
+    AVX2 emulation on an Intel Xeon (every run differs, 2026-12-07)."""
+    for key in recorded.keys() | here.keys():
+        mine, theirs = here.get(key, _UNNAMED.get(key)), recorded.get(key, _UNNAMED.get(key))
+        if theirs is None and key == "cpu_model":
+            continue
+        if mine != theirs:
+            return False
+    return True
 
 
 def golden_file(env: dict[str, Any]) -> str:
