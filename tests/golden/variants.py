@@ -156,8 +156,10 @@ def environment() -> dict[str, Any]:
     return env
 
 
-#: the value a fact stands for where a recording leaves it out (``cpu_model``: left out, it pins no model)
-_UNNAMED = {"amx": False, "cpu_model": None}
+#: the value a fact stands for where an environment leaves it out
+_UNNAMED = {"amx": False}
+#: the facts a recording may leave out to apply whatever their value here
+_UNPINNED = {"cpu_model"}
 
 
 def recorded_for(recorded: dict[str, Any], here: dict[str, Any]) -> bool:
@@ -166,10 +168,9 @@ def recorded_for(recorded: dict[str, Any], here: dict[str, Any]) -> bool:
     kernels; later ones name theirs, because the AVX2 recording, made on an AMD EPYC, is not reproduced by the
     AVX2 emulation on an Intel Xeon (every run differs, 2026-12-07)."""
     for key in recorded.keys() | here.keys():
-        mine, theirs = here.get(key, _UNNAMED.get(key)), recorded.get(key, _UNNAMED.get(key))
-        if theirs is None and key == "cpu_model":
+        if key in _UNPINNED and key not in recorded:
             continue
-        if mine != theirs:
+        if here.get(key, _UNNAMED.get(key)) != recorded.get(key, _UNNAMED.get(key)):
             return False
     return True
 
