@@ -14,8 +14,11 @@ and whose K-BFGS sees no native bf16 (``matmul_dtype="auto"`` takes float32 prod
 AVX-512 BF16 of the project's CI this reproduces every AVX2 golden bit for bit (checked with ``--check`` before a
 re-recording: do the same on another CPU before trusting it there; on an Intel Xeon with AVX-512 but no BF16 every
 run differs, so that CPU has a recording of its own, not an emulated one). A recording names the CPU model it was made
-on (``environment()``), and applies only to that model where it names one (``recorded_for``); re-recording one of the
-first three, which name none, narrows it to this machine's model.
+on (``environment()``), and applies only to that model where it names one (``recorded_for``); a machine takes the
+recording naming its model before one naming none (``recording_for``). Re-recording one of the first three, which
+name none, narrows it to this machine's model; where such a recording applies but does not reproduce (``--check``),
+``--beside`` records this model in a file of its own instead (``golden_file``: a file named by the kernels, and by the
+model where that name is taken), leaving the other CPUs their recording.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from tests.golden.variants import (
     VARIANTS,
     environment,
     golden_file,
+    read_recordings,
     resume_from_committed_checkpoint,
     run,
 )
@@ -60,9 +64,11 @@ def record() -> dict[str, Any]:
     return out
 
 
-def write_or_check(out: dict[str, Any], check: bool) -> int:
-    """Write ``out`` to its environment's file, or (``check``) compare it with that file: 0 when equal."""
-    path = HERE / golden_file(out["environment"])
+def write_or_check(out: dict[str, Any], check: bool, beside: bool = False) -> int:
+    """Write ``out`` to its environment's file, or (``check``) compare it with that file: 0 when equal.
+    ``beside``: a recording that names no CPU model is not that file (a new one, naming this model, goes beside it)."""
+    recordings = {name: rec["environment"] for name, rec in read_recordings(HERE).items()}
+    path = HERE / golden_file(out["environment"], recordings, unpinned=not beside)
     if not check:
         path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
         print(f"wrote {path.name}: {len(out['runs'])} runs, {len(out['resumed'])} continuations")
@@ -79,6 +85,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--emulate", choices=sorted(EMULATIONS), help="record another environment's goldens")
     parser.add_argument("--check", action="store_true", help="compare with the recording instead of writing it")
+    parser.add_argument("--beside", action="store_true",
+                        help="where a recording naming no CPU model applies but does not reproduce here, record this "
+                             "model in a file of its own beside it (it is then preferred here) instead of narrowing it")
     args = parser.parse_args()
     if args.emulate and os.environ.get(_EMULATING) != args.emulate:
         # the kernels are chosen when torch loads: only a fresh process can take other ones
@@ -89,7 +98,7 @@ def main() -> int:
 
         flags = config._cpu_flags() - {"avx512_bf16", "amx_bf16"}
         config._cpu_flags = lambda: flags  # no native bf16 as the CPU reports it
-    return write_or_check(record(), args.check)
+    return write_or_check(record(), args.check, args.beside)
 
 
 if __name__ == "__main__":

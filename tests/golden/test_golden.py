@@ -3,7 +3,6 @@ recorded goldens, and every committed checkpoint resumed to the recorded continu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -15,20 +14,22 @@ from tests.golden.variants import (
     THREADS,
     VARIANTS,
     environment,
-    recorded_for,
+    read_recordings,
+    recording_for,
     resume_from_committed_checkpoint,
     run,
 )
 
 HERE = Path(__file__).parent
-RECORDINGS = [json.loads(f.read_text()) for f in sorted(HERE.glob("trajectories*.json"))]
-GOLDEN = next((g for g in RECORDINGS if recorded_for(g["environment"], environment())), {"runs": {}, "resumed": {}})
+RECORDINGS = read_recordings(HERE)
+APPLIES = recording_for({name: rec["environment"] for name, rec in RECORDINGS.items()}, environment())
+GOLDEN = RECORDINGS[APPLIES] if APPLIES else {"runs": {}, "resumed": {}}
 
 
 @pytest.fixture(autouse=True)
 def _same_kernels():
     if "environment" not in GOLDEN:
-        recorded = [g["environment"] for g in RECORDINGS]
+        recorded = [g["environment"] for g in RECORDINGS.values()]
         pytest.skip(f"goldens were recorded with {recorded}, this machine is {environment()}: bits may differ")
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)

@@ -16,6 +16,8 @@ recording that names its CPU model that model: the test skips, saying why, where
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -175,13 +177,34 @@ def recorded_for(recorded: dict[str, Any], here: dict[str, Any]) -> bool:
     return True
 
 
-def golden_file(env: dict[str, Any]) -> str:
-    """The goldens of one environment: ``trajectories.json`` for the first recording (AVX2 kernels), one file
-    per other environment."""
-    if env["cpu_capability"] == "AVX2" and not env["native_bf16"]:
-        return "trajectories.json"
-    return (f"trajectories_{env['cpu_capability'].lower()}{'_bf16' if env['native_bf16'] else ''}"
-            f"{'_amx' if env.get('amx') else ''}.json")
+def recording_for(recordings: dict[str, dict[str, Any]], here: dict[str, Any], *, unpinned: bool = True) -> str | None:
+    """The file among ``recordings`` (file name -> the environment it was recorded in) that applies ``here``: one
+    that names this CPU model before one that names none (``unpinned=False``: only the former); ``None`` if none
+    applies."""
+    named = [name for name, env in sorted(recordings.items()) if "cpu_model" in env and recorded_for(env, here)]
+    unnamed = [name for name, env in sorted(recordings.items()) if "cpu_model" not in env and recorded_for(env, here)]
+    return next(iter(named + (unnamed if unpinned else [])), None)
+
+
+def golden_file(here: dict[str, Any], recordings: dict[str, dict[str, Any]], *, unpinned: bool = True) -> str:
+    """Where the recording of environment ``here`` goes: the file that applies here (:func:`recording_for`),
+    else a new one named by the kernels and product dtype (``trajectories.json`` for the first recording: AVX2,
+    float32 products), and also by the CPU model where another model's recording already holds that name."""
+    applies = recording_for(recordings, here, unpinned=unpinned)
+    if applies is not None:
+        return applies
+    name = ("trajectories.json" if here["cpu_capability"] == "AVX2" and not here["native_bf16"] else
+            f"trajectories_{here['cpu_capability'].lower()}{'_bf16' if here['native_bf16'] else ''}"
+            f"{'_amx' if here.get('amx') else ''}.json")
+    if name not in recordings:
+        return name
+    model = re.sub(r"[^a-z0-9]+", "_", here["cpu_model"].lower()).strip("_")
+    return f"{name.removesuffix('.json')}_{model}.json"
+
+
+def read_recordings(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every committed recording in ``folder``, by file name."""
+    return {f.name: json.loads(f.read_text()) for f in sorted(folder.glob("trajectories*.json"))}
 
 
 def resume_from_committed_checkpoint(variant: str) -> dict[str, Any]:
