@@ -67,13 +67,14 @@ def record() -> dict[str, Any]:
 def write_or_check(out: dict[str, Any], check: bool, beside: bool = False) -> int:
     """Write ``out`` to its environment's file, or (``check``) compare it with that file: 0 when equal.
     ``beside``: a recording that names no CPU model is not that file (a new one, naming this model, goes beside it)."""
-    recordings = {name: rec["environment"] for name, rec in read_recordings(HERE).items()}
-    path = HERE / golden_file(out["environment"], recordings, unpinned=not beside)
+    recordings = read_recordings(HERE)
+    name = golden_file(out["environment"], {n: rec["environment"] for n, rec in recordings.items()}, unpinned=not beside)
+    path = HERE / name
     if not check:
         path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
         print(f"wrote {path.name}: {len(out['runs'])} runs, {len(out['resumed'])} continuations")
         return 0
-    recorded = json.loads(path.read_text()) if path.exists() else {"runs": {}, "resumed": {}}
+    recorded = recordings.get(name, {"runs": {}, "resumed": {}})
     differ = [key for part in ("runs", "resumed") for key in sorted(set(out[part]) | set(recorded[part]))
               if out[part].get(key) != recorded[part].get(key)]
     print(f"{path.name} ({out['environment']}): {len(differ)} of {len(out['runs']) + len(out['resumed'])} differ"

@@ -181,9 +181,9 @@ def recording_for(recordings: dict[str, dict[str, Any]], here: dict[str, Any], *
     """The file among ``recordings`` (file name -> the environment it was recorded in) that applies ``here``: one
     that names this CPU model before one that names none (``unpinned=False``: only the former); ``None`` if none
     applies."""
-    named = [name for name, env in sorted(recordings.items()) if "cpu_model" in env and recorded_for(env, here)]
-    unnamed = [name for name, env in sorted(recordings.items()) if "cpu_model" not in env and recorded_for(env, here)]
-    return next(iter(named + (unnamed if unpinned else [])), None)
+    applies = [name for name, env in sorted(recordings.items())
+               if recorded_for(env, here) and (unpinned or "cpu_model" in env)]
+    return min(applies, key=lambda name: "cpu_model" not in recordings[name], default=None)  # the first named
 
 
 def golden_file(here: dict[str, Any], recordings: dict[str, dict[str, Any]], *, unpinned: bool = True) -> str:
