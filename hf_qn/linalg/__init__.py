@@ -16,9 +16,11 @@ from .cast import cast, matmul_float32
 from .damping import DampedPair, double_damping, lm_damping, mlbfgs_damping, mlbfgs_mix, powell_damping_inverse
 from .kron import damped_cholesky_inverse, kron_precondition
 from .lbfgs import LBFGSHistory
+from .polar import NEWTON_SCHULZ_QUINTIC, newton_schulz_polar, polar_each
 from .spectral import sym_psd_norm_estimate, sym_psd_norm_estimates
 
 __all__ = [
+    "NEWTON_SCHULZ_QUINTIC",
     "CurvatureCheck",
     "DampedPair",
     "LBFGSHistory",
@@ -37,6 +39,8 @@ __all__ = [
     "matmul_float32",
     "mlbfgs_damping",
     "mlbfgs_mix",
+    "newton_schulz_polar",
+    "polar_each",
     "powell_damping_inverse",
     "sym_psd_norm_estimate",
     "sym_psd_norm_estimates",

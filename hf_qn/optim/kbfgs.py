@@ -485,7 +485,7 @@ class KBFGS(QNOptimizerBase):
         D = [la.direction(src, self._matmul_dtype_for(la)) for la, src in zip(on, sources)]
         if cfg.graft == "adam":  # [D ← D / (√v̂_D + ε)], then D ← D · ‖m̂ / (√v̂ + ε)‖ / ‖D‖
             D, norms = graft_to_adam(on, D, grads, cfg.grad_decay, cfg.adam_betas[1], cfg.fallback_eps,
-                                     bool(cfg.direction_rms))
+                                     bool(cfg.direction_rms), cfg.polar_steps)
         else:
             norms = list(torch._foreach_norm(D)) if D else []
         dev = D[0].device if D else None

@@ -28,6 +28,7 @@ from ..distributed.shards import whole
 from ..linalg import cast, damped_cholesky_inverse, kron_precondition, sym_psd_norm_estimates
 from ..linalg.batched import curvature_ok_rows, double_damping_rows
 from ..linalg.blocks import BlockSplit, matvec_each
+from ..linalg.polar import polar_each
 from ._base import adam_denominators_, count_steps_, group_indices, weight_by_gradient_signal_
 from .output_side import OutputSide, PairLearner, keep_blocks, rank2_updates
 from .state import KBFGS_LAYER_COUNTERS
@@ -36,6 +37,11 @@ __all__ = [
     "KroneckerLayer", "PairHyper", "grads_with_l2", "graft_to_adam", "layer_statistics", "read_flags",
     "update_input_factors", "update_input_inverses", "update_momenta", "update_output_sides",
 ]
+
+
+#: Newton-Schulz iterations of ``polar_steps``' orthogonalization: 3 instead of Muon's 5, a third cheaper. Measured
+#: on the 5.8M GPT-2 on the docstrings, 120 steps, polar for the first 60: validation loss 4.25 against 4.30 with 5.
+POLAR_ITERATIONS = 3
 
 
 class KroneckerLayer:
@@ -154,6 +160,12 @@ class KroneckerLayer:
         return graft
 
     @property
+    def takes_polar(self) -> bool:
+        """Whether ``polar_steps`` orthogonalizes this layer's first directions: a layer preconditioned on both sides
+        (as Muon, not an embedding, whose rows are tokens, nor a one-sided layer, such as an LM head)."""
+        return not (self.adapter.input_diagonal or self.adapter.one_sided)
+
+    @property
     def direction_flops(self) -> int:
         """Multiply-adds of ``H_g ĝ H_a`` with dense factors (``ĝ H_a`` one-sided): what decides whether
         ``matmul_dtype="auto"`` uses bfloat16 for this layer."""
@@ -251,7 +263,7 @@ def update_momenta(layers: list[KroneckerLayer], grads: list[Tensor], rho: float
 
 def graft_to_adam(
     layers: list[KroneckerLayer], directions: list[Tensor], grads: list[Tensor], rho: float, beta2: float, eps: float,
-    direction_rms: bool = False,
+    direction_rms: bool = False, polar_steps: int = 0,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Each layer's ``D`` rescaled to the norm of Adam's step ``m̂ / (√v̂ + ε)`` in that layer, where
     ``m̂ = ĝ / (1 − ρᵗ)`` and ``v ← β₂ v + (1 − β₂) G²`` (``G``: this step's gradient with L2); ``t`` counts the
@@ -259,7 +271,11 @@ def graft_to_adam(
     weighted by how far its gradient's RMS stands above ε, ``D ← D (1 − ε / (√v̂ + ε)) / (√v̂_D + ε)`` with
     ``v_D ← β₂ v_D + (1 − β₂) D²`` (Adam's second moment, of the preconditioned direction instead of the gradient;
     the weight: :func:`weight_by_gradient_signal_`, for the entries ``H_g`` and ``H_a`` mix into a coordinate
-    without gradient).
+    without gradient). At a step ``t ≤ polar_steps`` of a layer that :attr:`KroneckerLayer.takes_polar`, the
+    shape is ``(1 − w) P / ‖P‖ + w D / ‖D‖`` with ``w = (t − 1) / polar_steps``, ``D`` as above and ``P`` the
+    orthogonal polar factor of the plain direction (:func:`~hf_qn.linalg.newton_schulz_polar`,
+    :data:`POLAR_ITERATIONS` iterations) with the same weight: from the polar factor at the first step to ``D``
+    alone after ``polar_steps`` (``v_D`` takes ``D²`` at every step).
 
     Adam's bias correction ``v̂ = v / c²`` (``c = √(1 − β₂ᵗ)``) is folded into ε: ``√v̂ + ε = (√v + cε) / c``, so the
     denominators are ``√v + cε`` (a pass fewer each than ``√v / c + ε``), the gradient's weight is
@@ -286,9 +302,22 @@ def graft_to_adam(
         samples = [grads[i] for i in idx] + (D if direction_rms else [])
         denoms = adam_denominators_(moments, samples, beta2, t, eps, folded=True)  # √v + cε
         momenta = [layers[i].state["momentum_buffer"] for i in idx]
+        polar = [k for k, i in enumerate(idx) if t <= polar_steps and layers[i].takes_polar]
+        P = polar_each([D[k] for k in polar], POLAR_ITERATIONS)
+        if polar:
+            weight_by_gradient_signal_(P, [denoms[k] for k in polar], c * eps)
         if direction_rms:
             torch._foreach_div_(D, denoms[n:])
             weight_by_gradient_signal_(D, denoms[:n], c * eps)
+        if polar:  # D ← (1 − w) P / ‖P‖ + w D / ‖D‖, w = (t − 1) / polar_steps: from the polar factor to D
+            w = (t - 1) / polar_steps
+            mixed = [D[k] for k in polar]
+            inv_p = torch.stack(torch._foreach_norm(P)).clamp_min(tiny).reciprocal().mul_(1.0 - w)
+            inv_d = torch.stack(torch._foreach_norm(mixed)).clamp_min(tiny).reciprocal().mul_(w)
+            torch._foreach_mul_(P, inv_p.unbind())
+            torch._foreach_mul_(mixed, inv_d.unbind())
+            torch._foreach_add_(mixed, P)
+        if direction_rms:
             quotients = [torch.div(m, d, out=spent) for m, d, spent in zip(momenta, denoms[:n], denoms[n:])]
         else:
             quotients = list(torch._foreach_div(momenta, denoms))

@@ -107,6 +107,7 @@ OPTIMIZERS = {
     "kbfgs_kfac": lambda m: hf_qn.KBFGS(m, output_side="kfac", update_interval=2),  # K-FAC's output factor
     "kbfgs_kfac_paper_blocks": lambda m: hf_qn.KBFGS(m, preset="paper", lr=0.1, output_side="kfac", max_block_dim=3),
     "kbfgs_none": lambda m: hf_qn.KBFGS(m, output_side="none", update_interval=2),  # no output factor (a fine-tune's)
+    "kbfgs_polar": lambda m: hf_qn.KBFGS(m, polar_steps=6),  # saved while its first directions are polar
     "mlbfgs": lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=2, history_size=3),
     "mlbfgs_bf16": lambda m: hf_qn.MLBFGS(m, lr=0.05, update_interval=2, history_size=3,
                                           history_dtype=torch.bfloat16),

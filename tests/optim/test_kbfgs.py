@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 import hf_qn
+from hf_qn.linalg import NEWTON_SCHULZ_QUINTIC
 from hf_qn.optim._base import ROLE, ROLE_FALLBACK
+from hf_qn.optim.kbfgs_layer import POLAR_ITERATIONS
 from hf_qn.optim.state import iter_tensors
 from tests._helpers.models import SmallCNN, digits_tensors, mlp, tiny_bert, tiny_gpt2, token_batch
 from tests._helpers.training import dead_unit_drift, flat_state, lm_loss, loop, mse_loss, regression_batches, roundtrip
@@ -848,6 +850,82 @@ def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting(los
 
     assert hf_qn.KBFGS(mlp(), config=KBFGSConfig(graft="none"), graft="adam").config.direction_rms is True
     assert hf_qn.KBFGS(mlp(), config=KBFGSConfig(direction_rms=False), lr=1e-3).config.direction_rms is False
+
+
+def _polar_reference(D: torch.Tensor, steps: int) -> torch.Tensor:
+    """``U p(…p(Σ / ‖D‖)…) Vᵀ`` for ``D = U Σ Vᵀ``, by an SVD in float64 (Muon's quintic on each singular value)."""
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    s = S / (S.norm() + 1e-7)
+    a, b, c = NEWTON_SCHULZ_QUINTIC
+    for _ in range(steps):
+        s = a * s + b * s**3 + c * s**5
+    return U @ torch.diag(s) @ Vh
+
+
+def test_polar_steps_orthogonalize_the_first_directions_then_hand_over_to_direction_rms():
+    """polar_steps=3: at each layer's step t ≤ 3 the step is Adam's length along (1 − w) P / ‖P‖ + w R / ‖R‖,
+    w = (t − 1) / 3, with P = (1 − ε / (√v̂ + ε)) · NS(D) (NS: the Newton-Schulz polar factor of the plain K-BFGS
+    direction D, by a float64 SVD reference) and R direction_rms's shape of D; from step 4 on it is R alone, whose
+    v_D has taken D² at every step. A twin without grafting at lr 1 gives D, as in the direction_rms test."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3)).double()
+    twin = copy.deepcopy(model)
+    kw = {"l2": 0.0, "max_loss_increase": None, "pairs": "consecutive"}
+    opt = hf_qn.KBFGS(model, preset="paper", graft="adam", direction_rms=True, polar_steps=3, lr=1e-2, **kw)
+    ref = hf_qn.KBFGS(twin, preset="paper", lr=1.0, **kw)
+    rho, beta2, eps = opt.config.grad_decay, opt.config.fallback_betas[1], opt.config.fallback_eps
+    layers, twin_layers = [model[0], model[3]], [twin[0], twin[3]]
+    assert all(la.takes_polar for la in opt.layers)
+    adam = _AdamLengths(layers, rho, beta2, eps)
+    v_D = [torch.zeros_like(x) for x in adam.m]
+    for t, batch in enumerate(regression_batches(6, dtype=torch.float64), start=1):
+        before = [_layer_matrix(la) for la in layers]
+        for o, net in ((opt, model), (ref, twin)):
+            o.zero_grad()
+            mse_loss(net, batch).backward()
+        adam.observe()
+        opt.step()
+        ref.step()
+        for i, (la, tw) in enumerate(zip(layers, twin_layers)):
+            D = before[i] - _layer_matrix(tw)
+            v_D[i] = beta2 * v_D[i] + (1 - beta2) * D * D
+            weight = 1 - eps / ((adam.v[i] / (1 - beta2**t)).sqrt() + eps)
+            shaped = D * weight / ((v_D[i] / (1 - beta2**t)).sqrt() + eps)
+            if t <= 3:
+                polar = _polar_reference(D, POLAR_ITERATIONS) * weight
+                w = (t - 1) / 3
+                shaped = (1 - w) * polar / polar.norm() + w * shaped / shaped.norm()
+            expected = -adam.length(i, 1e-2) * shaped / shaped.norm()
+            torch.testing.assert_close(_layer_matrix(la) - before[i], expected, rtol=2e-4, atol=1e-9)
+        with torch.no_grad():
+            for p, q in zip(twin.parameters(), model.parameters()):
+                p.copy_(q)
+
+
+def test_polar_steps_leave_embeddings_and_one_sided_layers_alone():
+    """Muon's split: an embedding (rows are tokens) and a one-sided layer (an LM head wider than max_dim) keep the
+    RMS-scaled direction during polar_steps: their first step is bitwise the one without polar_steps, while a
+    two-sided layer's is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 12))
+    tokens = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(0))
+    moved = {}
+    for polar in (0, 5):
+        net = copy.deepcopy(model)
+        opt = hf_qn.KBFGS(net, polar_steps=polar, policy=hf_qn.LayerPolicy(max_dim=8, wide="one_sided", adapt_embeddings=True), lr=1e-2)
+        sides = {la.adapter.name: la.takes_polar for la in opt.layers}
+        net(tokens).logsumexp(-1).mean().backward()
+        opt.step()
+        moved[polar] = [(q - p).detach() for p, q in zip(model.parameters(), net.parameters())]
+    assert sides == {"0": False, "1": True, "3": False}
+    assert torch.equal(moved[0][0], moved[5][0])  # the embedding
+    assert not torch.equal(moved[0][1], moved[5][1])  # the two-sided Linear
+    assert torch.equal(moved[0][4], moved[5][4])  # the one-sided Linear's weight
+    with pytest.raises(ValueError, match="polar_steps=2 with graft='none'.*graft='adam'"):
+        hf_qn.KBFGS(mlp(), graft="none", polar_steps=2)
+    with pytest.raises(ValueError, match="polar_steps"):
+        hf_qn.KBFGS(mlp(), polar_steps=-1)
+    assert hf_qn.KBFGS(mlp(), preset="paper", graft="adam").config.polar_steps == 0
 
 
 def test_direction_rms_keeps_a_unit_without_gradient_in_place():
