@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hf_qn.linalg import newton_schulz_polar
 from hf_qn.optim.config import fast_bf16
 
 __all__ = ["MuonFactory", "MuonWithAdamW", "hidden_matrices", "muon_float32", "newton_schulz_float32"]
@@ -47,17 +48,8 @@ def hidden_matrices(model: nn.Module) -> list[str]:
 def newton_schulz_float32(grad: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
                           eps: float) -> Tensor:
     """Muon's quintic Newton-Schulz orthogonalization in float32 (torch's runs it in bfloat16, which is slow on a
-    CPU without native bf16): ``X ← aX + (b XXᵀ + c (XXᵀ)²) X`` from ``X = G/‖G‖``, on the wide orientation."""
-    a, b, c = ns_coefficients
-    X = grad.to(torch.float32)
-    tall = X.size(0) > X.size(1)
-    if tall:
-        X = X.T
-    X = X / (X.norm() + eps)
-    for _ in range(ns_steps):
-        gram = X @ X.T
-        X = a * X + (b * gram + c * gram @ gram) @ X
-    return X.T if tall else X
+    CPU without native bf16): hf_qn's :func:`~hf_qn.linalg.newton_schulz_polar`, with torch's signature."""
+    return newton_schulz_polar(grad, ns_steps, eps, ns_coefficients)
 
 
 @contextmanager

@@ -12,14 +12,16 @@ __all__ = ["NEWTON_SCHULZ_QUINTIC", "newton_schulz_polar", "polar_each"]
 NEWTON_SCHULZ_QUINTIC = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz_polar(X: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+def newton_schulz_polar(
+    X: Tensor, steps: int, eps: float = 1e-7, coefficients: tuple[float, float, float] = NEWTON_SCHULZ_QUINTIC
+) -> Tensor:
     """``U p(…p(Σ / ‖X‖)…) Vᵀ`` for ``X = U Σ Vᵀ`` (``X``: a matrix or a batch of them, ``(..., m, n)``; float32, or
     float64 for a float64 ``X``):
     ``steps`` iterations of ``X ← a X + (b X Xᵀ + c (X Xᵀ)²) X`` from ``X / (‖X‖ + eps)`` (Frobenius norm, per
     matrix), on the wide orientation (``X Xᵀ`` the smaller Gram). Singular vectors are kept exactly; each singular
-    value moves through :data:`NEWTON_SCHULZ_QUINTIC` ``steps`` times, so the result approaches the polar factor
+    value moves through the quintic ``coefficients`` (``a, b, c``) ``steps`` times, so the result approaches the polar factor
     ``U Vᵀ`` on the directions whose singular value is not far below the norm. A zero matrix stays zero."""
-    a, b, c = NEWTON_SCHULZ_QUINTIC
+    a, b, c = coefficients
     Y = X.to(torch.promote_types(X.dtype, torch.float32))
     tall = Y.size(-2) > Y.size(-1)
     if tall:

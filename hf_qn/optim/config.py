@@ -301,10 +301,11 @@ class KBFGSConfig(_Config):
             and the RMS-scaled direction moves about as AdamW's step does; the polar factor moves every direction of
             the early gradients alike, as Muon's does. Only layers preconditioned on both sides (no embedding, no
             one-sided layer such as an LM head). Costs a Newton-Schulz iteration per layer and step while it
-            lasts (3 matrix products, 3 times). Measured on the 5.8M GPT-2 on the docstrings, 120 s under the
-            Trainer's linear decay, 2 seeds: 40 against 0, 4.231 against 4.323 (better on both seeds; Muon
-            4.210); a hard switch after 20 or 30 steps jolted the loss up, a blend over 40 or 60 did not.
-            (default: 0)
+            lasts (3 matrix products, 3 times). Measured on the 5.8M GPT-2 under the Trainer's linear decay, 2
+            seeds, at twice the default lr: on the docstrings (120 s) 40 against 0, 4.231 against 4.323 (better on
+            both seeds; Muon 4.210), on the Wikipedia card (240 s) 5.485 against 5.556 at the default lr without it
+            (Muon 5.507); at the default lr it did not help the card (5.581). A hard switch after 20 or 30 steps
+            jolted the loss up, a blend over 40 or 60 did not. (default: 0)
         kl_clip: if set, scales the step down so that ``α² Σ⟨D, ĝ⟩ ≤ kl_clip`` (kfac-pytorch's
             KL clipping; with ``nesterov``, ``ĝ``'s look-ahead, the matrix ``D`` preconditions, in place of ``ĝ``);
             None follows the paper. (default: None)
