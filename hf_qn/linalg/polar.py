@@ -19,8 +19,9 @@ def newton_schulz_polar(
     float64 for a float64 ``X``):
     ``steps`` iterations of ``X ← a X + (b X Xᵀ + c (X Xᵀ)²) X`` from ``X / (‖X‖ + eps)`` (Frobenius norm, per
     matrix), on the wide orientation (``X Xᵀ`` the smaller Gram). Singular vectors are kept exactly; each singular
-    value moves through the quintic ``coefficients`` (``a, b, c``) ``steps`` times, so the result approaches the polar factor
-    ``U Vᵀ`` on the directions whose singular value is not far below the norm. A zero matrix stays zero."""
+    value moves through the quintic ``coefficients`` (``a, b, c``) ``steps`` times, so the result approaches the
+    polar factor ``U Vᵀ`` on the directions whose singular value is not far below the norm. A zero matrix stays
+    zero."""
     a, b, c = coefficients
     Y = X.to(torch.promote_types(X.dtype, torch.float32))
     tall = Y.size(-2) > Y.size(-1)
