@@ -49,7 +49,7 @@ def newton_schulz_float32(grad: Tensor, ns_coefficients: tuple[float, float, flo
                           eps: float) -> Tensor:
     """Muon's quintic Newton-Schulz orthogonalization in float32 (torch's runs it in bfloat16, which is slow on a
     CPU without native bf16): hf_qn's :func:`~hf_qn.linalg.newton_schulz_polar`, with torch's signature."""
-    return newton_schulz_polar(grad, ns_steps, eps, ns_coefficients)
+    return newton_schulz_polar(grad.to(torch.float32), ns_steps, eps, ns_coefficients)
 
 
 @contextmanager

@@ -37,3 +37,14 @@ def random_pair(n: int, B: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if B is None:
         B = random_spd(n)
     return s, B @ s
+
+
+def svd_polar(X: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float = 1e-7) -> Tensor:
+    """``U p(…p(Σ / (‖X‖ + eps))…) Vᵀ`` for ``X = U Σ Vᵀ`` by an SVD in float64: the Newton-Schulz quintic
+    ``p(x) = a x + b x³ + c x⁵`` (``coefficients``) applied ``steps`` times to each singular value."""
+    U, S, Vh = torch.linalg.svd(X.double(), full_matrices=False)
+    s = S / (S.norm() + eps)
+    a, b, c = coefficients
+    for _ in range(steps):
+        s = a * s + b * s**3 + c * s**5
+    return U @ torch.diag(s) @ Vh

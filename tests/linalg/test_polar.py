@@ -6,16 +6,11 @@ import pytest
 import torch
 
 from hf_qn.linalg import NEWTON_SCHULZ_QUINTIC, newton_schulz_polar, polar_each
+from tests._helpers.dense import svd_polar
 
 
 def _reference(X: torch.Tensor, steps: int) -> torch.Tensor:
-    """``U p(…p(Σ / ‖X‖)…) Vᵀ`` by an SVD in float64: the quintic applied to each singular value."""
-    U, S, Vh = torch.linalg.svd(X.double(), full_matrices=False)
-    s = S / (torch.linalg.matrix_norm(X.double()) + 1e-7)  # the eps of newton_schulz_polar
-    a, b, c = NEWTON_SCHULZ_QUINTIC
-    for _ in range(steps):
-        s = a * s + b * s**3 + c * s**5
-    return U @ torch.diag(s) @ Vh
+    return svd_polar(X, steps, NEWTON_SCHULZ_QUINTIC)
 
 
 @pytest.mark.parametrize("shape", [(12, 30), (30, 12), (16, 16)])

@@ -15,6 +15,7 @@ from hf_qn.linalg import NEWTON_SCHULZ_QUINTIC
 from hf_qn.optim._base import ROLE, ROLE_FALLBACK
 from hf_qn.optim.kbfgs_layer import POLAR_ITERATIONS
 from hf_qn.optim.state import iter_tensors
+from tests._helpers.dense import svd_polar
 from tests._helpers.models import SmallCNN, digits_tensors, mlp, tiny_bert, tiny_gpt2, token_batch
 from tests._helpers.training import dead_unit_drift, flat_state, lm_loss, loop, mse_loss, regression_batches, roundtrip
 
@@ -801,19 +802,22 @@ def test_adam_grafting_counts_each_layers_own_steps_when_a_layer_was_paused():
     assert [int(opt.state[la.weight]["graft"]["steps"]) for la in layers] == [5, 3]
 
 
-@pytest.mark.parametrize("loss_scale", [1.0, 1e-7])
-def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting(loss_scale):
-    """direction_rms: D ← D (1 − ε / (√v̂ + ε)) / (√v̂_D + ε), v_D ← β₂ v_D + (1−β₂) D² (v̂: the gradient's Adam
-    second moment), then Adam's layer length. A float64 reference
-    from the plain direction D: a twin optimizer without grafting at lr 1 (whose step is −D) sees the same
-    parameters and batches (consecutive-batch pairs, so both learn the same factors) and is reset onto the RMS
-    run's parameters after every step. A loss scaled by 1e-7 puts the gradients and directions at the scale of ε,
-    where each of the three ε terms (and their bias corrections, which the code folds into ε) moves the step."""
+def _check_grafted_rms_steps(
+    loss_scale: float = 1.0, polar_steps: int = 0
+) -> tuple[hf_qn.KBFGS, nn.Module, list[float]]:
+    """Six grafted steps with direction_rms (and ``polar_steps``) on a float64 MLP, each checked against a float64
+    reference built from the plain direction D: a twin optimizer without grafting at lr 1 (whose step is −D) sees
+    the same parameters and batches (consecutive-batch pairs, so both learn the same factors) and is reset onto the
+    grafted run's parameters after every step. The expected step is Adam's length along R = D (1 − ε / (√v̂ + ε)) /
+    (√v̂_D + ε), v_D ← β₂ v_D + (1−β₂) D² (v̂: the gradient's Adam second moment); at a step t ≤ polar_steps along
+    (1 − w) P / ‖P‖ + w R / ‖R‖, w = (t − 1) / polar_steps, P = (1 − ε / (√v̂ + ε)) · NS(D) (NS: the Newton-Schulz
+    polar factor, by a float64 SVD). Returns the optimizer, its model and the median gradient weight of each step
+    and layer."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3)).double()
     twin = copy.deepcopy(model)
     kw = {"l2": 0.0, "max_loss_increase": None, "pairs": "consecutive"}
-    opt = hf_qn.KBFGS(model, preset="paper", graft="adam", direction_rms=True, lr=1e-2, **kw)
+    opt = hf_qn.KBFGS(model, preset="paper", graft="adam", direction_rms=True, polar_steps=polar_steps, lr=1e-2, **kw)
     ref = hf_qn.KBFGS(twin, preset="paper", lr=1.0, **kw)  # graft="none": the step is −1·D
     rho, beta2, eps = opt.config.grad_decay, opt.config.fallback_betas[1], opt.config.fallback_eps
     layers, twin_layers = [model[0], model[3]], [twin[0], twin[3]]
@@ -832,13 +836,27 @@ def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting(los
             D = before[i] - _layer_matrix(tw)
             v_D[i] = beta2 * v_D[i] + (1 - beta2) * D * D
             weight = 1 - eps / ((adam.v[i] / (1 - beta2**t)).sqrt() + eps)
-            D_rms = D * weight / ((v_D[i] / (1 - beta2**t)).sqrt() + eps)
-            expected = -adam.length(i, 1e-2) * D_rms / D_rms.norm()
+            shaped = D * weight / ((v_D[i] / (1 - beta2**t)).sqrt() + eps)
+            if t <= polar_steps:
+                polar = svd_polar(D, POLAR_ITERATIONS, NEWTON_SCHULZ_QUINTIC) * weight
+                w = (t - 1) / polar_steps
+                shaped = (1 - w) * polar / polar.norm() + w * shaped / shaped.norm()
+            expected = -adam.length(i, 1e-2) * shaped / shaped.norm()
             torch.testing.assert_close(_layer_matrix(la) - before[i], expected, rtol=2e-4, atol=1e-9)
             weights.append(float(weight.median()))
-        with torch.no_grad():  # the twin continues from the RMS run's point
+        with torch.no_grad():  # the twin continues from the grafted run's point
             for p, q in zip(twin.parameters(), model.parameters()):
                 p.copy_(q)
+    return opt, model, weights
+
+
+@pytest.mark.parametrize("loss_scale", [1.0, 1e-7])
+def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting(loss_scale):
+    """direction_rms: D ← D (1 − ε / (√v̂ + ε)) / (√v̂_D + ε), v_D ← β₂ v_D + (1−β₂) D² (v̂: the gradient's Adam
+    second moment), then Adam's layer length, against the float64 reference of :func:`_check_grafted_rms_steps`.
+    A loss scaled by 1e-7 puts the gradients and directions at the scale of ε, where each of the three ε terms (and
+    their bias corrections, which the code folds into ε) moves the step."""
+    opt, model, weights = _check_grafted_rms_steps(loss_scale)
     # at the scale of ε the gradient's weight is far from 1 (and the other ε terms as large): the case bites
     assert max(weights) < 0.9 if loss_scale < 1 else min(weights) > 1 - 1e-4
     assert opt.state[model[0].weight]["graft"]["direction_sq"].shape == (8, 7)
@@ -852,54 +870,13 @@ def test_direction_rms_divides_each_entry_by_its_running_rms_before_grafting(los
     assert hf_qn.KBFGS(mlp(), config=KBFGSConfig(direction_rms=False), lr=1e-3).config.direction_rms is False
 
 
-def _polar_reference(D: torch.Tensor, steps: int) -> torch.Tensor:
-    """``U p(…p(Σ / ‖D‖)…) Vᵀ`` for ``D = U Σ Vᵀ``, by an SVD in float64 (Muon's quintic on each singular value)."""
-    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
-    s = S / (S.norm() + 1e-7)
-    a, b, c = NEWTON_SCHULZ_QUINTIC
-    for _ in range(steps):
-        s = a * s + b * s**3 + c * s**5
-    return U @ torch.diag(s) @ Vh
-
-
 def test_polar_steps_orthogonalize_the_first_directions_then_hand_over_to_direction_rms():
     """polar_steps=3: at each layer's step t ≤ 3 the step is Adam's length along (1 − w) P / ‖P‖ + w R / ‖R‖,
-    w = (t − 1) / 3, with P = (1 − ε / (√v̂ + ε)) · NS(D) (NS: the Newton-Schulz polar factor of the plain K-BFGS
-    direction D, by a float64 SVD reference) and R direction_rms's shape of D; from step 4 on it is R alone, whose
-    v_D has taken D² at every step. A twin without grafting at lr 1 gives D, as in the direction_rms test."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3)).double()
-    twin = copy.deepcopy(model)
-    kw = {"l2": 0.0, "max_loss_increase": None, "pairs": "consecutive"}
-    opt = hf_qn.KBFGS(model, preset="paper", graft="adam", direction_rms=True, polar_steps=3, lr=1e-2, **kw)
-    ref = hf_qn.KBFGS(twin, preset="paper", lr=1.0, **kw)
-    rho, beta2, eps = opt.config.grad_decay, opt.config.fallback_betas[1], opt.config.fallback_eps
-    layers, twin_layers = [model[0], model[3]], [twin[0], twin[3]]
+    w = (t − 1) / 3, with P the weighted Newton-Schulz polar factor of the plain K-BFGS direction D and R
+    direction_rms's shape of D; from step 4 on it is R alone, whose v_D has taken D² at every step (the float64
+    reference of :func:`_check_grafted_rms_steps`)."""
+    opt, _, _ = _check_grafted_rms_steps(polar_steps=3)
     assert all(la.takes_polar for la in opt.layers)
-    adam = _AdamLengths(layers, rho, beta2, eps)
-    v_D = [torch.zeros_like(x) for x in adam.m]
-    for t, batch in enumerate(regression_batches(6, dtype=torch.float64), start=1):
-        before = [_layer_matrix(la) for la in layers]
-        for o, net in ((opt, model), (ref, twin)):
-            o.zero_grad()
-            mse_loss(net, batch).backward()
-        adam.observe()
-        opt.step()
-        ref.step()
-        for i, (la, tw) in enumerate(zip(layers, twin_layers)):
-            D = before[i] - _layer_matrix(tw)
-            v_D[i] = beta2 * v_D[i] + (1 - beta2) * D * D
-            weight = 1 - eps / ((adam.v[i] / (1 - beta2**t)).sqrt() + eps)
-            shaped = D * weight / ((v_D[i] / (1 - beta2**t)).sqrt() + eps)
-            if t <= 3:
-                polar = _polar_reference(D, POLAR_ITERATIONS) * weight
-                w = (t - 1) / 3
-                shaped = (1 - w) * polar / polar.norm() + w * shaped / shaped.norm()
-            expected = -adam.length(i, 1e-2) * shaped / shaped.norm()
-            torch.testing.assert_close(_layer_matrix(la) - before[i], expected, rtol=2e-4, atol=1e-9)
-        with torch.no_grad():
-            for p, q in zip(twin.parameters(), model.parameters()):
-                p.copy_(q)
 
 
 def test_polar_steps_leave_embeddings_and_one_sided_layers_alone():
