@@ -447,6 +447,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     os.makedirs(args.output_dir, exist_ok=True)
+    from hf_qn.integrations.model_card import code_description, hardware_description
+
+    code = code_description()  # the hf_qn this run imported, as it starts
+    logger.info("%s", code)
     Xtr, Xte = load_mnist(args.n_train, args.seed, args.smoke)
     logger.info("data: %d train / %d test real MNIST digits; %d threads", len(Xtr), len(Xte), args.threads)
     budget = max(args.budgets)
@@ -463,11 +467,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f" [{rec['error']}]" if rec["error"] else "")
         results.append(rec)
     table = markdown_table(results, args.budgets)
-    from hf_qn.integrations.model_card import hardware_description
-
     command = "python " + " ".join([sys.argv[0], *argv])
     meta = {"command": command, "args": dataclasses.asdict(args), "torch": torch.__version__,
-            "machine": hardware_description(), "date": time.strftime("%Y-%m-%d")}
+            "machine": hardware_description(), "code": code, "date": time.strftime("%Y-%m-%d")}
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:

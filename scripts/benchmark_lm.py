@@ -822,6 +822,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"Invalid --lr_schedule {args.lr_schedule!r}: one of {list(LR_SCHEDULES)}")
     check_optimizers(args.optimizers, args.arch)  # an unknown name, a bad variant, a missing peer: before any work
+    from hf_qn.integrations.model_card import code_description, hardware_description
+
+    code = code_description()  # the hf_qn this run imported, as it starts
+    logger.info("%s", code)
     device, autocast_dtype = resolve_device(args)
     names = ["adamw"] + [n for n in args.optimizers if n != "adamw"]  # AdamW is the reference of every ratio
     fixed = parse_fixed_lrs(args.lr, names)
@@ -844,11 +848,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 **({"peak_memory_gib": peaks[r.name]} if peaks else {})} for r in runs]
     rows = summarize(records, args.budget)
     table = markdown_table(rows, args.budget)
-    from hf_qn.integrations.model_card import hardware_description
-
     command = "python " + " ".join(["scripts/benchmark_lm.py", *argv])
     meta = {"command": command, "args": dataclasses.asdict(args), "torch": torch.__version__, "params": n_params,
-            "machine": hardware_description(), "date": time.strftime("%Y-%m-%d")}
+            "machine": hardware_description(), "code": code, "date": time.strftime("%Y-%m-%d")}
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"meta": meta, "sweeps": sweeps, "rows": rows, "records": records}, f, indent=1)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:

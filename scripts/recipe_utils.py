@@ -27,7 +27,7 @@ from muon_with_adamw import MuonFactory, MuonWithAdamW
 from transformers import TrainerCallback
 
 from hf_qn.distributed import shutdown
-from hf_qn.integrations.model_card import hardware_description, write_benchmark_card
+from hf_qn.integrations.model_card import code_description, hardware_description, write_benchmark_card
 from hf_qn.integrations.trainer import (
     _LEGACY_FLAGS,
     QNTrainer,
@@ -357,6 +357,8 @@ def run_comparison(
         logger.setLevel(training_args.get_process_log_level())
     check_push_possible(recipe, training_args)
     names, lrs = comparison_plan(recipe, training_args, default_lrs)
+    code = code_description()  # the hf_qn this run imported, as it starts
+    logger.info("%s", code)
     out_root = training_args.output_dir
     os.makedirs(out_root, exist_ok=True)
     sweeps = parse_lr_sweep(recipe.lr_sweep)
@@ -432,7 +434,8 @@ def run_comparison(
     _save_best(best_model, tokenizer, out_root)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     meta = {"task": task_name, "command": command, "metric": key, "greater_is_better": greater_is_better,
-            "torch": torch.__version__, "machine": hardware_description(), "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "machine": hardware_description(), "code": code,
+            "date": time.strftime("%Y-%m-%d"),
             "model_saved_from": best_model["run"]["optimizer"] if best_model else None,
             "model": describe_model(best_model["model"], base_model) if best_model else None}
     with open(os.path.join(out_root, "results.json"), "w") as f:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from hf_qn.optim.config import cpu_info, fast_bf16
 
-__all__ = ["hardware_description", "write_benchmark_card"]
+__all__ = ["code_description", "hardware_description", "write_benchmark_card"]
 
 
 def hardware_description() -> str:
@@ -29,6 +30,28 @@ def hardware_description() -> str:
     bf16 = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16"
     return (f"CPU {platform.machine()} {model} ({bf16}), {torch.get_num_threads()} threads of {os.cpu_count()} "
             f"cores, torch {torch.__version__}").replace("  ", " ")
+
+
+def code_description() -> str:
+    """Which hf_qn a result was measured with: its version, the directory it was imported from and, in a git
+    checkout, the commit and whether hf_qn's files differ from it. Call it when the run starts: a script run from a
+    copy of the repository imports the installed package (an editable install: the checkout's working tree) unless
+    the copy comes first on ``sys.path`` (``PYTHONPATH``), and this says which one ran."""
+    import hf_qn
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(hf_qn.__file__)))
+    text = f"hf_qn {hf_qn.__version__} from {root}"
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", "hf_qn")
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout (an archive, an installed wheel)
+        return text
+    return f"{text} at {commit}" + (", with uncommitted changes to hf_qn/" if changed else "")
 
 
 def _card_data(

@@ -612,6 +612,39 @@ def test_card_carries_the_configured_learning_rate(tmp_path):
     assert "hf_qn.KBFGS with" in card and "lr=0.2," in card and "lr=0.0," not in card
 
 
+def test_benchmark_results_say_which_hf_qn_ran(tmp_path, monkeypatch):
+    """A benchmark's ``code`` line names the hf_qn it imported: the directory, and in a git checkout the commit and
+    whether hf_qn's files differ from it; outside one (an archive copy), the directory only."""
+    import shutil
+    import subprocess
+    import sys
+
+    from hf_qn.integrations import model_card
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(hf_qn.__file__)))
+    text = model_card.code_description()
+    assert text.startswith(f"hf_qn {hf_qn.__version__} from {root}")
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    pkg = tmp_path / "hf_qn"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("__version__ = '9.9'\n")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    fake = type(hf_qn)("hf_qn")
+    fake.__file__, fake.__version__ = str(pkg / "__init__.py"), "9.9"
+    monkeypatch.setitem(sys.modules, "hf_qn", fake)
+    assert model_card.code_description() == f"hf_qn 9.9 from {tmp_path} at {commit}"
+    (pkg / "__init__.py").write_text("__version__ = '9.9'  # edited\n")
+    assert model_card.code_description() == f"hf_qn 9.9 from {tmp_path} at {commit}, with uncommitted changes to hf_qn/"
+    shutil.rmtree(tmp_path / ".git")
+    assert model_card.code_description() == f"hf_qn 9.9 from {tmp_path}"
+
+
 def test_benchmark_cards_say_whether_the_cpu_multiplies_bf16(monkeypatch):
     """The cards' hardware line names the CPU model and native bf16, which decides K-BFGS's
     ``matmul_dtype="auto"``."""

@@ -287,6 +287,7 @@ def test_a_run_on_text_files_names_them_in_its_card(bench, tmp_path):
     assert "causal language modelling on text of notes.txt" in card and "12 documents" in card
     saved = json.loads((out / "results.json").read_text())
     assert saved["meta"]["args"]["text_files"] == [str(tmp_path / "notes.txt")]
+    assert saved["meta"]["code"].startswith("hf_qn ")  # which hf_qn ran (model_card.code_description)
     assert all(r["error"] is None and r["steps"] > 0 for r in saved["records"])
 
 

@@ -26,6 +26,7 @@ def _check_card_and_json(out: Path, metric: str) -> None:
     for run in results["runs"]:
         assert by_opt[run["optimizer"]] == pytest.approx(run["final"][f"eval_{metric}"])
     assert results["meta"]["command"] in card.text
+    assert results["meta"]["code"].startswith("hf_qn ")
     assert (out / "comparison.png").stat().st_size > 1000
     assert results["summary"]["verdict"] in card.text
 
