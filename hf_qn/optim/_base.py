@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -201,6 +201,9 @@ class QNOptimizerBase(torch.optim.Optimizer):
 
     #: per-parameter state keys whose saved dtype is kept on load (curvature, histories, counters).
     _CURVATURE_KEYS: frozenset[str] = frozenset()
+    #: hyperparameters whose default changed the steps after checkpoints were written without them, each with the
+    #: value those checkpoints were trained with: a checkpoint that lacks one resumes with that value.
+    _TRAINED_WITHOUT: ClassVar[dict[str, Any]] = {}
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
         """The param group holding ``p`` (cached; rebuilt after ``add_param_group``, a load, or for a parameter it
@@ -372,9 +375,9 @@ class QNOptimizerBase(torch.optim.Optimizer):
         super().load_state_dict(stripped)
         for group, before in zip(self.param_groups, constructed):
             # a hyperparameter added after the checkpoint was written keeps the value this optimizer was
-            # constructed with (torch would leave it out)
+            # constructed with (torch would leave it out), or the one the checkpoint was trained with
             for key, value in before.items():
-                group.setdefault(key, value)
+                group.setdefault(key, self._TRAINED_WITHOUT.get(key, value))
         id_map = self._saved_ids(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, keep in kept.items():

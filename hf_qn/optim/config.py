@@ -95,9 +95,9 @@ class _Config:
 
     #: named configurations: ``preset=name`` starts from these values instead of the defaults.
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
-    #: fields whose default (None) is derived from another field: ``{derived: deciding field}``. A keyword that
-    #: changes the deciding field derives the other afresh unless it is given too or set by the preset.
-    DERIVED: ClassVar[dict[str, str]] = {}
+    #: fields whose default (None) is derived from others: ``{derived: deciding fields}``. A keyword that changes
+    #: a deciding field derives the other afresh unless it is given too or set by the preset.
+    DERIVED: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @classmethod
     def from_kwargs(cls, base: Any = None, **kwargs: Any) -> Any:
@@ -115,11 +115,11 @@ class _Config:
         start: Any = base or cls()
         kwargs = _renamed(cls, cls.OWNER, kwargs)
         unset = {f.name: f.default for f in dataclasses.fields(start)}
-        for derived, decider in cls.DERIVED.items():
-            if derived in kwargs or derived in chosen or getattr(start, decider) == "auto":
-                continue  # given, set by the preset, or (the decider still unresolved) nothing derived yet
-            if decider in kwargs and kwargs[decider] != getattr(start, decider):  # derived afresh
-                kwargs[derived] = unset[derived]
+        for derived, deciders in cls.DERIVED.items():
+            if derived in kwargs or derived in chosen:
+                continue  # given, or set by the preset
+            if any(d in kwargs and kwargs[d] != getattr(start, d) and getattr(start, d) != "auto" for d in deciders):
+                kwargs[derived] = unset[derived]  # derived afresh (a decider still "auto": nothing derived from it yet)
         return dataclasses.replace(start, **kwargs)
 
 
@@ -301,11 +301,12 @@ class KBFGSConfig(_Config):
             and the RMS-scaled direction moves about as AdamW's step does; the polar factor moves every direction of
             the early gradients alike, as Muon's does. Only layers preconditioned on both sides (no embedding, no
             one-sided layer such as an LM head). Costs a Newton-Schulz iteration per layer and step while it
-            lasts (3 matrix products, 3 times). Measured on the 5.8M GPT-2 under the Trainer's linear decay, 2
-            seeds, at twice the default lr: on the docstrings (120 s) 40 against 0, 4.231 against 4.323 (better on
-            both seeds; Muon 4.210), on the Wikipedia card (240 s) 5.485 against 5.556 at the default lr without it
-            (Muon 5.507); at the default lr it did not help the card (5.581). A hard switch after 20 or 30 steps
-            jolted the loss up, a blend over 40 or 60 did not. (default: 0)
+            lasts (3 matrix products, 3 times). (default: None: 40 with K-FAC's output factor, a transformers
+            model trained from scratch, 0 otherwise and with ``graft="none"``. Measured at the default lr and a
+            constant lr, 2 seeds, 40 against 0: GPT-2 on the docstrings 4.118 against 4.158 at 5.8M and 3.537
+            against 3.558 at 1.3M (better on every seed), the 6.9M Llama 5.391 against 5.430; the ViT on digits,
+            10 seeds, 0.965 against 0.957, the ResNet level; under the Trainer's linear decay the Lee recipes level,
+            the 5.8M Wikipedia card 0.03 worse; docs/benchmarks.md)
         kl_clip: if set, scales the step down so that ``α² Σ⟨D, ĝ⟩ ≤ kl_clip`` (kfac-pytorch's
             KL clipping; with ``nesterov``, ``ĝ``'s look-ahead, the matrix ``D`` preconditions, in place of ``ĝ``);
             None follows the paper. (default: None)
@@ -375,7 +376,7 @@ class KBFGSConfig(_Config):
     max_loss_increase: float | None = 0.25
     graft: str = "adam"
     direction_rms: bool | None = None
-    polar_steps: int = 0
+    polar_steps: int | None = None
     kl_clip: float | None = None
     matmul_dtype: str | torch.dtype = "auto"
     fallback: str = "adamw"
@@ -396,6 +397,8 @@ class KBFGSConfig(_Config):
         """Each field of :attr:`FOLLOW_OUTPUT_SIDE` still at its unset value takes the value of the output side,
         once ``output_side`` is not ``"auto"`` (``KBFGS(model, ...)`` resolves it for the model)."""
         check_choice("output_side", self.output_side, ("auto", "bfgs", "kfac", "none"))
+        if self.polar_steps is None and self.graft != "adam":
+            object.__setattr__(self, "polar_steps", 0)  # the polar blend takes its step length from the grafting
         if self.output_side == "auto":
             return
         for name, (unset, by_side, otherwise) in self.FOLLOW_OUTPUT_SIDE.items():
@@ -445,8 +448,9 @@ class KBFGSConfig(_Config):
             )
         optional = "None or an integer"
         set_integers(self, (("update_interval", 1, ""), ("inverse_interval", 1, ""),
-                            ("output_inverse_interval", 1, ""), ("input_warm_start", 0, ""), ("polar_steps", 0, ""),
-                            ("warmup_curvature_steps", 0, optional), ("max_block_dim", 1, optional),
+                            ("output_inverse_interval", 1, ""), ("input_warm_start", 0, ""),
+                            ("polar_steps", 0, optional), ("warmup_curvature_steps", 0, optional),
+                            ("max_block_dim", 1, optional),
                             ("history_size", 1, "None for dense BFGS, or an integer")))
         if self.max_input_rows != "auto":
             set_integers(self, (("max_input_rows", 1, "'auto', None or an integer"),))
@@ -496,8 +500,12 @@ class KBFGSConfig(_Config):
         "input_inverse": ("auto", {"kfac": "cholesky"}, "bfgs"),
         "max_input_rows": ("auto", {"kfac": 512}, None),
         "fallback_betas": ("auto", {"kfac": (0.9, 0.95)}, (0.9, 0.999)),
+        "polar_steps": (None, {"kfac": 40}, 0),
     }
-    DERIVED: ClassVar[dict[str, str]] = {"direction_rms": "graft", **{f: "output_side" for f in FOLLOW_OUTPUT_SIDE}}
+    DERIVED: ClassVar[dict[str, tuple[str, ...]]] = {
+        "direction_rms": ("graft",), **{f: ("output_side",) for f in FOLLOW_OUTPUT_SIDE},
+        "polar_steps": ("output_side", "graft"),
+    }
 
     def matmul_torch_dtype(
         self, device: torch.device, param_dtype: torch.dtype = torch.float32, flops: int | None = None
@@ -521,6 +529,11 @@ class KBFGSConfig(_Config):
     def warmup_steps(self) -> int:
         """``warmup_curvature_steps``, resolved (the default follows ``output_side``)."""
         return int(self._resolved("warmup_curvature_steps"))
+
+    @property
+    def polar_blend_steps(self) -> int:
+        """``polar_steps``, resolved (the default follows ``output_side`` and ``graft``)."""
+        return int(self._resolved("polar_steps"))
 
     @property
     def input_rows(self) -> int | None:
@@ -691,7 +704,7 @@ class MLBFGSConfig(_Config):
     shard_state: bool | None = None
 
     OWNER: ClassVar[str] = "MLBFGS"
-    DERIVED: ClassVar[dict[str, str]] = {"direction_rms": "normalize"}
+    DERIVED: ClassVar[dict[str, tuple[str, ...]]] = {"direction_rms": ("normalize",)}
     RENAMED: ClassVar[dict[str, str]] = {
         "param_beta": "param_decay", "grad_beta": "grad_decay", "pair_momentum": "pair_decay", "damping": "min_mix",
     }

@@ -27,7 +27,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +86,8 @@ class KBFGS(QNOptimizerBase):
     """
 
     _CURVATURE_KEYS = frozenset({*KBFGS_LAYER_KEYS, "graft"})
+    #: ``polar_steps`` came with the default 0, before its default followed the output side
+    _TRAINED_WITHOUT: ClassVar[dict[str, Any]] = {"polar_steps": 0}
     #: the keys of :meth:`statistics` that count events since the start (the others are current values).
     COUNTERS = frozenset(f"qn/{k}" for k in (*KBFGS_LAYER_COUNTERS, "steps_skipped_nonfinite", "steps_rejected",
                                              "steps_clipped", "loss_checks"))
@@ -485,7 +487,7 @@ class KBFGS(QNOptimizerBase):
         D = [la.direction(src, self._matmul_dtype_for(la)) for la, src in zip(on, sources)]
         if cfg.graft == "adam":  # [D ← D / (√v̂_D + ε)], then D ← D · ‖m̂ / (√v̂ + ε)‖ / ‖D‖
             D, norms = graft_to_adam(on, D, grads, cfg.grad_decay, cfg.adam_betas[1], cfg.fallback_eps,
-                                     bool(cfg.direction_rms), cfg.polar_steps)
+                                     bool(cfg.direction_rms), cfg.polar_blend_steps)
         else:
             norms = list(torch._foreach_norm(D)) if D else []
         dev = D[0].device if D else None

@@ -296,31 +296,41 @@ def test_auto_output_side_is_kfac_for_a_transformers_model_built_from_a_config(t
 
 
 def test_the_from_scratch_defaults_follow_the_output_side(tmp_path):
-    """``input_inverse``, ``max_input_rows``, ``fallback_betas`` and ``nesterov`` left unset take the pretraining values
-    with K-FAC's output factor (a transformers model built from a config) and the values of earlier versions with
-    any other output side (a fine-tune, a plain module, the paper's preset), so that those runs keep their steps;
-    an explicit value is kept, and a keyword that changes the output side derives them afresh. The optimizer's
-    config, its param groups, the capture and the fallback's groups take the resolved values."""
+    """``input_inverse``, ``max_input_rows``, ``fallback_betas``, ``nesterov`` and ``polar_steps`` left unset take
+    the pretraining values with K-FAC's output factor (a transformers model built from a config) and the values of
+    earlier versions with any other output side (a fine-tune, a plain module, the paper's preset), so that those
+    runs keep their steps; an explicit value is kept, and a keyword that changes the output side derives them
+    afresh. ``polar_steps`` also follows ``graft``: 0 without the grafting its blend needs. The optimizer's config,
+    its param groups, the capture and the fallback's groups take the resolved values."""
     from hf_qn.optim.config import KBFGSConfig
     from tests._helpers.models import tiny_gpt2, token_batch
 
     scratch_values = {"input_inverse": "cholesky", "max_input_rows": 512, "fallback_betas": (0.9, 0.95),
-                      "nesterov": True}
+                      "nesterov": True, "polar_steps": 40}
     earlier_values = {"input_inverse": "bfgs", "max_input_rows": None, "fallback_betas": (0.9, 0.999),
-                      "nesterov": False}
+                      "nesterov": False, "polar_steps": 0}
 
     def values(cfg: KBFGSConfig) -> dict:
         return {name: getattr(cfg, name) for name in scratch_values}
 
-    assert values(KBFGSConfig()) == {**dict.fromkeys(scratch_values, "auto"), "nesterov": None}  # resolved with the model
+    assert values(KBFGSConfig()) == {**dict.fromkeys(scratch_values, "auto"), "nesterov": None,
+                                     "polar_steps": None}  # resolved with the model
+    # polar_steps follows graft too, both ways, whether or not the output side is resolved yet
+    assert KBFGSConfig(graft="none").polar_steps == KBFGSConfig(output_side="kfac", graft="none").polar_steps == 0
+    assert KBFGSConfig.from_kwargs(KBFGSConfig(output_side="kfac"), graft="none").polar_steps == 0
+    assert KBFGSConfig.from_kwargs(KBFGSConfig(output_side="kfac", graft="none"), graft="adam").polar_steps == 40
+    assert KBFGSConfig.from_kwargs(KBFGSConfig(graft="none"), graft="adam").polar_steps is None
+    assert KBFGSConfig.from_kwargs(KBFGSConfig(output_side="kfac", polar_steps=8), lr=1.0).polar_steps == 8
+    with pytest.raises(ValueError, match="Invalid polar_steps=40 with graft='none'"):
+        KBFGSConfig(output_side="kfac", graft="none", polar_steps=40)
     assert values(KBFGSConfig(output_side="kfac")) == scratch_values
     assert values(KBFGSConfig(output_side="none")) == values(KBFGSConfig(output_side="bfgs")) == earlier_values
     assert values(KBFGSConfig.from_kwargs(preset="paper")) == earlier_values
     assert values(KBFGSConfig.from_kwargs(KBFGSConfig(output_side="kfac"), output_side="none")) == earlier_values
     kept = KBFGSConfig(output_side="kfac", input_inverse="bfgs", max_input_rows=None, fallback_betas=(0.8, 0.99),
-                       nesterov=False)
+                       nesterov=False, polar_steps=8)
     assert values(kept) == {"input_inverse": "bfgs", "max_input_rows": None, "fallback_betas": (0.8, 0.99),
-                            "nesterov": False}
+                            "nesterov": False, "polar_steps": 8}
     # a value given in a config whose output side is not resolved yet was given, not derived: a keyword that sets
     # the output side keeps it
     assert KBFGSConfig.from_kwargs(KBFGSConfig(max_input_rows=256), output_side="kfac").max_input_rows == 256
@@ -351,12 +361,16 @@ def test_the_from_scratch_defaults_follow_the_output_side(tmp_path):
     assert_lockstep(list(zip((a, b), opts)), batch, steps=3)
 
     # a checkpoint saved with the earlier values continues exactly in an optimizer built with the new defaults: the
-    # values live in its param groups, and the configuration follows them
+    # values live in its param groups, and the configuration follows them; one written before polar_steps existed
+    # (its groups without the field) resumes without the blend it was trained without
     earlier = hf_qn.KBFGS(a, update_interval=1, output_inverse_interval=1, **earlier_values)
     loop(a, earlier, [batch] * 2, lm_loss, closure=False)
     b.load_state_dict(a.state_dict())
     resumed = hf_qn.KBFGS(b, update_interval=1)
-    resumed.load_state_dict(roundtrip(earlier.state_dict()))
+    saved = roundtrip(earlier.state_dict())
+    for g in saved["param_groups"]:
+        del g["polar_steps"]
+    resumed.load_state_dict(saved)
     assert values(resumed.config) == earlier_values and resumed.config.output_inverse_interval == 1
     assert_lockstep([(a, earlier), (b, resumed)], batch, steps=2)
 
