@@ -13,10 +13,12 @@ NEWTON_SCHULZ_QUINTIC = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz_polar(
-    X: Tensor, steps: int, eps: float = 1e-7, coefficients: tuple[float, float, float] = NEWTON_SCHULZ_QUINTIC
+    X: Tensor, steps: int, eps: float = 1e-7, coefficients: tuple[float, float, float] = NEWTON_SCHULZ_QUINTIC,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``U p(…p(Σ / ‖X‖)…) Vᵀ`` for ``X = U Σ Vᵀ`` (``X``: a matrix or a batch of them, ``(..., m, n)``; float32, or
-    float64 for a float64 ``X``):
+    float64 for a float64 ``X``; the iterations in ``dtype`` if given, e.g. bfloat16 as Muon runs them where the
+    hardware multiplies it natively, the norm always in float32 or wider):
     ``steps`` iterations of ``X ← a X + (b X Xᵀ + c (X Xᵀ)²) X`` from ``X / (‖X‖ + eps)`` (Frobenius norm, per
     matrix), on the wide orientation (``X Xᵀ`` the smaller Gram). Singular vectors are kept exactly; each singular
     value moves through the quintic ``coefficients`` (``a, b, c``) ``steps`` times, so the result approaches the
@@ -27,21 +29,24 @@ def newton_schulz_polar(
     tall = Y.size(-2) > Y.size(-1)
     if tall:
         Y = Y.mT
-    Y = Y / (torch.linalg.matrix_norm(Y, keepdim=True) + eps)
+    out_dtype = Y.dtype
+    Y = (Y / (torch.linalg.matrix_norm(Y, keepdim=True) + eps)).to(dtype or out_dtype)
     for _ in range(steps):
         gram = Y @ Y.mT
         Y = a * Y + (b * gram + c * gram @ gram) @ Y
+    Y = Y.to(out_dtype)
     return Y.mT if tall else Y
 
 
-def polar_each(mats: list[Tensor], steps: int) -> list[Tensor]:
-    """:func:`newton_schulz_polar` of each matrix; the matrices of one shape and device are done as one batch."""
+def polar_each(mats: list[Tensor], steps: int, dtypes: list[torch.dtype] | None = None) -> list[Tensor]:
+    """:func:`newton_schulz_polar` of each matrix (its iterations in ``dtypes[i]`` if given); the matrices of one
+    shape, device and dtype are done as one batch."""
     out: list[Tensor | None] = [None] * len(mats)
-    groups: dict[tuple[tuple[int, ...], torch.device], list[int]] = {}
+    groups: dict[tuple[tuple[int, ...], torch.device, torch.dtype | None], list[int]] = {}
     for i, M in enumerate(mats):
-        groups.setdefault((tuple(M.shape), M.device), []).append(i)
-    for idx in groups.values():
-        batch = newton_schulz_polar(torch.stack([mats[i] for i in idx]), steps)
+        groups.setdefault((tuple(M.shape), M.device, dtypes[i] if dtypes else None), []).append(i)
+    for (_, _, dtype), idx in groups.items():
+        batch = newton_schulz_polar(torch.stack([mats[i] for i in idx]), steps, dtype=dtype)
         for i, P in zip(idx, batch.unbind(0)):
             out[i] = P
     return [P for P in out if P is not None]

@@ -301,8 +301,9 @@ class KBFGSConfig(_Config):
             and the RMS-scaled direction moves about as AdamW's step does; the polar factor moves every direction of
             the early gradients alike, as Muon's does. Only layers preconditioned on both sides (no embedding, no
             one-sided layer such as an LM head). Costs a Newton-Schulz iteration per layer and step while it
-            lasts (3 matrix products, 3 times). (default: None: 40 with K-FAC's output factor, a transformers
-            model trained from scratch, 0 otherwise and with ``graft="none"``. Measured at the default lr and a
+            lasts (3 matrix products, 3 times, in ``matmul_dtype``: bfloat16 where native, as Muon's). (default:
+            None: 40 with K-FAC's output factor, a transformers model trained from scratch, 0 otherwise and with
+            ``graft="none"``. Measured at the default lr and a
             constant lr, 2 seeds, 40 against 0: GPT-2 on the docstrings 4.118 against 4.158 at 5.8M and 3.537
             against 3.558 at 1.3M (better on every seed), the 6.9M Llama 5.391 against 5.430; the ViT on digits,
             10 seeds, 0.965 against 0.957, the ResNet level, the Lee recipes level under the Trainer's decay; the
@@ -311,15 +312,15 @@ class KBFGSConfig(_Config):
             KL clipping; with ``nesterov``, ``ĝ``'s look-ahead, the matrix ``D`` preconditions, in place of ``ĝ``);
             None follows the paper. (default: None)
         matmul_dtype: dtype of the two large products of every step, the input Gram ``Σ ā āᵀ`` of the
-            capture and the direction ``H_g ĝ H_a``; factors, their updates, sums and ĝ stay
-            float32. ``torch.bfloat16`` makes those products about 3x faster on a CPU with AVX512-BF16
-            (measured: 1000-wide GEMM 5.9 vs 19.5 ms), at about 3 significant digits; the autoencoder's
-            per-epoch loss did not change (docs/design.md); on a CPU without it (AVX2 only) they are slower than
-            float32 (a 1.1M-parameter GPT-2: 2.3x AdamW's step against 1.1x). ``"auto"``: bfloat16 where the
-            device multiplies it natively (a CUDA GPU of compute capability 8.0 or newer, a CPU with
-            AVX512-BF16 or AMX) unless the model is float64, float32 elsewhere; a layer whose direction
+            capture and the direction ``H_g ĝ H_a`` (and of ``polar_steps``' Newton-Schulz); factors, their
+            updates, sums and ĝ stay float32. ``torch.bfloat16`` makes those products about 3x faster on a CPU
+            with AVX512-BF16 (measured: 1000-wide GEMM 5.9 vs 19.5 ms), at about 3 significant digits; the
+            autoencoder's per-epoch loss did not change (docs/design.md); on a CPU without it (AVX2 only) they
+            are slower than float32 (a 1.1M-parameter GPT-2: 2.3x AdamW's step against 1.1x). ``"auto"``:
+            bfloat16 where the device multiplies it natively (a CUDA GPU of compute capability 8.0 or newer, a
+            CPU with AVX512-BF16 or AMX) unless the model is float64, float32 elsewhere; a layer whose direction
             has fewer than 4M multiply-adds (about 128 x 128) keeps float32 there, which is faster at that size
-            (:func:`resolve_matmul_dtype`).
+            (:func:`resolve_matmul_dtype`; the layer's Newton-Schulz takes the same dtype).
             bf16 products round each Gram and direction entry to about 3 digits, so runs that split a batch
             differently (gradient accumulation, another number of ranks) agree to about 1e-2 relative, not to
             float32's 1e-5; set ``"float32"`` where that matters. (default: ``"auto"``)

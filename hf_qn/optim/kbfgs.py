@@ -484,10 +484,11 @@ class KBFGS(QNOptimizerBase):
         sources = [la.state["momentum_buffer"] for la in on]
         if cfg.nesterov:  # Nesterov's look-ahead ρ ĝ + (1−ρ) G, a new matrix per layer (G feeds the grafting)
             sources = list(torch._foreach_lerp(grads, sources, cfg.grad_decay))
-        D = [la.direction(src, self._matmul_dtype_for(la)) for la, src in zip(on, sources)]
+        dtypes = [self._matmul_dtype_for(la) for la in on]
+        D = [la.direction(src, dtype) for la, src, dtype in zip(on, sources, dtypes)]
         if cfg.graft == "adam":  # [D ← D / (√v̂_D + ε)], then D ← D · ‖m̂ / (√v̂ + ε)‖ / ‖D‖
             D, norms = graft_to_adam(on, D, grads, cfg.grad_decay, cfg.adam_betas[1], cfg.fallback_eps,
-                                     bool(cfg.direction_rms), cfg.polar_blend_steps)
+                                     bool(cfg.direction_rms), cfg.polar_blend_steps, dtypes)
         else:
             norms = list(torch._foreach_norm(D)) if D else []
         dev = D[0].device if D else None

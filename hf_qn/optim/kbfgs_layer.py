@@ -263,7 +263,7 @@ def update_momenta(layers: list[KroneckerLayer], grads: list[Tensor], rho: float
 
 def graft_to_adam(
     layers: list[KroneckerLayer], directions: list[Tensor], grads: list[Tensor], rho: float, beta2: float, eps: float,
-    direction_rms: bool = False, polar_steps: int = 0,
+    direction_rms: bool = False, polar_steps: int = 0, polar_dtypes: list[torch.dtype] | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Each layer's ``D`` rescaled to the norm of Adam's step ``m̂ / (√v̂ + ε)`` in that layer, where
     ``m̂ = ĝ / (1 − ρᵗ)`` and ``v ← β₂ v + (1 − β₂) G²`` (``G``: this step's gradient with L2); ``t`` counts the
@@ -274,8 +274,8 @@ def graft_to_adam(
     without gradient). At a step ``t ≤ polar_steps`` of a layer that :attr:`KroneckerLayer.takes_polar`, the
     shape is ``(1 − w) P / ‖P‖ + w D / ‖D‖`` with ``w = (t − 1) / polar_steps``, ``D`` as above and ``P`` the
     orthogonal polar factor of the plain direction (:func:`~hf_qn.linalg.newton_schulz_polar`,
-    :data:`POLAR_ITERATIONS` iterations) with the same weight: from the polar factor at the first step to ``D``
-    alone after ``polar_steps`` (``v_D`` takes ``D²`` at every step).
+    :data:`POLAR_ITERATIONS` iterations, in the layer's ``polar_dtypes`` entry) with the same weight: from the polar
+    factor at the first step to ``D`` alone after ``polar_steps`` (``v_D`` takes ``D²`` at every step).
 
     Adam's bias correction ``v̂ = v / c²`` (``c = √(1 − β₂ᵗ)``) is folded into ε: ``√v̂ + ε = (√v + cε) / c``, so the
     denominators are ``√v + cε`` (a pass fewer each than ``√v / c + ε``), the gradient's weight is
@@ -303,7 +303,8 @@ def graft_to_adam(
         denoms = adam_denominators_(moments, samples, beta2, t, eps, folded=True)  # √v + cε
         momenta = [layers[i].state["momentum_buffer"] for i in idx]
         polar = [k for k, i in enumerate(idx) if t <= polar_steps and layers[i].takes_polar]
-        P = polar_each([D[k] for k in polar], POLAR_ITERATIONS)
+        P = polar_each([D[k] for k in polar], POLAR_ITERATIONS,
+                       [polar_dtypes[idx[k]] for k in polar] if polar_dtypes else None)
         if polar:
             weight_by_gradient_signal_(P, [denoms[k] for k in polar], c * eps)
         if direction_rms:

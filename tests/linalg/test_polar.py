@@ -25,6 +25,21 @@ def test_singular_values_move_through_the_quintic_and_vectors_stay(shape, steps)
     torch.testing.assert_close(exact, _reference(X, steps), rtol=0, atol=1e-12)
 
 
+def test_the_iterations_run_in_the_dtype_asked_for():
+    """``dtype=torch.bfloat16`` (Muon's choice where bf16 is native) keeps the input's dtype for the result and
+    agrees with the float64 reference to bf16's precision, not float32's; ``polar_each`` passes it on."""
+    X = torch.randn(12, 30, generator=torch.Generator().manual_seed(0))
+    ref = _reference(X, 3)
+    low = newton_schulz_polar(X, 3, dtype=torch.bfloat16)
+    assert low.dtype == torch.float32
+    err = (low.double() - ref).abs().max()
+    assert 1e-4 < err < 3e-2  # bf16's 8-bit mantissa: visibly coarser than float32's 2e-5, still the polar factor
+    both = polar_each([X, X, X.T], 3, [torch.bfloat16, torch.float32, torch.bfloat16])
+    assert torch.equal(both[0], low) and torch.equal(both[1], newton_schulz_polar(X, 3))
+    wide = newton_schulz_polar(X.double(), 3, dtype=torch.float32)
+    assert wide.dtype == torch.float64 and 1e-9 < (wide - ref).abs().max() < 2e-5
+
+
 def test_approaches_the_polar_factor_on_a_well_conditioned_matrix():
     """Five iterations (Muon's) leave every singular value of a well-conditioned matrix between 0.68 and 1.2: the
     result is U Vᵀ up to that band, whatever the scale of X."""

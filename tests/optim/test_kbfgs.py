@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import hf_qn
-from hf_qn.linalg import NEWTON_SCHULZ_QUINTIC
+from hf_qn.linalg import NEWTON_SCHULZ_QUINTIC, polar_each
 from hf_qn.optim._base import ROLE, ROLE_FALLBACK
 from hf_qn.optim.kbfgs_layer import POLAR_ITERATIONS
 from hf_qn.optim.state import iter_tensors
@@ -903,6 +903,34 @@ def test_polar_steps_leave_embeddings_and_one_sided_layers_alone():
     with pytest.raises(ValueError, match="polar_steps"):
         hf_qn.KBFGS(mlp(), polar_steps=-1)
     assert hf_qn.KBFGS(mlp(), preset="paper", graft="adam").config.polar_steps == 0
+
+
+def test_polar_steps_run_newton_schulz_in_matmul_dtype(monkeypatch):
+    """The polar factor's iterations take the products' dtype (bfloat16 where native under ``"auto"``, as Muon's
+    Newton-Schulz): the dtype reaches the iteration, and a bf16 step stays within bf16's rounding of the float32
+    one."""
+    from hf_qn.optim import kbfgs_layer
+
+    seen: list[list[torch.dtype] | None] = []
+
+    def spy(mats, steps, dtypes=None):
+        seen.append(dtypes)
+        return polar_each(mats, steps, dtypes)
+
+    monkeypatch.setattr(kbfgs_layer, "polar_each", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    moved = {}
+    for dtype in ("float32", "bfloat16"):
+        net = copy.deepcopy(model)
+        opt = hf_qn.KBFGS(net, polar_steps=5, matmul_dtype=dtype, lr=1e-2)
+        net(x).square().mean().backward()
+        opt.step()
+        moved[dtype] = torch.cat([(q - p).detach().flatten() for p, q in zip(model.parameters(), net.parameters())])
+    assert seen == [[torch.float32] * 2, [torch.bfloat16] * 2]
+    gap = (moved["bfloat16"] - moved["float32"]).norm() / moved["float32"].norm()
+    assert 0 < gap < 5e-2
 
 
 def test_direction_rms_keeps_a_unit_without_gradient_in_place():
