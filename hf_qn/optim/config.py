@@ -306,8 +306,8 @@ class KBFGSConfig(_Config):
             ``graft="none"``. Measured at the default lr and a constant lr, 2 seeds, 40 against 0: GPT-2 on the
             docstrings 4.118 against 4.158 at 5.8M and 3.537 against 3.558 at 1.3M (better on every seed), the
             Llama 5.391 against 5.430 at 6.9M and 5.301 against 5.346 at 1.9M; the ViT on digits, 10 seeds, 0.965
-            against 0.957, the ResNet level, the Lee recipes level under the Trainer's decay; the 5.8M GPT-2 on
-            Wikipedia 0.015-0.043 worse (two runs; 0.026 under the decay); docs/benchmarks.md)
+            against 0.957, the ResNet level, the Lee recipes level under the Trainer's decay; on Wikipedia the
+            1.3M GPT-2 level and the 5.8M 0.015-0.043 worse (two runs; 0.026 under the decay); docs/benchmarks.md)
         kl_clip: if set, scales the step down so that ``α² Σ⟨D, ĝ⟩ ≤ kl_clip`` (kfac-pytorch's
             KL clipping; with ``nesterov``, ``ĝ``'s look-ahead, the matrix ``D`` preconditions, in place of ``ĝ``);
             None follows the paper. (default: None)
