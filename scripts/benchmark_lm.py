@@ -615,6 +615,12 @@ def _sweep_group(names: list[str], data: dict[str, Any], args: LMBenchmarkArgume
     return out
 
 
+def sweep_rounds(sweeps: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    """Each sweep's rounds, losses to 3 decimals: what the card shows. The latest loss per lr (``grid``) can
+    mislead, since an end re-run in a later round may land on the other side of the round that picked it."""
+    return {n: [{lr: round(v, 3) for lr, v in r.items()} for r in s["rounds"]] for n, s in sweeps.items()}
+
+
 # ------------------------------------------------------------------------------------------------ reporting
 def time_to_reach(rec: dict[str, Any], target: float) -> float:
     """Training seconds at which the validation loss first reaches ``target`` (linear between evaluations)."""
@@ -748,7 +754,7 @@ def write_card(rows: list[dict[str, Any]], args: LMBenchmarkArguments, table: st
                          "lr_schedule": args.lr_schedule, "seeds": args.seeds,
                          "threads": args.threads, "device": args.device, "autocast": args.autocast,
                          "lrs_used": {r["optimizer"]: r["lr"] for r in rows},
-                         "sweeps": {n: s["grid"] for n, s in sweeps.items()}},
+                         "sweep rounds (val loss per lr; each round's best decides)": sweep_rounds(sweeps)},
         table=table,
         plot="loss_curves.png",
         push_to_hub=args.push_to_hub,

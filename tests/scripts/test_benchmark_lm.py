@@ -185,6 +185,10 @@ def test_a_sweep_extension_is_decided_under_one_machine_load(bench, monkeypatch)
     assert out["lr"] == pytest.approx(0.03) and out["interior"]
     assert out["rounds"][1] == {"0.01": pytest.approx(20.0 + math.log10(5)),
                                 "0.03": pytest.approx(20.0 + math.log10(0.05 / 0.03))}
+    # the card shows each round (the one that kept 0.03 over 0.01), not the latest loss per lr: 0.03's is round 3's
+    shown = bench.sweep_rounds({"adamw": out})["adamw"]
+    assert shown[1] == {"0.01": round(20.0 + math.log10(5), 3), "0.03": round(20.0 + math.log10(0.05 / 0.03), 3)}
+    assert out["grid"]["0.03"] == pytest.approx(30.0 + math.log10(0.05 / 0.03)) and len(shown) == 3
 
 
 def test_tiny_end_to_end_run_writes_table_plot_and_card(bench, tmp_path):
