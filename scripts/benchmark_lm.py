@@ -617,7 +617,7 @@ def _sweep_group(names: list[str], data: dict[str, Any], args: LMBenchmarkArgume
 
 def sweep_rounds(sweeps: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
     """Each sweep's rounds, losses to 3 decimals: what the card shows. The latest loss per lr (``grid``) can
-    mislead, since an end re-run in a later round may land on the other side of the round that picked it."""
+    mislead: an lr kept in one round and re-run in the next may then score worse than a neighbour it had beaten."""
     return {n: [{lr: round(v, 3) for lr, v in r.items()} for r in s["rounds"]] for n, s in sweeps.items()}
 
 
